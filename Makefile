@@ -1,0 +1,50 @@
+# One target per developer task; CI (.ci/run) uses the same ones.
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMPS := .stamps
+PYTEST_ARGS ?=
+
+.PHONY: deps venv image demo test test-unit lint bench clean lab-down
+
+deps: $(STAMPS)/apt venv
+
+$(STAMPS)/apt: scripts/install-deps.sh
+	@mkdir -p $(STAMPS)
+	@bash scripts/install-deps.sh
+	@touch $@
+
+venv: $(BIN)/.installed
+
+$(BIN)/.installed: pyproject.toml $(STAMPS)/apt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+image: deps
+	@$(BIN)/hsmctl lab image
+
+demo: image
+	@bash scripts/demo.sh
+
+test: image
+	@$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-unit: deps
+	@$(BIN)/pytest -q -m unit $(PYTEST_ARGS)
+
+lint: deps
+	@$(BIN)/ruff check hsmctl tests bench
+	@$(BIN)/ruff format --check hsmctl tests bench
+	@$(BIN)/mypy
+	@shellcheck vagrant/*.sh scripts/*.sh .ci/run hsmctl/lab/*.sh
+
+bench: image
+	@$(BIN)/python -m bench
+
+lab-down:
+	@$(BIN)/hsmctl lab down
+
+clean: lab-down
+	rm -rf $(VENV) $(STAMPS)

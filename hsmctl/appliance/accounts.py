@@ -1,0 +1,171 @@
+"""Device accounts: passwords, authorised keys, enabled/locked, the password policy.
+
+Locking uses the account expiry date, which pam_unix checks for every authentication
+method (keys included) under ``UsePAM yes``; an empty authorised-keys file closes key
+logins as well. Password hashes are set with ``chpasswd`` reading from stdin: a password
+never appears in a process's arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+from hsmctl.appliance import paths
+
+ACCOUNTS = ("provider", "monitor", "admin", "audit")
+MIN_PASSWORD = 12
+MAX_PASSWORD = 128
+
+
+class AccountError(Exception):
+    """A refused account change; the message is safe to show and to log."""
+
+
+def check_password_policy(password: str) -> None:
+    """At least 12 characters from at least 3 of the 4 character classes (SPEC §3)."""
+    if len(password) < MIN_PASSWORD:
+        raise AccountError(f"password too short: at least {MIN_PASSWORD} characters")
+    if len(password) > MAX_PASSWORD:
+        raise AccountError(f"password too long: at most {MAX_PASSWORD} characters")
+    if any(ch in password for ch in "\n\r\x00:"):
+        raise AccountError("password contains a forbidden character (newline, NUL or ':')")
+    classes = [
+        any(c.islower() for c in password),
+        any(c.isupper() for c in password),
+        any(c.isdigit() for c in password),
+        any(not c.isalnum() for c in password),
+    ]
+    if sum(classes) < 3:
+        raise AccountError(
+            "password too weak: use at least 3 of lower case, upper case, digits, symbols"
+        )
+
+
+_KEY = re.compile(
+    r"^(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|ssh-rsa)"
+    r" [A-Za-z0-9+/=]{40,4096}( [\x21-\x7e ]{0,200})?$"
+)
+
+
+def check_public_key(line: str) -> str:
+    """One OpenSSH public key line, validated by ssh-keygen; returns its fingerprint."""
+    line = line.strip()
+    if not _KEY.match(line):
+        raise AccountError("not an OpenSSH public key line (type, base64 blob, comment)")
+    proc = subprocess.run(
+        ["ssh-keygen", "-l", "-f", "-"],
+        input=line + "\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise AccountError("the public key does not parse")
+    return proc.stdout.split()[1]
+
+
+def set_password(user: str, password: str) -> None:
+    proc = subprocess.run(
+        ["chpasswd"], input=f"{user}:{password}\n", capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise AccountError(f"could not set the password of {user}")
+
+
+def clear_password(user: str) -> None:
+    subprocess.run(["usermod", "--password", "*", user], check=True, capture_output=True)
+
+
+def authorized_key_path(user: str) -> Path:
+    return paths.AUTHORIZED_KEYS / user
+
+
+def set_authorized_key(user: str, line: str) -> None:
+    path = authorized_key_path(user)
+    tmp = path.with_name(f".{user}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(line.strip() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def remove_authorized_key(user: str) -> None:
+    authorized_key_path(user).unlink(missing_ok=True)
+
+
+def has_key(user: str) -> bool:
+    path = authorized_key_path(user)
+    return path.exists() and path.stat().st_size > 0
+
+
+def enable(user: str) -> None:
+    subprocess.run(["usermod", "--expiredate", "", user], check=True, capture_output=True)
+
+
+def disable(user: str) -> None:
+    subprocess.run(["usermod", "--expiredate", "1", user], check=True, capture_output=True)
+
+
+def is_enabled(user: str) -> bool:
+    out = subprocess.run(["chage", "-l", user], capture_output=True, text=True, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("Account expires"):
+            return line.split(":", 1)[1].strip() == "never"
+    return False
+
+
+def password_set(user: str) -> bool:
+    out = subprocess.run(["passwd", "-S", user], capture_output=True, text=True, check=False)
+    fields = out.stdout.split()
+    return len(fields) > 1 and fields[1] == "P"
+
+
+def end_sessions(user: str) -> int:
+    """Kill every process of ``user`` (their sessions end at once)."""
+    uid = pwd.getpwnam(user).pw_uid
+    killed = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid == uid:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    # sshd's privileged monitor for those sessions runs as root: end it too.
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(f"sshd: {user} ".encode()) or cmdline.startswith(
+            f"sshd: {user}@".encode()
+        ):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+    return killed
+
+
+def listing() -> list[dict[str, object]]:
+    return [
+        {
+            "name": user,
+            "enabled": is_enabled(user),
+            "key": has_key(user),
+            "password": password_set(user),
+        }
+        for user in ACCOUNTS
+    ]

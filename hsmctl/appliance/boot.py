@@ -1,0 +1,178 @@
+"""The appliance's init: personalise once, then run and supervise the device services.
+
+Lifecycle: the lab starts it as PID 1 of the appliance's PID namespace (a Vagrant VM
+runs it as a systemd service). On first boot it personalises the device from
+``/etc/hsm/factory.json``; then it starts the device daemon (``hsmd``) and the two sshd
+instances, restarts any that die, reaps orphans, and on SIGUSR1 (sent by the daemon
+after ``network set`` or a host-key activation) reconciles the data-interface sshd with
+the current address and keys. SIGTERM stops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hsmctl.appliance import paths
+
+
+def log(message: str) -> None:
+    print(f"hsm-boot: {message}", file=sys.stderr, flush=True)
+
+
+def _configure_mgmt(factory: dict[str, object]) -> None:
+    mgmt = factory.get("mgmt")
+    if not isinstance(mgmt, dict) or not mgmt.get("iface"):
+        return
+    iface, address = str(mgmt["iface"]), str(mgmt["address"])
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=False)
+    subprocess.run(["ip", "link", "set", iface, "up"], check=False)
+    shown = subprocess.run(
+        ["ip", "-o", "-4", "addr", "show", "dev", iface],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    if f" {address} " not in shown:
+        subprocess.run(["ip", "addr", "add", address, "dev", iface], check=True)
+
+
+def mgmt_address() -> str:
+    device = json.loads(paths.DEVICE.read_text())
+    return str(device["mgmt_ip"])
+
+
+def data_address() -> str | None:
+    try:
+        network = json.loads(paths.NETWORK.read_text())
+    except FileNotFoundError:
+        return None
+    address = network.get("address")
+    return str(address).split("/")[0] if address else None
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.restarts: dict[str, float] = {}
+        self.reconcile = False
+        self.stopping = False
+
+    def argv(self, name: str) -> list[str] | None:
+        if name == "hsmd":
+            return ["/usr/local/sbin/hsmd"]
+        iface = name.removeprefix("sshd-")
+        if iface == "mgmt":
+            address: str | None = mgmt_address()
+            config = paths.SSHD_MGMT_CONFIG
+        else:
+            address = data_address()
+            config = paths.SSHD_DATA_CONFIG
+        if address is None:
+            return None
+        return [
+            "/usr/sbin/sshd",
+            "-D",
+            "-f",
+            str(config),
+            "-o",
+            f"ListenAddress={address}",
+            "-E",
+            str(paths.SSHD_LOGS[iface]),
+        ]
+
+    def start(self, name: str) -> None:
+        argv = self.argv(name)
+        if argv is None:
+            return
+        self.children[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        self.restarts[name] = time.monotonic()
+
+    def stop(self, name: str) -> None:
+        proc = self.children.pop(name, None)
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        paths.RUN.mkdir(parents=True, exist_ok=True)
+        paths.BOOT_PID.write_text(f"{os.getpid()}\n")
+        self.start("hsmd")
+        self._wait_for_socket()
+        for name in ("sshd-mgmt", "sshd-data"):
+            self.start(name)
+        log("appliance up")
+        while not self.stopping:
+            self._reap()
+            if self.reconcile:
+                self.reconcile = False
+                self.stop("sshd-data")
+                self.start("sshd-data")
+            for name in ("hsmd", "sshd-mgmt", "sshd-data"):
+                proc = self.children.get(name)
+                if proc is not None and proc.poll() is not None:
+                    del self.children[name]
+                    log(f"{name} exited with {proc.returncode}; restarting")
+                if name not in self.children and (name != "sshd-data" or data_address()):
+                    if time.monotonic() - self.restarts.get(name, 0.0) > 1.0:
+                        self.start(name)
+            time.sleep(0.2)
+        for name in list(self.children):
+            self.stop(name)
+        return 0
+
+    def _wait_for_socket(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not paths.SOCKET.exists():
+            time.sleep(0.05)
+
+    def _reap(self) -> None:
+        # PID 1 of the appliance adopts orphans; collect them, but never our own children
+        # (Popen.poll does that).
+        ours = {p.pid for p in self.children.values()}
+        try:
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit() or int(entry.name) in ours:
+                    continue
+                try:
+                    stat = Path(f"/proc/{entry.name}/stat").read_text()
+                except OSError:
+                    continue
+                fields = stat.rsplit(")", 1)[1].split()
+                if fields[0] == "Z" and int(fields[1]) == os.getpid():
+                    os.waitpid(int(entry.name), os.WNOHANG)
+        except OSError:
+            pass
+
+    def _on_usr1(self, signum: int, frame: object) -> None:
+        self.reconcile = True
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+
+def main() -> int:
+    os.umask(0o022)
+    if not paths.DEVICE.exists():
+        if not paths.FACTORY.exists():
+            log(f"not personalised and no {paths.FACTORY}")
+            return 1
+        from hsmctl.appliance.personalise import personalise
+
+        personalise(json.loads(paths.FACTORY.read_text()))
+    factory = json.loads(paths.FACTORY.read_text()) if paths.FACTORY.exists() else {}
+    _configure_mgmt(factory)
+    return Supervisor().run()

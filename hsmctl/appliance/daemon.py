@@ -1,0 +1,381 @@
+"""``hsmd``: the device daemon. It owns the tokens, the account database, the host keys
+and the activity log; every session asks it, over ``/run/hsm/hsmd.sock``.
+
+Lifecycle: started by ``hsm-boot``; opens the activity log and the audit signer, writes
+the personalisation record on a fresh device, then serves one thread per connection and
+follows sshd's logs for logins. A connection is one shell session: the daemon reads the
+caller's uid and pid from the socket (SO_PEERCRED), finds which sshd instance the caller
+descends from (the interface), and from the uid the account and role; then for each
+request it parses, authorises (:mod:`roles`), logs, executes, logs the result. The end of
+a session writes a signed checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hsmctl.appliance import auditkey, grammar, paths, protocol, sshdlog, store
+from hsmctl.appliance.handlers import Context, Handlers, Result
+from hsmctl.appliance.logwriter import ActivityLog, LogUnavailable
+from hsmctl.appliance.roles import Interface, Role, allowed_interface, authorize
+from hsmctl import auditlog
+
+CHECKPOINT_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class Caller:
+    account: str
+    role: Role | None
+    interface: Interface | None
+    source: str
+    pid: int
+
+
+def _ppid(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _sshd_pids() -> dict[int, Interface]:
+    found = {}
+    for name, path in paths.SSHD_PIDS.items():
+        try:
+            found[int(path.read_text().split()[0])] = Interface(name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def interface_of(pid: int) -> Interface | None:
+    """Which sshd instance ``pid`` descends from (None: not from sshd at all)."""
+    listeners = _sshd_pids()
+    seen = 0
+    while pid > 1 and seen < 64:
+        if pid in listeners:
+            return listeners[pid]
+        pid = _ppid(pid)
+        seen += 1
+    return None
+
+
+def identify(pid: int, uid: int, ssh_connection: str) -> Caller:
+    try:
+        account = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        account = f"uid-{uid}"
+    iface = interface_of(pid)
+    source = ssh_connection.split()[0] if ssh_connection.split() else "unknown"
+    if uid == 0:
+        if iface is None:
+            return Caller("root", Role.CONSOLE, Interface.CONSOLE, "console", pid)
+        return Caller("root", None, iface, source, pid)
+    try:
+        role = Role(account)
+    except ValueError:
+        role = None
+    return Caller(account, role, iface, source if iface else "local", pid)
+
+
+class Daemon:
+    def __init__(self) -> None:
+        self.log = ActivityLog(paths.AUDIT_LOG)
+        self.keys = auditkey.AuditKeys()
+        self.handlers = Handlers(self)
+        self.checkpoint_lock = threading.Lock()
+        self.last_checkpoint_seq = 0
+        self.failures: dict[str, list[float]] = {}
+        self.failures_lock = threading.Lock()
+        if self.log.head is None:
+            self.record(
+                "hsmd",
+                "system",
+                "console",
+                "personalised",
+                "ok",
+                {
+                    "device": self.keys.device,
+                    "key_id": self.keys.current().key_id,
+                    "public_key": self.keys.current().public_key_pem,
+                },
+            )
+            self.checkpoint()
+        self.tailer = sshdlog.Tailer(self.on_login)
+
+    # -- log -------------------------------------------------------------------------------
+
+    def record(
+        self,
+        actor: str,
+        role: str,
+        source: str,
+        event: str,
+        outcome: str,
+        detail: dict[str, Any],
+    ) -> dict[str, Any]:
+        return self.log.append(
+            actor=actor, role=role, source=source, event=event, outcome=outcome, detail=detail
+        )
+
+    def checkpoint(self, force: bool = False) -> dict[str, Any] | None:
+        with self.checkpoint_lock:
+            head = self.log.head
+            if head is None:
+                return None
+            if not force and head.seq == self.last_checkpoint_seq:
+                return None
+            signer = self.keys.current()
+            device = self.keys.device
+            record = self.log.append_record(
+                lambda prev, now: auditlog.make_checkpoint(prev, signer, device=device, time=now)
+            )
+            self.last_checkpoint_seq = int(record["seq"])
+            return record
+
+    def on_login(self, iface: str, event: sshdlog.LoginEvent) -> None:
+        role = event.user if event.user in ("provider", "monitor", "admin", "audit") else "none"
+        if event.outcome != "ok":
+            with self.failures_lock:
+                self.failures.setdefault(event.source, []).append(time.monotonic())
+        try:
+            self.record(
+                event.user,
+                role,
+                event.source,
+                "login",
+                event.outcome,
+                {"interface": iface, "method": event.method, "reason": event.reason},
+            )
+        except LogUnavailable as exc:
+            print(f"hsmd: login not logged: {exc}", file=sys.stderr, flush=True)
+
+    def backoff_delay(self, source: str) -> float:
+        """Seconds a password attempt from ``source`` waits: doubles after 3 recent failures,
+        capped at 8 s. Never locks the account (SPEC §3)."""
+        now = time.monotonic()
+        with self.failures_lock:
+            recent = [t for t in self.failures.get(source, []) if now - t < 300]
+            self.failures[source] = recent
+        excess = len(recent) - 3
+        return 0.0 if excess <= 0 else float(min(2 ** (excess - 1), 8))
+
+    def periodic(self) -> None:
+        while True:
+            time.sleep(CHECKPOINT_INTERVAL)
+            try:
+                self.checkpoint()
+            except Exception as exc:
+                print(f"hsmd: periodic checkpoint failed: {exc!r}", file=sys.stderr, flush=True)
+
+
+class Connection(socketserver.StreamRequestHandler):
+    server: Server
+
+    def handle(self) -> None:
+        daemon = self.server.daemon
+        sock: socket.socket = self.request
+        pid, uid, _gid = protocol.peer_credentials(sock)
+        try:
+            first = protocol.recv(self.rfile)
+        except ValueError:
+            return
+        if first is None:
+            return
+        if first.get("type") == "backoff":
+            if uid != 0:
+                return
+            delay = daemon.backoff_delay(str(first.get("source", "")))
+            protocol.send(sock, {"type": "result", "delay": delay})
+            return
+        caller = identify(pid, uid, str(first.get("ssh_connection", "")))
+        session = Session(daemon, caller, sock, bool(first.get("interactive")))
+        session.run(self.rfile)
+
+
+class Session:
+    def __init__(self, daemon: Daemon, caller: Caller, sock: socket.socket, interactive: bool):
+        self.daemon = daemon
+        self.caller = caller
+        self.sock = sock
+        self.interactive = interactive
+        self.started = False
+
+    def log(self, event: str, outcome: str, detail: dict[str, Any]) -> None:
+        role = self.caller.role.value if self.caller.role else "none"
+        self.daemon.record(self.caller.account, role, self.caller.source, event, outcome, detail)
+
+    def refuse(self, message: str, detail: dict[str, Any]) -> None:
+        try:
+            self.log("session", "denied", {"reason": message, **detail})
+        except LogUnavailable:
+            pass
+        protocol.send(self.sock, {"type": "refused", "error": message})
+
+    def run(self, rfile: Any) -> None:
+        c = self.caller
+        where = {"interface": c.interface.value if c.interface else None}
+        if c.role is None:
+            self.refuse("this account has no role on the device", where)
+            return
+        if c.role is not Role.CONSOLE and c.interface is not allowed_interface(c.role):
+            self.refuse(f"{c.role.value} may not use this interface", where)
+            return
+        owner = store.Owner.load()
+        if c.role is Role.ADMIN and owner.otp_expired:
+            self.refuse("the one-time password has expired; ask the provider for a new one", where)
+            return
+        try:
+            self.log("session-start", "ok", {**where, "interactive": self.interactive})
+        except LogUnavailable as exc:
+            protocol.send(self.sock, {"type": "refused", "error": str(exc)})
+            return
+        self.started = True
+        protocol.send(
+            self.sock,
+            {
+                "type": "ready",
+                "role": c.role.value,
+                "state": owner.state.value,
+                "must_change_password": c.role is Role.ADMIN and owner.state.value == "provisioned",
+                "prompt": f"{self._hostname()}:{c.account}> ",
+                "banner": f"hsmctl appliance {self.daemon.keys.device}; type 'help'",
+            },
+        )
+        try:
+            while True:
+                try:
+                    msg = protocol.recv(rfile)
+                except ValueError:
+                    break
+                if msg is None or msg.get("type") == "bye":
+                    break
+                if msg.get("type") == "command":
+                    self.command(str(msg.get("line", "")), list(msg.get("stdin") or []))
+        finally:
+            self.end()
+            try:
+                protocol.send(self.sock, {"type": "result", "exit": 0})
+            except OSError:
+                pass
+
+    def _hostname(self) -> str:
+        return os.uname().nodename
+
+    def end(self) -> None:
+        if not self.started:
+            return
+        try:
+            self.log("session-end", "ok", {})
+            self.daemon.checkpoint()
+        except LogUnavailable:
+            pass
+
+    def reply(self, result: Result) -> None:
+        if result.stream is not None:
+            path, start, end = result.stream
+            protocol.send(self.sock, {"type": "stream", "length": end - start})
+            with open(path, "rb") as fh:
+                self.sock.sendfile(fh, start, end - start)
+        protocol.send(
+            self.sock,
+            {"type": "result", "exit": result.exit, "output": result.output, "error": result.error},
+        )
+
+    def command(self, text: str, secrets: list[str]) -> None:
+        c = self.caller
+        assert c.role is not None
+        raw = text.encode("utf-8", "surrogateescape")
+        shown = raw.decode("utf-8", "backslashreplace")[:200]
+        try:
+            cmd = grammar.parse(raw)
+        except grammar.ParseError as exc:
+            event = "escape-attempt" if exc.reason.escape_attempt else "command"
+            try:
+                self.log(event, "denied", {"line": shown, "reason": exc.reason.value})
+            except LogUnavailable as log_exc:
+                self.reply(Result.failure(str(log_exc)))
+                return
+            self.reply(Result(exit=protocol.EXIT_USAGE, error=str(exc)))
+            return
+        owner = store.Owner.load()
+        decision = authorize(c.role, cmd.acl_words, owner.device_state())
+        name = cmd.canonical()
+        audit_export = cmd.words == ("audit", "export")
+        try:
+            self.log(
+                "command",
+                "ok" if decision.allowed else "denied",
+                {"command": name, "rule": decision.rule.value}
+                | ({} if decision.allowed else {"reason": decision.reason}),
+            )
+        except LogUnavailable as exc:
+            if not (audit_export and decision.allowed):
+                self.reply(Result.failure(f"refused: {exc}"))
+                return
+        if not decision.allowed:
+            self.reply(Result(exit=protocol.EXIT_DENIED, error=decision.reason))
+            return
+        ctx = Context(caller_account=c.account, role=c.role, source=c.source, owner=owner)
+        try:
+            result = self.daemon.handlers.run(ctx, cmd, secrets)
+        except LogUnavailable as exc:
+            result = Result.failure(f"refused: {exc}")
+        except Exception as exc:  # a handler bug must not leak details or kill the session
+            print(f"hsmd: {name}: {exc!r}", file=sys.stderr, flush=True)
+            result = Result(exit=protocol.EXIT_FAILED, error="internal error", outcome="error")
+        try:
+            self.log(
+                "result",
+                result.outcome,
+                {"command": name, "exit": result.exit, **result.log_detail}
+                | ({"error": result.error} if result.error else {}),
+            )
+        except LogUnavailable:
+            if not audit_export:
+                result = Result.failure("the activity log cannot be written")
+        self.reply(result)
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, path: Path, daemon: Daemon) -> None:
+        self.daemon = daemon
+        path.unlink(missing_ok=True)
+        super().__init__(str(path), Connection)
+        os.chmod(path, 0o666)
+
+
+def main() -> int:
+    os.umask(0o077)
+    paths.RUN.mkdir(parents=True, exist_ok=True)
+    os.chmod(paths.RUN, 0o755)
+    daemon = Daemon()
+    threading.Thread(target=daemon.tailer.run, name="sshd-logs", daemon=True).start()
+    threading.Thread(target=daemon.periodic, name="checkpoints", daemon=True).start()
+    tmp = paths.SOCKET.with_name(".hsmd.sock")
+    server = Server(tmp, daemon)
+    os.replace(tmp, paths.SOCKET)
+
+    def stop(signum: int, frame: object) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    server.serve_forever(poll_interval=0.5)
+    daemon.keys.close()
+    daemon.log.close()
+    return 0

@@ -1,0 +1,446 @@
+"""What each device command does, once the daemon has parsed, authorised and logged it.
+
+A handler takes the parsed command and the stdin secrets and returns a :class:`Result`:
+text for the caller, an exit status, an outcome for the activity log, and detail for the
+log that never holds a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hsmctl.appliance import accounts, paths, protocol, store, token
+from hsmctl.appliance.grammar import Command, help_text
+from hsmctl.appliance.roles import Role, authorize_spec
+from hsmctl.appliance.store import OwnerState
+from hsmctl import auditlog
+from hsmctl.errors import HsmctlError
+
+if TYPE_CHECKING:
+    from hsmctl.appliance.daemon import Daemon
+
+
+@dataclass
+class Result:
+    exit: int = protocol.EXIT_OK
+    output: str = ""
+    error: str | None = None
+    outcome: str = "ok"
+    log_detail: dict[str, Any] = field(default_factory=dict)
+    stream: tuple[str, int, int] | None = None
+
+    @classmethod
+    def failure(cls, message: str, exit: int = protocol.EXIT_FAILED) -> Result:
+        return cls(exit=exit, error=message, outcome="failed")
+
+    @classmethod
+    def usage(cls, message: str) -> Result:
+        return cls(exit=protocol.EXIT_USAGE, error=message, outcome="failed")
+
+
+@dataclass
+class Context:
+    caller_account: str
+    role: Role
+    source: str
+    owner: store.Owner
+
+
+def _json(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+def _device() -> dict[str, Any]:
+    data: dict[str, Any] = store.read_json(paths.DEVICE, {})
+    return data
+
+
+def _signal_boot() -> None:
+    """Ask the appliance's init to reconcile the data-interface sshd."""
+    try:
+        pid = int(paths.BOOT_PID.read_text().split()[0])
+        os.kill(pid, signal.SIGUSR1)
+    except (OSError, ValueError, IndexError):
+        pass
+
+
+def _lines_until(fh: Any, end: int) -> Any:
+    """The file's lines up to byte ``end`` (a snapshot while appends go on)."""
+    done = 0
+    for line in fh:
+        if done >= end:
+            return
+        done += len(line)
+        yield line
+
+
+def _fingerprints(directory: Any) -> list[str]:
+    out = []
+    for kind in paths.HOSTKEY_TYPES:
+        pub = directory / f"ssh_host_{kind}_key.pub"
+        if pub.exists():
+            proc = subprocess.run(
+                ["ssh-keygen", "-l", "-f", str(pub)], capture_output=True, text=True, check=False
+            )
+            if proc.returncode == 0:
+                out.append(f"{proc.stdout.split()[1]} ({kind})")
+    return out
+
+
+class Handlers:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.table: dict[tuple[str, ...], Callable[[Context, Command, list[str]], Result]] = {
+            ("help",): self.help,
+            ("exit",): lambda ctx, cmd, s: Result(),
+            ("hsm", "show"): self.hsm_show,
+            ("hsm", "init"): self.hsm_init,
+            ("hsm", "zeroize"): self.hsm_zeroize,
+            ("hsm", "co-pin", "set"): self.co_pin_set,
+            ("hsm", "co-pin", "change"): self.co_pin_change,
+            ("user", "password"): self.user_password,
+            ("user", "list"): lambda ctx, cmd, s: Result(output=_json(accounts.listing())),
+            ("user", "enable"): self.user_enable,
+            ("user", "disable"): self.user_disable,
+            ("user", "credential", "set"): self.credential_set,
+            ("user", "otp", "set"): self.otp_set,
+            ("sysconf", "provider-access", "show"): self.provider_access_show,
+            ("sysconf", "provider-access", "revoke"): self.provider_access_revoke,
+            ("sysconf", "hostkey", "show"): self.hostkey_show,
+            ("sysconf", "hostkey", "stage"): self.hostkey_stage,
+            ("sysconf", "hostkey", "activate"): self.hostkey_activate,
+            ("sysconf", "factory-reset"): self.factory_reset,
+            ("network", "show"): self.network_show,
+            ("network", "set"): self.network_set,
+            ("audit", "show"): self.audit_show,
+            ("audit", "export"): self.audit_export,
+            ("audit", "verify"): self.audit_verify,
+        }
+
+    def run(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        need = len(cmd.spec.stdin)
+        if len(secrets) != need:
+            return Result.usage(f"{cmd.spec.name} reads {need} value(s) from stdin")
+        handler = self.table[cmd.words]
+        try:
+            return handler(ctx, cmd, secrets)
+        except token.TokenError as exc:
+            return Result(
+                exit=protocol.EXIT_FAILED,
+                error=exc.message,
+                outcome="failed",
+                log_detail={"token_error": type(exc).__name__},
+            )
+        except accounts.AccountError as exc:
+            return Result.usage(str(exc))
+        except HsmctlError as exc:
+            return Result.failure(exc.message)
+
+    # -- general -----------------------------------------------------------------------
+
+    def help(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        state = ctx.owner.device_state()
+        return Result(output=help_text(lambda spec: authorize_spec(ctx.role, spec, state)))
+
+    # -- hsm ---------------------------------------------------------------------------
+
+    def hsm_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        device = _device()
+        status = token.customer_status()
+        owner = ctx.owner
+        info: dict[str, Any] = {
+            "id": device.get("id"),
+            "serial": device.get("serial"),
+            "model": device.get("model"),
+            "firmware": device.get("firmware"),
+            "label": status.label,
+            "initialised": status.initialised,
+            "objects": status.objects,
+            "co_pin_set": status.co_pin_set,
+            "owner_state": owner.state.value,
+            "provider_access": owner.provider_access
+            and owner.state is not OwnerState.CUSTOMER_OWNED,
+            "monitor": "enabled" if accounts.is_enabled("monitor") else "disabled",
+            "audit_key_id": self.daemon.keys.current().key_id,
+        }
+        if ctx.role is Role.MONITOR:
+            info = {
+                k: info[k]
+                for k in (
+                    "id",
+                    "model",
+                    "firmware",
+                    "initialised",
+                    "owner_state",
+                    "provider_access",
+                    "monitor",
+                )
+            }
+        return Result(output=_json(info))
+
+    def hsm_init(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        label = cmd.get_str("label")
+        (so_pin,) = secrets
+        before = token.customer_status()
+        current = so_pin if before.initialised else None
+        after = token.customer_init(label, so_pin, current_so_pin=current)
+        return Result(
+            output=f"token initialised: label {after.label}, serial {after.serial}",
+            log_detail={
+                "label": after.label,
+                "serial": after.serial,
+                "reinitialised": before.initialised,
+            },
+        )
+
+    def hsm_zeroize(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        before = token.customer_status()
+        token.customer_zeroize()
+        return Result(output="token zeroized", log_detail={"serial": before.serial})
+
+    def co_pin_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        token.customer_set_co_pin(secrets[0], secrets[1])
+        return Result(output="crypto-officer PIN set")
+
+    def co_pin_change(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        token.customer_change_co_pin(secrets[0], secrets[1])
+        return Result(output="crypto-officer PIN changed")
+
+    # -- users -------------------------------------------------------------------------
+
+    def user_password(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        (password,) = secrets
+        accounts.check_password_policy(password)
+        user = ctx.caller_account
+        owner = store.Owner.load()
+        first = user == "admin" and owner.state is OwnerState.PROVISIONED
+        accounts.set_password(user, password)
+        if not first:
+            return Result(output="password changed")
+        # The first change by the admin makes the device customer-owned in the same
+        # operation: provider powers end here, whatever happens next.
+        owner.state = OwnerState.CUSTOMER_OWNED
+        owner.owned_since = time.time()
+        owner.otp_expires = None
+        owner.save()
+        self._lock_provider()
+        self.daemon.record(
+            "hsmd",
+            "system",
+            "console",
+            "ownership-transfer",
+            "ok",
+            {"owner": "customer", "provider_access": "revoked"},
+        )
+        return Result(
+            output="password changed; the device is now customer-owned and the "
+            "provider's access is revoked",
+            log_detail={"first_change": True},
+        )
+
+    def _lock_provider(self) -> None:
+        owner = store.Owner.load()
+        owner.provider_access = False
+        owner.save()
+        accounts.remove_authorized_key("provider")
+        accounts.disable("provider")
+        accounts.end_sessions("provider")
+
+    def _managed(self, ctx: Context, name: str) -> None:
+        if name not in ("monitor", "audit") and ctx.role is not Role.CONSOLE:
+            raise accounts.AccountError(f"{name} cannot be managed this way")
+
+    def user_enable(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        name = cmd.get_str("name")
+        self._managed(ctx, name)
+        if not accounts.has_key(name):
+            return Result.failure(
+                f"{name} has no credential; set one first (user credential set {name})"
+            )
+        accounts.enable(name)
+        return Result(output=f"{name} enabled", log_detail={"account": name})
+
+    def user_disable(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        name = cmd.get_str("name")
+        self._managed(ctx, name)
+        accounts.disable(name)
+        accounts.end_sessions(name)
+        return Result(output=f"{name} disabled", log_detail={"account": name})
+
+    def credential_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        name = cmd.get_str("name")
+        self._managed(ctx, name)
+        fingerprint = accounts.check_public_key(secrets[0])
+        accounts.set_authorized_key(name, secrets[0])
+        return Result(
+            output=f"{name} credential set: {fingerprint}",
+            log_detail={"account": name, "fingerprint": fingerprint},
+        )
+
+    def otp_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        key, password = secrets
+        accounts.check_password_policy(password)
+        fingerprint = accounts.check_public_key(key)
+        hours = cmd.get_int("expires_hours") or 72
+        accounts.set_authorized_key("admin", key)
+        accounts.set_password("admin", password)
+        accounts.enable("admin")
+        owner = store.Owner.load()
+        owner.state = OwnerState.PROVISIONED
+        owner.otp_expires = time.time() + hours * 3600
+        owner.save()
+        return Result(
+            output=f"admin credential set ({fingerprint}); one-time password expires in {hours} h",
+            log_detail={"fingerprint": fingerprint, "expires_hours": hours},
+        )
+
+    # -- sysconf -----------------------------------------------------------------------
+
+    def provider_access_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        owner = store.Owner.load()
+        info = {
+            "provider_access": owner.provider_access,
+            "provider_key_installed": accounts.has_key("provider"),
+            "provider_enabled": accounts.is_enabled("provider"),
+            "owner_state": owner.state.value,
+        }
+        return Result(output=_json(info))
+
+    def provider_access_revoke(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        self._lock_provider()
+        return Result(output="provider access revoked")
+
+    def hostkey_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        info = {
+            "active": _fingerprints(paths.HOSTKEY_DIRS["data"]),
+            "staged": _fingerprints(paths.HOSTKEY_STAGED),
+        }
+        return Result(output=_json(info))
+
+    def hostkey_stage(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        from hsmctl.appliance.personalise import make_host_keys
+
+        shutil.rmtree(paths.HOSTKEY_STAGED, ignore_errors=True)
+        make_host_keys(paths.HOSTKEY_STAGED, f"{_device().get('id')}-data")
+        staged = _fingerprints(paths.HOSTKEY_STAGED)
+        return Result(output=_json({"staged": staged}), log_detail={"staged": staged})
+
+    def hostkey_activate(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        if not paths.HOSTKEY_STAGED.is_dir():
+            return Result.failure(
+                "no staged host keys (sysconf hostkey stage)", exit=protocol.EXIT_FAILED
+            )
+        active = paths.HOSTKEY_DIRS["data"]
+        old = active.with_name("data.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(active, old)
+        os.replace(paths.HOSTKEY_STAGED, active)
+        shutil.rmtree(old, ignore_errors=True)
+        _signal_boot()
+        now = _fingerprints(active)
+        return Result(output=_json({"active": now}), log_detail={"active": now})
+
+    def factory_reset(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        from hsmctl.appliance.personalise import make_host_keys
+
+        token.customer_zeroize()
+        for user in ("admin", "monitor", "audit"):
+            accounts.remove_authorized_key(user)
+            accounts.clear_password(user)
+            accounts.disable(user)
+            accounts.end_sessions(user)
+        factory = store.read_json(paths.FACTORY, {})
+        if factory.get("provider_public_key"):
+            accounts.set_authorized_key("provider", factory["provider_public_key"])
+            accounts.enable("provider")
+        shutil.rmtree(paths.HOSTKEY_DIRS["data"], ignore_errors=True)
+        make_host_keys(paths.HOSTKEY_DIRS["data"], f"{_device().get('id')}-data")
+        paths.NETWORK.unlink(missing_ok=True)
+        subprocess.run(["ip", "addr", "flush", "dev", "data0"], check=False, capture_output=True)
+        store.Owner().save()
+        _signal_boot()
+        return Result(output="factory reset done", log_detail={"data_hostkeys": "regenerated"})
+
+    # -- network -----------------------------------------------------------------------
+
+    def network_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        config = store.read_json(paths.NETWORK, {})
+        addrs = subprocess.run(
+            ["ip", "-br", "-4", "addr"], capture_output=True, text=True, check=False
+        ).stdout
+        return Result(output=_json({"data": config, "interfaces": addrs.splitlines()}))
+
+    def network_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        iface = cmd.get_interface("ip")
+        gateway = cmd.get_address("gateway")
+        dev = "data0"
+        steps = [
+            ["ip", "addr", "flush", "dev", dev],
+            ["ip", "addr", "add", str(iface), "dev", dev],
+            ["ip", "link", "set", dev, "up"],
+            ["ip", "route", "replace", "default", "via", str(gateway), "dev", dev],
+        ]
+        for argv in steps:
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                return Result.failure(f"{' '.join(argv[:3])}: {proc.stderr.strip()}")
+        store.write_json(
+            paths.NETWORK, {"address": str(iface), "gateway": str(gateway), "device": dev}
+        )
+        _signal_boot()
+        return Result(
+            output=f"data interface {iface} via {gateway}",
+            log_detail={"address": str(iface), "gateway": str(gateway)},
+        )
+
+    # -- audit -------------------------------------------------------------------------
+
+    def audit_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        count = cmd.get_int("last") or 20
+        lines = self.daemon.log.tail(count)
+        return Result(output="\n".join(line.decode("utf-8") for line in lines))
+
+    def audit_export(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        after = cmd.get_int("after") or 0
+        try:
+            self.daemon.checkpoint(force=True)
+        except Exception:  # export works even when the log cannot be written
+            pass
+        log = self.daemon.log
+        with log.lock:
+            start = log.offset_after(after)
+            end = log.size
+        return Result(
+            stream=(str(log.path), start, end), log_detail={"after": after, "bytes": end - start}
+        )
+
+    def audit_verify(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        log = self.daemon.log
+        with log.lock:
+            end = log.size
+        with open(log.path, "rb") as fh:
+            report = auditlog.verify_lines(
+                _lines_until(fh, end), self.daemon.keys.trusted(), device=self.daemon.keys.device
+            )
+        ok = not report.violations
+        summary = {
+            "verified": ok,
+            "records": report.records,
+            "last_seq": report.last_seq,
+            "last_checkpoint": report.last_checkpoint_seq,
+            "violations": [str(v) for v in report.violations],
+        }
+        return Result(
+            exit=protocol.EXIT_OK if ok else protocol.EXIT_INTEGRITY,
+            output=_json(summary),
+            outcome="ok" if ok else "failed",
+            log_detail={"verified": ok, "last_seq": report.last_seq},
+        )

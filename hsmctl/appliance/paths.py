@@ -1,0 +1,37 @@
+"""Where things live on the appliance. One place, so the image script, the daemon, the
+shell and the lab agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ETC = Path("/etc/hsm")
+FACTORY = ETC / "factory.json"  # personalisation input (lab: written by lab up)
+DEVICE = ETC / "device.json"  # personalisation result: id, serial, model, ...
+AUTHORIZED_KEYS = ETC / "authorized_keys"
+SSHD_MGMT_CONFIG = ETC / "sshd_mgmt_config"
+SSHD_DATA_CONFIG = ETC / "sshd_data_config"
+HOSTKEY_DIRS = {"mgmt": Path("/etc/ssh/mgmt"), "data": Path("/etc/ssh/data")}
+HOSTKEY_STAGED = Path("/etc/ssh/data.staged")
+HOSTKEY_TYPES = ("ed25519", "ecdsa")
+
+STATE = Path("/var/lib/hsm/state")  # root-only (0700)
+NETWORK = STATE / "network.json"
+ACCOUNTS = STATE / "accounts.json"
+OWNER = STATE / "owner.json"
+AUDIT_TOKEN_SECRETS = STATE / "audit-token.json"
+CUSTOMER_TOKEN = STATE / "customer-token.json"
+
+LOG_DIR = Path("/var/log/hsm")
+AUDIT_LOG = LOG_DIR / "audit.jsonl"
+SSHD_LOGS = {"mgmt": LOG_DIR / "sshd-mgmt.log", "data": LOG_DIR / "sshd-data.log"}
+
+RUN = Path("/run/hsm")
+SOCKET = RUN / "hsmd.sock"
+BOOT_PID = RUN / "boot.pid"
+SSHD_PIDS = {"mgmt": RUN / "sshd-mgmt.pid", "data": RUN / "sshd-data.pid"}
+
+SOFTHSM_CONF = Path("/etc/softhsm/softhsm2.conf")
+SOFTHSM_LIB = Path("/usr/lib/softhsm/libsofthsm2.so")
+FIRMWARE_VERSION = "7.8.4-hsmctl"
+MODEL = "hsmctl-softhsm2"

@@ -1,0 +1,50 @@
+"""The wire between the restricted shell (and the PAM back-off hook) and the device daemon.
+
+A Unix stream socket; each message is one JSON object on one line. The client sends one
+request and reads replies until a ``result``. A reply may announce ``stream`` with a byte
+count, in which case exactly that many raw bytes follow before the next JSON line (used by
+``audit export`` so the log is copied with ``sendfile``, not re-encoded).
+
+Who is asking is never taken from the message: the daemon reads the peer's credentials
+from the socket (SO_PEERCRED).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any, BinaryIO
+
+MAX_MESSAGE = 1 << 20
+
+# Device-shell exit statuses (sysexits.h where one fits).
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 64
+EXIT_DENIED = 77
+EXIT_UNAVAILABLE = 69
+EXIT_INTEGRITY = 65
+
+
+def send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n")
+
+
+def recv(reader: BinaryIO) -> dict[str, Any] | None:
+    line = reader.readline(MAX_MESSAGE + 1)
+    if not line:
+        return None
+    if len(line) > MAX_MESSAGE or not line.endswith(b"\n"):
+        raise ValueError("message too long or truncated")
+    data = json.loads(line)
+    if not isinstance(data, dict):
+        raise ValueError("message is not an object")
+    return data
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from the kernel."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid

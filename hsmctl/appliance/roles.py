@@ -1,0 +1,215 @@
+"""Who may run what on the appliance: SPEC §3's role table as data, and one pure decision.
+
+The device daemon applies it to every request (the shell's own check is only a courtesy),
+so it is a plain table keyed by a command's full words, including the account a command
+names (``user enable monitor``): a reviewer can read every grant without running code.
+Ownership ends provider powers: once the admin's one-time password has been changed the
+provider is refused everything, whatever the account database still says.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from hsmctl.appliance.grammar import ACCOUNT_NAMES, COMMANDS, CommandSpec
+
+Words = tuple[str, ...]
+
+
+class Role(enum.Enum):
+    """A device account; ``console`` is root on the out-of-band path."""
+
+    PROVIDER = "provider"
+    MONITOR = "monitor"
+    ADMIN = "admin"
+    AUDIT = "audit"
+    CONSOLE = "console"
+
+
+class Interface(enum.Enum):
+    MGMT = "mgmt"
+    DATA = "data"
+    CONSOLE = "console"
+
+
+class OwnerState(enum.Enum):
+    FACTORY = "factory"  # no admin credential yet
+    PROVISIONED = "provisioned"  # one-time password set, not yet changed
+    CUSTOMER_OWNED = "customer-owned"
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """Owner state plus the flag the first ``user password`` sets in the same operation."""
+
+    owner: OwnerState
+    otp_changed: bool = False
+
+    @property
+    def customer_owned(self) -> bool:
+        # Either fact ends provider powers: a half-finished takeover must not reopen them.
+        return self.owner is OwnerState.CUSTOMER_OWNED or self.otp_changed
+
+
+class Rule(enum.Enum):
+    """Which rule decided, so the activity log records why and not only whether."""
+
+    ALWAYS = "always"
+    CONSOLE = "console"
+    GRANTED = "granted"
+    NOT_GRANTED = "not-granted"
+    UNKNOWN_COMMAND = "unknown-command"
+    PROVIDER_REVOKED = "provider-revoked"
+    NOT_PROVISIONED = "not-provisioned"
+    OTP_CHANGE_REQUIRED = "otp-change-required"
+    PROVIDER_ONLY = "provider-only"
+    ACCOUNT_NOT_MANAGED = "account-not-managed"
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+    rule: Rule
+
+
+ALWAYS: frozenset[Words] = frozenset({("help",), ("exit",)})
+
+# Commands the provider keeps for itself; the admin never gets them, even as owner.
+PROVIDER_ONLY: frozenset[Words] = frozenset(
+    {("user", "otp", "set"), ("sysconf", "factory-reset"), ("network", "set")}
+)
+
+# The accounts an owning admin manages; never provider (its access is gone) nor admin.
+CUSTOMER_MANAGED = ("audit", "monitor")
+
+GRANTS: Mapping[Role, frozenset[Words]] = {
+    # Only while not customer-owned (checked before the table).
+    Role.PROVIDER: frozenset(
+        {
+            ("hsm", "show"),
+            ("network", "show"),
+            ("network", "set"),
+            ("user", "otp", "set"),
+            ("user", "credential", "set", "monitor"),
+            ("user", "enable", "monitor"),
+            ("user", "disable", "monitor"),
+            ("user", "list"),
+            ("sysconf", "provider-access", "show"),
+            ("sysconf", "hostkey", "show"),
+            ("sysconf", "factory-reset"),
+        }
+    ),
+    Role.MONITOR: frozenset({("hsm", "show")}),  # the daemon strips secrets from it
+    # Once customer-owned; before that only ADMIN_BEFORE_OWNERSHIP.
+    Role.ADMIN: frozenset(
+        {
+            ("hsm", "show"),
+            ("hsm", "init"),
+            ("hsm", "zeroize"),
+            ("hsm", "co-pin", "set"),
+            ("hsm", "co-pin", "change"),
+            ("user", "password"),
+            ("user", "list"),
+            ("user", "enable", "audit"),
+            ("user", "enable", "monitor"),
+            ("user", "disable", "audit"),
+            ("user", "disable", "monitor"),
+            ("user", "credential", "set", "audit"),
+            ("user", "credential", "set", "monitor"),
+            ("sysconf", "provider-access", "show"),
+            ("sysconf", "provider-access", "revoke"),
+            ("sysconf", "hostkey", "show"),
+            ("sysconf", "hostkey", "stage"),
+            ("sysconf", "hostkey", "activate"),
+            ("network", "show"),
+            ("audit", "show"),
+            ("audit", "export"),
+            ("audit", "verify"),
+        }
+    ),
+    Role.AUDIT: frozenset({("audit", "show"), ("audit", "export"), ("audit", "verify")}),
+}
+
+ADMIN_BEFORE_OWNERSHIP: frozenset[Words] = frozenset({("user", "password")})
+
+_INTERFACES = {
+    Role.PROVIDER: Interface.MGMT,
+    Role.MONITOR: Interface.MGMT,
+    Role.ADMIN: Interface.DATA,
+    Role.AUDIT: Interface.DATA,
+    Role.CONSOLE: Interface.CONSOLE,
+}
+
+
+def allowed_interface(role: Role) -> Interface:
+    """The one interface a role may log in on; customer accounts never on management."""
+    return _INTERFACES[role]
+
+
+def _resolve(words: Words) -> tuple[CommandSpec, Words] | None:
+    """Split full words into a command and its account arguments (aliases accepted)."""
+    for spec in COMMANDS:
+        for form in (spec.words, *spec.aliases):
+            args = words[len(form) :]
+            if words[: len(form)] == form and len(args) == len(spec.positionals):
+                return spec, args
+    return None
+
+
+def _allow(rule: Rule, reason: str = "allowed") -> Decision:
+    return Decision(True, reason, rule)
+
+
+def _deny(rule: Rule, reason: str) -> Decision:
+    return Decision(False, reason, rule)
+
+
+def authorize(role: Role, command_words: Sequence[str], state: DeviceState) -> Decision:
+    """May ``role`` run this command now? ``command_words`` is ``Command.acl_words``."""
+    resolved = _resolve(tuple(command_words))
+    if resolved is None:
+        return _deny(Rule.UNKNOWN_COMMAND, f"unknown command '{' '.join(command_words)[:80]}'")
+    spec, args = resolved
+    key = spec.words + args
+    name = " ".join(key)
+    if spec.words in ALWAYS:
+        return _allow(Rule.ALWAYS)
+    if role is Role.CONSOLE:
+        return _allow(Rule.CONSOLE, "the out-of-band console may run every command")
+    if role is Role.PROVIDER and state.customer_owned:
+        return _deny(
+            Rule.PROVIDER_REVOKED, "device is customer-owned; provider access has been revoked"
+        )
+    if role is Role.ADMIN and not state.customer_owned:
+        if state.owner is OwnerState.FACTORY:
+            return _deny(Rule.NOT_PROVISIONED, "the admin account has not been provisioned yet")
+        if key in ADMIN_BEFORE_OWNERSHIP:
+            return _allow(Rule.GRANTED)
+        return _deny(Rule.OTP_CHANGE_REQUIRED, "change the one-time password first: user password")
+    if role is Role.ADMIN:
+        if spec.words in PROVIDER_ONLY:
+            return _deny(
+                Rule.PROVIDER_ONLY,
+                f"'{name}' is reserved to the provider before hand-over; the admin cannot run it",
+            )
+        if args and args[0] not in CUSTOMER_MANAGED:
+            return _deny(
+                Rule.ACCOUNT_NOT_MANAGED,
+                f"'{name}': the admin manages only the {' and '.join(CUSTOMER_MANAGED)} accounts",
+            )
+    if key in GRANTS[role]:
+        return _allow(Rule.GRANTED)
+    return _deny(
+        Rule.NOT_GRANTED,
+        f"'{name}' is not permitted for the {role.value} account (type 'help' for yours)",
+    )
+
+
+def authorize_spec(role: Role, spec: CommandSpec, state: DeviceState) -> bool:
+    """True when the role may run the command for some account: the help listing filter."""
+    if not spec.positionals:
+        return authorize(role, spec.words, state).allowed
+    return any(authorize(role, (*spec.words, name), state).allowed for name in ACCOUNT_NAMES)

@@ -1,0 +1,574 @@
+"""Streaming verification of an activity log against pinned public keys.
+
+The verifier reads one record at a time in constant memory and stops at the first
+violation: after it, nothing can be vouched for, and the collector only needs to know
+where trust ends. One exception: after a gap it keeps reading a bounded window, without
+verifying anything, only to tell a deletion from a reordering.
+
+Trust: ``trusted_keys`` are the pinned audit keys. A valid ``key-rotation`` record (old
+key trusted, both signatures good) trusts the new key and retires the old one, so a leaked
+old key cannot sign later checkpoints. A collector that resumes from its archive passes
+the resulting ``report.trusted_keys`` and ``report.retired_keys`` back in next time.
+
+Resuming (SPEC §8): with ``start`` the first record must be ``start.seq + 1`` linked to
+``start.hash``. To prove the device still holds the archived head, export from the record
+before it and pass ``start=Head(head.seq - 1, head_record["prev"])`` with
+``expect_at_least=head``: a different record there is a rollback, none is a truncation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from os import PathLike
+from typing import Any
+
+from hsmctl.auditlog.chain import (
+    CHECKPOINT_EVENT,
+    FIELDS,
+    GENESIS_HEAD,
+    KEY_ROTATION_EVENT,
+    OUTCOMES,
+    TIME_RE,
+    Head,
+    canonical_text,
+)
+from hsmctl.auditlog.signing import (
+    ALG,
+    checkpoint_payload,
+    key_id_for_pem,
+    key_rotation_payload,
+    verify_raw_signature,
+)
+from hsmctl.errors import ConfigError, IntegrityError
+
+REORDER_WINDOW = 1024
+"""Records read after a gap, unverified, to see whether the missing ones come later."""
+
+_STRING_FIELDS = ("time", "actor", "role", "source", "event", "outcome", "prev")
+_CHECKPOINT_KEYS = frozenset({"head", "device", "key_id", "alg", "sig"})
+_ROTATION_KEYS = frozenset(
+    {"head", "device", "alg", "old_key_id", "new_key_id", "new_public_key", "sig_old", "sig_new"}
+)
+
+
+class ViolationKind(StrEnum):
+    MALFORMED = "malformed"  # not JSON, wrong keys or types, bad outcome, not canonical
+    HASH_MISMATCH = "hash-mismatch"  # record edited after it was written
+    GAP = "gap"  # records deleted
+    DUPLICATE = "duplicate"  # a seq seen again: record inserted or replayed
+    BROKEN_LINK = "broken-link"  # prev is not the previous hash: inserted or replaced
+    REORDERED = "reordered"
+    ROLLBACK = "rollback"  # differs from a known head: log rolled back or replaced
+    TRUNCATED = "truncated"  # ends before a record known to exist
+    HEAD_MISMATCH = "head-mismatch"  # a signed head is not the previous record
+    MISSING_SIGNATURE = "missing-signature"
+    BAD_SIGNATURE = "bad-signature"
+    UNKNOWN_KEY = "unknown-key"
+    RETIRED_KEY = "retired-key"  # signed by a key a rotation replaced
+    WRONG_DEVICE = "wrong-device"  # signed for another appliance
+    BAD_ROTATION = "bad-rotation"
+    UNSIGNED_TAIL = "unsigned-tail"  # records after the last checkpoint, when one is required
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    kind: ViolationKind
+    seq: int
+    """The record concerned or, for an unreadable line, the seq that was expected there."""
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        return f"record {self.seq}: {self.message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind.value,
+            "seq": self.seq,
+            "message": self.message,
+            "line": self.line,
+        }
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What was proven. Counts and heads cover only records before the first violation."""
+
+    records: int
+    first_seq: int | None
+    last_seq: int | None
+    head: Head
+    """The last verified record (``start`` if none was)."""
+    last_checkpoint_seq: int | None
+    """The last verified checkpoint or key rotation; records before it are signed."""
+    device: str | None
+    keys_seen: tuple[str, ...]
+    trusted_keys: Mapping[str, str]
+    retired_keys: frozenset[str]
+    violations: tuple[Violation, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def check(self) -> VerifyReport:
+        """Return self if clean, else raise ChainError naming the violations."""
+        if self.violations:
+            raise ChainError(self.violations, report=self)
+        return self
+
+
+class ChainError(IntegrityError):
+    """The log failed verification (exit 3); the message names the sequence numbers."""
+
+    def __init__(
+        self, violations: Iterable[Violation], *, report: VerifyReport | None = None
+    ) -> None:
+        self.violations = tuple(violations)
+        self.report = report
+        text = "; ".join(str(v) for v in self.violations) or "no violations"
+        super().__init__(
+            f"activity log verification failed: {text}",
+            detail={"violations": [v.as_dict() for v in self.violations]},
+        )
+
+
+class _Stop(Exception):
+    """Internal: a record failed a check; carries the violation."""
+
+    def __init__(self, kind: ViolationKind, seq: int, message: str) -> None:
+        self.kind, self.seq, self.message = kind, seq, message
+
+
+class ChainVerifier:
+    """Verify one log stream.
+
+    Lifecycle: create with the pinned keys (and the archive's head to resume from), call
+    ``feed`` with every line or parsed record in order, then ``finish`` once. ``done``
+    turns true when further input cannot change the result.
+    """
+
+    def __init__(
+        self,
+        trusted_keys: Mapping[str, str],
+        *,
+        device: str | None = None,
+        start: Head | None = None,
+        expect_at_least: Head | None = None,
+        retired_keys: Iterable[str] = (),
+    ) -> None:
+        self._trusted: dict[str, str] = {}
+        for key_id, pem in trusted_keys.items():
+            try:
+                actual = key_id_for_pem(pem)
+            except ValueError as exc:
+                raise ConfigError(f"pinned audit key {key_id}: {exc}") from exc
+            if actual != key_id:
+                raise ConfigError(f"pinned audit key {key_id} is really {actual}")
+            self._trusted[key_id] = pem
+        self._retired: dict[str, int | None] = dict.fromkeys(retired_keys)
+        for key_id in self._retired:
+            self._trusted.pop(key_id, None)
+        self._start = start or GENESIS_HEAD
+        if expect_at_least is not None and expect_at_least.seq <= self._start.seq:
+            if expect_at_least.seq == self._start.seq and expect_at_least != self._start:
+                raise ValueError("expect_at_least contradicts start")
+            expect_at_least = None  # already inside what the caller verified
+        self._anchor = expect_at_least
+        self._device = device
+        self._last = self._start
+        self._records = 0
+        self._first_seq: int | None = None
+        self._last_checkpoint: int | None = None
+        self._keys_seen: dict[str, None] = {}
+        self._violations: list[Violation] = []
+        self._line = 0
+        self._halted = False
+        self._finished = False
+        self._gap: tuple[int, int] | None = None  # (first missing, seq found instead)
+        self._lookahead = 0
+
+    @property
+    def done(self) -> bool:
+        return self._halted and self._lookahead == 0
+
+    @property
+    def head(self) -> Head:
+        """The last verified record so far."""
+        return self._last
+
+    def feed(self, item: bytes | str | Mapping[str, Any]) -> None:
+        """Check the next line (bytes or str, trailing newline optional) or parsed record."""
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        self._line += 1
+        if self._halted:
+            if self._lookahead:
+                self._look_for_reorder(item)
+            return
+        try:
+            self._check(item)
+        except _Stop as stop:
+            self._violations.append(Violation(stop.kind, stop.seq, stop.message, self._line))
+            self._halted = True
+            if stop.kind is ViolationKind.GAP:
+                self._lookahead = REORDER_WINDOW
+
+    def finish(self, *, require_final_checkpoint: bool = False) -> VerifyReport:
+        """End of input: check it reached the known head (and, if asked, ends signed)."""
+        if not self._finished and not self._violations:
+            self._finished = True
+            last, anchor = self._last, self._anchor
+            if anchor is not None and last.seq < anchor.seq:
+                self._violations.append(
+                    Violation(
+                        ViolationKind.TRUNCATED,
+                        anchor.seq,
+                        f"missing: the log ends at record {last.seq} but record {anchor.seq}"
+                        " is known to exist (truncated or rolled back)",
+                    )
+                )
+            elif require_final_checkpoint and self._records and self._last_checkpoint != last.seq:
+                first = (self._last_checkpoint or self._start.seq) + 1
+                self._violations.append(
+                    Violation(
+                        ViolationKind.UNSIGNED_TAIL,
+                        first,
+                        f"records {first}..{last.seq} are not covered by a checkpoint",
+                    )
+                )
+        self._finished = True
+        return VerifyReport(
+            records=self._records,
+            first_seq=self._first_seq,
+            last_seq=self._last.seq if self._records else None,
+            head=self._last,
+            last_checkpoint_seq=self._last_checkpoint,
+            device=self._device,
+            keys_seen=tuple(self._keys_seen),
+            trusted_keys=dict(self._trusted),
+            retired_keys=frozenset(self._retired),
+            violations=tuple(self._violations),
+        )
+
+    # -- one record --------------------------------------------------------------------
+
+    def _check(self, item: bytes | str | Mapping[str, Any]) -> None:
+        expected = self._last.seq + 1
+        record, text = _parse(item, expected)
+        seq: int = record["seq"]
+        claimed: str = record.pop("hash")
+        if text is None or not _line_hashes_to(text, claimed):
+            _check_canonical_hash(record, claimed, text, seq)
+        last = self._last
+        if seq != expected:
+            if seq > expected:
+                self._gap = (expected, seq)
+                raise _Stop(
+                    ViolationKind.GAP,
+                    expected,
+                    f"missing (deleted): expected record {expected}, got {seq}",
+                )
+            what = "a replayed copy" if claimed == last.hash else "inserted or replayed"
+            raise _Stop(
+                ViolationKind.DUPLICATE,
+                seq,
+                f"duplicate seq ({what}): expected record {expected}, got {seq} again",
+            )
+        if record["prev"] != last.hash:
+            if last.seq and last is self._start:
+                raise _Stop(
+                    ViolationKind.ROLLBACK,
+                    seq,
+                    f"prev does not match the known record {last.seq}"
+                    " (log rolled back or replaced)",
+                )
+            raise _Stop(
+                ViolationKind.BROKEN_LINK,
+                seq,
+                f"prev does not match the hash of record {last.seq}"
+                " (record inserted, deleted or replaced)",
+            )
+        anchor = self._anchor
+        if anchor is not None and seq == anchor.seq and claimed != anchor.hash:
+            raise _Stop(
+                ViolationKind.ROLLBACK,
+                seq,
+                f"differs from the known record {seq} (log rolled back or replaced)",
+            )
+        event = record["event"]
+        if event == CHECKPOINT_EVENT:
+            self._check_checkpoint(seq, record)
+        elif event == KEY_ROTATION_EVENT:
+            self._check_rotation(seq, record)
+        self._last = Head(seq, claimed)
+        self._records += 1
+        if self._first_seq is None:
+            self._first_seq = seq
+
+    def _signed_head(self, seq: int, record: Mapping[str, Any], what: str) -> Head:
+        head = record["detail"]["head"]
+        if not (
+            type(head) is dict
+            and head.keys() == {"seq", "hash"}
+            and type(head["seq"]) is int
+            and type(head["hash"]) is str
+        ):
+            raise _Stop(ViolationKind.MALFORMED, seq, f"malformed {what}: bad head")
+        signed = Head(head["seq"], head["hash"])
+        if signed != Head(seq - 1, record["prev"]):
+            raise _Stop(
+                ViolationKind.HEAD_MISMATCH,
+                seq,
+                f"{what} signs head {signed.seq}/{signed.hash[:12]} but the previous record"
+                f" is {seq - 1}/{record['prev'][:12]}",
+            )
+        return signed
+
+    def _check_device(self, seq: int, device: str, what: str) -> None:
+        if self._device is not None and device != self._device:
+            raise _Stop(
+                ViolationKind.WRONG_DEVICE,
+                seq,
+                f"{what} is for device {device!r}, expected {self._device!r}",
+            )
+
+    def _check_checkpoint(self, seq: int, record: Mapping[str, Any]) -> None:
+        detail = record["detail"]
+        if not detail.get("sig"):
+            raise _Stop(ViolationKind.MISSING_SIGNATURE, seq, "checkpoint has no signature")
+        _check_detail(seq, detail, _CHECKPOINT_KEYS, "checkpoint")
+        head = self._signed_head(seq, record, "checkpoint")
+        device, key_id = detail["device"], detail["key_id"]
+        self._check_device(seq, device, "checkpoint")
+        if detail["alg"] != ALG:
+            raise _Stop(
+                ViolationKind.BAD_SIGNATURE, seq, f"checkpoint alg {detail['alg']!r} unsupported"
+            )
+        pem = self._trusted.get(key_id)
+        if pem is None:
+            if key_id in self._retired:
+                at = self._retired[key_id]
+                when = f" at record {at}" if at is not None else ""
+                raise _Stop(
+                    ViolationKind.RETIRED_KEY,
+                    seq,
+                    f"checkpoint signed by key {key_id[:16]}, retired{when}",
+                )
+            raise _Stop(
+                ViolationKind.UNKNOWN_KEY, seq, f"checkpoint signed by unknown key {key_id[:16]}"
+            )
+        if not verify_raw_signature(pem, detail["sig"], checkpoint_payload(device, head, key_id)):
+            raise _Stop(
+                ViolationKind.BAD_SIGNATURE,
+                seq,
+                f"checkpoint signature does not verify with key {key_id[:16]}",
+            )
+        self._device = device
+        self._keys_seen[key_id] = None
+        self._last_checkpoint = seq
+
+    def _check_rotation(self, seq: int, record: Mapping[str, Any]) -> None:
+        detail = record["detail"]
+        for name in ("sig_old", "sig_new"):
+            if not detail.get(name):
+                raise _Stop(ViolationKind.MISSING_SIGNATURE, seq, f"key rotation has no {name}")
+        _check_detail(seq, detail, _ROTATION_KEYS, "key rotation")
+        head = self._signed_head(seq, record, "key rotation")
+        device = detail["device"]
+        old, new, new_pem = detail["old_key_id"], detail["new_key_id"], detail["new_public_key"]
+        self._check_device(seq, device, "key rotation")
+
+        def broken(why: str) -> _Stop:
+            return _Stop(ViolationKind.BAD_ROTATION, seq, f"key rotation: {why}")
+
+        if detail["alg"] != ALG:
+            raise broken(f"alg {detail['alg']!r} unsupported")
+        old_pem = self._trusted.get(old)
+        if old_pem is None:
+            state = "retired" if old in self._retired else "not trusted"
+            raise broken(f"old key {old[:16]} is {state}")
+        try:
+            actual_new = key_id_for_pem(new_pem)
+        except ValueError:
+            raise broken("new_public_key is not a P-256 public key") from None
+        if actual_new != new:
+            raise broken(f"new_key_id {new[:16]} is not the id of new_public_key")
+        if new == old or new in self._retired:
+            raise broken(f"new key {new[:16]} is not new")
+        payload = key_rotation_payload(device, head, old, new, new_pem)
+        if not verify_raw_signature(old_pem, detail["sig_old"], payload):
+            raise broken("sig_old does not verify with the old key")
+        if not verify_raw_signature(new_pem, detail["sig_new"], payload):
+            raise broken("sig_new does not verify with the new key")
+        del self._trusted[old]
+        self._retired[old] = seq
+        self._trusted[new] = new_pem
+        self._device = device
+        self._keys_seen[old] = None
+        self._keys_seen[new] = None
+        self._last_checkpoint = seq
+
+    def _look_for_reorder(self, item: bytes | str | Mapping[str, Any]) -> None:
+        """After a gap: if a missing record turns up later, the log was reordered."""
+        self._lookahead -= 1
+        assert self._gap is not None
+        missing, found_instead = self._gap
+        try:
+            seq = item.get("seq") if isinstance(item, Mapping) else json.loads(item).get("seq")
+        except (ValueError, AttributeError):
+            return
+        if type(seq) is int and missing <= seq < found_instead:
+            gap = self._violations[-1]
+            self._violations[-1] = Violation(
+                ViolationKind.REORDERED,
+                missing,
+                f"out of order: expected record {missing}, got {found_instead};"
+                f" record {seq} comes later",
+                gap.line,
+            )
+            self._lookahead = 0
+
+
+def _parse(
+    item: bytes | str | Mapping[str, Any], expected: int
+) -> tuple[dict[str, Any], str | None]:
+    """The record as a fresh dict, and the line's text (None if given parsed), or _Stop."""
+    text: str | None
+    if isinstance(item, Mapping):
+        record, text = dict(item), None
+    else:
+        if isinstance(item, str):
+            text = item
+        else:
+            try:
+                text = bytes(item).decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Stop(ViolationKind.MALFORMED, expected, "malformed: not UTF-8") from None
+        if text.endswith("\n"):
+            text = text[:-2] if text.endswith("\r\n") else text[:-1]
+        try:
+            record = json.loads(text)
+        except ValueError as exc:
+            msg = getattr(exc, "msg", str(exc))
+            raise _Stop(ViolationKind.MALFORMED, expected, f"malformed: not JSON ({msg})") from None
+        if type(record) is not dict:
+            raise _Stop(ViolationKind.MALFORMED, expected, "malformed: not a JSON object")
+    seq = record.get("seq")
+    if type(seq) is not int or seq < 1:
+        raise _Stop(ViolationKind.MALFORMED, expected, f"malformed: bad seq {seq!r}")
+    if record.keys() != FIELDS:
+        missing = ", ".join(sorted(FIELDS - record.keys()))
+        extra = ", ".join(sorted(record.keys() - FIELDS))
+        what = f"missing {missing}" if missing else f"unexpected {extra}"
+        raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: {what}")
+    for name in _STRING_FIELDS:
+        if type(record[name]) is not str:
+            raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: {name} is not a string")
+    if type(record["hash"]) is not str:
+        raise _Stop(ViolationKind.MALFORMED, seq, "malformed: hash is not a string")
+    if type(record["detail"]) is not dict:
+        raise _Stop(ViolationKind.MALFORMED, seq, "malformed: detail is not an object")
+    if record["outcome"] not in OUTCOMES:
+        raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: outcome {record['outcome']!r}")
+    if not TIME_RE.fullmatch(record["time"]):
+        raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: time {record['time']!r}")
+    return record, text
+
+
+def _line_hashes_to(text: str, claimed: str) -> bool:
+    """Fast path: the line without its ``hash`` member hashes to the claimed hash.
+
+    For a canonical line that is exactly the spec's hash, got without re-encoding the
+    record (the costliest step). A non-canonical line can pass only if it was crafted so,
+    and only where no checkpoint or known head covers it — a forger could as well write a
+    canonical record there; covered records are byte for byte what the device wrote. A
+    record's own hash cannot occur earlier in its line (it would be a fixed point).
+    """
+    needle = f',"hash":"{claimed}"'
+    cut = text.find(needle)
+    if cut < 0:
+        return False
+    body = text[:cut] + text[cut + len(needle) :]
+    try:
+        return hashlib.sha256(body.encode("utf-8")).hexdigest() == claimed
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+
+
+def _check_canonical_hash(
+    record: Mapping[str, Any], claimed: str, text: str | None, seq: int
+) -> None:
+    """The spec's hash over the re-encoded record; for lines, why the fast path failed."""
+    try:
+        actual = hashlib.sha256(canonical_text(record).encode("utf-8")).hexdigest()
+    except ValueError as exc:  # NaN, lone surrogates
+        raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: not canonical JSON: {exc}") from None
+    if actual != claimed:
+        raise _Stop(ViolationKind.HASH_MISMATCH, seq, "hash mismatch (edited)")
+    if text is not None:  # right hash, but the device writes canonical lines: rewritten
+        raise _Stop(ViolationKind.MALFORMED, seq, "malformed: line is not canonical JSON")
+
+
+def _check_detail(seq: int, detail: Mapping[str, Any], keys: frozenset[str], what: str) -> None:
+    if detail.keys() != keys:
+        missing = ", ".join(sorted(keys - detail.keys())) or "-"
+        extra = ", ".join(sorted(detail.keys() - keys)) or "-"
+        raise _Stop(
+            ViolationKind.MALFORMED, seq, f"malformed {what}: missing {missing}, unexpected {extra}"
+        )
+    for name in keys - {"head"}:
+        if type(detail[name]) is not str:
+            raise _Stop(ViolationKind.MALFORMED, seq, f"malformed {what}: {name} is not a string")
+
+
+def verify_lines(
+    lines: Iterable[bytes | str | Mapping[str, Any]],
+    trusted_keys: Mapping[str, str],
+    *,
+    device: str | None = None,
+    start: Head | None = None,
+    expect_at_least: Head | None = None,
+    retired_keys: Iterable[str] = (),
+    require_final_checkpoint: bool = False,
+) -> VerifyReport:
+    """Verify a stream of lines; the report lists violations (``.check()`` raises them)."""
+    verifier = ChainVerifier(
+        trusted_keys,
+        device=device,
+        start=start,
+        expect_at_least=expect_at_least,
+        retired_keys=retired_keys,
+    )
+    for line in lines:
+        verifier.feed(line)
+        if verifier.done:
+            break
+    return verifier.finish(require_final_checkpoint=require_final_checkpoint)
+
+
+def verify_file(
+    path: str | PathLike[str],
+    trusted_keys: Mapping[str, str],
+    *,
+    device: str | None = None,
+    start: Head | None = None,
+    expect_at_least: Head | None = None,
+    retired_keys: Iterable[str] = (),
+    require_final_checkpoint: bool = False,
+) -> VerifyReport:
+    """Verify a log file line by line, in constant memory."""
+    with open(path, "rb") as handle:
+        return verify_lines(
+            handle,
+            trusted_keys,
+            device=device,
+            start=start,
+            expect_at_least=expect_at_least,
+            retired_keys=retired_keys,
+            require_final_checkpoint=require_final_checkpoint,
+        )

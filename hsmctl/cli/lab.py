@@ -1,0 +1,127 @@
+"""``hsmctl lab``: the namespace lab on this host."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from hsmctl.cli.output import CliProgress, emit, json_option
+from hsmctl.errors import CommandFailed
+from hsmctl.lab import image as image_mod
+from hsmctl.lab import lab as lab_mod
+from hsmctl.lab.plan import MAX_APPLIANCES, MAX_TENANTS
+
+
+@click.group()
+def lab() -> None:
+    """The namespace lab: emulated appliances (real sshd, real SoftHSM) and tenant
+    networks in network namespaces on this host. Needs root.
+
+    Addresses come from 198.18.0.0/15, routed to a blackhole on the host before anything
+    is created, so nothing addressed to the lab can leave the machine."""
+
+
+def _fleet_table(payload: dict[str, Any]) -> str:
+    lines = [f"{'APPLIANCE':<10} {'STAMP':<8} MGMT_IP"]
+    for a in payload["appliances"]:
+        lines.append(f"{a['id']:<10} {a['stamp']:<8} {a['mgmt_ip']}")
+    lines.append("")
+    lines.append(f"{'TENANT':<10} {'CLIENT_NETNS':<20} {'CLIENT_IP':<15} SUBNETS")
+    for t in payload["tenants"]:
+        subnets = ", ".join(
+            f"{s['name']}={s['cidr']}{'*' if s['delegated'] else ''}"
+            for v in t["vnets"]
+            for s in v["subnets"]
+        )
+        lines.append(f"{t['name']:<10} {t['client_netns']:<20} {t['client_ip']:<15} {subnets}")
+    lines.append("(* delegated to the HSM service)")
+    lines.append(f"provider key: {payload['provider_key']}")
+    return "\n".join(lines)
+
+
+@lab.command()
+@click.option(
+    "--tenants",
+    type=int,
+    default=2,
+    show_default=True,
+    help=f"Tenants, each with a virtual network and a client namespace (1-{MAX_TENANTS}).",
+)
+@click.option(
+    "--appliances",
+    type=int,
+    default=4,
+    show_default=True,
+    help=f"Appliances in the whole lab, spread over 2 stamps (1-{MAX_APPLIANCES}).",
+)
+@json_option
+def up(tenants: int, appliances: int, as_json: bool) -> None:
+    """Bring the lab up (a no-op if it is up with the same sizes; exit 5 with others).
+
+    Builds the appliance image on first use (debootstrap, cached under
+    /var/cache/hsmctl/images), then the provider management network, the tenants'
+    networks and the appliances. Writes /etc/hsmctl/hsmctl.yaml for the provider and
+    /etc/netns/CLIENT_NETNS/hsmctl/hsmctl.yaml for each tenant."""
+    payload = lab_mod.up(tenants, appliances, CliProgress())
+    emit(as_json, payload, _fleet_table)
+
+
+@lab.command()
+@json_option
+def down(as_json: bool) -> None:
+    """Remove everything the lab made: processes, namespaces, veths, the blackhole
+    route, configuration and state files. Safe to run at any time."""
+    payload = lab_mod.down(CliProgress())
+    emit(as_json, payload, lambda p: f"lab down ({len(p['removed_namespaces'])} namespaces)")
+
+
+@lab.command()
+@json_option
+def status(as_json: bool) -> None:
+    """Show the lab: appliances, tenants, their networks and key files (exit 5 if no
+    lab is up)."""
+    emit(as_json, lab_mod.status(), _fleet_table)
+
+
+@lab.command()
+@json_option
+def image(as_json: bool) -> None:
+    """Build (or find cached) the golden appliance image."""
+    path = image_mod.build(CliProgress())
+    emit(as_json, {"image": str(path)}, lambda p: p["image"])
+
+
+@lab.command(context_settings={"ignore_unknown_options": True})
+@click.argument("appliance")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@json_option
+def console(appliance: str, command: tuple[str, ...], as_json: bool) -> None:
+    """Run CMD as root inside APPLIANCE: the serial console / physical access.
+
+    \b
+    Usage: hsmctl lab console APPLIANCE -- CMD...
+    Standard input is passed to the command. Exits with the command's status."""
+    data = None if sys.stdin.isatty() else sys.stdin.buffer.read()
+    proc = lab_mod.console(appliance, list(command), input=data)
+    if as_json:
+        emit(
+            True,
+            {
+                "appliance": appliance,
+                "returncode": proc.returncode,
+                "stdout": proc.stdout.decode(errors="replace"),
+                "stderr": proc.stderr.decode(errors="replace"),
+            },
+            str,
+        )
+    else:
+        sys.stdout.buffer.write(proc.stdout)
+        sys.stderr.buffer.write(proc.stderr)
+    if proc.returncode != 0:
+        raise CommandFailed(
+            f"command exited with status {proc.returncode} on {appliance}",
+            argv=list(command),
+            status=proc.returncode,
+        )

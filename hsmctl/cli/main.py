@@ -1,0 +1,85 @@
+"""``hsmctl`` entry point: the group, global options and the one exit-code handler."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from hsmctl import __version__
+from hsmctl.cli import lab as lab_cli
+from hsmctl.cli.output import error
+from hsmctl.errors import HsmctlError
+
+EPILOG = """\b
+Exit codes: 0 ok; 1 operation failed; 2 usage or input error (nothing changed);
+3 integrity or identity violation; 4 unreachable or timeout; 5 conflict
+(no capacity, quota, busy, wrong state).
+
+\b
+Configuration: --config FILE, else $HSMCTL_CONFIG, else /etc/hsmctl/hsmctl.yaml.
+Every command accepts --json after the subcommand."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.version_option(__version__, prog_name="hsmctl")
+@click.option(
+    "--config",
+    "config_path",
+    metavar="FILE",
+    envvar=None,
+    help="Configuration file (default: $HSMCTL_CONFIG or /etc/hsmctl/hsmctl.yaml).",
+)
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """hsmctl: provision dedicated HSM appliances, hand them over, and collect their
+    verified activity logs.
+
+    Provider engineers manage the fleet and the lab from the orchestrator host;
+    customer operators run the takeover and log collection from inside their own
+    network."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+
+
+cli.add_command(lab_cli.lab)
+
+
+def _wants_json(argv: list[str]) -> bool:
+    return "--json" in argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cli.main(args=args, prog_name="hsmctl", standalone_mode=False)
+    except HsmctlError as exc:
+        _fail(args, exc.exit_code, str(exc), exc.detail)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.Abort:
+        error("aborted")
+        return 1
+    except click.ClickException as exc:
+        code = exc.exit_code if exc.exit_code else 2
+        _fail(args, code, exc.format_message(), {})
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            click.echo(exc.ctx.get_usage(), err=True)
+        return code
+    except KeyboardInterrupt:
+        error("interrupted")
+        return 130
+    return 0
+
+
+def _fail(args: list[str], code: int, message: str, detail: dict[str, Any]) -> None:
+    error(message)
+    if _wants_json(args):
+        click.echo(json.dumps({"error": {"exit_code": code, "message": message, **detail}}))
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The namespace lab: appliances, tenant networks and the provider network on one host."""

@@ -1,0 +1,78 @@
+"""Secrets that never print, and the one way to read them from files.
+
+A :class:`Secret` shows ``***`` in ``str``, ``repr``, f-strings, logs, exceptions and
+JSON; the value is reachable only through :meth:`Secret.reveal`, so every use of it is
+greppable.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from hsmctl.errors import UsageError
+
+
+class Secret:
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __format__(self, spec: str) -> str:
+        return "***"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Secret", self._value))
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("a Secret cannot be pickled")
+
+
+def read_secret_file(path: str | os.PathLike[str], *, what: str = "secret") -> Secret:
+    """Read one secret from a file the way SPEC §6 says.
+
+    One trailing newline is stripped; a file readable by group or others is refused
+    (exit 2), as is a missing or empty file.
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise UsageError(f"{what} file {p}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{what} file {p}: not a regular file")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise UsageError(
+                f"{what} file {p}: permissions {stat.S_IMODE(st.st_mode):04o} are too open; "
+                "it must not be accessible by group or others (chmod 600)"
+            )
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    finally:
+        os.close(fd)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{what} file {p}: not UTF-8") from exc
+    if text.endswith("\n"):
+        text = text[:-1]
+    if not text:
+        raise UsageError(f"{what} file {p}: empty")
+    return Secret(text)
