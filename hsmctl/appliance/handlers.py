@@ -22,7 +22,7 @@ from hsmctl.appliance.grammar import Command, help_text
 from hsmctl.appliance.roles import Role, authorize_spec
 from hsmctl.appliance.store import OwnerState
 from hsmctl import auditlog
-from hsmctl.errors import HsmctlError
+from hsmctl.errors import HsmctlError, UsageError
 
 if TYPE_CHECKING:
     from hsmctl.appliance.daemon import Daemon
@@ -133,6 +133,8 @@ class Handlers:
         try:
             return handler(ctx, cmd, secrets)
         except token.TokenError as exc:
+            if isinstance(exc, UsageError):
+                return Result.usage(exc.message)
             return Result(
                 exit=protocol.EXIT_FAILED,
                 error=exc.message,

@@ -69,11 +69,15 @@ class Signer(Protocol):
 
 def load_public_key(pem: str | bytes) -> EllipticCurvePublicKey:
     """Parse a PEM public key; anything but P-256 is refused (ValueError)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    data = pem.encode("ascii") if isinstance(pem, str) else pem
-    key = load_pem_public_key(data)
+    try:
+        data = pem.encode("ascii") if isinstance(pem, str) else pem
+        key = load_pem_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"not a PEM public key: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ValueError("audit keys must be ECDSA P-256 public keys")
     return key

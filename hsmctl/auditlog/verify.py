@@ -48,7 +48,7 @@ from hsmctl.errors import ConfigError, IntegrityError
 REORDER_WINDOW = 1024
 """Records read after a gap, unverified, to see whether the missing ones come later."""
 
-_STRING_FIELDS = ("time", "actor", "role", "source", "event", "outcome", "prev")
+_STRING_FIELDS = ("time", "actor", "role", "source", "event", "outcome", "prev", "hash")
 _CHECKPOINT_KEYS = frozenset({"head", "device", "key_id", "alg", "sig"})
 _ROTATION_KEYS = frozenset(
     {"head", "device", "alg", "old_key_id", "new_key_id", "new_public_key", "sig_old", "sig_new"}
@@ -180,7 +180,8 @@ class ChainVerifier:
             expect_at_least = None  # already inside what the caller verified
         self._anchor = expect_at_least
         self._device = device
-        self._last = self._start
+        # The last verified record, kept as two fields: a Head per record costs too much.
+        self._seq, self._hash = self._start.seq, self._start.hash
         self._records = 0
         self._first_seq: int | None = None
         self._last_checkpoint: int | None = None
@@ -199,7 +200,7 @@ class ChainVerifier:
     @property
     def head(self) -> Head:
         """The last verified record so far."""
-        return self._last
+        return Head(self._seq, self._hash)
 
     def feed(self, item: bytes | str | Mapping[str, Any]) -> None:
         """Check the next line (bytes or str, trailing newline optional) or parsed record."""
@@ -222,7 +223,7 @@ class ChainVerifier:
         """End of input: check it reached the known head (and, if asked, ends signed)."""
         if not self._finished and not self._violations:
             self._finished = True
-            last, anchor = self._last, self._anchor
+            last, anchor = self.head, self._anchor
             if anchor is not None and last.seq < anchor.seq:
                 self._violations.append(
                     Violation(
@@ -245,8 +246,8 @@ class ChainVerifier:
         return VerifyReport(
             records=self._records,
             first_seq=self._first_seq,
-            last_seq=self._last.seq if self._records else None,
-            head=self._last,
+            last_seq=self._seq if self._records else None,
+            head=self.head,
             last_checkpoint_seq=self._last_checkpoint,
             device=self._device,
             keys_seen=tuple(self._keys_seen),
@@ -258,13 +259,12 @@ class ChainVerifier:
     # -- one record --------------------------------------------------------------------
 
     def _check(self, item: bytes | str | Mapping[str, Any]) -> None:
-        expected = self._last.seq + 1
+        expected = self._seq + 1
         record, text = _parse(item, expected)
         seq: int = record["seq"]
         claimed: str = record.pop("hash")
         if text is None or not _line_hashes_to(text, claimed):
             _check_canonical_hash(record, claimed, text, seq)
-        last = self._last
         if seq != expected:
             if seq > expected:
                 self._gap = (expected, seq)
@@ -273,24 +273,24 @@ class ChainVerifier:
                     expected,
                     f"missing (deleted): expected record {expected}, got {seq}",
                 )
-            what = "a replayed copy" if claimed == last.hash else "inserted or replayed"
+            what = "a replayed copy" if claimed == self._hash else "inserted or replayed"
             raise _Stop(
                 ViolationKind.DUPLICATE,
                 seq,
                 f"duplicate seq ({what}): expected record {expected}, got {seq} again",
             )
-        if record["prev"] != last.hash:
-            if last.seq and last is self._start:
+        if record["prev"] != self._hash:
+            if self._seq and not self._records:
                 raise _Stop(
                     ViolationKind.ROLLBACK,
                     seq,
-                    f"prev does not match the known record {last.seq}"
+                    f"prev does not match the known record {self._seq}"
                     " (log rolled back or replaced)",
                 )
             raise _Stop(
                 ViolationKind.BROKEN_LINK,
                 seq,
-                f"prev does not match the hash of record {last.seq}"
+                f"prev does not match the hash of record {self._seq}"
                 " (record inserted, deleted or replaced)",
             )
         anchor = self._anchor
@@ -305,7 +305,7 @@ class ChainVerifier:
             self._check_checkpoint(seq, record)
         elif event == KEY_ROTATION_EVENT:
             self._check_rotation(seq, record)
-        self._last = Head(seq, claimed)
+        self._seq, self._hash = seq, claimed
         self._records += 1
         if self._first_seq is None:
             self._first_seq = seq
@@ -434,50 +434,76 @@ class ChainVerifier:
             self._lookahead = 0
 
 
+# json.loads minus its whitespace handling: a canonical line has none around it.
+_raw_decode = json.JSONDecoder().raw_decode
+
+
 def _parse(
     item: bytes | str | Mapping[str, Any], expected: int
 ) -> tuple[dict[str, Any], str | None]:
     """The record as a fresh dict, and the line's text (None if given parsed), or _Stop."""
     text: str | None
-    if isinstance(item, Mapping):
-        record, text = dict(item), None
+    if type(item) is bytes:
+        try:
+            text = item.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Stop(ViolationKind.MALFORMED, expected, "malformed: not UTF-8") from None
+    elif isinstance(item, str):
+        text = item
+    elif isinstance(item, Mapping):
+        text, record = None, dict(item)
     else:
-        if isinstance(item, str):
-            text = item
-        else:
-            try:
-                text = bytes(item).decode("utf-8")
-            except UnicodeDecodeError:
-                raise _Stop(ViolationKind.MALFORMED, expected, "malformed: not UTF-8") from None
-        if text.endswith("\n"):
-            text = text[:-2] if text.endswith("\r\n") else text[:-1]
+        raise TypeError(f"cannot verify a {type(item).__name__}")
+    if text is not None:
+        if text[-1:] == "\n":
+            text = text[:-2] if text[-2:] == "\r\n" else text[:-1]
+        record = _load(text, expected)
+    r = record
+    seq = r.get("seq")
+    if type(seq) is not int or seq < 1:
+        raise _Stop(ViolationKind.MALFORMED, expected, f"malformed: bad seq {seq!r}")
+    if r.keys() != FIELDS:
+        missing = ", ".join(sorted(FIELDS - r.keys()))
+        extra = ", ".join(sorted(r.keys() - FIELDS))
+        what = f"missing {missing}" if missing else f"unexpected {extra}"
+        raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: {what}")
+    if not (
+        type(r["time"]) is str
+        and type(r["actor"]) is str
+        and type(r["role"]) is str
+        and type(r["source"]) is str
+        and type(r["event"]) is str
+        and type(r["outcome"]) is str
+        and type(r["prev"]) is str
+        and type(r["hash"]) is str
+    ):
+        name = next(n for n in _STRING_FIELDS if type(r[n]) is not str)
+        raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: {name} is not a string")
+    if type(r["detail"]) is not dict:
+        raise _Stop(ViolationKind.MALFORMED, seq, "malformed: detail is not an object")
+    if r["outcome"] not in OUTCOMES:
+        raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: outcome {r['outcome']!r}")
+    if not TIME_RE.fullmatch(r["time"]):
+        raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: time {r['time']!r}")
+    return record, text
+
+
+def _load(text: str, expected: int) -> dict[str, Any]:
+    try:
+        record, end = _raw_decode(text)
+        if end != len(text):
+            record = None
+    except ValueError:
+        record = None
+    if record is None:  # let json.loads explain, or accept surrounding whitespace
         try:
             record = json.loads(text)
         except ValueError as exc:
             msg = getattr(exc, "msg", str(exc))
             raise _Stop(ViolationKind.MALFORMED, expected, f"malformed: not JSON ({msg})") from None
-        if type(record) is not dict:
-            raise _Stop(ViolationKind.MALFORMED, expected, "malformed: not a JSON object")
-    seq = record.get("seq")
-    if type(seq) is not int or seq < 1:
-        raise _Stop(ViolationKind.MALFORMED, expected, f"malformed: bad seq {seq!r}")
-    if record.keys() != FIELDS:
-        missing = ", ".join(sorted(FIELDS - record.keys()))
-        extra = ", ".join(sorted(record.keys() - FIELDS))
-        what = f"missing {missing}" if missing else f"unexpected {extra}"
-        raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: {what}")
-    for name in _STRING_FIELDS:
-        if type(record[name]) is not str:
-            raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: {name} is not a string")
-    if type(record["hash"]) is not str:
-        raise _Stop(ViolationKind.MALFORMED, seq, "malformed: hash is not a string")
-    if type(record["detail"]) is not dict:
-        raise _Stop(ViolationKind.MALFORMED, seq, "malformed: detail is not an object")
-    if record["outcome"] not in OUTCOMES:
-        raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: outcome {record['outcome']!r}")
-    if not TIME_RE.fullmatch(record["time"]):
-        raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: time {record['time']!r}")
-    return record, text
+    if type(record) is not dict:
+        raise _Stop(ViolationKind.MALFORMED, expected, "malformed: not a JSON object")
+    return record
 
 
 def _line_hashes_to(text: str, claimed: str) -> bool:

@@ -556,3 +556,17 @@ def console(
         capture_output=True,
         check=False,
     )
+
+
+def current_plan() -> LabPlan:
+    state = load_state()
+    if state is None or state.get("phase") != "up":
+        raise ConflictError("no lab is up (run 'hsmctl lab up')")
+    return make_plan(state["tenants"], state["appliances"])
+
+
+def fabric() -> Any:
+    """The lab's network-fabric driver for the lab that is up."""
+    from hsmctl.lab.fabric import LabFabric
+
+    return LabFabric(current_plan())

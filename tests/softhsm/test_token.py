@@ -347,6 +347,29 @@ def test_zeroize_keeps_audit_token(audit: tok.AuditKey, softhsm: Path) -> None:
     assert tok.customer_check_co_pin(CO2)
 
 
+_INIT_STRAY = """
+import sys, PyKCS11 as P
+lib = P.PyKCS11Lib(); lib.load(sys.argv[1])
+free = next(s for s in lib.getSlotList(True)
+            if not lib.getTokenInfo(s).flags & P.CKF_TOKEN_INITIALIZED)
+lib.initToken(free, sys.stdin.read(), "stray".ljust(32))
+"""
+
+
+def test_zeroize_removes_a_stray_second_token(audit: tok.AuditKey) -> None:
+    tok.customer_init("tenant", SO)
+    subprocess.run(
+        [sys.executable, "-c", _INIT_STRAY, tok.DEFAULT_LIB], input=SO2, text=True, check=True
+    )
+    with pytest.raises(tok.TokenStateError, match="more than one customer token"):
+        tok.customer_status()
+    with pytest.raises(tok.TokenStateError):
+        tok.customer_init("tenant", SO, current_so_pin=SO)
+    assert not tok.customer_zeroize().initialised
+    assert tok.audit_list_keys(AUDIT_USER) == [audit]
+    assert tok.customer_init("tenant", SO).initialised
+
+
 def test_softhsm_caches_the_token_list_per_process() -> None:
     """Why customer operations run in a fresh process: a loaded library misses new tokens."""
     tok.audit_ensure_token(AUDIT_SO, AUDIT_USER)

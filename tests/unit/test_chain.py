@@ -111,7 +111,7 @@ def rehash_from(records: list[Record], index: int) -> None:
 
 def tampered(records: list[Record], seq: int, change: Callable[[Record], None]) -> list[Record]:
     """A copy with record `seq` changed and the chain recomputed from it."""
-    copy = json.loads(json.dumps(records))
+    copy: list[Record] = json.loads(json.dumps(records))
     change(copy[seq - 1])
     rehash_from(copy, seq - 1)
     return copy
@@ -539,3 +539,22 @@ def test_nothing_after_the_first_violation_counts(key_a: SoftwareSigner) -> None
 def test_pinned_key_must_match_its_id(key_a: SoftwareSigner, key_b: SoftwareSigner) -> None:
     with pytest.raises(ConfigError):
         ChainVerifier({key_a.key_id: key_b.public_key_pem})
+
+
+def test_unencodable_string_is_malformed_not_a_crash(key_a: SoftwareSigner) -> None:
+    data = lines(build(3, key_a))
+    rec = event(Head.of(json.loads(data[-1])), 4)
+    rec["detail"] = {"x": "\ud800"}  # a lone surrogate: valid JSON escape, not UTF-8
+    data.append(json.dumps(rec, sort_keys=True, separators=(",", ":")).encode())
+    (violation,) = verify_lines(data, {}).violations
+    assert (violation.kind, violation.seq) == (K.MALFORMED, 4)
+
+
+def test_record_time_from_datetime_is_utc_with_microseconds() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    when = datetime(2026, 11, 29, 21, 1, 2, 5, tzinfo=timezone(timedelta(hours=1)))
+    rec = make_record(
+        None, time=when, actor="a", role="r", source="console", event="e", outcome="ok", detail={}
+    )
+    assert rec["time"] == "2026-11-29T20:01:02.000005Z"
