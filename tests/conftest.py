@@ -22,14 +22,20 @@ HSMCTL = str(Path(sys.executable).with_name("hsmctl"))
 TENANTS, APPLIANCES = 2, 4
 
 
-def hsmctl(*args: str, input: bytes | None = None, netns: str | None = None,
-           check: bool = False, env: dict[str, str] | None = None,
-           timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
+def hsmctl(
+    *args: str,
+    input: bytes | None = None,
+    netns: str | None = None,
+    check: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[bytes]:
     argv = [HSMCTL, *args]
     if netns:
         argv = ["ip", "netns", "exec", netns, *argv]
-    proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout,
-                          env=env, check=False)
+    proc = subprocess.run(
+        argv, input=input, capture_output=True, timeout=timeout, env=env, check=False
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"hsmctl {' '.join(args)} exited {proc.returncode}:\n{proc.stderr.decode()}"

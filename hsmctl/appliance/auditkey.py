@@ -12,8 +12,8 @@ import hashlib
 import secrets
 from typing import Any
 
-from hsmctl.appliance import paths, store, token
 from hsmctl import auditlog
+from hsmctl.appliance import paths, store, token
 
 
 def _load() -> dict[str, Any]:

@@ -126,9 +126,9 @@ class Supervisor:
                 if proc is not None and proc.poll() is not None:
                     del self.children[name]
                     log(f"{name} exited with {proc.returncode}; restarting")
-                if name not in self.children and (name != "sshd-data" or data_address()):
-                    if time.monotonic() - self.restarts.get(name, 0.0) > 1.0:
-                        self.start(name)
+                wanted = name not in self.children and (name != "sshd-data" or data_address())
+                if wanted and time.monotonic() - self.restarts.get(name, 0.0) > 1.0:
+                    self.start(name)
             time.sleep(0.2)
         for name in list(self.children):
             self.stop(name)

@@ -10,6 +10,7 @@ the log never silently restarts a chain.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Mapping
@@ -130,10 +131,8 @@ class ActivityLog:
             os.fsync(self.fd)
         except OSError as exc:
             # Undo a partial line so the chain on disk stays whole.
-            try:
+            with contextlib.suppress(OSError):
                 os.ftruncate(self.fd, self.size)
-            except OSError:
-                pass
             raise LogUnavailable(f"cannot write the activity log: {exc.strerror}") from exc
         seq = int(record["seq"])
         if (seq - 1) % INDEX_STRIDE == 0:

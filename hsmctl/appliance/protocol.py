@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 MAX_MESSAGE = 1 << 20
 
@@ -31,7 +31,11 @@ def send(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(json.dumps(message, separators=(",", ":")).encode("utf-8") + b"\n")
 
 
-def recv(reader: BinaryIO) -> dict[str, Any] | None:
+class _Reader(Protocol):
+    def readline(self, size: int = -1, /) -> bytes: ...
+
+
+def recv(reader: _Reader) -> dict[str, Any] | None:
     line = reader.readline(MAX_MESSAGE + 1)
     if not line:
         return None

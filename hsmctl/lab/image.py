@@ -130,7 +130,8 @@ def build(progress: Progress | None = None, *, script: Path = SCRIPT) -> Path:
     progress.step(f"running {script.name} in the image")
     shutil.copy(script, tmp / "rootfs" / "tmp" / "appliance-image.sh")
     _run(
-        ["chroot", str(tmp / "rootfs"), "/bin/bash", "/tmp/appliance-image.sh"],
+        # a path inside the image being built, not the host's /tmp
+        ["chroot", str(tmp / "rootfs"), "/bin/bash", "/tmp/appliance-image.sh"],  # noqa: S108
         "the appliance image script",
     )
     (tmp / "rootfs" / "tmp" / "appliance-image.sh").unlink()

@@ -10,6 +10,7 @@ its name prefix).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -432,10 +433,8 @@ def up(tenants: int, appliances: int, progress: Progress | None = None) -> dict[
 
 
 def _kill_tree(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def down(progress: Progress | None = None) -> dict[str, Any]:
@@ -444,9 +443,9 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
     state = load_state() or {}
     removed: dict[str, Any] = {"namespaces": [], "route": False}
     # The appliances' PID-namespace inits first: killing one kills its whole namespace.
-    for ident, pid in (state.get("init_pids") or {}).items():
+    for _ident, pid in (state.get("init_pids") or {}).items():
         _kill_tree(int(pid))
-    for ident, pid in (state.get("launchers") or {}).items():
+    for _ident, pid in (state.get("launchers") or {}).items():
         _kill_tree(int(pid))
     names = netns.list_netns(PREFIX + "-")
     for name in names:
@@ -468,17 +467,13 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
         removed["route"] = True
     if HOST_CONFIG.exists() and HOST_CONFIG.read_text().startswith(MARKER):
         HOST_CONFIG.unlink()
-        try:
+        with contextlib.suppress(OSError):
             HOST_CONFIG.parent.rmdir()
-        except OSError:
-            pass
     if NETNS_ETC.is_dir():
         for d in NETNS_ETC.glob(f"{PREFIX}-*"):
             shutil.rmtree(d, ignore_errors=True)
-        try:
+        with contextlib.suppress(OSError):
             NETNS_ETC.rmdir()
-        except OSError:
-            pass
     shutil.rmtree(LAB_DIR, ignore_errors=True)
     progress.step(f"lab down: {len(removed['namespaces'])} namespaces removed")
     return {"removed_namespaces": removed["namespaces"], "route_removed": removed["route"]}

@@ -7,7 +7,7 @@ Everything lives in 198.18.0.0/15 (RFC 2544 benchmarking range):
 * ``198.19.(8 (t - 1)).0/21`` tenant *t*'s virtual network ``vnet1``, with subnets
   ``hsm`` (the first /24, delegated to the HSM service), ``hsm2`` (the third /24,
   delegated) and ``default`` (the second /24, not delegated; the client VM is there).
-  ``.1`` of every subnet is the virtual network's router; ``.0``–``.3`` and the last
+  ``.1`` of every subnet is the virtual network's router; ``.0`` to ``.3`` and the last
   address are reserved (Azure's rule).
 """
 

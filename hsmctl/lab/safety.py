@@ -25,13 +25,14 @@ def _networks_of_routes() -> list[tuple[ipaddress.IPv4Network, str]]:
             net = ipaddress.IPv4Network(dst, strict=False)
         except ValueError:
             continue
-        desc = f"{dst} {route.get('type', '')} dev {route.get('dev', '-')} table {route.get('table', 'main')}"
+        kind, dev, table = route.get("type", ""), route.get("dev", "-"), route.get("table", "main")
+        desc = f"{dst} {kind} dev {dev} table {table}"
         found.append((net, desc.replace("  ", " ")))
     return found
 
 
 def _resolvers(path: Path = Path("/etc/resolv.conf")) -> list[ipaddress.IPv4Address]:
-    out = []
+    out: list[ipaddress.IPv4Address] = []
     try:
         lines = path.read_text().splitlines()
     except OSError:

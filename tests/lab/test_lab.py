@@ -50,8 +50,16 @@ def test_provider_key_logs_in_everywhere_with_pinned_host_keys(lab: dict[str, An
     pkey = paramiko.Ed25519Key.from_private_key_file(str(key))
     for a in lab["appliances"]:
         client = pinned_client(known)
-        client.connect(a["mgmt_ip"], username="provider", pkey=pkey, allow_agent=False,
-                       look_for_keys=False, timeout=10, banner_timeout=10, auth_timeout=10)
+        client.connect(
+            a["mgmt_ip"],
+            username="provider",
+            pkey=pkey,
+            allow_agent=False,
+            look_for_keys=False,
+            timeout=10,
+            banner_timeout=10,
+            auth_timeout=10,
+        )
         try:
             _, stdout, _ = client.exec_command("hsm show", timeout=20)
             info = json.loads(stdout.read())
@@ -66,14 +74,23 @@ def test_unpinned_host_key_is_rejected(lab: dict[str, Any], tmp_path: Path) -> N
     key, known = provider_files(lab)
     a, b = lab["appliances"][0], lab["appliances"][1]
     # Pin b's keys under a's address: a must now look like an impostor.
-    lines = [line.split(" ", 1)[1] for line in known.read_text().splitlines()
-             if line.startswith(b["mgmt_ip"] + " ")]
+    lines = [
+        line.split(" ", 1)[1]
+        for line in known.read_text().splitlines()
+        if line.startswith(b["mgmt_ip"] + " ")
+    ]
     fake = tmp_path / "known_hosts"
     fake.write_text("".join(f"{a['mgmt_ip']} {rest}\n" for rest in lines))
     client = pinned_client(fake)
     with pytest.raises(paramiko.BadHostKeyException):
-        client.connect(a["mgmt_ip"], username="provider", key_filename=str(key),
-                       allow_agent=False, look_for_keys=False, timeout=10)
+        client.connect(
+            a["mgmt_ip"],
+            username="provider",
+            key_filename=str(key),
+            allow_agent=False,
+            look_for_keys=False,
+            timeout=10,
+        )
 
 
 def test_provider_password_login_is_refused(lab: dict[str, Any]) -> None:
@@ -81,8 +98,14 @@ def test_provider_password_login_is_refused(lab: dict[str, Any]) -> None:
     a = lab["appliances"][0]
     client = pinned_client(known)
     with pytest.raises(paramiko.AuthenticationException):
-        client.connect(a["mgmt_ip"], username="provider", password="Provider-Password-1",
-                       allow_agent=False, look_for_keys=False, timeout=10)
+        client.connect(
+            a["mgmt_ip"],
+            username="provider",
+            password="Provider-Password-1",
+            allow_agent=False,
+            look_for_keys=False,
+            timeout=10,
+        )
 
 
 def console(appliance: str, *argv: str, input: bytes | None = None) -> bytes:
@@ -114,15 +137,22 @@ def test_each_appliance_has_its_own_accounts_and_host_keys(lab: dict[str, Any]) 
 
 
 def _listen(netns: str, ip: str, port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(["ip", "netns", "exec", netns, "nc", "-lk", "-s", ip, "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, "nc", "-lk", "-s", ip, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.3)
     return proc
 
 
 def _reaches(netns: str, ip: str, port: int) -> bool:
-    proc = subprocess.run(["ip", "netns", "exec", netns, "nc", "-z", "-w", "2", ip, str(port)],
-                          capture_output=True, check=False, timeout=10)
+    proc = subprocess.run(
+        ["ip", "netns", "exec", netns, "nc", "-z", "-w", "2", ip, str(port)],
+        capture_output=True,
+        check=False,
+        timeout=10,
+    )
     return proc.returncode == 0
 
 
@@ -141,8 +171,9 @@ def test_tenants_are_isolated_from_each_other_and_from_management(lab: dict[str,
 
 
 def test_unassigned_lab_address_fails_at_once_from_the_host(lab: dict[str, Any]) -> None:
-    routes = subprocess.run(["ip", "route", "show", "198.18.0.0/15"], capture_output=True,
-                            text=True, check=True).stdout
+    routes = subprocess.run(
+        ["ip", "route", "show", "198.18.0.0/15"], capture_output=True, text=True, check=True
+    ).stdout
     assert "blackhole 198.18.0.0/15" in routes
     started = time.monotonic()
     with pytest.raises(OSError):
@@ -151,17 +182,22 @@ def test_unassigned_lab_address_fails_at_once_from_the_host(lab: dict[str, Any])
 
 
 def test_lab_namespaces_have_no_ipv6_and_no_route_out(lab: dict[str, Any]) -> None:
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                           check=True).stdout
+    names = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True
+    ).stdout
     lab_ns = [line.split()[0] for line in names.splitlines() if line.startswith("hsmlab-")]
     assert lab_ns
     for ns in lab_ns:
-        v6 = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n",
-                             "net.ipv6.conf.all.disable_ipv6"], capture_output=True, text=True,
-                            check=True).stdout.strip()
+        v6 = subprocess.run(
+            ["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv6.conf.all.disable_ipv6"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         assert v6 == "1", ns
-        routes = subprocess.run(["ip", "-n", ns, "-4", "route"], capture_output=True, text=True,
-                                check=True).stdout
+        routes = subprocess.run(
+            ["ip", "-n", ns, "-4", "route"], capture_output=True, text=True, check=True
+        ).stdout
         for line in routes.splitlines():
             dest = line.split()[0]
             if dest == "default":

@@ -23,8 +23,9 @@ def host_snapshot() -> dict[str, Any]:
     return {
         "netns": sorted(line.split()[0] for line in out("ip", "netns", "list").splitlines()),
         "routes": out("ip", "-4", "route", "show", "table", "all"),
-        "links": sorted(line.split(":")[1].strip() for line in
-                        out("ip", "-o", "link").splitlines()),
+        "links": sorted(
+            line.split(":")[1].strip() for line in out("ip", "-o", "link").splitlines()
+        ),
         "mounts": out("cat", "/proc/self/mounts"),
         "etc_hsmctl": os.path.exists("/etc/hsmctl"),
         "etc_netns": sorted(os.listdir("/etc/netns")) if os.path.isdir("/etc/netns") else [],
@@ -34,9 +35,13 @@ def host_snapshot() -> dict[str, Any]:
 
 def lab_traces(snap: dict[str, Any]) -> list[str]:
     found = [n for n in snap["netns"] if n.startswith("hsmlab")]
-    found += [line for line in snap["routes"].splitlines() if "198.18." in line or "198.19." in line]
+    found += [
+        line for line in snap["routes"].splitlines() if "198.18." in line or "198.19." in line
+    ]
     found += [link for link in snap["links"] if link.startswith("hsmlab")]
-    found += [m for m in snap["mounts"].splitlines() if "hsmctl-lab" in m or "/run/netns/hsmlab" in m]
+    found += [
+        m for m in snap["mounts"].splitlines() if "hsmctl-lab" in m or "/run/netns/hsmlab" in m
+    ]
     if snap["etc_hsmctl"]:
         found.append("/etc/hsmctl")
     found += [d for d in snap["etc_netns"] if d.startswith("hsmlab")]
@@ -46,11 +51,17 @@ def lab_traces(snap: dict[str, Any]) -> list[str]:
 
 
 def lab_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True,
-                         check=True).stdout
-    return [line for line in out.splitlines()
-            if "/etc/hsm/sshd_" in line or "hsm-boot" in line or "/usr/local/sbin/hsmd" in line
-            or "hsmlab-" in line]
+    out = subprocess.run(
+        ["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True
+    ).stdout
+    return [
+        line
+        for line in out.splitlines()
+        if "/etc/hsm/sshd_" in line
+        or "hsm-boot" in line
+        or "/usr/local/sbin/hsmd" in line
+        or "hsmlab-" in line
+    ]
 
 
 @pytest.fixture
@@ -79,8 +90,9 @@ def test_up_twice_with_the_same_sizes_equals_once(no_lab: None) -> None:
     first = ensure_lab()
     state = json.loads(Path("/var/lib/hsmctl-lab/lab.json").read_text())
     keys = Path("/var/lib/hsmctl-lab/provider/known_hosts").read_text()
-    again = hsmctl("lab", "up", "--tenants", str(TENANTS), "--appliances", str(APPLIANCES),
-                   "--json")
+    again = hsmctl(
+        "lab", "up", "--tenants", str(TENANTS), "--appliances", str(APPLIANCES), "--json"
+    )
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout) == first
     assert json.loads(Path("/var/lib/hsmctl-lab/lab.json").read_text()) == state
@@ -99,8 +111,7 @@ def test_up_twice_with_the_same_sizes_equals_once(no_lab: None) -> None:
         (["--appliances", "many"], b"is not a valid integer"),
     ],
 )
-def test_bad_sizes_exit_2_and_create_nothing(no_lab: None, args: list[str],
-                                             message: bytes) -> None:
+def test_bad_sizes_exit_2_and_create_nothing(no_lab: None, args: list[str], message: bytes) -> None:
     before = host_snapshot()
     proc = hsmctl("lab", "up", *args)
     assert proc.returncode == 2
@@ -111,9 +122,18 @@ def test_bad_sizes_exit_2_and_create_nothing(no_lab: None, args: list[str],
 def test_non_root_is_refused_and_nothing_is_created(no_lab: None) -> None:
     before = host_snapshot()
     proc = subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "hsmctl"), "lab", "up"],
-        capture_output=True, check=False, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "hsmctl"),
+            "lab",
+            "up",
+        ],
+        capture_output=True,
+        check=False,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )
     assert proc.returncode == 2, proc.stderr
     assert b"needs root" in proc.stderr

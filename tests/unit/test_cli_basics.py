@@ -148,7 +148,11 @@ def test_secret_file_rules(tmp_path: Path) -> None:
 def test_lab_plan_addresses() -> None:
     plan = make_plan(2, 4)
     assert [str(a.mgmt_ip) for a in plan.appliances] == [
-        "198.18.0.11", "198.18.0.12", "198.18.0.13", "198.18.0.14"]
+        "198.18.0.11",
+        "198.18.0.12",
+        "198.18.0.13",
+        "198.18.0.14",
+    ]
     assert [a.stamp for a in plan.appliances] == ["stamp1", "stamp2", "stamp1", "stamp2"]
     t1, t2 = plan.tenants
     assert not t1.vnets[0].cidr.overlaps(t2.vnets[0].cidr)

@@ -1,0 +1,259 @@
+"""The provider's inventory as immutable data: the fleet and the tenants' networks.
+
+Every entity remembers where it was written (:class:`Origin`: file and entry path), so a
+later check — a placement request, a host-key mismatch — can point the engineer at the
+line of YAML to fix. Nothing here does I/O; :mod:`hsmctl.inventory.load` builds these.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hsmctl.errors import UsageError
+
+# Host keys an appliance's sshd may present; the tenant identity is P-256 only (SPEC §6:
+# the same key signs receipts and opens bundles, and P-256 is what every HSM and every
+# OpenSSH since 5.7 speaks).
+HOST_KEY_TYPES = frozenset(
+    {
+        "ssh-ed25519",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "ssh-rsa",
+    }
+)
+IDENTITY_KEY_TYPE = "ecdsa-sha2-nistp256"
+FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+MIN_RSA_BITS = 2048
+# Azure reserves the first four addresses and the last one of every subnet.
+RESERVED_AT_START = 4
+# The smallest subnet that still has a usable address after the five reserved ones.
+MAX_SUBNET_PREFIX = 29
+
+
+class InventoryError(UsageError):
+    """The inventory, or a request checked against it, is wrong; exit 2, nothing changed."""
+
+
+class PlacementError(InventoryError):
+    """A provisioning target (tenant, vnet, subnet, address, stamp) is not acceptable."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an entity was declared: ``file`` and an entry path like ``tenants[t1]``."""
+
+    file: Path
+    entry: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.entry}"
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """One OpenSSH public key line, checked, with its OpenSSH SHA256 fingerprint."""
+
+    algorithm: str
+    blob: bytes
+    comment: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(self.blob).digest()
+        return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
+
+    @property
+    def line(self) -> str:
+        """The key without its comment: what is compared and pinned."""
+        return f"{self.algorithm} {base64.b64encode(self.blob).decode('ascii')}"
+
+    @classmethod
+    def parse(cls, text: str, allowed: frozenset[str]) -> PublicKey:
+        """Parse and really decode a key line; ``ValueError`` says what is wrong."""
+        parts = text.strip().split(None, 2)
+        if len(parts) < 2:
+            raise ValueError("not an OpenSSH public key line ('TYPE BASE64 [COMMENT]')")
+        algorithm, b64 = parts[0], parts[1]
+        if algorithm not in allowed:
+            raise ValueError(
+                f"key type {algorithm!r} is not accepted here (accepted: "
+                f"{', '.join(sorted(allowed))})"
+            )
+        try:
+            blob = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("key data is not valid base64") from exc
+        try:
+            key = serialization.load_ssh_public_key(f"{algorithm} {b64}".encode("ascii"))
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise ValueError(f"malformed {algorithm} key: {exc}") from exc
+        if algorithm == "ssh-rsa":
+            bits = getattr(key, "key_size", 0)
+            if bits < MIN_RSA_BITS:
+                raise ValueError(f"RSA key of {bits} bits; at least {MIN_RSA_BITS} required")
+        if algorithm == IDENTITY_KEY_TYPE and not (
+            isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+        ):
+            raise ValueError("not a P-256 key")
+        return cls(algorithm, blob, parts[2].strip() if len(parts) > 2 else "")
+
+
+def is_fingerprint(text: str) -> bool:
+    """OpenSSH's ``SHA256:`` + 43 unpadded base64 characters."""
+    return bool(FINGERPRINT_RE.match(text))
+
+
+def is_reserved(cidr: ipaddress.IPv4Network, ip: ipaddress.IPv4Address) -> bool:
+    """Azure's rule: the first four addresses and the last address of a subnet."""
+    offset = int(ip) - int(cidr.network_address)
+    return offset < RESERVED_AT_START or ip == cidr.broadcast_address
+
+
+def usable_addresses(cidr: ipaddress.IPv4Network) -> Iterator[ipaddress.IPv4Address]:
+    """The addresses a device may get, lowest first."""
+    first = int(cidr.network_address) + RESERVED_AT_START
+    for value in range(first, int(cidr.broadcast_address)):
+        yield ipaddress.IPv4Address(value)
+
+
+@dataclass(frozen=True)
+class Quota:
+    """How many appliances one tenant may hold; Azure's defaults are 2 per stamp, 4 per
+    region."""
+
+    per_stamp: int = 2
+    per_region: int = 4
+
+
+@dataclass(frozen=True)
+class Appliance:
+    id: str
+    serial: str
+    model: str
+    mgmt_ip: ipaddress.IPv4Address
+    mgmt_host_keys: tuple[PublicKey, ...]
+    region: str
+    stamp: str
+    origin: Origin = field(compare=False)
+
+    @property
+    def mgmt_fingerprints(self) -> tuple[str, ...]:
+        return tuple(k.fingerprint for k in self.mgmt_host_keys)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    name: str
+    region: str
+    appliances: tuple[Appliance, ...]
+    mgmt_cidr: ipaddress.IPv4Network | None
+    origin: Origin = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    stamps: tuple[Stamp, ...]
+    origin: Origin = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Subnet:
+    name: str
+    cidr: ipaddress.IPv4Network
+    delegated: bool
+    origin: Origin = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Vnet:
+    name: str
+    cidr: ipaddress.IPv4Network
+    region: str | None
+    subnets: tuple[Subnet, ...]
+    origin: Origin = field(compare=False)
+
+    def subnet(self, name: str) -> Subnet | None:
+        return next((s for s in self.subnets if s.name == name), None)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    identity_public_key: PublicKey
+    vnets: tuple[Vnet, ...]
+    quota: Quota
+    origin: Origin = field(compare=False)
+
+    def vnet(self, name: str) -> Vnet | None:
+        return next((v for v in self.vnets if v.name == name), None)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A checked provisioning target: what the state store needs to allocate.
+
+    ``region`` is the vnet's region (None: any region); ``stamp`` the requested stamp.
+    """
+
+    tenant: str
+    vnet: str
+    subnet: str
+    cidr: ipaddress.IPv4Network
+    ip: ipaddress.IPv4Address | None = None
+    stamp: str | None = None
+    region: str | None = None
+    quota: Quota = field(default_factory=Quota)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The whole inventory, merged from one file or a directory of files."""
+
+    regions: tuple[Region, ...]
+    tenants: tuple[Tenant, ...]
+    sources: tuple[Path, ...] = field(default=(), compare=False)
+
+    @property
+    def stamps(self) -> tuple[Stamp, ...]:
+        return tuple(s for r in self.regions for s in r.stamps)
+
+    @property
+    def appliances(self) -> tuple[Appliance, ...]:
+        return tuple(a for s in self.stamps for a in s.appliances)
+
+    def _where(self) -> str:
+        return ", ".join(str(p) for p in self.sources) or "the inventory"
+
+    def appliance(self, ident: str) -> Appliance:
+        for a in self.appliances:
+            if a.id == ident:
+                return a
+        raise InventoryError(f"{self._where()}: no appliance {ident!r}")
+
+    def tenant(self, name: str) -> Tenant:
+        for t in self.tenants:
+            if t.name == name:
+                return t
+        known = ", ".join(t.name for t in self.tenants) or "none"
+        raise InventoryError(f"{self._where()}: no tenant {name!r} (tenants: {known})")
+
+    def stamp(self, name: str) -> Stamp:
+        for s in self.stamps:
+            if s.name == name:
+                return s
+        known = ", ".join(s.name for s in self.stamps) or "none"
+        raise InventoryError(f"{self._where()}: no stamp {name!r} (stamps: {known})")
