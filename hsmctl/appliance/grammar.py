@@ -347,6 +347,15 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
         ("audit", "verify"), "check the hash chain and checkpoint signatures", read_only=True
     ),
+    CommandSpec(
+        ("audit", "key", "show"),
+        "the audit signing key in use (key id, public key)",
+        read_only=True,
+    ),
+    CommandSpec(
+        ("audit", "key", "rotate"),
+        "make a new audit signing key, linked to the old one by a record both sign",
+    ),
 )
 
 _FORMS: dict[tuple[str, ...], CommandSpec] = {

@@ -83,6 +83,15 @@ def _lines_until(fh: Any, end: int) -> Any:
         yield line
 
 
+def _key_lines(directory: Any) -> list[str]:
+    out = []
+    for kind in paths.HOSTKEY_TYPES:
+        pub = directory / f"ssh_host_{kind}_key.pub"
+        if pub.exists():
+            out.append(" ".join(pub.read_text().split()[:2]))
+    return out
+
+
 def _fingerprints(directory: Any) -> list[str]:
     out = []
     for kind in paths.HOSTKEY_TYPES:
@@ -124,6 +133,8 @@ class Handlers:
             ("audit", "show"): self.audit_show,
             ("audit", "export"): self.audit_export,
             ("audit", "verify"): self.audit_verify,
+            ("audit", "key", "show"): self.audit_key_show,
+            ("audit", "key", "rotate"): self.audit_key_rotate,
         }
 
     def run(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
@@ -325,6 +336,8 @@ class Handlers:
         info = {
             "active": _fingerprints(paths.HOSTKEY_DIRS["data"]),
             "staged": _fingerprints(paths.HOSTKEY_STAGED),
+            "active_keys": _key_lines(paths.HOSTKEY_DIRS["data"]),
+            "staged_keys": _key_lines(paths.HOSTKEY_STAGED),
         }
         return Result(output=_json(info))
 
@@ -446,4 +459,34 @@ class Handlers:
             output=_json(summary),
             outcome="ok" if ok else "failed",
             log_detail={"verified": ok, "last_seq": report.last_seq},
+        )
+
+    def audit_key_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        current = self.daemon.keys.current()
+        return Result(
+            output=_json({"key_id": current.key_id, "public_key": current.public_key_pem})
+        )
+
+    def audit_key_rotate(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        keys = self.daemon.keys
+        old, new = keys.rotate()
+        device = keys.device
+        with self.daemon.checkpoint_lock:
+            record = self.daemon.log.append_record(
+                lambda prev, now: auditlog.make_key_rotation(
+                    prev, old, new, device=device, time=now
+                )
+            )
+            keys.commit(new)
+            self.daemon.last_checkpoint_seq = int(record["seq"])
+        return Result(
+            output=_json(
+                {
+                    "key_id": new.key_id,
+                    "public_key": new.public_key_pem,
+                    "previous_key_id": old.key_id,
+                    "rotation_seq": record["seq"],
+                }
+            ),
+            log_detail={"old_key_id": old.key_id, "new_key_id": new.key_id},
         )

@@ -100,6 +100,7 @@ GRANTS: Mapping[Role, frozenset[Words]] = {
             ("sysconf", "provider-access", "show"),
             ("sysconf", "hostkey", "show"),
             ("sysconf", "factory-reset"),
+            ("audit", "key", "show"),
         }
     ),
     Role.MONITOR: frozenset({("hsm", "show")}),  # the daemon strips secrets from it
@@ -128,9 +129,13 @@ GRANTS: Mapping[Role, frozenset[Words]] = {
             ("audit", "show"),
             ("audit", "export"),
             ("audit", "verify"),
+            ("audit", "key", "show"),
+            ("audit", "key", "rotate"),
         }
     ),
-    Role.AUDIT: frozenset({("audit", "show"), ("audit", "export"), ("audit", "verify")}),
+    Role.AUDIT: frozenset(
+        {("audit", "show"), ("audit", "export"), ("audit", "verify"), ("audit", "key", "show")}
+    ),
 }
 
 ADMIN_BEFORE_OWNERSHIP: frozenset[Words] = frozenset({("user", "password")})

@@ -79,6 +79,8 @@ VALID: list[tuple[str, tuple[str, ...], dict[str, object]]] = [
     ("audit export --after 0", ("audit", "export"), {"after": 0}),
     ("audit export --after 9223372036854775807", ("audit", "export"), {"after": 2**63 - 1}),
     ("audit verify", ("audit", "verify"), {}),
+    ("audit key show", ("audit", "key", "show"), {}),
+    ("audit key rotate", ("audit", "key", "rotate"), {}),
 ]
 
 
@@ -120,6 +122,8 @@ CONTRACT: dict[tuple[str, ...], tuple[tuple[str, ...], bool]] = {
     ("audit", "show"): ((), True),
     ("audit", "export"): ((), True),
     ("audit", "verify"): ((), True),
+    ("audit", "key", "show"): ((), True),
+    ("audit", "key", "rotate"): ((), False),
 }
 
 

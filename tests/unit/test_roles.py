@@ -53,6 +53,8 @@ ALL = [
     "audit show",
     "audit export",
     "audit verify",
+    "audit key show",
+    "audit key rotate",
 ]
 
 STATES = {
@@ -77,9 +79,10 @@ PROVIDER_BEFORE_HANDOVER = ALWAYS | {
     "sysconf provider-access show",
     "sysconf hostkey show",
     "sysconf factory-reset",
+    "audit key show",
 }
 MONITOR = ALWAYS | {"hsm show"}
-AUDIT = ALWAYS | {"audit show", "audit export", "audit verify"}
+AUDIT = ALWAYS | {"audit show", "audit export", "audit verify", "audit key show"}
 ADMIN_OWNER = ALWAYS | {
     "hsm show",
     "hsm init",
@@ -103,6 +106,8 @@ ADMIN_OWNER = ALWAYS | {
     "audit show",
     "audit export",
     "audit verify",
+    "audit key show",
+    "audit key rotate",
 }
 
 EXPECTED: dict[tuple[Role, str], set[str]] = {
