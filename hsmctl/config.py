@@ -1,7 +1,8 @@
 """Configuration lookup: ``--config FILE`` > ``$HSMCTL_CONFIG`` > ``/etc/hsmctl/hsmctl.yaml``.
 
 The file is YAML. Provider hosts name ``state_dir`` (and optionally ``database_url``,
-``inventory``, ``provider_key``, ``monitor_key``); tenant hosts name ``state_dir``,
+``inventory``, ``provider_key``, ``monitor_key``, ``signing_key``, and the drivers
+``fabric`` and ``out_of_band``, both ``lab`` by default); tenant hosts name ``state_dir``,
 ``identity`` and ``provider_public_key``. Unknown keys are refused so typos surface.
 """
 
@@ -27,8 +28,9 @@ _PATH_KEYS = (
     "provider_key",
     "monitor_key",
     "lab_dir",
+    "signing_key",
 )
-_KNOWN = {"role", "tenant", "database_url", *_PATH_KEYS}
+_KNOWN = {"role", "tenant", "database_url", "fabric", "out_of_band", *_PATH_KEYS}
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,10 @@ class Config:
     provider_key: Path | None = None
     monitor_key: Path | None = None
     lab_dir: Path | None = None
+    signing_key: Path | None = None
     database_url: str | None = None
+    fabric: str = "lab"
+    out_of_band: str = "lab"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def require(self, name: str) -> Any:

@@ -1,0 +1,2 @@
+"""The provider's side: drivers for where devices live, provisioning, deprovisioning,
+health."""

@@ -1,0 +1,155 @@
+"""The ansible-runner adapter: a pure function builds a run, a thin call executes it.
+
+Secrets never enter a run: extravars carry references (the hsmctl config file, a request
+id), the modules read what they need through the hsmctl library on the controller.
+ansible-runner writes everything it is given to its private data directory (inventory,
+extravars, the environment of the run, every event); that directory is made 0700 for
+the run and removed afterwards. Outcomes are translated here and only here: a host that
+failed or was unreachable becomes a :class:`HostOutcome`, never an exception from inside
+ansible-runner.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hsmctl.errors import HsmctlError
+from hsmctl.progress import NullProgress, Progress
+
+PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
+
+
+class HostStatus(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"
+    UNREACHABLE = "unreachable"
+
+
+@dataclass
+class HostOutcome:
+    host: str
+    status: HostStatus = HostStatus.OK
+    failed_task: str | None = None
+    message: str | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    playbook: Path
+    inventory: dict[str, Any]
+    extravars: dict[str, Any]
+    forks: int
+
+
+def build_run(
+    playbook: str,
+    hosts: Mapping[str, Mapping[str, Any]],
+    extravars: Mapping[str, Any],
+    *,
+    forks: int = 8,
+) -> RunSpec:
+    """Everything the run needs, as plain data (tested for exact output).
+
+    Every host runs its tasks on the controller (the modules use the hsmctl library and
+    talk to the device themselves, with pinned host keys), with the interpreter that runs
+    ansible-playbook, i.e. this virtualenv.
+    """
+    for key, value in extravars.items():
+        if not isinstance(value, str | int | bool | None):
+            raise TypeError(f"extravar {key!r} must be a plain reference, not {type(value)}")
+    host_vars = {
+        name: {
+            "ansible_connection": "local",
+            "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+            **dict(values),
+        }
+        for name, values in sorted(hosts.items())
+    }
+    return RunSpec(
+        playbook=PLAYBOOKS / playbook,
+        inventory={"all": {"hosts": host_vars}},
+        extravars=dict(sorted(extravars.items())),
+        forks=max(1, min(forks, len(host_vars) or 1)),
+    )
+
+
+class _Events:
+    """Turns ansible-runner events into progress lines and per-host outcomes."""
+
+    def __init__(self, hosts: Sequence[str], progress: Progress) -> None:
+        self.outcomes = {h: HostOutcome(h) for h in hosts}
+        self.progress = progress
+        self.tasks_done = 0
+
+    def __call__(self, event: Mapping[str, Any]) -> bool:
+        kind = event.get("event", "")
+        data = event.get("event_data") or {}
+        host = data.get("host")
+        task = data.get("task") or ""
+        if kind == "playbook_on_task_start":
+            self.progress.step(f"task: {task}")
+        elif kind == "runner_on_ok" and host in self.outcomes:
+            res = data.get("res") or {}
+            self.outcomes[host].results[task] = {
+                k: v for k, v in res.items() if not k.startswith("_") and k != "invocation"
+            }
+            self.tasks_done += 1
+            self.progress.step(f"{host}: {task}: ok")
+        elif kind in ("runner_on_failed", "runner_on_unreachable") and host in self.outcomes:
+            if data.get("ignore_errors"):
+                return True
+            res = data.get("res") or {}
+            outcome = self.outcomes[host]
+            outcome.status = (
+                HostStatus.UNREACHABLE if kind == "runner_on_unreachable" else HostStatus.FAILED
+            )
+            outcome.failed_task = task
+            outcome.message = str(res.get("msg") or "failed")
+            outcome.results[task] = {
+                k: v for k, v in res.items() if not k.startswith("_") and k != "invocation"
+            }
+            self.progress.step(f"{host}: {task}: {outcome.status.value}: {outcome.message}")
+        return True
+
+
+def run(spec: RunSpec, progress: Progress | None = None) -> dict[str, HostOutcome]:
+    """Run a playbook; returns each host's outcome. Raises only if the run itself broke."""
+    import ansible_runner
+
+    progress = progress or NullProgress()
+    hosts = list(spec.inventory["all"]["hosts"])
+    events = _Events(hosts, progress)
+    private = Path(tempfile.mkdtemp(prefix="hsmctl-run-"))
+    os.chmod(private, 0o700)
+    # ansible-playbook must be this virtualenv's, so the modules import this hsmctl.
+    venv_bin = str(Path(sys.executable).parent)
+    os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    try:
+        result = ansible_runner.run(
+            private_data_dir=str(private),
+            playbook=str(spec.playbook),
+            inventory=spec.inventory,
+            extravars=spec.extravars,
+            forks=spec.forks,
+            event_handler=events,
+            quiet=True,
+            envvars={"ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0"},
+        )
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    if result.status not in ("successful", "failed"):
+        raise HsmctlError(f"ansible-runner: the run ended as {result.status} (rc {result.rc})")
+    if result.status == "failed" and all(
+        o.status is HostStatus.OK for o in events.outcomes.values()
+    ):
+        raise HsmctlError(f"ansible-runner: {spec.playbook.name} failed (rc {result.rc})")
+    return events.outcomes
