@@ -79,7 +79,9 @@ def read_private_file(path: str | os.PathLike[str], *, what: str) -> bytes:
     return b"".join(chunks)
 
 
-def write_private_file(path: str | os.PathLike[str], data: bytes, *, exclusive: bool = False) -> Path:
+def write_private_file(
+    path: str | os.PathLike[str], data: bytes, *, exclusive: bool = False
+) -> Path:
     """Write ``data`` to ``path`` as a 0600 file, atomically and durably.
 
     A temporary file in the same directory is fsynced and then renamed over ``path`` (or,
@@ -305,12 +307,14 @@ def load_provider_signing_key(path: str | os.PathLike[str]) -> ed25519.Ed25519Pr
 def load_provider_public_key(
     source: str | bytes | os.PathLike[str],
 ) -> ed25519.Ed25519PublicKey:
-    """The provider's public signing key: PEM text (``str``/``bytes``) or a file (a path).
+    """The provider's public signing key: PEM text, or the path of a PEM file.
 
+    ``bytes`` and any ``str`` holding ``-----BEGIN`` are PEM text; other ``str`` and path
+    objects name a file (a PEM always has that line, so the two cannot be confused).
     Public, so any file mode is fine. A key of another type is refused (exit 2): it is a
     configuration mistake, not an attack on a bundle.
     """
-    if isinstance(source, os.PathLike):
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and "-----BEGIN" not in source):
         try:
             data = Path(source).read_bytes()
         except OSError as exc:

@@ -124,12 +124,21 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _no_constant(name: str) -> Any:
+    """Refuse ``NaN``/``Infinity``: not JSON, and canonical JSON cannot encode them."""
+    raise IntegrityError(f"non-JSON constant {name}")
+
+
 def parse_document(data: bytes, *, what: str = "document") -> Document:
     """Parse one signed JSON document; malformed input is treated as tampering (exit 3)."""
     if len(data) > MAX_DOCUMENT_BYTES:
         raise IntegrityError(f"{what}: larger than {MAX_DOCUMENT_BYTES} bytes")
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        doc = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+        )
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise IntegrityError(f"{what}: not valid UTF-8 JSON") from exc
     if not isinstance(doc, dict):
@@ -266,7 +275,9 @@ def verify_release(
     if release.get("format") != RELEASE_FORMAT or not set(release) <= _RELEASE_KEYS:
         raise IntegrityError("release: not an hsmctl-release/1 document")
     if release.get("appliance") != appliance:
-        raise UsageError(f"this release is for appliance {release.get('appliance')!r}, not {appliance!r}")
+        raise UsageError(
+            f"this release is for appliance {release.get('appliance')!r}, not {appliance!r}"
+        )
     if release.get("tenant") != tenant:
         raise UsageError(f"this release is from tenant {release.get('tenant')!r}, not {tenant!r}")
     issued = parse_timestamp(release.get("issued_at"), what="release issued_at")

@@ -276,7 +276,10 @@ def _write_configs(plan: LabPlan, state: dict[str, Any]) -> None:
                 "inventory": provider_dir / "inventory.yaml",
                 "provider_key": provider_dir / "provider_key",
                 "monitor_key": provider_dir / "monitor_key",
+                "signing_key": provider_dir / "signing_key.pem",
                 "lab_dir": LAB_DIR,
+                "fabric": "lab",
+                "out_of_band": "lab",
             }
         )
     )
@@ -398,6 +401,9 @@ def up(tenants: int, appliances: int, progress: Progress | None = None) -> dict[
     provider_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _ssh_keygen(provider_dir / "provider_key", "ed25519", "hsmctl-lab-provider")
     _ssh_keygen(provider_dir / "monitor_key", "ed25519", "hsmctl-lab-monitor")
+    from hsmctl.handoff.identity import ensure_provider_signing_key
+
+    ensure_provider_signing_key(provider_dir)
     for t in plan.tenants:
         tdir = LAB_DIR / "tenants" / t.name
         (tdir / "state").mkdir(parents=True, exist_ok=True, mode=0o700)
