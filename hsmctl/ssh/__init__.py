@@ -1,0 +1,59 @@
+"""SSH to devices: the one transport (:mod:`.client`) and host-key pinning (:mod:`.hostkeys`).
+
+Only this package imports paramiko or translates its errors; everything else talks to a
+device through :class:`DeviceConnection`.
+"""
+
+from hsmctl.ssh.client import (
+    DEVICE_ERRORS,
+    AuthenticationFailed,
+    DeviceCommandFailed,
+    DeviceConnection,
+    DeviceDenied,
+    DeviceIntegrityError,
+    DeviceUnavailable,
+    DeviceUsageError,
+    PinnedKeyPolicy,
+    Result,
+    SshProtocolError,
+    Timeouts,
+    device_error,
+    scan_host_keys,
+)
+from hsmctl.ssh.hostkeys import (
+    KeyFormatError,
+    KnownHostsEntry,
+    PinnedHostKeys,
+    PublicKey,
+    fingerprint,
+    known_hosts_line,
+    normalize_fingerprint,
+    parse_known_hosts,
+    parse_public_key,
+)
+
+__all__ = [
+    "DEVICE_ERRORS",
+    "AuthenticationFailed",
+    "DeviceCommandFailed",
+    "DeviceConnection",
+    "DeviceDenied",
+    "DeviceIntegrityError",
+    "DeviceUnavailable",
+    "DeviceUsageError",
+    "KeyFormatError",
+    "KnownHostsEntry",
+    "PinnedHostKeys",
+    "PinnedKeyPolicy",
+    "PublicKey",
+    "Result",
+    "SshProtocolError",
+    "Timeouts",
+    "device_error",
+    "fingerprint",
+    "known_hosts_line",
+    "normalize_fingerprint",
+    "parse_known_hosts",
+    "parse_public_key",
+    "scan_host_keys",
+]
