@@ -76,3 +76,35 @@ def read_secret_file(path: str | os.PathLike[str], *, what: str = "secret") -> S
     if not text:
         raise UsageError(f"{what} file {p}: empty")
     return Secret(text)
+
+
+_CLASSES = (
+    "abcdefghijkmnopqrstuvwxyz",
+    "ABCDEFGHJKLMNPQRSTUVWXYZ",
+    "23456789",
+    "-_.+=@%",
+)
+
+
+def generate_password(length: int = 24) -> Secret:
+    """A random password meeting the device policy (SPEC §3: at least 12 characters, 3 of
+    4 classes): every class appears at least once; no look-alike characters."""
+    import secrets
+
+    if length < 12:
+        raise ValueError("passwords are at least 12 characters")
+    alphabet = "".join(_CLASSES)
+    while True:
+        chars = [secrets.choice(alphabet) for _ in range(length)]
+        if all(any(c in cls for c in chars) for cls in _CLASSES):
+            return Secret("".join(chars))
+
+
+def generate_pin(length: int = 16) -> Secret:
+    """A random PIN for SoftHSM (4..255 bytes): letters and digits."""
+    import secrets
+    import string
+
+    return Secret(
+        "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(length))
+    )

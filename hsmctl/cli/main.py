@@ -10,6 +10,7 @@ import click
 
 from hsmctl import __version__
 from hsmctl.cli import lab as lab_cli
+from hsmctl.cli import provider as provider_cli
 from hsmctl.cli.output import error
 from hsmctl.errors import HsmctlError
 
@@ -45,6 +46,8 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 
 cli.add_command(lab_cli.lab)
+cli.add_command(provider_cli.provision)
+cli.add_command(provider_cli.fleet)
 
 
 def _wants_json(argv: list[str]) -> bool:

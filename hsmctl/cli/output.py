@@ -22,8 +22,12 @@ class CliProgress:
         self.tty = sys.stderr.isatty()
 
     def step(self, message: str) -> None:
-        if not self.quiet:
-            _err.print(f"[dim]·[/dim] {message}" if self.tty else f"- {message}", markup=self.tty)
+        if self.quiet:
+            return
+        if self.tty:
+            _err.print(f"[dim]·[/dim] {message}", markup=True, soft_wrap=True)
+        else:
+            print(f"- {message}", file=sys.stderr, flush=True)
 
     def advance(self, done: int, total: int, message: str = "") -> None:
         if self.quiet:
@@ -45,7 +49,7 @@ def emit(as_json: bool, payload: dict[str, Any], human: Callable[[dict[str, Any]
 
 
 def error(message: str) -> None:
-    _err.print(f"hsmctl: error: {message}", markup=False)
+    print(f"hsmctl: error: {message}", file=sys.stderr, flush=True)
 
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,0 +1,182 @@
+"""Provider-side commands: provision, deprovision, fleet, health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from hsmctl.cli.output import CliProgress, emit, json_option
+from hsmctl.errors import HsmctlError
+
+
+def _config(ctx: click.Context) -> str | None:
+    value: str | None = ctx.obj.get("config_path") if ctx.obj else None
+    return value
+
+
+@click.command()
+@click.option("--tenant", required=True, help="Tenant (from the inventory).")
+@click.option("--vnet", required=True, help="The tenant's virtual network.")
+@click.option("--subnet", required=True, help="A subnet delegated to the HSM service.")
+@click.option("--ip", help="Data address in the subnet (default: the next free one).")
+@click.option("--stamp", help="Place into this stamp (default: anti-affinity).")
+@click.option(
+    "--request-id",
+    help="Idempotency key: repeating it resumes the request or returns its result.",
+)
+@click.option(
+    "--count",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Provision this many appliances in parallel.",
+)
+@json_option
+@click.pass_context
+def provision(
+    ctx: click.Context,
+    tenant: str,
+    vnet: str,
+    subnet: str,
+    ip: str | None,
+    stamp: str | None,
+    request_id: str | None,
+    count: int,
+    as_json: bool,
+) -> None:
+    """Provision appliances into a tenant subnet and write their hand-off bundles.
+
+    Picks free appliances (stamp anti-affinity within the tenant; quotas of 2 per stamp
+    and 4 per region unless the inventory says otherwise), then runs
+    playbooks/provision.yml through ansible-runner: verify the appliance (pinned
+    management host key, factory state), attach its data port to the subnet, set its
+    address, enable monitoring, install the tenant's key with a fresh one-time password,
+    and write the hand-off bundle (signed by the provider, the password encrypted to
+    the tenant's identity).
+
+    \b
+    Output: {"appliance", "ip", "handoff"}; with --count, {"appliances": [...]}.
+    Exit 5 when no appliance is free or a quota would be exceeded (nothing changes);
+    a failed appliance is left 'failed' with the reason; rerun with the same
+    --request-id to resume."""
+    from hsmctl.provider.provisioning import provision as run
+
+    outcome = run(
+        _config(ctx),
+        tenant=tenant,
+        vnet=vnet,
+        subnet=subnet,
+        ip=ip,
+        stamp=stamp,
+        request_id=request_id,
+        count=count,
+        progress=CliProgress(),
+    )
+    items = [p.as_dict() for p in outcome.provisioned]
+    payload: dict[str, Any] = {"appliances": items} if count > 1 else (items[0] if items else {})
+    if outcome.failures:
+        first = next(iter(outcome.failures.values()))
+        err = HsmctlError(
+            f"{len(outcome.failures)} appliance(s) failed: {first}",
+            detail={**payload, "failed": {k: str(v) for k, v in outcome.failures.items()}},
+        )
+        err.exit_code = outcome.exit_code
+        raise err
+    emit(as_json, payload, _provisioned_text)
+
+
+def _provisioned_text(p: dict[str, Any]) -> str:
+    items = p.get("appliances", [p] if "appliance" in p else [])
+    return "\n".join(f"{i['appliance']}  {i['ip']}  hand-off: {i['handoff']}" for i in items)
+
+
+@click.group()
+def fleet() -> None:
+    """The provider's fleet as recorded in the state store (no device contact)."""
+
+
+def _row(a: Any) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "stamp": a.stamp,
+        "state": str(a.state),
+        "tenant": a.tenant,
+        "ip": a.data_ip,
+    }
+
+
+@fleet.command("list")
+@json_option
+@click.pass_context
+def fleet_list(ctx: click.Context, as_json: bool) -> None:
+    """List every appliance: id, stamp, state, tenant and data address.
+
+    \b
+    States: available, provisioning, provisioned, customer-owned, deprovisioning, failed."""
+    from hsmctl.provider.context import open_context
+
+    pctx = open_context(_config(ctx))
+    try:
+        rows = [_row(a) for a in pctx.store.list_appliances()]
+    finally:
+        pctx.close()
+
+    def text(p: dict[str, Any]) -> str:
+        lines = [f"{'ID':<8} {'STAMP':<8} {'STATE':<15} {'TENANT':<10} IP"]
+        for a in p["appliances"]:
+            lines.append(
+                f"{a['id']:<8} {a['stamp']:<8} {a['state']:<15} "
+                f"{a['tenant'] or '-':<10} {a['ip'] or '-'}"
+            )
+        return "\n".join(lines)
+
+    emit(as_json, {"appliances": rows}, text)
+
+
+@fleet.command("show")
+@click.argument("appliance")
+@json_option
+@click.pass_context
+def fleet_show(ctx: click.Context, appliance: str, as_json: bool) -> None:
+    """Show one appliance: its record, allocation, pinned host keys and journal."""
+    from hsmctl.provider.context import open_context
+    from hsmctl.state.schema import Interface
+
+    pctx = open_context(_config(ctx))
+    try:
+        a = pctx.store.get_appliance(appliance)
+        alloc = pctx.store.allocation(appliance)
+        payload: dict[str, Any] = {
+            **_row(a),
+            "region": a.region,
+            "serial": a.serial,
+            "model": a.model,
+            "mgmt_ip": a.mgmt_ip,
+            "failure_reason": a.failure_reason,
+            "allocation": None
+            if alloc is None
+            else {
+                "request_id": alloc.request_id,
+                "tenant": alloc.tenant,
+                "vnet": alloc.vnet,
+                "subnet": alloc.subnet,
+                "ip": alloc.ip,
+            },
+            "host_keys": {
+                iface.value: [k.fingerprint for k in pctx.store.host_keys(appliance, iface)]
+                for iface in Interface
+            },
+            "journal": [
+                {
+                    "time": e.time.isoformat(),
+                    "operation": str(e.operation),
+                    "step": e.step,
+                    "status": str(e.status),
+                }
+                for e in pctx.store.journal(appliance=appliance)[-20:]
+            ],
+        }
+    finally:
+        pctx.close()
+    emit(as_json, payload, lambda p: "\n".join(f"{k}: {v}" for k, v in p.items()))

@@ -1,0 +1,88 @@
+"""What a provider-side operation needs: configuration, inventory, state store, and a
+way to open pinned management sessions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from hsmctl import config as config_mod
+from hsmctl.errors import ConfigError, UsageError
+from hsmctl.inventory.load import load_inventory
+from hsmctl.inventory.model import Inventory
+from hsmctl.ssh import DeviceConnection, PinnedHostKeys
+from hsmctl.state.store import Store
+
+
+@dataclass
+class ProviderContext:
+    """Lifecycle: :func:`open_context` → use → :meth:`close` (closes the store)."""
+
+    config: config_mod.Config
+
+    @cached_property
+    def inventory(self) -> Inventory:
+        return load_inventory(self.config.require("inventory"))
+
+    @cached_property
+    def store(self) -> Store:
+        store = Store.for_config(self.config)
+        store.sync_inventory(self.inventory)
+        return store
+
+    @property
+    def state_dir(self) -> Path:
+        path: Path = self.config.require("state_dir")
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    @property
+    def signing_key(self) -> Path:
+        return self.config.signing_key or self.state_dir / "signing_key.pem"
+
+    def mgmt_pins(self, appliance: str) -> PinnedHostKeys:
+        inv = self.inventory.appliance(appliance)
+        return PinnedHostKeys.of(*(k.line for k in inv.mgmt_host_keys))
+
+    def provider_session(self, appliance: str) -> DeviceConnection:
+        """A management session as ``provider`` (not yet connected)."""
+        inv = self.inventory.appliance(appliance)
+        return DeviceConnection(
+            str(inv.mgmt_ip),
+            username="provider",
+            pinned=self.mgmt_pins(appliance),
+            key=self.config.require("provider_key"),
+        )
+
+    def monitor_session(self, appliance: str) -> DeviceConnection:
+        inv = self.inventory.appliance(appliance)
+        return DeviceConnection(
+            str(inv.mgmt_ip),
+            username="monitor",
+            pinned=self.mgmt_pins(appliance),
+            key=self.config.require("monitor_key"),
+        )
+
+    def monitor_public_key(self) -> str:
+        path = Path(str(self.config.require("monitor_key")) + ".pub")
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"monitoring public key {path}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        if "store" in self.__dict__:
+            self.store.close()
+
+
+def open_context(config_path: str | None) -> ProviderContext:
+    config = config_mod.load(config_path)
+    if config.source is None:
+        raise ConfigError(
+            "no configuration: pass --config, set HSMCTL_CONFIG or create "
+            "/etc/hsmctl/hsmctl.yaml (the lab writes one)"
+        )
+    if config.role != "provider":
+        raise UsageError(f"{config.source} is a {config.role} configuration, not a provider's")
+    return ProviderContext(config)

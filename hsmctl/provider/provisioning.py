@@ -1,0 +1,302 @@
+"""Provisioning (SPEC §6, issue 4): allocate in the store, then run
+``playbooks/provision.yml`` through ansible-runner; each of its tasks is one step here.
+
+The workflow is a list of steps (plain data); each step is idempotent, so a request that
+was interrupted anywhere is finished by running it again with the same ``--request-id``:
+the store returns the same allocation and the steps redo only what is missing. The
+one-time password is made inside :func:`step_handoff`, installed on the device and
+encrypted to the tenant in the bundle within the same call; the provider keeps no copy.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from hsmctl.errors import ConflictError, HsmctlError, UsageError, most_severe
+from hsmctl.handoff import make_bundle, write_bundle
+from hsmctl.inventory.load import check_placement
+from hsmctl.progress import NullProgress, Progress
+from hsmctl.provider.context import ProviderContext, open_context
+from hsmctl.provider.drivers import fabric_for
+from hsmctl.runner import adapter
+from hsmctl.secret import generate_password
+from hsmctl.state.schema import (
+    ApplianceState,
+    Interface,
+    Operation,
+    RequestStatus,
+    StepStatus,
+)
+from hsmctl.state.store import Allocation
+
+OTP_VALIDITY = timedelta(hours=72)
+
+
+class Step(enum.StrEnum):
+    VERIFY = "verify"
+    ATTACH = "attach"
+    NETWORK = "network"
+    MONITOR = "monitor"
+    HANDOFF = "handoff"
+
+
+STEPS: tuple[Step, ...] = tuple(Step)
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    appliance: str
+    ip: str
+    handoff: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"appliance": self.appliance, "ip": self.ip, "handoff": self.handoff}
+
+
+def _allocation(ctx: ProviderContext, appliance: str, request_id: str) -> Allocation:
+    alloc = ctx.store.allocation(appliance)
+    if alloc is None or alloc.request_id != request_id:
+        raise ConflictError(f"{appliance} is not allocated to request {request_id}")
+    return alloc
+
+
+def _gateway(ctx: ProviderContext, alloc: Allocation) -> tuple[ipaddress.IPv4Network, str]:
+    vnet = ctx.inventory.tenant(alloc.tenant).vnet(alloc.vnet)
+    subnet = vnet.subnet(alloc.subnet) if vnet else None
+    if subnet is None:
+        raise UsageError(f"{alloc.tenant}/{alloc.vnet}/{alloc.subnet} left the inventory")
+    # Azure's rule: .1 of every subnet is the virtual network's gateway.
+    return subnet.cidr, str(subnet.cidr.network_address + 1)
+
+
+def handoff_path(ctx: ProviderContext, alloc: Allocation) -> Path:
+    directory = ctx.state_dir / "handoff" / alloc.tenant
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return directory / f"{alloc.appliance}-{alloc.request_id}.json"
+
+
+def step_verify(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
+    with ctx.provider_session(alloc.appliance) as conn:
+        info = json.loads(conn.run("hsm show").stdout)
+    if info.get("id") != alloc.appliance:
+        raise ConflictError(f"{alloc.appliance}: the device says it is {info.get('id')!r}")
+    if info.get("owner_state") == "customer-owned":
+        raise ConflictError(f"{alloc.appliance} is customer-owned; it must be deprovisioned")
+    return {"changed": False, "owner_state": info.get("owner_state")}
+
+
+def step_attach(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
+    if check:
+        return {"changed": True}
+    fabric_for(ctx.config.fabric).attach(alloc.appliance, alloc.tenant, alloc.vnet, alloc.subnet)
+    return {"changed": True, "attached": f"{alloc.tenant}/{alloc.vnet}/{alloc.subnet}"}
+
+
+def step_network(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
+    cidr, gateway = _gateway(ctx, alloc)
+    address = f"{alloc.ip}/{cidr.prefixlen}"
+    if check:
+        return {"changed": True, "address": address}
+    with ctx.provider_session(alloc.appliance) as conn:
+        conn.run(f"network set --ip {address} --gateway {gateway}")
+    return {"changed": True, "address": address, "gateway": gateway}
+
+
+def step_monitor(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
+    if check:
+        return {"changed": True}
+    key = ctx.monitor_public_key()
+    with ctx.provider_session(alloc.appliance) as conn:
+        conn.run("user credential set monitor", [key])
+        conn.run("user enable monitor")
+    return {"changed": True}
+
+
+def step_handoff(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
+    if check:
+        return {"changed": True}
+    tenant = ctx.inventory.tenant(alloc.tenant)
+    tenant_key = tenant.identity_public_key.line
+    otp = generate_password()
+    with ctx.provider_session(alloc.appliance) as conn:
+        conn.run("user otp set --expires-hours 72", [tenant_key, otp])
+        hostkeys = json.loads(conn.run("sysconf hostkey show").stdout)
+        audit = json.loads(conn.run("audit key show").stdout)
+        info = json.loads(conn.run("hsm show").stdout)
+    data_keys = list(hostkeys["active_keys"])
+    ctx.store.pin_host_keys(alloc.appliance, Interface.DATA, data_keys)
+    bundle = make_bundle(
+        appliance=alloc.appliance,
+        serial=str(info.get("serial") or alloc.appliance),
+        tenant=alloc.tenant,
+        data_ip=alloc.ip,
+        data_host_keys=data_keys,
+        audit_public_key=audit["public_key"],
+        request_id=alloc.request_id,
+        otp=otp,
+        tenant_public_key_line=tenant_key,
+        provider_signing_key_path=ctx.signing_key,
+        validity=OTP_VALIDITY,
+        mgmt_ip=alloc.mgmt_ip,
+    )
+    path = write_bundle(handoff_path(ctx, alloc), bundle)
+    return {"changed": True, "handoff": str(path), "data_host_keys": data_keys}
+
+
+_STEPS = {
+    Step.VERIFY: step_verify,
+    Step.ATTACH: step_attach,
+    Step.NETWORK: step_network,
+    Step.MONITOR: step_monitor,
+    Step.HANDOFF: step_handoff,
+}
+
+
+def run_step(
+    config_path: str, appliance: str, request_id: str, step: str, *, check: bool = False
+) -> dict[str, Any]:
+    """One step for one appliance (what the ``hsm_provision`` module calls)."""
+    ctx = open_context(config_path)
+    try:
+        alloc = _allocation(ctx, appliance, request_id)
+        which = Step(step)
+        ctx.store.record_step(
+            Operation.PROVISION,
+            which.value,
+            StepStatus.STARTED,
+            appliance=appliance,
+            request_id=request_id,
+        )
+        try:
+            result = _STEPS[which](ctx, alloc, check)
+        except HsmctlError as exc:
+            ctx.store.record_step(
+                Operation.PROVISION,
+                which.value,
+                StepStatus.FAILED,
+                appliance=appliance,
+                request_id=request_id,
+                detail={"error": exc.message, "exit_code": exc.exit_code},
+            )
+            raise
+        ctx.store.record_step(
+            Operation.PROVISION,
+            which.value,
+            StepStatus.OK,
+            appliance=appliance,
+            request_id=request_id,
+            detail={k: v for k, v in result.items() if k != "data_host_keys"},
+        )
+        return result
+    finally:
+        ctx.close()
+
+
+@dataclass
+class ProvisionOutcome:
+    provisioned: list[Provisioned]
+    failures: dict[str, HsmctlError]
+
+    @property
+    def exit_code(self) -> int:
+        return most_severe(e.exit_code for e in self.failures.values())
+
+
+def provision(
+    config_path: str | None,
+    *,
+    tenant: str,
+    vnet: str,
+    subnet: str,
+    ip: str | None = None,
+    stamp: str | None = None,
+    request_id: str | None = None,
+    count: int = 1,
+    progress: Progress | None = None,
+) -> ProvisionOutcome:
+    progress = progress or NullProgress()
+    if count < 1 or count > 64:
+        raise UsageError("--count must be between 1 and 64")
+    if ip is not None and count != 1:
+        raise UsageError("--ip names one address; it cannot be combined with --count")
+    ctx = open_context(config_path)
+    try:
+        placement = check_placement(ctx.inventory, tenant, vnet, subnet, ip=ip, stamp=stamp)
+        if request_id is not None:
+            done = ctx.store.get_request(request_id)
+            if done is not None and done.status == RequestStatus.SUCCEEDED:
+                progress.step(f"request {request_id} already completed")
+                return ProvisionOutcome([Provisioned(**r) for r in done.result["appliances"]], {})
+        allocations = ctx.store.allocate(request_id, placement, count=count)
+        rid = allocations[0].request_id
+        progress.step(
+            f"request {rid}: "
+            + ", ".join(f"{a.appliance} ({a.stamp}) -> {a.ip}" for a in allocations)
+        )
+        for a in allocations:
+            if ctx.store.get_appliance(a.appliance).state == ApplianceState.FAILED:
+                # A retry of a failed request: the same appliance and address again.
+                ctx.store.set_state(a.appliance, ApplianceState.PROVISIONING)
+        ctx.store.update_request(rid, RequestStatus.RUNNING)
+        spec = adapter.build_run(
+            "provision.yml",
+            {a.appliance: {"hsm_request_id": rid} for a in allocations},
+            {"hsmctl_config": str(ctx.config.source)},
+            forks=count,
+        )
+        outcomes = adapter.run(spec, progress)
+        provisioned: list[Provisioned] = []
+        failures: dict[str, HsmctlError] = {}
+        for a in allocations:
+            outcome = outcomes[a.appliance]
+            if outcome.status is adapter.HostStatus.OK:
+                handoff = outcome.results[_task_name(Step.HANDOFF)]["handoff"]
+                if ctx.store.get_appliance(a.appliance).state != ApplianceState.PROVISIONED:
+                    ctx.store.set_state(a.appliance, ApplianceState.PROVISIONED)
+                provisioned.append(Provisioned(a.appliance, a.ip, handoff))
+            else:
+                reason = f"{outcome.failed_task}: {outcome.message}"
+                ctx.store.set_state(a.appliance, ApplianceState.FAILED, reason=reason)
+                code = (outcome.results.get(outcome.failed_task or "", {}) or {}).get(
+                    "exit_code", 4 if outcome.status is adapter.HostStatus.UNREACHABLE else 1
+                )
+                failures[a.appliance] = _error(code, f"{a.appliance}: {reason}")
+        status = RequestStatus.FAILED if failures else RequestStatus.SUCCEEDED
+        ctx.store.update_request(
+            rid,
+            status,
+            {"appliances": [p.as_dict() for p in provisioned], "failed": sorted(failures)},
+        )
+        return ProvisionOutcome(provisioned, failures)
+    finally:
+        ctx.close()
+
+
+_TASKS = {
+    Step.VERIFY: "Verify the appliance (pinned management host key, factory state)",
+    Step.HANDOFF: "Install the tenant key and a one-time password, write the hand-off bundle",
+}
+
+
+def _task_name(step: Step) -> str:
+    return _TASKS[step]
+
+
+def _error(code: int, message: str) -> HsmctlError:
+    from hsmctl import errors
+
+    for cls in (
+        errors.IntegrityError,
+        errors.UnreachableError,
+        errors.ConflictError,
+        errors.UsageError,
+    ):
+        if cls.exit_code == code:
+            return cls(message)
+    return HsmctlError(message)
