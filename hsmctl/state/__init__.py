@@ -1,0 +1,28 @@
+"""The provider's state: appliances, allocations, requests, the operations journal and
+pinned host keys, in SQLite (default) or PostgreSQL with the same schema."""
+
+from hsmctl.state.schema import ApplianceState, Interface, Operation, RequestStatus, StepStatus
+from hsmctl.state.store import (
+    Allocation,
+    ApplianceRecord,
+    JournalEntry,
+    PinnedHostKey,
+    RequestRecord,
+    Store,
+    SyncReport,
+)
+
+__all__ = [
+    "Allocation",
+    "ApplianceRecord",
+    "ApplianceState",
+    "Interface",
+    "JournalEntry",
+    "Operation",
+    "PinnedHostKey",
+    "RequestRecord",
+    "RequestStatus",
+    "StepStatus",
+    "Store",
+    "SyncReport",
+]

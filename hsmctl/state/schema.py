@@ -1,0 +1,261 @@
+"""The provider database: tables (SQLAlchemy Core) and the ordered migrations.
+
+The same schema serves SQLite and PostgreSQL, so only portable types are used (text
+addresses, JSON, timezone-aware timestamps). Double allocation is impossible at the
+database level, whatever the code above does:
+
+* ``allocations.appliance`` is the primary key: an appliance belongs to one request;
+* ``address_assignments`` has the address ``(tenant, vnet, ip)`` as primary key and a
+  UNIQUE appliance: one address per appliance, one appliance per address;
+* ``requests.request_id`` is the primary key: a request is recorded once.
+
+:data:`METADATA` always describes the newest schema. Migrations run in order at open
+(:func:`migrate`); each one is applied once and recorded in ``schema_version``. When
+migration 2 arrives, freeze the version-1 table list in ``_v1`` (copy the definitions)
+so a fresh database still goes through every step.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Connection
+
+
+class ApplianceState(enum.StrEnum):
+    """An appliance's lifecycle (SPEC §6, ``fleet list``)."""
+
+    AVAILABLE = "available"
+    PROVISIONING = "provisioning"
+    PROVISIONED = "provisioned"
+    CUSTOMER_OWNED = "customer-owned"
+    DEPROVISIONING = "deprovisioning"
+    FAILED = "failed"
+
+
+class RequestStatus(enum.StrEnum):
+    """A provisioning request: allocated in the store, then run by the provisioner."""
+
+    ALLOCATED = "allocated"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    RELEASED = "released"
+
+
+class Interface(enum.StrEnum):
+    MGMT = "mgmt"
+    DATA = "data"
+
+
+class Operation(enum.StrEnum):
+    """What a journal entry belongs to."""
+
+    SYNC = "sync"
+    ALLOCATE = "allocate"
+    PROVISION = "provision"
+    STATE = "state"
+    HOST_KEYS = "host-keys"
+    HEALTH = "health"
+    DEPROVISION = "deprovision"
+    RELEASE = "release"
+
+
+class StepStatus(enum.StrEnum):
+    STARTED = "started"
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+def _enum(cls: type[enum.StrEnum], name: str, *, constrained: bool = True) -> sa.Enum:
+    """Stored as its value in a VARCHAR, so SQLite and PostgreSQL hold the same text.
+
+    The journal's enums are not constrained in the database: adding an operation must
+    not need a table rebuild on SQLite; Python validates them on the way in.
+    """
+    return sa.Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=constrained,
+        length=32,
+        validate_strings=True,
+        values_callable=lambda members: [m.value for m in members],
+    )
+
+
+def _ts() -> sa.DateTime:
+    return sa.DateTime(timezone=True)
+
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+# SQLite only autoincrements an INTEGER PRIMARY KEY.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+METADATA = sa.MetaData(
+    naming_convention={
+        "pk": "pk_%(table_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    }
+)
+
+schema_version = sa.Table(
+    "schema_version",
+    METADATA,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", sa.String(200), nullable=False),
+    sa.Column("applied_at", _ts(), nullable=False),
+)
+
+appliances = sa.Table(
+    "appliances",
+    METADATA,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("region", sa.String(64), nullable=False),
+    sa.Column("stamp", sa.String(64), nullable=False),
+    sa.Column("serial", sa.String(64), nullable=False, unique=True),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("mgmt_ip", sa.String(45), nullable=False, unique=True),
+    sa.Column("state", _enum(ApplianceState, "appliance_state"), nullable=False, index=True),
+    # Denormalised from the allocation for `fleet list`; written in the same transaction.
+    sa.Column("tenant", sa.String(64)),
+    sa.Column("data_ip", sa.String(45)),
+    sa.Column("failure_reason", sa.Text),
+    sa.Column("updated_at", _ts(), nullable=False),
+)
+
+requests = sa.Table(
+    "requests",
+    METADATA,
+    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("vnet", sa.String(64), nullable=False),
+    sa.Column("subnet", sa.String(64), nullable=False),
+    sa.Column("requested_ip", sa.String(45)),
+    sa.Column("stamp", sa.String(64)),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("status", _enum(RequestStatus, "request_status"), nullable=False),
+    sa.Column("result", JSONType),
+    sa.Column("created_at", _ts(), nullable=False),
+    sa.Column("updated_at", _ts(), nullable=False),
+    sa.CheckConstraint("count >= 1", name="count_positive"),
+)
+
+allocations = sa.Table(
+    "allocations",
+    METADATA,
+    sa.Column("appliance", sa.String(64), sa.ForeignKey("appliances.id"), primary_key=True),
+    sa.Column(
+        "request_id",
+        sa.String(128),
+        sa.ForeignKey("requests.request_id"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("tenant", sa.String(64), nullable=False, index=True),
+    sa.Column("created_at", _ts(), nullable=False),
+    # Lets address_assignments prove its tenant matches the allocation's.
+    sa.UniqueConstraint("appliance", "tenant"),
+)
+
+address_assignments = sa.Table(
+    "address_assignments",
+    METADATA,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("vnet", sa.String(64), primary_key=True),
+    sa.Column("ip", sa.String(45), primary_key=True),
+    sa.Column("subnet", sa.String(64), nullable=False),
+    sa.Column("appliance", sa.String(64), nullable=False, unique=True),
+    sa.Column("assigned_at", _ts(), nullable=False),
+    sa.ForeignKeyConstraint(
+        ["appliance", "tenant"], ["allocations.appliance", "allocations.tenant"]
+    ),
+)
+
+journal = sa.Table(
+    "journal",
+    METADATA,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("time", _ts(), nullable=False),
+    sa.Column("appliance", sa.String(64), index=True),
+    sa.Column("request_id", sa.String(128), index=True),
+    sa.Column("operation", _enum(Operation, "operation", constrained=False), nullable=False),
+    sa.Column("step", sa.String(100), nullable=False),
+    sa.Column("status", _enum(StepStatus, "step_status", constrained=False), nullable=False),
+    sa.Column("detail", JSONType, nullable=False),
+)
+
+host_keys = sa.Table(
+    "host_keys",
+    METADATA,
+    sa.Column("appliance", sa.String(64), sa.ForeignKey("appliances.id"), primary_key=True),
+    sa.Column("interface", _enum(Interface, "interface"), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), primary_key=True),
+    sa.Column("algorithm", sa.String(32), nullable=False),
+    sa.Column("key_line", sa.Text, nullable=False),
+    sa.Column("pinned_at", _ts(), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def _v1(conn: Connection) -> None:
+    METADATA.create_all(
+        conn,
+        tables=[appliances, requests, allocations, address_assignments, journal, host_keys],
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _v1),)
+LATEST = MIGRATIONS[-1].version
+
+
+class SchemaTooNew(Exception):
+    """The database was migrated by a newer hsmctl; this one must not write to it."""
+
+    def __init__(self, found: int) -> None:
+        super().__init__(f"schema version {found} is newer than this hsmctl knows ({LATEST})")
+        self.found = found
+
+
+def current_version(conn: Connection) -> int:
+    value = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+    return int(value or 0)
+
+
+def migrate(conn: Connection) -> list[int]:
+    """Apply the pending migrations inside the caller's transaction; return them.
+
+    The caller holds the backend's lock (SQLite ``BEGIN IMMEDIATE``; a PostgreSQL
+    advisory lock), so two processes opening a new database at once apply each step once.
+    """
+    METADATA.create_all(conn, tables=[schema_version])
+    found = current_version(conn)
+    if found > LATEST:
+        raise SchemaTooNew(found)
+    applied = []
+    for m in MIGRATIONS:
+        if m.version <= found:
+            continue
+        m.apply(conn)
+        conn.execute(
+            schema_version.insert().values(
+                version=m.version, description=m.description, applied_at=datetime.now(UTC)
+            )
+        )
+        applied.append(m.version)
+    return applied
