@@ -355,11 +355,13 @@ class Handlers:
                 "no staged host keys (sysconf hostkey stage)", exit=protocol.EXIT_FAILED
             )
         active = paths.HOSTKEY_DIRS["data"]
-        old = active.with_name("data.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(active, old)
-        os.replace(paths.HOSTKEY_STAGED, active)
-        shutil.rmtree(old, ignore_errors=True)
+        # File by file (a directory rename across overlay layers fails with EXDEV); each
+        # file is replaced atomically, and sshd only reads them when restarted below.
+        for staged in sorted(paths.HOSTKEY_STAGED.iterdir()):
+            tmp = active / f".{staged.name}.tmp"
+            shutil.copy2(staged, tmp)
+            os.replace(tmp, active / staged.name)
+        shutil.rmtree(paths.HOSTKEY_STAGED)
         _signal_boot()
         now = _fingerprints(active)
         return Result(output=_json({"active": now}), log_detail={"active": now})

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from hsmctl import __version__
+from hsmctl.cli import customer as customer_cli
 from hsmctl.cli import lab as lab_cli
 from hsmctl.cli import provider as provider_cli
 from hsmctl.cli.output import error
@@ -48,6 +49,8 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 cli.add_command(lab_cli.lab)
 cli.add_command(provider_cli.provision)
 cli.add_command(provider_cli.fleet)
+cli.add_command(customer_cli.takeover)
+cli.add_command(customer_cli.release)
 
 
 def _wants_json(argv: list[str]) -> bool:

@@ -436,6 +436,17 @@ class DeviceConnection:
         if client is not None:
             client.close()
 
+    def cut_for_test(self) -> None:
+        """Cut the TCP connection under the SSH session (fault-injection tests only):
+        the next operation fails as if the network had dropped."""
+        t = self._client.get_transport() if self._client else None
+        if t is not None:
+            import socket as _socket
+
+            sock = t.sock
+            if isinstance(sock, _socket.socket):
+                sock.shutdown(_socket.SHUT_RDWR)
+
     def __enter__(self) -> DeviceConnection:
         return self.connect()
 

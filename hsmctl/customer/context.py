@@ -1,0 +1,48 @@
+"""What a customer-side command needs: its configuration, identity, the provider's
+public signing key, and the state directory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from hsmctl import config as config_mod
+from hsmctl.customer.store import ApplianceState
+from hsmctl.errors import ConfigError, UsageError
+
+
+@dataclass
+class TenantContext:
+    config: config_mod.Config
+    identity: Path
+
+    @property
+    def state_dir(self) -> Path:
+        path: Path = self.config.require("state_dir")
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    @property
+    def provider_public_key(self) -> Path:
+        path: Path = self.config.require("provider_public_key")
+        return path
+
+    @property
+    def tenant(self) -> str | None:
+        return self.config.tenant
+
+    def appliance(self, appliance: str) -> ApplianceState:
+        return ApplianceState(self.state_dir, appliance)
+
+
+def open_tenant_context(config_path: str | None, identity: str | None = None) -> TenantContext:
+    config = config_mod.load(config_path)
+    if config.source is None:
+        raise ConfigError(
+            "no configuration: pass --config, set HSMCTL_CONFIG or create "
+            "/etc/hsmctl/hsmctl.yaml (in the lab: run inside the tenant's client namespace)"
+        )
+    if config.role != "tenant":
+        raise UsageError(f"{config.source} is a {config.role} configuration, not a tenant's")
+    ident = Path(identity) if identity else config.require("identity")
+    return TenantContext(config, ident)
