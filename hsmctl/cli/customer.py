@@ -83,7 +83,8 @@ def takeover(
         raise click.UsageError("--handoff FILE is required (or use: takeover verify RECEIPT)")
     from hsmctl.customer.context import open_tenant_context
     from hsmctl.secret import read_secret_file
-    from hsmctl.takeover.workflow import Options, takeover as run
+    from hsmctl.takeover.workflow import Options
+    from hsmctl.takeover.workflow import takeover as run
 
     opts = Options(
         handoff=handoff,

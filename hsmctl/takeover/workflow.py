@@ -52,7 +52,7 @@ RECEIPT_FORMAT = "hsmctl-receipt/1"
 
 class Step(enum.StrEnum):
     ESCROW = "escrow"  # the new admin password, SO PIN, CO PIN, collector key
-    PASSWORD = "password"  # one-time password -> escrowed password (owner from here)
+    PASSWORD = "password"  # noqa: S105 - a step name: one-time -> escrowed password
     REVOKE = "revoke"  # provider access, monitor
     HOSTKEYS = "hostkeys"  # stage, journal, activate, re-pin
     HSM_INIT = "hsm-init"  # token with the customer's SO PIN
