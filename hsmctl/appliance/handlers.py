@@ -385,7 +385,11 @@ class Handlers:
         subprocess.run(["ip", "addr", "flush", "dev", "data0"], check=False, capture_output=True)
         store.Owner().save()
         _signal_boot()
-        return Result(output="factory reset done", log_detail={"data_hostkeys": "regenerated"})
+        rotated = self._rotate_audit_key()
+        return Result(
+            output="factory reset done",
+            log_detail={"data_hostkeys": "regenerated", **rotated.log_detail},
+        )
 
     # -- network -----------------------------------------------------------------------
 
@@ -465,11 +469,24 @@ class Handlers:
 
     def audit_key_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
         current = self.daemon.keys.current()
+        initial = str(_device().get("audit_public_key") or current.public_key_pem)
         return Result(
-            output=_json({"key_id": current.key_id, "public_key": current.public_key_pem})
+            output=_json(
+                {
+                    "key_id": current.key_id,
+                    "public_key": current.public_key_pem,
+                    # The key of personalisation: with it, the rotation records in the log
+                    # carry trust to the current key, so the whole log verifies.
+                    "initial_key_id": auditlog.key_id_for_pem(initial),
+                    "initial_public_key": initial,
+                }
+            )
         )
 
     def audit_key_rotate(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        return self._rotate_audit_key()
+
+    def _rotate_audit_key(self) -> Result:
         keys = self.daemon.keys
         old, new = keys.rotate()
         device = keys.device

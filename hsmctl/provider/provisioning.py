@@ -137,7 +137,7 @@ def step_handoff(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[s
         tenant=alloc.tenant,
         data_ip=alloc.ip,
         data_host_keys=data_keys,
-        audit_public_key=audit["public_key"],
+        audit_public_key=audit["initial_public_key"],
         request_id=alloc.request_id,
         otp=otp,
         tenant_public_key_line=tenant_key,

@@ -315,7 +315,12 @@ class Takeover:
     def step_audit_key(self) -> None:
         pins = self.state.pins()
         current = json.loads(self._run("audit key show"))
-        if current["key_id"] == self.bundle.audit_key_id:
+        before = self.journal.get("audit_key_before")
+        if before is None or current["key_id"] == before:
+            # Not rotated yet (or the rotation never reached the device): note the key
+            # we rotate away from, then rotate.
+            self.journal["audit_key_before"] = current["key_id"]
+            self._save()
             rotated = json.loads(self._run("audit key rotate"))
             current = {"key_id": rotated["key_id"], "public_key": rotated["public_key"]}
         pins["audit_keys"][current["key_id"]] = current["public_key"]
