@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HSMCTL = str(Path(sys.executable).with_name("hsmctl"))
-TENANTS, APPLIANCES = 2, 4
+TENANTS, APPLIANCES = 2, 24
 
 
 def hsmctl(
@@ -80,3 +80,111 @@ def _lab_session() -> Iterator[None]:
 def lab(_lab_session: None) -> dict[str, Any]:
     """The lab's status (SPEC §5 keys), brought up if needed."""
     return ensure_lab()
+
+
+# -- per-test provider and tenant configurations -------------------------------------------
+#
+# Lab tests work on appliances of their own (see APPLIANCE_SETS) and never on anyone
+# else's, so test modules can run at the same time against one lab. A test gets a
+# provider configuration whose inventory holds only its appliances and whose state
+# directory is its own, and a tenant configuration with its own customer state.
+
+LAB_DIR = Path("/var/lib/hsmctl-lab")
+
+APPLIANCE_SETS = {
+    "lab": ["hsm01", "hsm02"],
+    "firmware": ["hsm03", "hsm04"],
+    "provision": ["hsm05", "hsm06", "hsm07", "hsm08"],
+    "takeover": ["hsm09", "hsm10", "hsm11", "hsm12", "hsm13", "hsm14"],
+    "collect": [f"hsm{i:02d}" for i in range(15, 25)],
+}
+
+
+def console(
+    appliance: str, *argv: str, input: bytes | None = None, check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    proc = hsmctl("lab", "console", appliance, "--", *argv, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"console {appliance} {argv}: {proc.stderr.decode()}")
+    return proc
+
+
+def factory_reset(*appliances: str) -> None:
+    """Back to factory state through the out-of-band path, data port detached."""
+    from hsmctl.lab import lab as lab_mod
+
+    fabric = lab_mod.fabric()
+    for a in appliances:
+        console(a, "hsmsh", "-c", "sysconf factory-reset")
+        fabric.detach(a)
+
+
+def provider_config(directory: Path, appliances: list[str]) -> Path:
+    import yaml
+
+    inv = yaml.safe_load((LAB_DIR / "provider" / "inventory.yaml").read_text())
+    for region in inv["regions"]:
+        for stamp in region["stamps"]:
+            stamp["appliances"] = [a for a in stamp["appliances"] if a["id"] in appliances]
+        region["stamps"] = [s for s in region["stamps"] if s["appliances"]]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "inventory.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
+    conf = yaml.safe_load(Path("/etc/hsmctl/hsmctl.yaml").read_text())
+    conf["inventory"] = str(directory / "inventory.yaml")
+    conf["state_dir"] = str(directory / "state")
+    path = directory / "provider.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def tenant_config(directory: Path, lab: dict[str, Any], tenant: str) -> Path:
+    import yaml
+
+    t = next(x for x in lab["tenants"] if x["name"] == tenant)
+    conf = yaml.safe_load(
+        (Path("/etc/netns") / t["client_netns"] / "hsmctl" / "hsmctl.yaml").read_text()
+    )
+    conf["state_dir"] = str(directory / f"{tenant}-state")
+    path = directory / f"{tenant}.yaml"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(conf))
+    return path
+
+
+def client_netns(lab: dict[str, Any], tenant: str) -> str:
+    return str(next(x for x in lab["tenants"] if x["name"] == tenant)["client_netns"])
+
+
+def provision(provider_conf: Path, tenant: str, *extra: str) -> dict[str, Any]:
+    proc = hsmctl(
+        "--config",
+        str(provider_conf),
+        "provision",
+        "--tenant",
+        tenant,
+        "--vnet",
+        "vnet1",
+        "--subnet",
+        "hsm",
+        *extra,
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    return dict(json.loads(proc.stdout))
+
+
+def takeover(
+    lab: dict[str, Any], tenant_conf: Path, tenant: str, handoff: str, *extra: str
+) -> dict[str, Any]:
+    proc = hsmctl(
+        "--config",
+        str(tenant_conf),
+        "takeover",
+        "--handoff",
+        handoff,
+        *extra,
+        "--json",
+        netns=client_netns(lab, tenant),
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    return dict(json.loads(proc.stdout))

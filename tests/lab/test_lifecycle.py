@@ -86,6 +86,13 @@ def test_down_leaves_nothing_behind(no_lab: None) -> None:
     assert hsmctl("lab", "down").returncode == 0
 
 
+def test_fresh_lab_provider_key_logs_in_everywhere(no_lab: None) -> None:
+    from tests.lab.test_lab import provider_logs_in
+
+    lab = ensure_lab()
+    provider_logs_in(lab, [a["id"] for a in lab["appliances"]])
+
+
 def test_up_twice_with_the_same_sizes_equals_once(no_lab: None) -> None:
     first = ensure_lab()
     state = json.loads(Path("/var/lib/hsmctl-lab/lab.json").read_text())
