@@ -2,19 +2,46 @@
 # The main flow, end to end, on the namespace lab (make demo). Prints what happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-hsmctl=.venv/bin/hsmctl
+hsmctl=$PWD/.venv/bin/hsmctl
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+json() { python3 -c "import json,sys; d=json.load(sys.stdin); print(d$1)"; }
 
-step "Bring the lab up: 2 tenants, 4 appliances over 2 stamps"
-"$hsmctl" lab up --tenants 2 --appliances 4
+step "1. The lab: a provider network, 2 tenant networks, 4 appliances over 2 stamps"
+if "$hsmctl" lab status >/dev/null 2>&1; then
+  echo "(a lab is already up; using it)"
+  "$hsmctl" lab status
+else
+  "$hsmctl" lab up --tenants 2 --appliances 4
+fi
+client=$("$hsmctl" lab status --json | json '["tenants"][0]["client_netns"]')
 
-step "Talk to an appliance as the provider (management interface, pinned host key)"
-key=$("$hsmctl" lab status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["provider_key"])')
-ssh -i "$key" -o UserKnownHostsFile="$(dirname "$key")/known_hosts" -o StrictHostKeyChecking=yes \
-    -o BatchMode=yes provider@198.18.0.11 'hsm show'
+step "2. Provider: provision an appliance into tenant1's delegated subnet (ansible-runner)"
+"$hsmctl" provision --tenant tenant1 --vnet vnet1 --subnet hsm --request-id demo-tenant1 --json \
+  > /tmp/hsmctl-demo-provision.json
+cat /tmp/hsmctl-demo-provision.json; echo
+appliance=$(json '["appliance"]' < /tmp/hsmctl-demo-provision.json)
+handoff=$(json '["handoff"]' < /tmp/hsmctl-demo-provision.json)
+"$hsmctl" fleet list
 
-step "The device's activity log verifies (hash chain and signed checkpoints)"
-"$hsmctl" lab console hsm01 -- hsmsh -c 'audit verify'
+step "3. Customer (inside tenant1's network): take $appliance over"
+ip netns exec "$client" "$hsmctl" takeover --handoff "$handoff" --json > /tmp/hsmctl-demo-takeover.json
+cat /tmp/hsmctl-demo-takeover.json; echo
+receipt=$(json '["receipt"]' < /tmp/hsmctl-demo-takeover.json)
+ip netns exec "$client" "$hsmctl" takeover verify "$receipt"
+
+step "4. Provider: the management interface now refuses the provider's key"
+key=$("$hsmctl" lab status --json | json '["provider_key"]')
+mgmt=$("$hsmctl" lab status --json | json "[\"appliances\"][[a['id'] for a in d['appliances']].index('$appliance')][\"mgmt_ip\"]")
+if ssh -i "$key" -o UserKnownHostsFile="$(dirname "$key")/known_hosts" -o StrictHostKeyChecking=yes \
+     -o BatchMode=yes "provider@$mgmt" 'hsm show' 2>&1; then
+  echo "UNEXPECTED: the provider key still works" >&2
+  exit 1
+else
+  echo "provider key refused, as it must be"
+fi
+
+step "5. The device's activity log verifies (hash chain, signed checkpoints, key rotations)"
+"$hsmctl" lab console "$appliance" -- hsmsh -c 'audit verify'
 
 printf '\nThe lab stays up for you to explore; "%s lab down" removes it.\n' "$hsmctl"
