@@ -122,9 +122,12 @@ appliances = sa.Table(
     sa.Column("id", sa.String(64), primary_key=True),
     sa.Column("region", sa.String(64), nullable=False),
     sa.Column("stamp", sa.String(64), nullable=False),
-    sa.Column("serial", sa.String(64), nullable=False, unique=True),
+    # Serial and mgmt_ip are unique in the inventory, which owns them; not UNIQUE here, so
+    # a re-cabled or renumbered fleet (swapped addresses, a retired appliance's address
+    # reused) syncs in one pass.
+    sa.Column("serial", sa.String(64), nullable=False),
     sa.Column("model", sa.String(200), nullable=False),
-    sa.Column("mgmt_ip", sa.String(45), nullable=False, unique=True),
+    sa.Column("mgmt_ip", sa.String(45), nullable=False),
     sa.Column("state", _enum(ApplianceState, "appliance_state"), nullable=False, index=True),
     # Denormalised from the allocation for `fleet list`; written in the same transaction.
     sa.Column("tenant", sa.String(64)),

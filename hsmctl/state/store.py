@@ -698,12 +698,12 @@ class Store:
     def get_request(self, request_id: str) -> RequestRecord | None:
         r = schema.requests
         q = sa.select(r).where(r.c.request_id == request_id)
-        return self._run(
-            lambda c: (lambda row: _request(row) if row is not None else None)(
-                c.execute(q).first()
-            ),
-            write=False,
-        )
+
+        def tx(conn: Connection) -> RequestRecord | None:
+            row = conn.execute(q).first()
+            return _request(row) if row is not None else None
+
+        return self._run(tx, write=False)
 
     def update_request(
         self, request_id: str, status: RequestStatus, result: Any = None
@@ -1156,7 +1156,7 @@ def _make_engine(url: URL) -> Engine:
         return _sqlite_engine(url)
     return sa.create_engine(
         url,
-        isolation_level="READ COMMITTED",
+        isolation_level="SERIALIZABLE",
         pool_pre_ping=True,
         connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
     )
