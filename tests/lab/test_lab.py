@@ -223,3 +223,25 @@ def test_console_runs_as_root_inside_the_appliance(lab: dict[str, Any]) -> None:
     assert console(a, "id", "-u").strip() == b"0"
     proc = hsmctl("lab", "console", "hsm99", "--", "true")
     assert proc.returncode == 2
+
+
+def test_golden_image_is_at_factory_state(lab: dict[str, Any]) -> None:
+    from hsmctl.lab import image
+
+    root = image.image_path()
+    assert (root / "etc/hsm/image-state").read_text().strip() == "factory"
+    assert not list((root / "etc/ssh").glob("ssh_host_*"))
+    assert not any((root / "etc/ssh/mgmt").iterdir())
+    assert not any((root / "etc/ssh/data").iterdir())
+    assert not any((root / "var/lib/softhsm/tokens").iterdir())
+    assert not any((root / "etc/hsm/authorized_keys").iterdir())
+    shadow = {line.split(":")[0]: line.split(":") for line in
+              (root / "etc/shadow").read_text().splitlines()}
+    for user in ("provider", "monitor", "admin", "audit"):
+        assert shadow[user][1] == "*", user  # no password anywhere
+    for user in ("monitor", "audit", "admin"):
+        assert shadow[user][7] == "1", user  # expired: locked even for keys
+    passwd = {line.split(":")[0]: line.split(":") for line in
+              (root / "etc/passwd").read_text().splitlines()}
+    for user in ("provider", "monitor", "admin", "audit"):
+        assert passwd[user][6] == "/usr/local/sbin/hsmsh"
