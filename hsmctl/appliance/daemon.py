@@ -148,7 +148,7 @@ class Daemon:
 
     def on_login(self, iface: str, event: sshdlog.LoginEvent) -> None:
         role = event.user if event.user in ("provider", "monitor", "admin", "audit") else "none"
-        if event.outcome != "ok":
+        if event.event == "login" and event.outcome != "ok":  # back-off counts logins only
             with self.failures_lock:
                 self.failures.setdefault(event.source, []).append(time.monotonic())
         try:
@@ -156,7 +156,7 @@ class Daemon:
                 event.user,
                 role,
                 event.source,
-                "login",
+                event.event,
                 event.outcome,
                 {"interface": iface, "method": event.method, "reason": event.reason},
             )
@@ -236,11 +236,10 @@ class Session:
         if c.role is Role.ADMIN and owner.otp_expired:
             self.refuse("the one-time password has expired; ask the provider for a new one", where)
             return
-        try:
+        # An unwritable log does not refuse the session: each command then fails closed on
+        # its own record, except ``audit export``, which must still work (SPEC §3).
+        with contextlib.suppress(LogUnavailable):
             self.log("session-start", "ok", {**where, "interactive": self.interactive})
-        except LogUnavailable as exc:
-            protocol.send(self.sock, {"type": "refused", "error": str(exc)})
-            return
         self.started = True
         protocol.send(
             self.sock,

@@ -4,8 +4,9 @@ Lifecycle: the daemon opens the :class:`ActivityLog` once (recovering the head f
 file's last line), appends through it from every thread under one lock, and closes it at
 exit. Every append is written and fsynced before it returns; if it cannot be, the append
 raises :class:`LogUnavailable` and the caller must refuse the command (fail closed).
-If the file is replaced or truncated behind the daemon's back, appends also fail closed:
-the log never silently restarts a chain.
+If the file is replaced or truncated behind the daemon's back, appends fail closed from
+then on (a replacement that ends exactly where the daemon left off, e.g. the log copied to
+another filesystem, is followed): the log never silently restarts or forks a chain.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class ActivityLog:
         self.size = offset
 
     def _check_same_file(self) -> None:
+        if self.failed is not None:
+            # Sticky: writing on after a rewrite would fork the chain. Restarting the daemon
+            # (an operator's decision, on the console) rescans whatever the file now holds.
+            raise LogUnavailable(self.failed)
         try:
             st = os.stat(self.path)
         except FileNotFoundError as exc:

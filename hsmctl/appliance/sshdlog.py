@@ -1,7 +1,12 @@
 """Login events from sshd's own log files (``sshd -E FILE``, LogLevel VERBOSE).
 
-:func:`parse` is pure: one sshd line in, one :class:`LoginEvent` (or None) out. The
-:class:`Tailer` follows both interfaces' files from a persisted offset, so a daemon
+:func:`parse` is pure: one sshd line in, one :class:`LoginEvent` (or None) out. Besides
+logins it reports what sshd itself refuses after a login: a subsystem (sftp) and a
+forwarding channel (``-L``/``-D``). Those lines name neither the user nor the address, so
+:class:`Connections` follows which authenticated connections are open and names the one
+the refusal belongs to when it is unambiguous (else ``unknown``). A refused ``-R``
+(``tcpip-forward``) is logged by sshd only at DEBUG level and so never reaches us.
+The :class:`Tailer` follows both interfaces' files from a persisted offset, so a daemon
 restart neither loses nor repeats a login.
 """
 
@@ -11,43 +16,92 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hsmctl.appliance import paths, store
 
+# Every pattern is anchored at both ends. sshd prints a name it does not know exactly as
+# the client sent it, spaces included ("Invalid user admin from 6.6.6.6 port 1 from ..."):
+# such a name matches as a whole (greedy, so the address is sshd's own, the last one),
+# never as an existing account or a forged address. Existing accounts match _USER.
 _USER = r"(?P<user>[A-Za-z0-9._-]{1,32})"
-_FROM = r"(?P<ip>[0-9a-fA-F.:]+) port (?P<port>\d+)"
+_ANY_USER = r"(?P<user>.{1,100})"
+_IP = r"[0-9a-fA-F.:]+"
+_FROM = rf"(?P<ip>{_IP}) port (?P<port>\d+)"
+_SSH2 = r" ssh2(?:: [A-Z0-9-]+ SHA256:\S+(?: .*)?)?"  # key type, fingerprint, certificate
 
 _PATTERNS: list[tuple[re.Pattern[str], str, str]] = [
-    (re.compile(rf"Accepted (?P<method>\S+) for {_USER} from {_FROM}"), "ok", "accepted"),
     (
-        re.compile(rf"Failed (?P<method>\S+) for (?:invalid user )?{_USER} from {_FROM}"),
+        re.compile(rf"^Accepted (?P<method>\S+) for {_USER} from {_FROM}{_SSH2}$"),
+        "ok",
+        "accepted",
+    ),
+    (
+        re.compile(
+            rf"^Failed (?P<method>\S+) for (?:invalid user )?{_ANY_USER} from {_FROM}{_SSH2}$"
+        ),
         "failed",
         "wrong credential",
     ),
-    (re.compile(rf"Invalid user {_USER} from {_FROM}"), "denied", "no such account"),
+    (re.compile(rf"^Invalid user {_ANY_USER} from {_FROM}$"), "denied", "no such account"),
     (
-        re.compile(rf"User {_USER} from (?P<ip>[0-9a-fA-F.:]+) not allowed because (?P<why>.+)"),
+        re.compile(rf"^User {_USER} from (?P<ip>{_IP}) not allowed because (?P<why>.+)$"),
         "denied",
         "not allowed on this interface",
     ),
     (
-        re.compile(rf"Access denied for user {_USER} by PAM account configuration"),
+        re.compile(
+            rf"^Access denied for user {_USER} by PAM account configuration( \[preauth\])?$"
+        ),
         "denied",
         "account locked",
     ),
     (
-        re.compile(rf"Connection closed by authenticating user {_USER} {_FROM} \[preauth\]"),
+        re.compile(rf"^Connection closed by authenticating user {_USER} {_FROM} \[preauth\]$"),
         "failed",
         "authentication not completed",
     ),
     (
-        re.compile(rf"Disconnected from authenticating user {_USER} {_FROM} \[preauth\]"),
+        re.compile(rf"^Disconnected from authenticating user {_USER} {_FROM} \[preauth\]$"),
         "failed",
         "authentication not completed",
     ),
 ]
+
+
+def _forward_reason(g: dict[str, str]) -> str:
+    where = g["path"] or f"{g['target']} port {g['port']}"
+    return f"{g['kind']} forwarding to {where} refused"
+
+
+# Refusals after login: (pattern, event, reason from the named groups).
+_REFUSALS: list[tuple[re.Pattern[str], str, Callable[[dict[str, str]], str]]] = [
+    (
+        re.compile(
+            rf"^subsystem request for (?P<what>.{{1,100}}) by user {_USER} failed, "
+            r"subsystem not found$"
+        ),
+        "subsystem",
+        lambda g: f"subsystem {g['what']} refused",
+    ),
+    (
+        re.compile(
+            r"^refused (?P<kind>local|streamlocal) port forward: originator .* port \d+, "
+            r"(?:target (?P<target>.{1,100}) port (?P<port>\d+)|path (?P<path>.{1,100}))$"
+        ),
+        "port-forward",
+        _forward_reason,
+    ),
+]
+
+MAX_OPEN = 256
+_OPENED = _PATTERNS[0][0]
+_CLOSED = re.compile(
+    r"^(?:Connection closed by|Closing connection to|Connection reset by|Received disconnect from"
+    r"|Read error from remote host|(?:Disconnected from|Timeout, client not responding from)"
+    rf" user {_USER}) {_FROM}(?:[: ].*)?$"
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +111,7 @@ class LoginEvent:
     outcome: str
     reason: str
     method: str | None
+    event: str = "login"
 
 
 def parse(line: str) -> LoginEvent | None:
@@ -71,7 +126,51 @@ def parse(line: str) -> LoginEvent | None:
                 reason=groups.get("why") or reason,
                 method=groups.get("method"),
             )
+    for pattern, event, reason_of in _REFUSALS:
+        m = pattern.search(line)
+        if m:
+            groups = {k: v or "" for k, v in m.groupdict().items()}
+            return LoginEvent(
+                user=groups.get("user") or "unknown",
+                source="unknown",
+                outcome="denied",
+                reason=reason_of(groups),
+                method=None,
+                event=event,
+            )
     return None
+
+
+class Connections:
+    """The authenticated connections one sshd log shows open, to name whose a refusal is."""
+
+    def __init__(self) -> None:
+        self.open: dict[tuple[str, str], str] = {}  # (address, port) -> user
+
+    def feed(self, line: str) -> None:
+        m = _OPENED.search(line)
+        if m:
+            self.open[(m["ip"], m["port"])] = m["user"]
+            while len(self.open) > MAX_OPEN:  # a missed close line must not grow this
+                del self.open[next(iter(self.open))]
+            return
+        m = _CLOSED.search(line)
+        if m:
+            self.open.pop((m["ip"], m["port"]), None)
+
+    def attribute(self, event: LoginEvent) -> LoginEvent:
+        """Fill in user and source when exactly one open connection can be the one."""
+        if event.source != "unknown":
+            return event
+        candidates = {
+            (addr, user)
+            for (addr, _port), user in self.open.items()
+            if event.user in ("unknown", user)
+        }
+        if len(candidates) != 1:
+            return event
+        ((addr, user),) = candidates
+        return replace(event, user=user, source=addr)
 
 
 class Tailer:
@@ -84,6 +183,7 @@ class Tailer:
         self.offsets: dict[str, int] = store.read_json(self.offsets_path, {})
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self.connections = {iface: Connections() for iface in paths.SSHD_LOGS}
 
     def poll(self) -> int:
         """Read what is new in every file; returns the number of events emitted."""
@@ -110,10 +210,13 @@ class Tailer:
         end = data.rfind(b"\n")
         if end < 0:
             return 0
+        connections = self.connections.setdefault(iface, Connections())
         for raw in data[: end + 1].splitlines():
-            event = parse(raw.decode("utf-8", "replace"))
+            line = raw.decode("utf-8", "replace")
+            connections.feed(line)
+            event = parse(line)
             if event is not None:
-                self.emit(iface, event)
+                self.emit(iface, connections.attribute(event))
                 count += 1
         self.offsets[iface] = offset + end + 1
         store.write_json(self.offsets_path, self.offsets)

@@ -1,0 +1,238 @@
+"""sshd's log lines as the device daemon reads them (``sshd -E FILE``, LogLevel VERBOSE).
+
+Every line here was recorded from a lab appliance's sshd-mgmt.log or sshd-data.log
+(OpenSSH 9.2p1, Debian 12).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hsmctl.appliance import paths, sshdlog
+from hsmctl.appliance.sshdlog import Connections, LoginEvent, Tailer, parse
+
+pytestmark = pytest.mark.unit
+
+KEY = "SHA256:kMHt0bjBak1ONJtSw8rQPkL9qaLeX/j2H00OAw/C2G8"
+
+# (recorded line, expected event as (event, user, source, outcome, reason, method))
+LOGINS = [
+    (
+        f"Accepted publickey for audit from 198.19.1.4 port 56866 ssh2: ECDSA {KEY}",
+        ("login", "audit", "198.19.1.4", "ok", "accepted", "publickey"),
+    ),
+    (
+        "Accepted password for admin from 198.19.1.4 port 56828 ssh2",
+        ("login", "admin", "198.19.1.4", "ok", "accepted", "password"),
+    ),
+    (
+        "Failed password for admin from 198.19.9.4 port 52108 ssh2",
+        ("login", "admin", "198.19.9.4", "failed", "wrong credential", "password"),
+    ),
+    (
+        "Failed publickey for provider from 198.18.0.1 port 60850 ssh2: ED25519 "
+        "SHA256:7VbUITViNrr7j2qCCWRigRq45cItZ87vZCDPmT380zk",
+        ("login", "provider", "198.18.0.1", "failed", "wrong credential", "publickey"),
+    ),
+    (
+        "Invalid user nosuchuser from 198.18.0.1 port 50446",
+        ("login", "nosuchuser", "198.18.0.1", "denied", "no such account", None),
+    ),
+    (
+        "User provider from 198.19.9.4 not allowed because not listed in AllowUsers",
+        ("login", "provider", "198.19.9.4", "denied", "not listed in AllowUsers", None),
+    ),
+    (
+        "User admin from 198.18.0.1 not allowed because not listed in AllowUsers",
+        ("login", "admin", "198.18.0.1", "denied", "not listed in AllowUsers", None),
+    ),
+    (
+        "Access denied for user monitor by PAM account configuration [preauth]",
+        ("login", "monitor", "unknown", "denied", "account locked", None),
+    ),
+    (
+        "Connection closed by authenticating user admin 198.19.1.4 port 36054 [preauth]",
+        ("login", "admin", "198.19.1.4", "failed", "authentication not completed", None),
+    ),
+    (
+        "subsystem request for sftp by user audit failed, subsystem not found",
+        ("subsystem", "audit", "unknown", "denied", "subsystem sftp refused", None),
+    ),
+    (
+        "refused local port forward: originator 127.0.0.1 port 40000, target 127.0.0.1 port 22",
+        (
+            "port-forward",
+            "unknown",
+            "unknown",
+            "denied",
+            "local forwarding to 127.0.0.1 port 22 refused",
+            None,
+        ),
+    ),
+]
+
+# Lines that are not logins by themselves (the partial step of admin's key + password,
+# the follow-up of a refusal already reported, session bookkeeping).
+NOT_EVENTS = [
+    f"Partial publickey for admin from 198.19.1.4 port 56828 ssh2: ECDSA {KEY}",
+    f"Accepted key ECDSA {KEY} found at /etc/hsm/authorized_keys/admin:1",
+    "Connection closed by invalid user provider 198.19.9.4 port 38738 [preauth]",
+    'Connection from 198.19.1.4 port 56828 on 198.19.0.13 port 22 rdomain ""',
+    "Starting session: command for admin from 198.19.1.4 port 56828 id 0",
+    "Close session: user admin from 198.19.1.4 port 56828 id 0",
+    "Connection closed by 198.19.1.4 port 56828",
+    "kex_exchange_identification: Connection closed by remote host",
+    "Server listening on 198.18.0.13 port 22.",
+    "dispatch_protocol_error: type 90 seq 2 [preauth]",
+    "",
+]
+
+
+def as_tuple(event: LoginEvent) -> tuple[str, str, str, str, str, str | None]:
+    return (event.event, event.user, event.source, event.outcome, event.reason, event.method)
+
+
+@pytest.mark.parametrize("line, expected", LOGINS, ids=[e[0] + "-" + e[3] for _, e in LOGINS])
+def test_recorded_lines_parse(line: str, expected: tuple[str, ...]) -> None:
+    event = parse(line)
+    assert event is not None
+    assert as_tuple(event) == expected
+
+
+@pytest.mark.parametrize("line", NOT_EVENTS)
+def test_other_lines_are_not_events(line: str) -> None:
+    assert parse(line) is None
+
+
+@pytest.mark.parametrize(
+    "line, user, source",
+    [
+        # Recorded: a client that asked for the user "admin from 6.6.6.6 port 1".
+        (
+            "Invalid user admin from 6.6.6.6 port 1 from 198.18.0.1 port 58588",
+            "admin from 6.6.6.6 port 1",
+            "198.18.0.1",
+        ),
+        (
+            "Failed password for invalid user admin from 6.6.6.6 port 1 ssh2 "
+            "from 198.19.1.4 port 5 ssh2",
+            "admin from 6.6.6.6 port 1 ssh2",
+            "198.19.1.4",
+        ),
+    ],
+)
+def test_a_user_name_cannot_forge_the_account_or_the_address(
+    line: str, user: str, source: str
+) -> None:
+    event = parse(line)
+    assert event is not None
+    assert (event.user, event.source) == (user, source)
+
+
+def test_a_user_name_cannot_close_someone_elses_connection() -> None:
+    conns = Connections()
+    conns.feed("Accepted password for admin from 198.19.1.4 port 40354 ssh2")
+    forged = (
+        "Connection closed by invalid user x Connection closed by 198.19.1.4 port 40354 "
+        "198.18.0.1 port 5 [preauth]"
+    )
+    assert parse(forged) is None
+    conns.feed(forged)
+    assert conns.open == {("198.19.1.4", "40354"): "admin"}
+
+
+# A recorded stretch of sshd-data.log: two sequential connections, then an overlap.
+SEQUENCE = f"""\
+Connection from 198.19.1.4 port 40384 on 198.19.0.13 port 22 rdomain ""
+Accepted publickey for audit from 198.19.1.4 port 40384 ssh2: ECDSA {KEY}
+User child is on pid 1208
+subsystem request for sftp by user audit failed, subsystem not found
+Connection closed by 198.19.1.4 port 40384
+Close session: user audit from 198.19.1.4 port 40384 id 0
+Closing connection to 198.19.1.4 port 40384
+Accepted password for admin from 198.19.1.4 port 40354 ssh2
+refused local port forward: originator 127.0.0.1 port 40000, target 127.0.0.1 port 22
+Read error from remote host 198.19.1.4 port 40354: Connection reset by peer
+Accepted password for admin from 198.19.9.4 port 40360 ssh2
+Accepted publickey for audit from 198.19.1.4 port 37932 ssh2: ECDSA {KEY}
+refused local port forward: originator 127.0.0.1 port 40000, target 198.18.0.1 port 22
+subsystem request for sftp by user audit failed, subsystem not found
+Disconnected from user audit 198.19.1.4 port 37932
+refused local port forward: originator 127.0.0.1 port 40000, target 127.0.0.1 port 22
+"""
+
+
+def attributed(lines: str) -> list[tuple[str, str, str]]:
+    conns = Connections()
+    out = []
+    for line in lines.splitlines():
+        conns.feed(line)
+        event = parse(line)
+        if event is not None and event.event != "login":
+            event = conns.attribute(event)
+            out.append((event.event, event.user, event.source))
+    return out
+
+
+def test_refusals_are_attributed_to_the_one_open_connection() -> None:
+    assert attributed(SEQUENCE) == [
+        ("subsystem", "audit", "198.19.1.4"),
+        ("port-forward", "admin", "198.19.1.4"),
+        # Two connections open (admin from .9.4, audit from .1.4): nobody can tell whose.
+        ("port-forward", "unknown", "unknown"),
+        # The user is in the line: of the open connections only audit's can be the one.
+        ("subsystem", "audit", "198.19.1.4"),
+        ("port-forward", "admin", "198.19.9.4"),
+    ]
+
+
+def test_connections_stay_bounded() -> None:
+    conns = Connections()
+    for port in range(sshdlog.MAX_OPEN + 50):
+        conns.feed(f"Accepted publickey for audit from 198.19.1.4 port {port} ssh2")
+    assert len(conns.open) == sshdlog.MAX_OPEN
+
+
+# --- the tailer on real files ------------------------------------------------------------
+
+
+@pytest.fixture
+def logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    files = {"mgmt": tmp_path / "sshd-mgmt.log", "data": tmp_path / "sshd-data.log"}
+    monkeypatch.setattr(paths, "SSHD_LOGS", files)
+    monkeypatch.setattr(paths, "STATE", tmp_path / "state")
+    return files
+
+
+def tailer(seen: list[tuple[str, LoginEvent]]) -> Tailer:
+    return Tailer(lambda iface, event: seen.append((iface, event)))
+
+
+def test_tailer_follows_both_files_and_survives_a_restart(logs: dict[str, Path]) -> None:
+    seen: list[tuple[str, LoginEvent]] = []
+    logs["mgmt"].write_text(LOGINS[3][0] + "\n" + NOT_EVENTS[0] + "\n")
+    logs["data"].write_text(LOGINS[1][0] + "\n" + LOGINS[0][0][:30])  # a half-written line
+    assert tailer(seen).poll() == 2
+    assert [(i, e.user, e.outcome) for i, e in seen] == [
+        ("mgmt", "provider", "failed"),
+        ("data", "admin", "ok"),
+    ]
+    # sshd finishes the line; a restarted daemon neither repeats nor loses anything.
+    with logs["data"].open("a") as fh:
+        fh.write(LOGINS[0][0][30:] + "\n")
+    seen.clear()
+    assert tailer(seen).poll() == 1
+    assert [(i, e.user, e.method) for i, e in seen] == [("data", "audit", "publickey")]
+    assert tailer(seen).poll() == 0
+
+
+def test_tailer_starts_over_on_a_new_file(logs: dict[str, Path]) -> None:
+    seen: list[tuple[str, LoginEvent]] = []
+    t = tailer(seen)
+    logs["mgmt"].write_text((LOGINS[2][0] + "\n") * 3)
+    assert t.poll() == 3
+    logs["mgmt"].write_text(LOGINS[4][0] + "\n")  # replaced by a shorter file
+    assert t.poll() == 1
+    assert seen[-1][1].user == "nosuchuser"
