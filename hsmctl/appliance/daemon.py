@@ -114,6 +114,18 @@ class Daemon:
                 },
             )
             self.checkpoint()
+        if self.log.repaired_bytes:
+            self.record(
+                "hsmd",
+                "system",
+                "console",
+                "log-repaired",
+                "ok",
+                {
+                    "dropped_bytes": self.log.repaired_bytes,
+                    "reason": "an incomplete last record (a write cut short) was removed",
+                },
+            )
         self.tailer = sshdlog.Tailer(self.on_login)
 
     # -- log -------------------------------------------------------------------------------

@@ -24,6 +24,12 @@ from hsmctl.auditlog import chain
 INDEX_STRIDE = 1024
 
 
+class _IncompleteTail(Exception):
+    def __init__(self, offset: int, dropped: int) -> None:
+        self.offset = offset
+        self.dropped = dropped
+
+
 class LogUnavailable(Exception):
     """A record could not be written; nothing may happen that it would have recorded."""
 
@@ -43,16 +49,27 @@ class ActivityLog:
         # offsets[k] = byte offset of record seq = k * INDEX_STRIDE + 1
         self.offsets: list[int] = []
         self.failed: str | None = None
-        self._open()
+        # Bytes of an incomplete last record dropped at start (a write cut short by a
+        # crash: never fsynced, so never acknowledged); the daemon logs the repair.
+        self.repaired_bytes = 0
+        self._open(repair_tail=True)
 
     # -- opening and recovery ------------------------------------------------------------
 
-    def _open(self) -> None:
+    def _open(self, repair_tail: bool = False) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         st = os.fstat(self.fd)
         self.ino = (st.st_dev, st.st_ino)
-        self._scan()
+        try:
+            self._scan()
+        except _IncompleteTail as tail:
+            if not repair_tail:
+                raise LogUnavailable(f"{self.path}: last record is incomplete") from None
+            os.ftruncate(self.fd, tail.offset)
+            os.fsync(self.fd)
+            self.repaired_bytes = tail.dropped
+            self._scan()
 
     def _scan(self) -> None:
         """Rebuild the head and the seq->offset index from the file."""
@@ -65,7 +82,7 @@ class ActivityLog:
                 if (seq - 1) % INDEX_STRIDE == 0:
                     self.offsets.append(offset)
                 if not line.endswith(b"\n"):
-                    raise LogUnavailable(f"{self.path}: last record is incomplete")
+                    raise _IncompleteTail(offset, len(line))
                 head = chain.Head(seq, _hash_of(line))
                 offset += len(line)
         self.head = head

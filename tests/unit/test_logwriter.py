@@ -108,16 +108,6 @@ def test_reopen_recovers_the_head_and_continues(
     assert json.loads(path.read_bytes().splitlines()[0]) == written[0]
 
 
-def test_an_incomplete_last_line_is_refused_at_open(path: Path) -> None:
-    log = ActivityLog(path)
-    append(log, 2)
-    log.close()
-    with path.open("ab") as fh:
-        fh.write(b'{"actor":"admin","detail":{')  # a crash in the middle of a write
-    with pytest.raises(LogUnavailable, match="incomplete"):
-        ActivityLog(path)
-
-
 # --- the seq -> offset index -------------------------------------------------------------
 
 
@@ -284,3 +274,24 @@ def test_concurrent_appends_never_interleave_or_fork(
     report = verify(path, signer)
     assert report.records == 8 * 25 + 1 and log.head is not None
     assert log.head.seq == report.last_seq == 201
+
+
+def test_an_incomplete_last_record_is_repaired_at_start(tmp_path: Path) -> None:
+    from hsmctl.appliance.logwriter import ActivityLog
+
+    path = tmp_path / "audit.jsonl"
+    log = ActivityLog(path)
+    for i in range(3):
+        log.append(actor="a", role="admin", source="x", event="e", outcome="ok", detail={"i": i})
+    head = log.head
+    log.close()
+    with open(path, "ab") as fh:
+        fh.write(b'{"actor":"a","detail":{"i":3')  # a write cut short by a crash
+    reopened = ActivityLog(path)
+    assert reopened.head == head
+    assert reopened.repaired_bytes > 0
+    assert path.read_bytes().endswith(b"\n")
+    record = reopened.append(
+        actor="a", role="admin", source="x", event="e", outcome="ok", detail={}
+    )
+    assert record["seq"] == 4 and record["prev"] == head.hash
