@@ -188,3 +188,11 @@ def takeover(
     )
     assert proc.returncode == 0, proc.stderr.decode()
     return dict(json.loads(proc.stdout))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that take the shared lab down run last, so the others share one lab."""
+    last = [
+        i for i in items if i.module is not None and i.module.__name__.endswith("test_lifecycle")
+    ]
+    items[:] = [i for i in items if i not in last] + last
