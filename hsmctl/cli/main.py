@@ -11,6 +11,7 @@ import click
 from hsmctl import __version__
 from hsmctl.cli import customer as customer_cli
 from hsmctl.cli import lab as lab_cli
+from hsmctl.cli import logs as logs_cli
 from hsmctl.cli import provider as provider_cli
 from hsmctl.cli.output import error
 from hsmctl.errors import HsmctlError
@@ -49,8 +50,11 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 cli.add_command(lab_cli.lab)
 cli.add_command(provider_cli.provision)
 cli.add_command(provider_cli.fleet)
+cli.add_command(provider_cli.deprovision)
+cli.add_command(provider_cli.health)
 cli.add_command(customer_cli.takeover)
 cli.add_command(customer_cli.release)
+cli.add_command(logs_cli.logs)
 
 
 def _wants_json(argv: list[str]) -> bool:

@@ -180,3 +180,104 @@ def fleet_show(ctx: click.Context, appliance: str, as_json: bool) -> None:
     finally:
         pctx.close()
     emit(as_json, payload, lambda p: "\n".join(f"{k}: {v}" for k, v in p.items()))
+
+
+@click.command()
+@click.argument("appliance")
+@click.option("--yes", is_flag=True, help="Confirm: the appliance is zeroized for good.")
+@click.option(
+    "--release",
+    "release_file",
+    type=click.Path(dir_okay=False),
+    help="The tenant's signed release (made with 'hsmctl release' in the tenant network).",
+)
+@click.option("--force", is_flag=True, help="Deprovision without a release (needs --reason).")
+@click.option("--reason", help="Why --force is used; recorded in the journal.")
+@json_option
+@click.pass_context
+def deprovision(
+    ctx: click.Context,
+    appliance: str,
+    yes: bool,
+    release_file: str | None,
+    force: bool,
+    reason: str | None,
+    as_json: bool,
+) -> None:
+    """Zeroize APPLIANCE over the out-of-band path and return it to the pool.
+
+    Needs --yes and either the tenant's signed release (checked against the tenant's
+    key in the inventory, this appliance and tenant, and the current allocation, so an
+    old release cannot be replayed) or --force --reason TEXT (recorded). Then, each step
+    journaled: snapshot the audit key and data host keys, factory reset through the
+    console (works after the customer revoked the provider's access), verify (token
+    wiped, owner state factory, new data host keys, new audit key, the reset in the
+    device's own activity log, the provider key accepted again), detach the data port,
+    write the zeroization record, and free the appliance and its address.
+
+    \b
+    Output: {"appliance", "state"}.
+    Exit 2: missing --yes, no release or --force, wrong release file (nothing changed);
+    3: a release whose signature does not verify, or a replayed one; 5: the appliance is
+    available or still provisioning. Interrupted, the same command finishes the run."""
+    from hsmctl.provider.deprovision import deprovision as run
+
+    result = run(
+        _config(ctx),
+        appliance,
+        yes=yes,
+        release=release_file,
+        force=force,
+        reason=reason,
+        progress=CliProgress(),
+    )
+    emit(as_json, dict(result), lambda p: f"{p['appliance']}: {p['state']}")
+
+
+@click.command()
+@click.argument("appliance", required=False)
+@click.option("--all", "all_", is_flag=True, help="Every appliance in the inventory (default).")
+@json_option
+@click.pass_context
+def health(ctx: click.Context, appliance: str | None, all_: bool, as_json: bool) -> None:
+    """Probe appliances the way the provider may: through the monitoring account
+    (hsm show, no secrets) and a provider-key login on the management interface.
+
+    Reports whether each appliance is reachable, its owner state, whether the provider
+    key is still accepted and how the monitor login went (ok, refused, unreachable,
+    host-key-mismatch, failed). Updates the store: a provisioned appliance that the
+    device reports customer-owned, or that refuses the provider key, becomes
+    customer-owned.
+
+    \b
+    Output: {"appliances": [{"appliance", "reachable", "owner_state",
+             "provider_key_accepted", "monitor", "state"}]}.
+    Exit code: the most severe over the appliances (3 host key mismatch, 4 unreachable,
+    1 failed)."""
+    from hsmctl.provider.health import health as run
+
+    if appliance and all_:
+        raise click.UsageError("give an appliance id or --all, not both")
+    report = run(_config(ctx), [appliance] if appliance else None, progress=CliProgress())
+    payload = report.as_dict()
+    if report.exit_code:
+        bad = [a for a in report.appliances if a.exit_code]
+        err = HsmctlError(
+            f"{len(bad)} appliance(s) unhealthy: "
+            + "; ".join(f"{a.appliance}: {', '.join(a.errors) or 'failed'}" for a in bad),
+            detail=payload,
+        )
+        err.exit_code = report.exit_code
+        raise err
+
+    def text(p: dict[str, Any]) -> str:
+        lines = [f"{'ID':<8} {'REACHABLE':<10} {'OWNER':<15} {'PROVIDER KEY':<13} MONITOR"]
+        for a in p["appliances"]:
+            key = {True: "accepted", False: "refused", None: "-"}[a["provider_key_accepted"]]
+            lines.append(
+                f"{a['appliance']:<8} {('yes' if a['reachable'] else 'no'):<10} "
+                f"{a['owner_state'] or '-':<15} {key:<13} {a['monitor']}"
+            )
+        return "\n".join(lines)
+
+    emit(as_json, payload, text)

@@ -1,0 +1,517 @@
+"""Deprovisioning (SPEC §6, issue 4): zeroize over the out-of-band path, prove it, detach
+the data port, return the appliance to the pool.
+
+Authorisation comes first and changes nothing when refused: the tenant's signed release
+(``hsmctl release``), checked against the tenant's key in the inventory, the appliance and
+tenant in the store, and the start of the current allocation (an older release cannot be
+replayed), or ``--force`` with a reason, which is recorded. Then a run of steps (plain
+data, :data:`STEPS`), each journaled in the state store under one run id:
+
+``snapshot``  record, through the console, what a factory reset must change: the audit key
+              id and the data-interface host keys;
+``zeroize``   ``sysconf factory-reset`` as the console role: it works after the customer
+              revoked the provider's access, because the console needs no account;
+``verify``    through the console: token not initialised, owner state ``factory``, new data
+              host keys (neither the pinned nor the snapshot ones), a new audit key, and
+              the reset's own record in the device's activity log; then the provider key
+              logs in on management again; the new data host keys are pinned;
+``detach``    the data port leaves the tenant network (fabric driver);
+``zeroization`` the zeroization record in the journal (before/after, the device's record);
+``release``   the store frees the address and the appliance becomes ``available``.
+
+A run that stopped anywhere (killed, device unreachable) is finished by running the same
+command again: the journal says which steps are done, and the run's authorisation
+carries over. A step that fails leaves the appliance ``failed`` with the reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hsmctl.errors import ConflictError, HsmctlError, IntegrityError, UsageError
+from hsmctl.handoff import RELEASE_FORMAT, read_document, verify_release
+from hsmctl.progress import NullProgress, Progress
+from hsmctl.provider.context import ProviderContext, open_context
+from hsmctl.provider.drivers import console_checked, fabric_for, out_of_band_for
+from hsmctl.ssh import PublicKey
+from hsmctl.state.schema import ApplianceState, Interface, Operation, StepStatus
+from hsmctl.state.store import ApplianceRecord, JournalEntry
+
+A = ApplianceState
+# Where a new run may start. `deprovisioning` without an unfinished run in the journal
+# means a run stopped before it journaled its authorisation: authorise again.
+STARTABLE = frozenset({A.PROVISIONED, A.CUSTOMER_OWNED, A.FAILED, A.DEPROVISIONING})
+FAILURE_PREFIX = "deprovision"
+PROVIDER_LOGIN_ATTEMPTS = 10
+"""The device restarts its sshd after a factory reset: give it a few seconds."""
+
+
+class Step(enum.StrEnum):
+    AUTHORIZE = "authorize"
+    SNAPSHOT = "snapshot"
+    ZEROIZE = "zeroize"
+    VERIFY = "verify"
+    DETACH = "detach"
+    ZEROIZATION = "zeroization"
+    RELEASE = "release"
+    DONE = "done"
+
+
+STEPS: tuple[Step, ...] = (
+    Step.SNAPSHOT,
+    Step.ZEROIZE,
+    Step.VERIFY,
+    Step.DETACH,
+    Step.ZEROIZATION,
+    Step.RELEASE,
+)
+
+
+_STEP_VALUES = frozenset(s.value for s in Step)
+
+
+class AuthKind(enum.StrEnum):
+    RELEASE = "release"
+    FORCE = "force"
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """Why the provider may zeroize this appliance; journaled (no secret in it)."""
+
+    kind: AuthKind
+    reason: str | None = None
+    tenant: str | None = None
+    issued_at: str | None = None
+    signer: str | None = None
+    release_file: str | None = None
+
+    def as_detail(self) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in {
+                "kind": self.kind.value,
+                "reason": self.reason,
+                "tenant": self.tenant,
+                "issued_at": self.issued_at,
+                "signer": self.signer,
+                "release_file": self.release_file,
+            }.items()
+            if v is not None
+        }
+
+
+@dataclass
+class Run:
+    """One deprovisioning run as the journal tells it."""
+
+    run_id: str
+    authorization: dict[str, Any]
+    done: dict[Step, dict[str, Any]] = field(default_factory=dict)
+    finished: bool = False
+
+
+# -- pure decisions ----------------------------------------------------------------------
+
+
+def runs_from_journal(entries: Iterable[JournalEntry]) -> list[Run]:
+    """Group an appliance's deprovisioning journal entries into runs, oldest first."""
+    runs: dict[str, Run] = {}
+    for e in entries:
+        if e.operation != Operation.DEPROVISION:
+            continue
+        run_id = e.detail.get("run")
+        if not isinstance(run_id, str):
+            continue
+        if e.step == Step.AUTHORIZE and e.status == StepStatus.OK:
+            runs[run_id] = Run(run_id, dict(e.detail.get("authorization") or {}))
+            continue
+        run = runs.get(run_id)
+        if run is None:
+            continue
+        if e.step == Step.DONE and e.status == StepStatus.OK:
+            run.finished = True
+        elif e.status == StepStatus.OK and e.step in _STEP_VALUES:
+            run.done[Step(e.step)] = dict(e.detail)
+    return list(runs.values())
+
+
+def unfinished_run(entries: Iterable[JournalEntry]) -> Run | None:
+    runs = runs_from_journal(entries)
+    return runs[-1] if runs and not runs[-1].finished else None
+
+
+def resumable(record: ApplianceRecord, run: Run | None) -> bool:
+    """Whether ``run`` may be finished without a new authorisation."""
+    if run is None:
+        return False
+    if record.state == A.DEPROVISIONING:
+        return True
+    if record.state == A.FAILED:
+        return (record.failure_reason or "").startswith(f"{FAILURE_PREFIX}:")
+    # Freed but not marked done: only the last bookkeeping entry is missing.
+    return record.state == A.AVAILABLE and Step.RELEASE in run.done
+
+
+def pending(run: Run) -> list[Step]:
+    return [s for s in STEPS if s not in run.done]
+
+
+def fingerprints(lines: Iterable[str]) -> list[str]:
+    return sorted(PublicKey.parse(line).fingerprint for line in lines)
+
+
+def zeroization_checks(
+    *,
+    before: Mapping[str, Any],
+    hsm: Mapping[str, Any],
+    data_host_keys: Sequence[str],
+    audit_key_id: str,
+    pinned_data: Iterable[str],
+    reset_record: Mapping[str, Any] | None,
+) -> dict[str, bool]:
+    """What the console must show after a factory reset; every value must be True."""
+    new = set(fingerprints(data_host_keys))
+    old = set(before.get("data_host_keys") or ()) | set(pinned_data)
+    return {
+        "token_not_initialised": hsm.get("initialised") is False and not hsm.get("objects"),
+        "owner_state_factory": hsm.get("owner_state") == "factory",
+        "monitor_disabled": hsm.get("monitor") == "disabled",
+        "data_host_keys_new": bool(new) and not (new & old),
+        "audit_key_new": bool(audit_key_id) and audit_key_id != before.get("audit_key_id"),
+        # The device's own record of the reset names the key it rotated to.
+        "reset_in_device_log": reset_record is not None
+        and reset_record.get("new_audit_key_id") == audit_key_id,
+    }
+
+
+def find_reset_record(lines: Iterable[str]) -> dict[str, Any] | None:
+    """The newest successful ``sysconf factory-reset`` result in an ``audit show`` tail."""
+    found = None
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        detail = rec.get("detail") if isinstance(rec, dict) else None
+        if (
+            isinstance(detail, dict)
+            and rec.get("event") == "result"
+            and rec.get("outcome") == "ok"
+            and detail.get("command") == "sysconf factory-reset"
+        ):
+            found = {
+                "seq": rec.get("seq"),
+                "hash": rec.get("hash"),
+                "time": rec.get("time"),
+                "old_audit_key_id": detail.get("old_key_id"),
+                "new_audit_key_id": detail.get("new_key_id"),
+            }
+    return found
+
+
+# -- authorisation -----------------------------------------------------------------------
+
+
+def check_flags(*, yes: bool, release: str | None, force: bool, reason: str | None) -> None:
+    """The command line on its own (before any file or database is read)."""
+    if not yes:
+        raise UsageError(
+            "deprovisioning zeroizes the appliance (keys, accounts, host keys) for good; "
+            "add --yes to confirm"
+        )
+    if release and force:
+        raise UsageError("give either --release FILE or --force --reason TEXT, not both")
+    if force and not (reason and reason.strip()):
+        raise UsageError("--force needs --reason TEXT (it is recorded in the journal)")
+    if reason and not force:
+        raise UsageError("--reason goes with --force; a release carries the tenant's reason")
+
+
+def require_authority(release: str | None, force: bool) -> None:
+    """A new run needs one; resuming a journaled run does not (its authority carries)."""
+    if not release and not force:
+        raise UsageError(
+            "deprovisioning needs the tenant's signed release (--release FILE, made with "
+            "'hsmctl release' inside the tenant network) or --force --reason TEXT"
+        )
+
+
+def _read_release(path: str) -> dict[str, Any]:
+    """A wrong file (missing, not JSON, not a release) is an input error (exit 2); a
+    release whose signature does not verify is an integrity violation (exit 3)."""
+    try:
+        doc = read_document(path, what="release")
+    except IntegrityError as exc:
+        raise UsageError(f"--release {path}: not a release document ({exc.message})") from exc
+    if doc.get("format") != RELEASE_FORMAT:
+        raise UsageError(
+            f"--release {path}: not a release document (format {doc.get('format')!r}, "
+            f"expected {RELEASE_FORMAT!r})"
+        )
+    return doc
+
+
+def authorize(
+    ctx: ProviderContext,
+    record: ApplianceRecord,
+    *,
+    release: str | None,
+    force: bool,
+    reason: str | None,
+) -> Authorization:
+    """Check the release (or accept --force); raises before anything is written."""
+    if force:
+        return Authorization(AuthKind.FORCE, reason=(reason or "").strip(), tenant=record.tenant)
+    assert release is not None
+    doc = _read_release(release)
+    alloc = ctx.store.allocation(record.id)
+    if alloc is None or record.tenant is None:
+        raise ConflictError(
+            f"{record.id} is not allocated to a tenant, so no release can authorise its "
+            "deprovisioning; use --force --reason TEXT",
+            detail={"appliance": record.id, "state": record.state.value},
+        )
+    request = ctx.store.get_request(alloc.request_id)
+    not_before: datetime | None = request.created_at if request is not None else None
+    tenant = ctx.inventory.tenant(alloc.tenant)
+    try:
+        verify_release(
+            doc,
+            appliance=record.id,
+            tenant=alloc.tenant,
+            tenant_public_key_line=tenant.identity_public_key.line,
+            not_before=not_before,
+        )
+    except HsmctlError as exc:
+        raise type(exc)(f"--release {release}: {exc.message}", detail=exc.detail) from exc
+    return Authorization(
+        AuthKind.RELEASE,
+        reason=doc.get("reason"),
+        tenant=alloc.tenant,
+        issued_at=str(doc.get("issued_at")),
+        signer=str(doc["signature"]["fingerprint"]),
+        release_file=str(Path(release).resolve()),
+    )
+
+
+# -- the executor ------------------------------------------------------------------------
+
+
+class _Executor:
+    def __init__(self, ctx: ProviderContext, appliance: str, run: Run, progress: Progress):
+        self.ctx = ctx
+        self.appliance = appliance
+        self.run = run
+        self.progress = progress
+        self.oob = out_of_band_for(ctx.config.out_of_band)
+        alloc = ctx.store.allocation(appliance)
+        self.request_id = alloc.request_id if alloc is not None else None
+
+    def console(self, line: str) -> str:
+        return console_checked(self.oob, self.appliance, line)
+
+    def console_json(self, line: str) -> dict[str, Any]:
+        text = self.console(line)
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise HsmctlError(f"{self.appliance}: console {line!r}: not JSON output") from exc
+        if not isinstance(value, dict):
+            raise HsmctlError(f"{self.appliance}: console {line!r}: not a JSON object")
+        return value
+
+    def journal(self, step: Step, status: StepStatus, detail: Mapping[str, Any]) -> None:
+        self.ctx.store.record_step(
+            Operation.DEPROVISION,
+            step.value,
+            status,
+            appliance=self.appliance,
+            request_id=self.request_id,
+            detail={"run": self.run.run_id, **detail},
+        )
+
+    # steps ------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        audit = self.console_json("audit key show")
+        keys = self.console_json("sysconf hostkey show")
+        return {
+            "audit_key_id": audit.get("key_id"),
+            "data_host_keys": fingerprints(keys.get("active_keys") or ()),
+        }
+
+    def zeroize(self) -> dict[str, Any]:
+        out = self.console("sysconf factory-reset").strip()
+        return {"console": "sysconf factory-reset", "output": out}
+
+    def verify(self) -> dict[str, Any]:
+        before = self.run.done.get(Step.SNAPSHOT, {})
+        hsm = self.console_json("hsm show")
+        keys = self.console_json("sysconf hostkey show")
+        audit = self.console_json("audit key show")
+        tail = self.console("audit show --last 200").splitlines()
+        active = [str(k) for k in keys.get("active_keys") or ()]
+        pinned = [k.fingerprint for k in self.ctx.store.host_keys(self.appliance, Interface.DATA)]
+        record = find_reset_record(tail)
+        checks = zeroization_checks(
+            before=before,
+            hsm=hsm,
+            data_host_keys=active,
+            audit_key_id=str(audit.get("key_id") or ""),
+            pinned_data=pinned,
+            reset_record=record,
+        )
+        checks["provider_key_accepted"] = self._provider_logs_in()
+        failed = sorted(k for k, ok in checks.items() if not ok)
+        if failed:
+            raise HsmctlError(
+                f"{self.appliance}: the factory reset did not verify: {', '.join(failed)}",
+                detail={"appliance": self.appliance, "checks": checks},
+            )
+        # Keys read over the console (a trusted path) replace the tenant-era pins.
+        self.ctx.store.pin_host_keys(self.appliance, Interface.DATA, active)
+        return {
+            "checks": checks,
+            "audit_key_id": audit.get("key_id"),
+            "data_host_keys": fingerprints(active),
+            "device_record": record,
+        }
+
+    def _provider_logs_in(self) -> bool:
+        last: HsmctlError | None = None
+        for _ in range(PROVIDER_LOGIN_ATTEMPTS):
+            try:
+                with self.ctx.provider_session(self.appliance) as conn:
+                    info = json.loads(conn.run("hsm show").stdout)
+                return bool(info.get("id") == self.appliance)
+            except HsmctlError as exc:
+                last = exc
+                time.sleep(0.5)
+        self.progress.step(f"{self.appliance}: provider login after the reset failed: {last}")
+        return False
+
+    def detach(self) -> dict[str, Any]:
+        fabric_for(self.ctx.config.fabric).detach(self.appliance)
+        return {"detached": True}
+
+    def zeroization(self) -> dict[str, Any]:
+        record = self.ctx.store.get_appliance(self.appliance)
+        verified = self.run.done.get(Step.VERIFY, {})
+        return {
+            "tenant": record.tenant,
+            "ip": record.data_ip,
+            "authorization": self.run.authorization,
+            "before": self.run.done.get(Step.SNAPSHOT, {}),
+            "after": {
+                "audit_key_id": verified.get("audit_key_id"),
+                "data_host_keys": verified.get("data_host_keys"),
+            },
+            "checks": verified.get("checks"),
+            "device_record": verified.get("device_record"),
+            "path": f"out-of-band ({self.ctx.config.out_of_band})",
+        }
+
+    def release(self) -> dict[str, Any]:
+        kind = self.run.authorization.get("kind", "?")
+        rec = self.ctx.store.release(self.appliance, reason=f"deprovisioned ({kind})")
+        return {"state": rec.state.value}
+
+    # driver -----------------------------------------------------------------------------
+
+    def execute(self) -> None:
+        actions = {
+            Step.SNAPSHOT: self.snapshot,
+            Step.ZEROIZE: self.zeroize,
+            Step.VERIFY: self.verify,
+            Step.DETACH: self.detach,
+            Step.ZEROIZATION: self.zeroization,
+            Step.RELEASE: self.release,
+        }
+        for step in pending(self.run):
+            self.progress.step(f"{self.appliance}: {step.value}")
+            self.journal(step, StepStatus.STARTED, {})
+            try:
+                detail = actions[step]()
+            except HsmctlError as exc:
+                self.journal(
+                    step, StepStatus.FAILED, {"error": exc.message, "exit_code": exc.exit_code}
+                )
+                reason = f"{FAILURE_PREFIX}: {step.value}: {exc.message}"
+                current = self.ctx.store.get_appliance(self.appliance).state
+                if current in (A.DEPROVISIONING, A.FAILED):
+                    self.ctx.store.set_state(self.appliance, A.FAILED, reason=reason)
+                raise
+            self.journal(step, StepStatus.OK, detail)
+            self.run.done[step] = detail
+        self.journal(Step.DONE, StepStatus.OK, {})
+
+
+def deprovision(
+    config_path: str | None,
+    appliance: str,
+    *,
+    yes: bool,
+    release: str | None = None,
+    force: bool = False,
+    reason: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, str]:
+    """Zeroize ``appliance`` and return it to the pool; ``{"appliance", "state"}``."""
+    progress = progress or NullProgress()
+    check_flags(yes=yes, release=release, force=force, reason=reason)
+    ctx = open_context(config_path)
+    try:
+        ctx.inventory.appliance(appliance)  # the management pins come from there
+        record = ctx.store.get_appliance(appliance)
+        run = unfinished_run(
+            ctx.store.journal(appliance=appliance, operation=Operation.DEPROVISION)
+        )
+        if resumable(record, run):
+            assert run is not None
+            progress.step(
+                f"{appliance}: resuming deprovisioning run {run.run_id} "
+                f"(authorised by {run.authorization.get('kind')}; done: "
+                f"{', '.join(s.value for s in run.done) or 'nothing yet'})"
+            )
+            if record.state == A.FAILED:
+                ctx.store.set_state(appliance, A.DEPROVISIONING, expect={A.FAILED})
+        else:
+            if record.state not in STARTABLE:
+                raise ConflictError(
+                    f"{appliance} is {record.state.value}: "
+                    + (
+                        "nothing to deprovision"
+                        if record.state == A.AVAILABLE
+                        else "provisioning is under way; resume or finish it first"
+                    ),
+                    detail={"appliance": appliance, "state": record.state.value},
+                )
+            require_authority(release, force)
+            auth = authorize(ctx, record, release=release, force=force, reason=reason)
+            ctx.store.set_state(appliance, A.DEPROVISIONING, expect={record.state})
+            run = Run(f"deprov-{uuid.uuid4()}", auth.as_detail())
+            _Executor(ctx, appliance, run, progress).journal(
+                Step.AUTHORIZE,
+                StepStatus.OK,
+                {
+                    "authorization": run.authorization,
+                    "from_state": record.state.value,
+                    "tenant": record.tenant,
+                    "ip": record.data_ip,
+                },
+            )
+            progress.step(f"{appliance}: deprovisioning authorised by {auth.kind.value}")
+        _Executor(ctx, appliance, run, progress).execute()
+        final = ctx.store.get_appliance(appliance)
+        return {"appliance": appliance, "state": final.state.value}
+    finally:
+        ctx.close()

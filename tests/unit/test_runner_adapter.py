@@ -1,0 +1,297 @@
+"""The ansible-runner adapter and the Ansible side of provisioning (issue 4).
+
+* ``build_run`` is pure: its exact output is pinned here.
+* ``run`` really runs ansible-runner (a local two-host playbook, no device): the private
+  data directory is 0700 while it runs and gone afterwards, on success and on failure;
+  failures come back as host outcomes.
+* Provisioning hands the run references only (the config path, a request id); the
+  playbook's module arguments are references too.
+* The dynamic inventory plugin shows a real SQLite store to ``ansible-inventory``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from hsmctl.inventory import check_placement, load_inventory
+from hsmctl.provider import provisioning
+from hsmctl.runner import adapter
+from hsmctl.runner.adapter import PLAYBOOKS, HostOutcome, HostStatus, RunSpec
+from hsmctl.secret import Secret
+from hsmctl.state.schema import ApplianceState
+from tests.provider_env import ProviderEnv, make_env
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL = {
+    "ansible_connection": "local",
+    "ansible_python_interpreter": "{{ ansible_playbook_python }}",
+}
+
+
+# -- build_run -----------------------------------------------------------------------------
+
+
+def test_build_run_exact_output() -> None:
+    spec = adapter.build_run(
+        "provision.yml",
+        {"hsm02": {"hsm_request_id": "r1"}, "hsm01": {"hsm_request_id": "r1"}},
+        {"hsmctl_config": "/etc/hsmctl/hsmctl.yaml", "dry": False, "n": 3},
+        forks=8,
+    )
+    assert spec == RunSpec(
+        playbook=PLAYBOOKS / "provision.yml",
+        inventory={
+            "all": {
+                "hosts": {
+                    "hsm01": {**LOCAL, "hsm_request_id": "r1"},
+                    "hsm02": {**LOCAL, "hsm_request_id": "r1"},
+                }
+            }
+        },
+        extravars={"dry": False, "hsmctl_config": "/etc/hsmctl/hsmctl.yaml", "n": 3},
+        forks=2,  # never more forks than hosts
+    )
+    # Sorted, so the same request always produces the same files.
+    assert list(spec.inventory["all"]["hosts"]) == ["hsm01", "hsm02"]
+    assert list(spec.extravars) == ["dry", "hsmctl_config", "n"]
+    assert PLAYBOOKS == REPO / "playbooks" and spec.playbook.is_file()
+
+
+@pytest.mark.parametrize(
+    ("forks", "hosts", "expect"), [(0, 3, 1), (64, 3, 3), (2, 5, 2), (8, 0, 1)]
+)
+def test_build_run_forks_are_clamped(forks: int, hosts: int, expect: int) -> None:
+    spec = adapter.build_run("provision.yml", {f"h{i}": {} for i in range(hosts)}, {}, forks=forks)
+    assert spec.forks == expect
+
+
+@pytest.mark.parametrize(
+    "value", [Secret("s3cret-Passw0rd"), {"nested": "x"}, ["a"], b"bytes", 1.5], ids=repr
+)
+def test_extravars_must_be_plain_references(value: object) -> None:
+    with pytest.raises(TypeError, match="must be a plain reference"):
+        adapter.build_run("provision.yml", {"h": {}}, {"thing": value})
+
+
+# -- run: a real ansible-runner run, no device ----------------------------------------------
+
+PLAYBOOK = """\
+- hosts: all
+  gather_facts: false
+  tasks:
+    - name: Say hello
+      ansible.builtin.debug:
+        msg: "hello {{ inventory_hostname }} {{ greeting }}"
+    - name: Fail on the second host
+      ansible.builtin.fail:
+        msg: "{{ inventory_hostname }} fails on purpose"
+      when: inventory_hostname == 'h2'
+"""
+
+
+class Recorder:
+    """Progress that also checks the private data directory while the run is live."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.lines: list[str] = []
+        self.modes: set[int] = set()
+
+    def step(self, message: str) -> None:
+        self.lines.append(message)
+        for d in self.tmp.glob("hsmctl-run-*"):
+            self.modes.add(stat.S_IMODE(d.stat().st_mode))
+
+    def advance(self, done: int, total: int, message: str = "") -> None:
+        pass
+
+
+def test_run_reports_outcomes_and_removes_its_private_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(PLAYBOOK)
+    base = adapter.build_run("provision.yml", {"h1": {}, "h2": {}}, {"greeting": "there"})
+    spec = RunSpec(playbook, base.inventory, base.extravars, base.forks)
+    progress = Recorder(tmp)
+    outcomes = adapter.run(spec, progress)
+
+    assert outcomes["h1"].status is HostStatus.OK
+    assert outcomes["h1"].results["Say hello"]["msg"] == "hello h1 there"
+    assert outcomes["h2"].status is HostStatus.FAILED
+    assert outcomes["h2"].failed_task == "Fail on the second host"
+    assert outcomes["h2"].message == "h2 fails on purpose"
+    assert "task: Say hello" in progress.lines
+    assert "h2: Fail on the second host: failed: h2 fails on purpose" in progress.lines
+    assert progress.modes == {0o700}  # seen while running, and only ever private
+    assert list(tmp.iterdir()) == []  # inventory, extravars, env, artifacts: all gone
+
+
+def test_run_removes_its_private_dir_when_the_run_breaks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    playbook = tmp_path / "broken.yml"
+    playbook.write_text("- hosts: all\n  tasks: [ {not: a task} ]\n")
+    base = adapter.build_run("provision.yml", {"h1": {}}, {})
+    with pytest.raises(Exception, match="ansible-runner"):
+        adapter.run(RunSpec(playbook, base.inventory, base.extravars, 1))
+    assert list(tmp.iterdir()) == []
+
+
+# -- provisioning passes references only ----------------------------------------------------
+
+
+def test_provisioning_extravars_hold_only_references(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = make_env(tmp_path)
+    seen: list[RunSpec] = []
+
+    def fake_run(spec: RunSpec, progress: Any = None) -> dict[str, HostOutcome]:
+        seen.append(spec)
+        return {
+            h: HostOutcome(h, HostStatus.FAILED, "Verify", "stopped by the test")
+            for h in spec.inventory["all"]["hosts"]
+        }
+
+    monkeypatch.setattr(adapter, "run", fake_run)
+    outcome = provisioning.provision(
+        str(env.config), tenant="t1", vnet="v1", subnet="hsm", request_id="req-1", count=2
+    )
+    assert sorted(outcome.failures) == ["unit01", "unit03"]  # stamp anti-affinity
+    (spec,) = seen
+    assert spec.playbook == PLAYBOOKS / "provision.yml"
+    assert spec.extravars == {"hsmctl_config": str(env.config)}
+    assert spec.inventory == {
+        "all": {
+            "hosts": {
+                "unit01": {**LOCAL, "hsm_request_id": "req-1"},
+                "unit03": {**LOCAL, "hsm_request_id": "req-1"},
+            }
+        }
+    }
+    # The failure is recorded on the appliances, with the reason.
+    with env.store() as store:
+        rec = store.get_appliance("unit01")
+    assert rec.state == ApplianceState.FAILED
+    assert rec.failure_reason == "Verify: stopped by the test"
+
+
+def test_the_playbook_passes_references_only() -> None:
+    """Every task of provision.yml calls hsm_provision with a step name; the module's
+    other arguments are the config path, the appliance and the request id."""
+    (play,) = yaml.safe_load((PLAYBOOKS / "provision.yml").read_text())
+    assert play["module_defaults"] == {
+        "hsm_provision": {
+            "config": "{{ hsmctl_config }}",
+            "appliance": "{{ inventory_hostname }}",
+            "request_id": "{{ hsm_request_id }}",
+        }
+    }
+    steps = []
+    for task in play["tasks"]:
+        args = task["hsm_provision"]
+        assert set(args) == {"step"}, task
+        steps.append(args["step"])
+    assert steps == [s.value for s in provisioning.STEPS]
+
+
+# -- the dynamic inventory plugin ------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """ansible-inventory marks strings from a plugin unsafe (never templated)."""
+    if isinstance(value, dict):
+        if set(value) == {"__ansible_unsafe"}:
+            return value["__ansible_unsafe"]
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _ansible_inventory(env: ProviderEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    venv_bin = str(Path(sys.executable).parent)
+    return subprocess.run(
+        [str(Path(venv_bin) / "ansible-inventory"), "-i", "playbooks/inventory/hsmctl.yml", *args],
+        cwd=REPO,
+        env={
+            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+            "HSMCTL_CONFIG": str(env.config),
+            "HOME": str(env.root),
+            "ANSIBLE_INVENTORY_UNPARSED_FAILED": "1",
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+def test_dynamic_inventory_lists_the_state_store(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    inv = load_inventory(env.inventory)
+    with env.store() as store:
+        (a,) = store.allocate("req-a", check_placement(inv, "t1", "v1", "hsm"))
+        (b,) = store.allocate("req-b", check_placement(inv, "t1", "v1", "hsm"))
+        (c,) = store.allocate("req-c", check_placement(inv, "t2", "v1", "hsm", ip="10.20.1.9"))
+        store.set_state(b.appliance, ApplianceState.PROVISIONED)
+        store.set_state(b.appliance, ApplianceState.CUSTOMER_OWNED)
+    assert (a.appliance, b.appliance, c.appliance) == ("unit01", "unit03", "unit02")
+
+    proc = _ansible_inventory(env, "--list")
+    assert proc.returncode == 0, proc.stderr
+    data = _plain(json.loads(proc.stdout))
+    groups = {g: sorted(v.get("hosts", [])) for g, v in data.items() if g != "_meta"}
+    assert groups["tenant_t1"] == ["unit01", "unit03"]
+    assert groups["tenant_t2"] == ["unit02"]
+    assert groups["stamp_s1"] == ["unit01", "unit02"]
+    assert groups["stamp_s3"] == ["unit04"]
+    assert groups["region_r2"] == ["unit04"]
+    assert groups["state_provisioning"] == ["unit01", "unit02"]
+    assert groups["state_customer_owned"] == ["unit03"]
+    assert groups["state_available"] == ["unit04"]
+    hv = data["_meta"]["hostvars"]
+    assert hv["unit02"] == {
+        "ansible_host": "127.0.0.12",
+        "mgmt_ip": "127.0.0.12",
+        "data_ip": "10.20.1.9",
+        "tenant": "t2",
+        "stamp": "s1",
+        "region": "r1",
+        "state": "provisioning",
+        "hsm_serial": "UNIT0002",
+        "hsm_model": "unit-test",
+        "vnet": "v1",
+        "subnet": "hsm",
+        "hsm_request_id": "req-c",
+        "hsmctl_config": str(env.config),
+    }
+    assert hv["unit04"]["tenant"] is None and hv["unit04"]["data_ip"] is None
+    assert "hsm_request_id" not in hv["unit04"]
+
+
+def test_dynamic_inventory_fails_loudly_without_a_config(tmp_path: Path) -> None:
+    env = make_env(tmp_path)
+    env.config = tmp_path / "missing.yaml"
+    proc = _ansible_inventory(env, "--list")
+    assert proc.returncode != 0
+    assert f"configuration file {env.config} does not exist" in proc.stderr
