@@ -155,7 +155,21 @@ def client_netns(lab: dict[str, Any], tenant: str) -> str:
     return str(next(x for x in lab["tenants"] if x["name"] == tenant)["client_netns"])
 
 
+_NEXT_HOST: dict[str, int] = {}
+
+
+def unique_ip(tenant: str) -> str:
+    """An address in the tenant's ``hsm`` subnet no other provision of this session used:
+    every test has its own state store, and the lab's bridges are shared."""
+    n = _NEXT_HOST.get(tenant, 100) + 1
+    _NEXT_HOST[tenant] = n if n < 250 else 100
+    third = 8 * (int(tenant.removeprefix("tenant")) - 1)
+    return f"198.19.{third}.{n}"
+
+
 def provision(provider_conf: Path, tenant: str, *extra: str) -> dict[str, Any]:
+    if "--ip" not in extra and "--count" not in extra:
+        extra = (*extra, "--ip", unique_ip(tenant))
     proc = hsmctl(
         "--config",
         str(provider_conf),
