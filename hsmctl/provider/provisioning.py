@@ -11,8 +11,10 @@ encrypted to the tenant in the bundle within the same call; the provider keeps n
 from __future__ import annotations
 
 import enum
+import fcntl
 import ipaddress
 import json
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -163,6 +165,7 @@ def run_step(
 ) -> dict[str, Any]:
     """One step for one appliance (what the ``hsm_provision`` module calls)."""
     ctx = open_context(config_path)
+    lock = _appliance_lock(ctx, appliance)
     try:
         alloc = _allocation(ctx, appliance, request_id)
         which = Step(step)
@@ -195,7 +198,22 @@ def run_step(
         )
         return result
     finally:
+        os.close(lock)
         ctx.close()
+
+
+def _appliance_lock(ctx: ProviderContext, appliance: str) -> int:
+    """One step at a time per appliance. A killed ``hsmctl provision`` can leave its
+    ansible-playbook running (ansible-runner starts it in a session of its own); a resumed
+    run then waits for the orphan's step instead of interleaving with it, and as each step
+    is idempotent and holds the lock for its whole body (the one-time password and the
+    bundle that carries it are written together), the last one to run leaves device and
+    bundle consistent."""
+    directory = ctx.state_dir / "locks"
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(directory / f"{appliance}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
 
 
 @dataclass
