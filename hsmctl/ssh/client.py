@@ -420,7 +420,20 @@ class DeviceConnection:
             sock.close()
             if isinstance(exc, HsmctlError):
                 raise
-            raise _translate(exc, f"{self.label} as {self.username}") from exc
+            error = _translate(exc, f"{self.label} as {self.username}")
+            if (
+                isinstance(error, UnreachableError)
+                and self._server_key is not None
+                and "timed out" not in str(error)
+            ):
+                # The pinned device answered, then hung up during authentication: sshd
+                # does that when PAM's account check refuses (a locked or expired
+                # account) after a key was accepted. That is a refusal, not a network fault.
+                raise AuthenticationFailed(
+                    f"{self.label} as {self.username}: the device closed the connection "
+                    "during authentication (account refused)"
+                ) from exc
+            raise error from exc
         except BaseException:
             client.close()
             sock.close()
