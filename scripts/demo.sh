@@ -41,7 +41,11 @@ else
   echo "provider key refused, as it must be"
 fi
 
-step "5. The device's activity log verifies (hash chain, signed checkpoints, key rotations)"
+step "5. Provider: health through the monitoring path; the store learns who owns it"
+"$hsmctl" health "$appliance" || true
+"$hsmctl" fleet list
+
+step "6. The device's activity log verifies (hash chain, signed checkpoints, key rotations)"
 "$hsmctl" lab console "$appliance" -- hsmsh -c 'audit verify'
 
 printf '\nThe lab stays up for you to explore; "%s lab down" removes it.\n' "$hsmctl"
