@@ -6,6 +6,8 @@ Layout (all under ``state_dir``, 0700 directories, 0600 files)::
     appliances/ID/takeover.json     the takeover journal (keyed by bundle id)
     appliances/ID/receipt.json      the signed takeover receipt
     appliances/ID/secrets/NAME      escrowed secrets: admin password, SO/CO PIN, audit key
+    appliances/ID/retired/TAG/NAME  the escrow of an earlier takeover of a re-provisioned
+                                    appliance (moved aside, never deleted)
     appliances/ID/archive/          the verified activity-log archive (log collection)
 
 Every write is atomic (temporary file, fsync, rename, fsync of the directory), so a
@@ -91,6 +93,21 @@ class ApplianceState:
         path = self.secret_path(name)
         write_atomic(path, value.reveal().encode("utf-8") + b"\n")
         return path
+
+    def retire_secrets(self, tag: str) -> Path | None:
+        """Move the escrow of an earlier tenancy aside (kept, never deleted) so that a new
+        takeover of the same appliance starts with its own secrets. Atomic (one rename)."""
+        current = self.dir / "secrets"
+        if not current.is_dir() or not any(current.iterdir()):
+            return None
+        retired = self.dir / "retired" / tag
+        retired.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if retired.exists():
+            retired = retired.with_name(f"{tag}.{os.getpid()}")
+        os.rename(current, retired)
+        fsync_dir(retired.parent)
+        fsync_dir(self.dir)
+        return retired
 
     def escrowed(self, name: str) -> Secret | None:
         path = self.secret_path(name)

@@ -12,7 +12,11 @@ and the same command finishes the job:
   after a fresh login with the new password; on resume the new password is tried first,
   the one-time one only while the change may not have happened;
 * host keys are staged, journaled, then activated; while a rotation is in flight both
-  the old and the staged keys are accepted, and only those.
+  the old and the staged keys are accepted, and only those, until a connection shows
+  the device serving a staged key;
+* a journal whose password change was never sent (``one-time``) is not a commitment: a
+  new bundle for the same appliance (the device re-provisioned, or the first bundle
+  refused for a host-key mismatch) replaces it; otherwise another bundle exits 5.
 
 The customer never loses access: at every instant one of the escrowed credentials logs in.
 """
@@ -85,6 +89,22 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _precise_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _time(text: str) -> datetime:
+    """An RFC 3339 UTC time as written here or by the device (``Z``, optional fraction)."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+HOSTKEY_ACTIVATION_WAIT = 20.0  # seconds for the data sshd to come back with the new keys
+
+
+def _same_keys(a: Sequence[str], b: Sequence[str]) -> bool:
+    return {PublicKey.parse(k).to_line() for k in a} == {PublicKey.parse(k).to_line() for k in b}
+
+
 def token_label(bundle: OpenedBundle) -> str:
     return f"{bundle.tenant}-{bundle.appliance}"[:32]
 
@@ -122,6 +142,7 @@ class Takeover:
         self.progress = progress or NullProgress()
         self.identity = TenantIdentity.load(ctx.identity)
         self.conn: DeviceConnection | None = None
+        self.ran: list[Step] = []  # the steps this run did (none: it was already finished)
 
     # journal ------------------------------------------------------------------------------
 
@@ -184,7 +205,11 @@ class Takeover:
                 self.journal["password"] = PasswordState.COMMITTED.value
                 self._save()
             return self.conn
-        assert last is not None
+        if last is None:  # committed, but the escrowed password is gone
+            raise HsmctlError(
+                f"{self.bundle.appliance}: the journal says the admin password was changed, "
+                f"but {self.state.secret_path('admin-password')} is missing; restore it"
+            )
         raise last
 
     def _observe_host_key(self, conn: DeviceConnection) -> None:
@@ -193,13 +218,17 @@ class Takeover:
         keys = self.journal["host_keys"]
         staged = [PublicKey.parse(k).to_line() for k in keys["staged"]]
         if presented in staged:
+            keys["previous"] = keys["current"]
             keys["current"], keys["staged"] = keys["staged"], []
+            keys["rotated"] = True
             self._save()
 
     def _run(self, command: str, stdin: Sequence[Secret | str] = ()) -> str:
         conn = self._admin()
-        point = command.replace(" ", "-")
-        faults.reached(f"before:{point}", conn)
+        words = command.split()
+        # The command's words, not its option values: the same name on every appliance.
+        point = "-".join(words[: next((i for i, w in enumerate(words) if w[:2] == "--"), None)])
+        faults.reached(f"send:{point}", conn)
         out = conn.run(command, stdin).stdout
         faults.reached(f"sent:{point}", conn)
         return out
@@ -220,15 +249,22 @@ class Takeover:
         }
         for name, value in given.items():
             existing = s.escrowed(name)
-            if existing is not None:
-                if value is not None and value != existing and self._done(Step.ESCROW):
-                    raise ConflictError(
-                        f"a different {name} is already escrowed for {self.bundle.appliance} "
-                        "by this unfinished takeover; rerun without it"
+            if value is None:
+                if existing is None:
+                    s.escrow(
+                        name, generate_password() if name == "admin-password" else generate_pin()
                     )
                 continue
-            if value is None:
-                value = generate_password() if name == "admin-password" else generate_pin()
+            if value == existing:
+                continue
+            if existing is not None and self._done(Step.ESCROW):
+                # Escrowed secrets are in use from here on: changing one now could lock
+                # the customer out of a half-done device.
+                raise ConflictError(
+                    f"a different {name} is already escrowed for {self.bundle.appliance} "
+                    "by this unfinished takeover; rerun without it"
+                )
+            # Nothing has used the escrow yet (this step is not done): the value given wins.
             s.escrow(name, value)
         if s.escrowed("audit-collector-key") is None:
             s.escrow("audit-collector-key", _new_ssh_key(self.bundle.appliance))
@@ -247,7 +283,7 @@ class Takeover:
             conn = self._admin()
             if PasswordState(self.journal["password"]) is PasswordState.PENDING:
                 # Still on the one-time password: make the change.
-                faults.reached("before:user-password", conn)
+                faults.reached("send:user-password", conn)
                 conn.run("user password", [new])
                 faults.reached("sent:user-password", conn)
             self._drop()
@@ -264,31 +300,56 @@ class Takeover:
 
     def step_hostkeys(self) -> None:
         keys = self.journal["host_keys"]
-        if not keys["staged"]:
-            shown = json.loads(self._run("sysconf hostkey stage"))
+        self._admin()  # observes a rotation that happened before an interruption
+        if not keys.get("rotated"):
             info = json.loads(self._run("sysconf hostkey show"))
-            keys["staged"] = list(info["staged_keys"])
-            keys["staged_fingerprints"] = shown["staged"]
-            self._save()
-        else:
-            info = json.loads(self._run("sysconf hostkey show"))
-            if list(info["staged_keys"]) != keys["staged"]:
-                # The device does not hold what we journaled as staged (and the old key
-                # still serves, or we could not be connected): stage again.
-                keys["staged"] = []
+            journaled = keys["staged"]
+            on_device = journaled and (
+                _same_keys(info["staged_keys"], journaled)
+                or _same_keys(info["active_keys"], journaled)
+            )
+            if not on_device:
+                # Nothing staged yet, or the device does not hold what we journaled (its
+                # stage never happened): stage, and journal the new keys before activating.
+                shown = json.loads(self._run("sysconf hostkey stage"))
+                info = json.loads(self._run("sysconf hostkey show"))
+                keys["staged"] = list(info["staged_keys"])
+                keys["staged_fingerprints"] = shown["staged"]
                 self._save()
-                return self.step_hostkeys()
-        self._run("sysconf hostkey activate")
-        self._drop()
-        time.sleep(0.3)
-        keys["previous"] = keys["current"]
-        keys["current"], keys["staged"] = keys["staged"], []
-        self._save()
-        self._admin()  # reconnect pinned to the new keys only
+            if not _same_keys(info["active_keys"], keys["staged"]):
+                self._run("sysconf hostkey activate")
+            self._drop()
+            self._await_new_host_key()
         pins = self.state.pins()
         pins["data_host_keys"] = keys["current"]
         self.state.save_pins(pins)
         self._mark(Step.HOSTKEYS)
+
+    def _await_new_host_key(self) -> None:
+        """Reconnect until the device serves a staged key (its data sshd restarts after
+        activation); until then the old and the staged keys stay pinned, so an
+        interruption here never leaves us pinned to keys the device does not serve."""
+        deadline = time.monotonic() + HOSTKEY_ACTIVATION_WAIT
+        keys = self.journal["host_keys"]
+        while True:
+            conn = self._admin()
+            if keys.get("rotated"):
+                # The new key alone is not enough: a connection the old sshd accepted just
+                # before its restart also shows it (OpenSSH re-reads host keys for each
+                # connection) but is orphaned by the restart, and the device refuses every
+                # command on it. Only a session that answers counts.
+                shown = conn.run("sysconf hostkey show", check=False)
+                if shown.ok and _same_keys(
+                    json.loads(shown.stdout)["active_keys"], keys["current"]
+                ):
+                    return
+            self._drop()
+            if time.monotonic() > deadline:
+                raise UnreachableError(
+                    f"{self.bundle.appliance}: the data interface does not serve its new host "
+                    f"keys {HOSTKEY_ACTIVATION_WAIT:g} s after activation; run the takeover again"
+                )
+            time.sleep(0.2)
 
     def _hsm_show(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(self._run("hsm show"))
@@ -367,13 +428,18 @@ class Takeover:
         self.bundle = bundle
         self.state: ApplianceState = self.ctx.appliance(bundle.appliance)
         journal = self.state.read(JOURNAL)
+        replaced: dict[str, Any] | None = None
         if journal is not None and journal["bundle_id"] != bundle.bundle_id:
-            if Step.RECEIPT.value not in journal["done"]:
+            finished = Step.RECEIPT.value in journal["done"]
+            untouched = PasswordState(journal["password"]) is PasswordState.ONE_TIME
+            if not (finished or untouched):
                 raise ConflictError(
                     f"{bundle.appliance} has an unfinished takeover from another hand-off "
                     f"bundle (request {journal.get('request_id')}); finish that one first"
                 )
-            journal = None  # a finished takeover, then a re-provisioned device
+            # A finished takeover then a re-provisioned device, or a takeover that never
+            # changed anything on the device: the new bundle starts afresh.
+            replaced, journal = journal, None
         if journal is None:
             if bundle.expired:
                 from hsmctl.handoff import BundleExpired
@@ -382,11 +448,16 @@ class Takeover:
                     f"hand-off bundle for {bundle.appliance} expired at "
                     f"{bundle.expires_at.isoformat()}; ask the provider for a new one"
                 )
+            if replaced is not None:
+                retired = self.state.retire_secrets(str(replaced["bundle_id"])[:16])
+                if retired is not None:
+                    self.progress.step(f"{bundle.appliance}: earlier escrow kept in {retired}")
             journal = {
                 "bundle_id": bundle.bundle_id,
                 "appliance": bundle.appliance,
                 "request_id": bundle.request_id,
-                "started_at": _now(),
+                # Before any connection: every admin session of this takeover is later.
+                "started_at": _precise_now(),
                 "password": PasswordState.ONE_TIME.value,
                 "host_keys": {"current": list(bundle.data_host_keys), "staged": []},
                 "done": [],
@@ -422,6 +493,7 @@ class Takeover:
                     continue
                 self.progress.step(f"{self.bundle.appliance}: {step.value}")
                 faults.reached(f"before:{step.value}", self.conn)
+                self.ran.append(step)
                 actions[step]()
         finally:
             self._drop()
@@ -466,8 +538,53 @@ def export_log(conn: DeviceConnection, after: int = 0) -> list[bytes]:
     return sink.getvalue().splitlines()
 
 
+def _is_otp_set(record: dict[str, Any]) -> bool:
+    detail = record.get("detail") or {}
+    return (
+        record.get("event") == "result"
+        and record.get("outcome") == "ok"
+        and str(detail.get("command", "")).startswith("user otp set")
+    )
+
+
+def transfer_window(records: Sequence[dict[str, Any]], started_at: str) -> dict[str, Any]:
+    """Where this tenancy starts in the log and whether anyone else used it first. Pure.
+
+    The tenancy starts at the last successful ``user otp set`` (the one-time credential
+    of this hand-off; a re-provisioned device has earlier tenancies before it). After it
+    come the first ``ownership-transfer`` and, before that, only this takeover's own
+    admin sessions: an ``ok`` admin login or session between the two that is older than
+    the journal's start (taken before our first connection) is someone else's.
+    """
+    provisioned = max((r["seq"] for r in records if _is_otp_set(r)), default=0)
+    transfer = next(
+        (
+            r["seq"]
+            for r in records
+            if r["event"] == "ownership-transfer" and r["seq"] > provisioned
+        ),
+        None,
+    )
+    started = _time(started_at)
+    early = [
+        r["seq"]
+        for r in records
+        if provisioned < r["seq"] < (transfer or r["seq"] + 1)
+        and r["actor"] == "admin"
+        and r["event"] in ("login", "session-start")
+        and r["outcome"] == "ok"
+        and _time(r["time"]) < started
+    ]
+    return {"provisioned_seq": provisioned, "transfer_seq": transfer, "earlier_sessions": early}
+
+
 def prove(t: Takeover) -> list[dict[str, Any]]:
-    """SPEC §7 step 7: each check and its result (never assumed, always observed)."""
+    """SPEC §7 step 7: each check and its result (never assumed, always observed).
+
+    Everything read from the device comes over a fresh session (tenant key + escrowed
+    password); the refused logins come last, so their back-off (the device slows a
+    source after failures) does not delay this run.
+    """
     checks: list[dict[str, Any]] = []
 
     def check(name: str, ok: bool, detail: Any = None) -> None:
@@ -475,7 +592,12 @@ def prove(t: Takeover) -> list[dict[str, Any]]:
 
     new = t.state.escrowed("admin-password")
     assert new is not None
-    conn = t._admin()
+    t._drop()
+    conn = t._admin()  # password state committed: key + escrowed password only
+    check(
+        "key-and-password-work",
+        conn.connected and PasswordState(t.journal["password"]) is PasswordState.COMMITTED,
+    )
     access = json.loads(conn.run("sysconf provider-access show").stdout)
     check(
         "provider-access-revoked",
@@ -511,6 +633,36 @@ def prove(t: Takeover) -> list[dict[str, Any]]:
         presented in current and presented not in original,
         {"fingerprint": conn.host_key_fingerprint()},
     )
+    audit_key = t.journal.get("audit_key_id")
+    check(
+        "audit-key-rotated",
+        info.get("audit_key_id") == audit_key and audit_key != t.bundle.audit_key_id,
+        {"key_id": info.get("audit_key_id")},
+    )
+
+    lines = export_log(conn)
+    pins = t.state.pins()
+    report = auditlog.verify_lines(lines, pins["audit_keys"], device=t.bundle.appliance)
+    check(
+        "activity-log-verifies",
+        report.ok,
+        {"records": report.records, "violations": [str(v) for v in report.violations]},
+    )
+    records = [json.loads(line) for line in lines]
+    window = transfer_window(records, t.journal["started_at"])
+    check(
+        "log-holds-the-transfer",
+        window["transfer_seq"] is not None,
+        {"seq": window["transfer_seq"], "provisioned_seq": window["provisioned_seq"]},
+    )
+    check(
+        "no-admin-session-before-the-customer",
+        not window["earlier_sessions"],
+        {"earlier_sessions": window["earlier_sessions"]},
+    )
+    t.journal["log_head"] = {"seq": report.head.seq, "hash": report.head.hash}
+    t.journal["transfer_seq"] = window["transfer_seq"]
+    t.journal["provisioned_seq"] = window["provisioned_seq"]
     t._drop()
 
     def refused(password: Secret | None, with_key: bool) -> bool:
@@ -532,34 +684,6 @@ def prove(t: Takeover) -> list[dict[str, Any]]:
     check("one-time-password-refused", refused(t.bundle.otp, True))
     check("password-without-key-refused", refused(new, False))
     check("key-without-password-refused", refused(None, True))
-    conn = t._admin()
-    check("key-and-password-work", conn.connected)
-
-    lines = export_log(conn)
-    pins = t.state.pins()
-    report = auditlog.verify_lines(lines, pins["audit_keys"], device=t.bundle.appliance)
-    check(
-        "activity-log-verifies",
-        report.ok,
-        {"records": report.records, "violations": [str(v) for v in report.violations]},
-    )
-    records = [json.loads(line) for line in lines]
-    transfer = [r for r in records if r["event"] == "ownership-transfer"]
-    check(
-        "log-holds-the-transfer", bool(transfer), {"seq": transfer[0]["seq"] if transfer else None}
-    )
-    started = t.journal.get("first_login_at") or t.journal["started_at"]
-    early = [
-        r["seq"]
-        for r in records
-        if r["actor"] == "admin"
-        and r["event"] in ("login", "session-start")
-        and r["outcome"] == "ok"
-        and r["time"][:19] < started[:19]
-    ]
-    check("no-admin-session-before-the-customer", not early, {"earlier_sessions": early})
-    t.journal["log_head"] = {"seq": report.head.seq, "hash": report.head.hash}
-    t.journal["transfer_seq"] = transfer[0]["seq"] if transfer else None
     return checks
 
 
@@ -581,7 +705,11 @@ def write_receipt(t: Takeover) -> Path:
         },
         "keep_monitor": t.opts.keep_monitor,
         "checks": t.journal["checks"],
-        "log": {"transfer_seq": t.journal.get("transfer_seq"), "head": t.journal["log_head"]},
+        "log": {
+            "provisioned_seq": t.journal.get("provisioned_seq"),
+            "transfer_seq": t.journal.get("transfer_seq"),
+            "head": t.journal["log_head"],
+        },
     }
     signed = sign_document(doc, t.identity)
     return write_document(t.state.dir / RECEIPT, signed)

@@ -235,13 +235,17 @@ def test_golden_image_is_at_factory_state(lab: dict[str, Any]) -> None:
     assert not any((root / "etc/ssh/data").iterdir())
     assert not any((root / "var/lib/softhsm/tokens").iterdir())
     assert not any((root / "etc/hsm/authorized_keys").iterdir())
-    shadow = {line.split(":")[0]: line.split(":") for line in
-              (root / "etc/shadow").read_text().splitlines()}
+    shadow = {
+        line.split(":")[0]: line.split(":")
+        for line in (root / "etc/shadow").read_text().splitlines()
+    }
     for user in ("provider", "monitor", "admin", "audit"):
         assert shadow[user][1] == "*", user  # no password anywhere
     for user in ("monitor", "audit", "admin"):
         assert shadow[user][7] == "1", user  # expired: locked even for keys
-    passwd = {line.split(":")[0]: line.split(":") for line in
-              (root / "etc/passwd").read_text().splitlines()}
+    passwd = {
+        line.split(":")[0]: line.split(":")
+        for line in (root / "etc/passwd").read_text().splitlines()
+    }
     for user in ("provider", "monitor", "admin", "audit"):
         assert passwd[user][6] == "/usr/local/sbin/hsmsh"

@@ -18,20 +18,32 @@ REPO = Path(__file__).resolve().parents[2]
 def test_vagrantfile_validates() -> None:
     if shutil.which("vagrant") is None:
         pytest.fail("vagrant is not installed (scripts/install-deps.sh installs it)")
-    proc = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=REPO / "vagrant",
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        ["vagrant", "validate", "--ignore-provider"],
+        cwd=REPO / "vagrant",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "validated successfully" in proc.stdout
 
 
 @pytest.mark.parametrize(
     "script",
-    ["vagrant/appliance-image.sh", "scripts/install-deps.sh", "scripts/demo.sh", ".ci/run",
-     "hsmctl/lab/boot.sh"],
+    [
+        "vagrant/appliance-image.sh",
+        "scripts/install-deps.sh",
+        "scripts/demo.sh",
+        ".ci/run",
+        "hsmctl/lab/boot.sh",
+    ],
 )
 def test_shellcheck(script: str) -> None:
-    proc = subprocess.run(["shellcheck", str(REPO / script)], capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        ["shellcheck", str(REPO / script)], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stdout
 
 

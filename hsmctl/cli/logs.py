@@ -1,0 +1,238 @@
+"""``hsmctl logs``: collect, verify and export appliances' activity logs (customer side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hsmctl.cli.output import CliProgress, emit, json_option
+from hsmctl.errors import HsmctlError
+
+
+def _config(ctx: click.Context) -> str | None:
+    root = ctx.find_root()
+    value: str | None = root.obj.get("config_path") if root.obj else None
+    return value
+
+
+_wait_option = click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="How long to wait for a busy archive before exit 5 "
+    "(default: 0 for collect, 60 for verify and export).",
+)
+
+
+@click.group()
+def logs() -> None:
+    """Collect, verify and export appliances' activity logs (run inside the tenant
+    network, as the appliances' `audit` account)."""
+
+
+@logs.command("collect")
+@click.option(
+    "--appliance", "appliances", multiple=True, metavar="ID", help="Appliance to collect."
+)
+@click.option("--all", "all_", is_flag=True, help="Every appliance taken over from here.")
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Appliances collected at the same time.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(0, 64),
+    default=None,
+    help="Processes verifying large logs (default: one per CPU; 0: in the collecting thread).",
+)
+@_wait_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=3600,
+    show_default=True,
+    metavar="SECONDS",
+    help="Limit for one appliance's export.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10,
+    show_default=True,
+    metavar="SECONDS",
+)
+@click.option(
+    "--key-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="CREDENTIALS_DIRECTORY",
+    help="Directory with collector keys named collector-key_ID or ID "
+    "(default: $CREDENTIALS_DIRECTORY, e.g. systemd LoadCredential=); else the escrow.",
+)
+@json_option
+@click.pass_context
+def collect(
+    ctx: click.Context,
+    appliances: tuple[str, ...],
+    all_: bool,
+    parallel: int,
+    workers: int | None,
+    wait: float | None,
+    timeout: float,
+    connect_timeout: float,
+    key_dir: Path | None,
+    as_json: bool,
+) -> None:
+    """Pull each appliance's new activity-log records, verify them and archive them.
+
+    Incremental (from the archive's head, which the device must still hold), verified
+    before anything is stored (hash chain, no gaps, checkpoint and key-rotation
+    signatures against the pinned audit keys), appended to the appliance's archive in
+    the state directory; the cursor moves only after the records are fsynced.
+
+    \b
+    Output: {"appliances": [{"appliance", "new_records", "last_seq", "verified"}]}.
+    Exit 3: the log was tampered with (the report names the records; the archive is
+    unchanged); 4: unreachable; 5: the archive is busy; over several appliances the most
+    severe (3, 4, 1, 5) — the others are still collected."""
+    from hsmctl.collect.collector import Collector, Options, collected_appliances, state_dir
+
+    if all_ == bool(appliances):
+        raise click.UsageError("give --appliance ID (repeatable) or --all")
+    state = state_dir(_config(ctx))
+    targets = collected_appliances(state) if all_ else list(appliances)
+    options = Options(
+        lock_wait=0.0 if wait is None else wait,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        parallel=parallel,
+        key_dir=key_dir,
+        **({} if workers is None else {"workers": workers}),
+    )
+    report = Collector(state, options, CliProgress(quiet=as_json)).run(targets)
+    payload = report.as_dict()
+    if report.exit_code:
+        bad = [o for o in report.appliances if o.error is not None]
+        err = HsmctlError(
+            f"{len(bad)} of {len(report.appliances)} appliance(s) failed: "
+            + "; ".join(str(o.error) for o in bad),
+            detail=payload,
+        )
+        err.exit_code = report.exit_code
+        raise err
+
+    def text(p: dict[str, Any]) -> str:
+        rows = [f"{'ID':<10} {'NEW':>8} {'LAST SEQ':>10}  VERIFIED"]
+        for a in p["appliances"]:
+            rows.append(
+                f"{a['appliance']:<10} {a['new_records']:>8} {a['last_seq']:>10}  "
+                f"{'yes' if a['verified'] else 'no'}"
+            )
+        return "\n".join(rows) if p["appliances"] else "no appliances to collect"
+
+    emit(as_json, payload, text)
+
+
+@logs.command("verify")
+@click.argument("appliance")
+@_wait_option
+@click.option("--workers", type=click.IntRange(0, 64), default=None)
+@json_option
+@click.pass_context
+def verify(
+    ctx: click.Context, appliance: str, wait: float | None, workers: int | None, as_json: bool
+) -> None:
+    """Re-verify APPLIANCE's whole archive offline, from record 1, with the pinned audit
+    keys only; and check the cursor says what the chain proves. Exit 3 on any violation.
+
+    \b
+    Output: {"appliance", "verified", "records", "last_seq", "last_checkpoint",
+    "segments", "trusted_keys", "retired_keys"}."""
+    from hsmctl.collect.collector import state_dir, verify_archive
+
+    report = verify_archive(
+        state_dir(_config(ctx)),
+        appliance,
+        wait=60.0 if wait is None else wait,
+        workers=workers,
+    )
+    emit(
+        as_json,
+        report.as_dict(),
+        lambda p: (
+            f"{p['appliance']}: {p['records']} records verified through {p['last_seq']} "
+            f"({p['segments']} segments)"
+        ),
+    )
+
+
+@logs.command("export")
+@click.argument("appliance")
+@click.option(
+    "--after", type=click.IntRange(min=0), default=0, metavar="SEQ", help="Records after SEQ."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "syslog"]),
+    default="jsonl",
+    show_default=True,
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to FILE (whole or not at all) instead of stdout.",
+)
+@click.option(
+    "--syslog",
+    metavar="URL",
+    help="Send to a syslog receiver: tcp://HOST:PORT (RFC 6587 octet counting) or "
+    "udp://HOST:PORT (one message per datagram).",
+)
+@_wait_option
+@json_option
+@click.pass_context
+def export(
+    ctx: click.Context,
+    appliance: str,
+    after: int,
+    fmt: str,
+    output: Path | None,
+    syslog: str | None,
+    wait: float | None,
+    as_json: bool,
+) -> None:
+    """Export APPLIANCE's archived (verified) records after --after SEQ as JSON lines or
+    RFC 5424 syslog, to stdout, a file or a syslog receiver.
+
+    \b
+    With --json (needs --output or --syslog): {"appliance", "records", "first_seq",
+    "last_seq", "format", "destination"}."""
+    from hsmctl.collect.archive import Archive
+    from hsmctl.collect.collector import state_dir
+    from hsmctl.collect.export import Format, open_destination
+    from hsmctl.collect.export import export as run
+    from hsmctl.customer.store import ApplianceState
+    from hsmctl.errors import UsageError
+
+    if as_json and output is None and syslog is None:
+        raise click.UsageError("--json prints a summary on stdout: give --output or --syslog")
+    state = state_dir(_config(ctx))
+    if not (state / "appliances" / appliance / "pins.json").is_file():
+        raise UsageError(f"{appliance}: not taken over from this state directory ({state})")
+    archive = Archive(ApplianceState(state, appliance).dir / "archive", appliance)
+    with archive.lock(exclusive=False, wait=60.0 if wait is None else wait):
+        cursor = archive.cursor()
+        with open_destination(output, syslog) as dest:
+            result = run(archive, cursor, dest, after=after, fmt=Format(fmt))
+    if as_json or output is not None or syslog is not None:
+        emit(
+            as_json,
+            result.as_dict(),
+            lambda p: f"{p['appliance']}: {p['records']} records to {p['destination']}",
+        )

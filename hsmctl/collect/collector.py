@@ -1,0 +1,475 @@
+"""Incremental, verified collection of appliances' activity logs (SPEC §8).
+
+One appliance, one run, as a state machine whose decisions are pure functions of the
+archive's cursor and the pins (:func:`plan_resume`, :func:`trust_roots`):
+
+1. lock the archive (busy → exit 5) and :meth:`~Archive.recover` it;
+2. connect as ``audit`` to the data address, host keys pinned (mismatch → exit 3,
+   unreachable → exit 4);
+3. ``audit export --after HEAD-1``: the stream restarts at the archived head, so the
+   device's record there must hash the same (else rollback/truncation → exit 3);
+4. verify as the bytes arrive (:mod:`.pipeline`): no gap, links, hashes, checkpoint and
+   key-rotation signatures against the pinned audit keys; a violation stops the transfer;
+5. append verified chunks to the archive, commit through the last checkpoint (fsync,
+   then the cursor). On any failure the archive goes back to its cursor: nothing
+   verified earlier changes.
+
+Many appliances run in parallel threads (bounded); verification of large logs uses a
+shared pool of worker processes. A failure of one appliance never stops the others; the
+command's exit code is the most severe of theirs (3, 4, 1, 5).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from hsmctl import config as config_mod
+from hsmctl.auditlog import GENESIS_HEAD, Head, Violation
+from hsmctl.collect.archive import SEGMENT_BYTES, Archive, Cursor
+from hsmctl.collect.pipeline import ChunkedVerifier, ChunkResult, Halted, TrustState, VerifyPool
+from hsmctl.customer.store import ApplianceState
+from hsmctl.errors import ConfigError, HsmctlError, IntegrityError, UsageError, most_severe
+from hsmctl.progress import NullProgress, Progress
+
+COLLECTOR_KEY = "audit-collector-key"
+CREDENTIAL_PREFIX = "collector-key_"
+"""systemd ``LoadCredential=collector-key:DIR`` names each file of DIR so."""
+
+
+class LogIntegrityError(IntegrityError):
+    """The device's log failed verification; names the appliance and the records."""
+
+    def __init__(self, appliance: str, violations: Sequence[Violation], cursor: Cursor) -> None:
+        first = violations[0]
+        text = "; ".join(str(v) for v in violations)
+        super().__init__(
+            f"{appliance}: activity log verification failed at record {first.seq}: {text}; "
+            f"nothing from this run was archived (the archive still ends at record "
+            f"{cursor.seq})",
+            detail={
+                "appliance": appliance,
+                "violations": [v.as_dict() for v in violations],
+                "archive_head": cursor.seq,
+            },
+        )
+        self.violations = tuple(violations)
+
+
+@dataclass(frozen=True)
+class Options:
+    lock_wait: float = 0.0
+    """Seconds to wait for a busy archive before exit 5."""
+    timeout: float = 3600.0
+    """Limit on one export (a large first collection can take minutes)."""
+    connect_timeout: float = 10.0
+    parallel: int = 4
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Verification processes for large logs; 0 verifies in the collecting thread."""
+    key_dir: Path | None = None
+    """Collector keys as files (``collector-key_ID`` or ``ID``), e.g. systemd credentials."""
+    segment_bytes: int = SEGMENT_BYTES
+
+
+@dataclass(frozen=True)
+class Target:
+    """Everything needed to collect one appliance, read from the customer's state."""
+
+    appliance: str
+    state: ApplianceState
+    data_ip: str
+    host_keys: tuple[str, ...]
+    audit_keys: Mapping[str, str]
+    retired: frozenset[str]
+    key: Path
+    port: int = 22
+
+
+@dataclass
+class Outcome:
+    appliance: str
+    new_records: int = 0
+    last_seq: int = 0
+    verified: bool = False
+    error: HsmctlError | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return self.error.exit_code if self.error else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "appliance": self.appliance,
+            "new_records": self.new_records,
+            "last_seq": self.last_seq,
+            "verified": self.verified,
+        }
+        if self.error is not None:
+            d["error"] = {
+                "exit_code": self.error.exit_code,
+                "message": str(self.error),
+                **{k: v for k, v in self.error.detail.items() if k != "appliance"},
+            }
+        return d
+
+
+@dataclass
+class Report:
+    appliances: list[Outcome]
+
+    @property
+    def exit_code(self) -> int:
+        return most_severe(o.exit_code for o in self.appliances)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"appliances": [o.as_dict() for o in self.appliances]}
+
+
+# -- pure decisions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Resume:
+    after: int
+    """``audit export --after`` this."""
+    start: Head
+    anchor: Head | None
+    """The archived head the device must still hold (None: empty archive)."""
+    skip: int
+    """Leading records of the stream that are already archived."""
+
+
+def plan_resume(cursor: Cursor) -> Resume:
+    """Export from the record before the head so the device must show the head again."""
+    if cursor.seq == 0:
+        return Resume(0, GENESIS_HEAD, None, 0)
+    return Resume(cursor.seq - 1, Head(cursor.seq - 1, cursor.prev), cursor.head, 1)
+
+
+def trust_roots(
+    audit_keys: Mapping[str, str], retired: Iterable[str], cursor: Cursor
+) -> TrustState:
+    """The pinned keys (bundle, takeover) plus what the archived chain has trusted since;
+    a key the chain retired stays retired whatever is pinned."""
+    gone = frozenset(cursor.retired_keys) | frozenset(retired)
+    trusted = {**audit_keys, **cursor.trusted_keys}
+    return TrustState({k: v for k, v in trusted.items() if k not in gone}, gone, cursor.device)
+
+
+# -- reading the customer's state ---------------------------------------------------------------
+
+
+def state_dir(config_path: str | None) -> Path:
+    """The tenant's state directory. Collection needs nothing else from the config: not
+    the tenant identity, so a collection job can run without it."""
+    config = config_mod.load(config_path)
+    if config.source is None:
+        raise ConfigError(
+            "no configuration: pass --config, set HSMCTL_CONFIG or create "
+            "/etc/hsmctl/hsmctl.yaml (in the lab: run inside the tenant's client namespace)"
+        )
+    if config.role != "tenant":
+        raise UsageError(f"{config.source} is a {config.role} configuration, not a tenant's")
+    path: Path = config.require("state_dir")
+    return path
+
+
+def collected_appliances(state: Path) -> list[str]:
+    """Appliances whose takeover installed a collector key (``--all``)."""
+    root = state / "appliances"
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in sorted(os.listdir(root)):
+        pins = ApplianceState(state, entry).read("pins.json") if _is_id(root / entry) else None
+        if pins and pins.get("audit_account_key") and pins.get("data_ip"):
+            found.append(entry)
+    return found
+
+
+def _is_id(path: Path) -> bool:
+    return path.is_dir() and (path / "pins.json").is_file()
+
+
+def load_target(state: Path, appliance: str, key_dir: Path | None) -> Target:
+    if not (state / "appliances" / appliance / "pins.json").is_file():
+        raise UsageError(f"{appliance}: not taken over from this state directory ({state})")
+    st = ApplianceState(state, appliance)
+    pins = st.pins()
+    data_ip, host_keys, audit_keys = (
+        pins.get("data_ip"),
+        pins.get("data_host_keys"),
+        pins.get("audit_keys"),
+    )
+    if not (data_ip and host_keys and audit_keys):
+        raise UsageError(f"{appliance}: pins.json lacks the data address, host keys or audit keys")
+    return Target(
+        appliance=appliance,
+        state=st,
+        data_ip=str(data_ip),
+        host_keys=tuple(host_keys),
+        audit_keys=dict(audit_keys),
+        retired=frozenset(pins.get("retired") or ()),
+        key=collector_key(st, key_dir),
+        port=int(pins.get("data_port") or 22),
+    )
+
+
+def collector_key(st: ApplianceState, key_dir: Path | None) -> Path:
+    """The ``audit`` account's private key: from ``key_dir`` if it has one for this
+    appliance, else the escrow. Like every secret file, refused if group/other can read."""
+    candidates = []
+    if key_dir is not None:
+        candidates += [key_dir / f"{CREDENTIAL_PREFIX}{st.appliance}", key_dir / st.appliance]
+    candidates.append(st.dir / "secrets" / COLLECTOR_KEY)
+    for path in candidates:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise UsageError(
+                f"{st.appliance}: collector key {path} is accessible by group or others "
+                f"({stat.S_IMODE(mode):04o}); chmod 600"
+            )
+        return path
+    raise UsageError(
+        f"{st.appliance}: no collector key (looked for {', '.join(map(str, candidates))}); "
+        "the takeover escrows one"
+    )
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+class Collector:
+    """Collect a set of appliances. Lifecycle: create → :meth:`run` (once) → report."""
+
+    def __init__(
+        self, state: Path, options: Options | None = None, progress: Progress | None = None
+    ) -> None:
+        self.state = state
+        self.options = options or Options()
+        self.progress = progress or NullProgress()
+
+    def run(self, appliances: Iterable[str]) -> Report:
+        ids = list(dict.fromkeys(appliances))
+        pool = VerifyPool(self.options.workers) if self.options.workers > 0 else None
+        try:
+            with ThreadPoolExecutor(max(1, min(self.options.parallel, len(ids) or 1))) as ex:
+                outcomes = list(ex.map(lambda a: self._one(a, pool), ids))
+        finally:
+            if pool is not None:
+                pool.close()
+        return Report(outcomes)
+
+    def _one(self, appliance: str, pool: VerifyPool | None) -> Outcome:
+        try:
+            target = load_target(self.state, appliance, self.options.key_dir)
+            outcome = collect(target, self.options, pool)
+        except HsmctlError as exc:
+            self.progress.step(f"{appliance}: {exc}")
+            return Outcome(appliance, error=exc)
+        except Exception as exc:
+            err = HsmctlError(f"{appliance}: unexpected {type(exc).__name__}: {exc}")
+            self.progress.step(str(err))
+            return Outcome(appliance, error=err)
+        self.progress.step(
+            f"{appliance}: {outcome.new_records} new records, verified through {outcome.last_seq}"
+        )
+        return outcome
+
+
+def export_command(after: int) -> str:
+    """The device command (SPEC §3): JSON lines of the records after ``after``, ending
+    with a fresh checkpoint. Its output needs no parser: it is the log itself."""
+    if after < 0:
+        raise ValueError("after must be >= 0")
+    return f"audit export --after {after}"
+
+
+Stream = Callable[[int, BinaryIO], None]
+"""``stream(after, sink)``: write the device's ``audit export --after`` output into
+``sink``; raise HsmctlError if the transfer fails. The transport boundary: SSH in
+:func:`collect`, bytes in tests."""
+
+
+def collect(target: Target, options: Options, pool: VerifyPool | None = None) -> Outcome:
+    """Collect one appliance over SSH (steps 1-5 of the module docstring)."""
+    from hsmctl.ssh import DeviceConnection, PinnedHostKeys, Timeouts
+
+    def export(after: int, sink: BinaryIO) -> None:
+        conn = DeviceConnection(
+            target.data_ip,
+            port=target.port,
+            username="audit",
+            pinned=PinnedHostKeys.of(*target.host_keys),
+            key=target.key,
+            timeouts=Timeouts(connect=options.connect_timeout, command=options.timeout),
+        )
+        with conn:
+            conn.run_stream(export_command(after), sink)
+
+    archive = Archive(
+        target.state.dir / "archive", target.appliance, segment_bytes=options.segment_bytes
+    )
+    with archive.lock(exclusive=True, wait=options.lock_wait):
+        before = archive.recover()
+        after = ingest(
+            archive, before, trust_roots(target.audit_keys, target.retired, before), export, pool
+        )
+    return Outcome(target.appliance, after.seq - before.seq, after.seq, True)
+
+
+def ingest(
+    archive: Archive,
+    cursor: Cursor,
+    trust: TrustState,
+    stream: Stream,
+    pool: VerifyPool | None = None,
+) -> Cursor:
+    """Pull, verify and archive what follows ``cursor`` (hold the exclusive lock). Returns
+    the new cursor; on any failure the archive is left exactly at ``cursor``."""
+    resume = plan_resume(cursor)
+    appender = archive.begin(cursor)
+    try:
+        skip = resume.skip
+
+        def store(chunk: bytes, result: ChunkResult) -> None:
+            nonlocal skip
+            covered = result.covered
+            while skip and chunk:
+                cut = chunk.index(b"\n") + 1
+                chunk, covered, skip = chunk[cut:], max(0, covered - cut), skip - 1
+            appender.append(chunk, covered)
+
+        verifier = ChunkedVerifier(
+            trust, resume.start, anchor=resume.anchor, on_verified=store, pool=pool
+        )
+        failure: HsmctlError | None = None
+        try:
+            stream(resume.after, cast(BinaryIO, _Sink(verifier)))
+        except Halted:
+            pass
+        except HsmctlError as exc:
+            failure = exc
+        summary = verifier.finish(complete=failure is None)
+        if summary.violations:  # evidence of tampering outranks a dropped link
+            raise LogIntegrityError(archive.appliance, summary.violations, cursor)
+        if failure is not None:
+            raise failure
+        return appender.commit(
+            trusted_keys=summary.state.trusted,
+            retired_keys=tuple(summary.state.retired),
+            device=summary.state.device,
+        )
+    except BaseException:
+        appender.abort()
+        raise
+
+
+class _Sink:
+    """The binary sink ``run_stream`` writes the export into."""
+
+    def __init__(self, verifier: ChunkedVerifier) -> None:
+        self.verifier = verifier
+
+    def write(self, data: bytes) -> int:
+        self.verifier.feed(data)
+        return len(data)
+
+
+# -- offline verification of a whole archive ----------------------------------------------------
+
+
+@dataclass
+class ArchiveReport:
+    appliance: str
+    records: int
+    last_seq: int
+    last_checkpoint: int | None
+    segments: int
+    trusted_keys: list[str]
+    retired_keys: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "appliance": self.appliance,
+            "verified": True,
+            "records": self.records,
+            "last_seq": self.last_seq,
+            "last_checkpoint": self.last_checkpoint,
+            "segments": self.segments,
+            "trusted_keys": self.trusted_keys,
+            "retired_keys": self.retired_keys,
+        }
+
+
+def verify_archive(
+    state: Path, appliance: str, *, wait: float = 60.0, workers: int | None = None
+) -> ArchiveReport:
+    """Re-verify a whole archive from record 1 with the pinned keys only (no device), and
+    check that the cursor says what the chain proves. Raises IntegrityError (exit 3)."""
+    if not (state / "appliances" / appliance / "pins.json").is_file():
+        raise UsageError(f"{appliance}: not taken over from this state directory ({state})")
+    st = ApplianceState(state, appliance)
+    pins = st.pins()
+    retired = frozenset(pins.get("retired") or ())
+    trust = TrustState(
+        {k: v for k, v in dict(pins.get("audit_keys") or {}).items() if k not in retired},
+        retired,
+    )
+    archive = Archive(st.dir / "archive", appliance)
+    n = (os.cpu_count() or 1) if workers is None else workers
+    pool = VerifyPool(n) if n > 0 else None
+    try:
+        with archive.lock(exclusive=False, wait=wait):
+            cursor = archive.cursor()
+            verifier = ChunkedVerifier(trust, GENESIS_HEAD, pool=pool)
+            try:
+                for block in archive.blocks(cursor):
+                    verifier.feed(block)
+            except Halted:
+                pass
+            summary = verifier.finish()
+    finally:
+        if pool is not None:
+            pool.close()
+    if summary.violations:
+        raise LogIntegrityError(appliance, summary.violations, cursor)
+    problems = []
+    if summary.head != cursor.head:
+        problems.append(
+            f"the segments end at record {summary.head.seq} but the cursor says {cursor.seq}"
+        )
+    if cursor.seq and summary.last_checkpoint_seq != cursor.seq:
+        problems.append(
+            f"records {(summary.last_checkpoint_seq or 0) + 1}..{cursor.seq} are not signed"
+        )
+    if set(summary.state.trusted) != set(cursor.trusted_keys) or summary.state.retired != set(
+        cursor.retired_keys
+    ):
+        problems.append("the cursor's audit keys are not those the chain leads to")
+    if cursor.seq and summary.state.device != cursor.device:
+        problems.append(
+            f"the cursor names device {cursor.device!r}, the chain {summary.state.device!r}"
+        )
+    if problems:
+        raise IntegrityError(
+            f"{appliance}: archive verification failed: {'; '.join(problems)}",
+            detail={"appliance": appliance, "problems": problems},
+        )
+    return ArchiveReport(
+        appliance=appliance,
+        records=cursor.records,
+        last_seq=cursor.seq,
+        last_checkpoint=summary.last_checkpoint_seq,
+        segments=len(cursor.segments),
+        trusted_keys=sorted(summary.state.trusted),
+        retired_keys=sorted(summary.state.retired),
+    )

@@ -1,0 +1,334 @@
+"""Streaming verification in line-aligned chunks, on several cores when the log is large.
+
+:class:`~hsmctl.auditlog.ChainVerifier` is sequential and costs ~10 µs a record, which
+would make verification, not the network, the limit of a large collection. The chain can
+be checked in pieces, though: chunk *k* is verified from the head the previous chunk
+*claims* to end at, with the trust state (keys trusted and retired, device) its claimed
+key rotations lead to. If every chunk verifies, the whole stream verifies exactly as
+one sequential pass would (by induction over chunks: chunk *k-1* proved its claimed end).
+Each result is checked against the real state the previous chunk ended in before it is
+accepted; on any difference the chunk is verified again, in order, with the real state —
+speculation can cost time, never soundness.
+
+The first chunk (and every chunk while the device name is not yet known) is verified in
+this process, so a small incremental collection never starts a worker. Results are
+accepted strictly in stream order, and ``on_verified`` sees only accepted chunks: nothing
+reaches the archive before it has been verified.
+
+Lifecycle: ``ChunkedVerifier(...)`` → ``feed(bytes)`` as the stream arrives (raises
+:class:`Halted` at the first violation, to stop the transfer) → ``finish(complete)``
+once.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+
+from hsmctl.auditlog import ChainVerifier, Head, Violation, ViolationKind
+from hsmctl.errors import IntegrityError
+
+CHUNK_BYTES = 4 * 1024 * 1024
+"""Chunk size; also the longest line accepted (a record is a few hundred bytes)."""
+ROTATION_MARK = b'"event":"key-rotation"'
+
+
+@dataclass(frozen=True)
+class TrustState:
+    """What verifying the next record depends on besides the previous head."""
+
+    trusted: Mapping[str, str]
+    retired: frozenset[str] = frozenset()
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """The verdict on one chunk (small, so it crosses process boundaries cheaply)."""
+
+    records: int
+    head: Head
+    last_checkpoint_seq: int | None
+    covered: int
+    """Bytes of the chunk up to and including its last verified checkpoint (0 if none)."""
+    state: TrustState
+    violations: tuple[Violation, ...]
+
+
+def verify_chunk(
+    data: bytes, state: TrustState, start: Head, anchor: Head | None, line_offset: int
+) -> ChunkResult:
+    """Verify whole lines continuing the chain after ``start`` (runs in worker processes)."""
+    verifier = ChainVerifier(
+        state.trusted,
+        device=state.device,
+        start=start,
+        expect_at_least=anchor,
+        retired_keys=state.retired,
+    )
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    for line in lines:
+        verifier.feed(line)
+        if verifier.done:
+            break
+    report = verifier.finish()
+    covered = 0
+    if report.last_checkpoint_seq is not None and not report.violations:
+        through = report.last_checkpoint_seq - start.seq
+        covered = sum(len(line) for line in lines[:through]) + through
+    violations = tuple(
+        replace(v, line=None if v.line is None else v.line + line_offset) for v in report.violations
+    )
+    return ChunkResult(
+        records=report.records,
+        head=report.head,
+        last_checkpoint_seq=report.last_checkpoint_seq,
+        covered=covered,
+        state=TrustState(report.trusted_keys, report.retired_keys, report.device),
+        violations=violations,
+    )
+
+
+class VerifyPool:
+    """Worker processes for :func:`verify_chunk`, started on first use and shared by the
+    threads of one command. ``spawn``: workers inherit no threads, sockets or locks (an
+    inherited archive lock would outlive a killed collector)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._executor: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def submit(
+        self, data: bytes, state: TrustState, start: Head, line_offset: int
+    ) -> Future[ChunkResult]:
+        with self._lock:
+            if self._executor is None:
+                self._executor = ProcessPoolExecutor(
+                    self.workers, mp_context=multiprocessing.get_context("spawn")
+                )
+            return self._executor.submit(verify_chunk, data, state, start, None, line_offset)
+
+    @property
+    def in_flight(self) -> int:
+        return 2 * self.workers
+
+    def close(self) -> None:
+        with self._lock:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+
+
+class Halted(IntegrityError):
+    """Raised from :meth:`ChunkedVerifier.feed` at the first violation to stop the stream."""
+
+
+@dataclass
+class Stats:
+    inline: int = 0
+    """Chunks verified in the calling thread."""
+    pooled: int = 0
+    """Chunks verified by a worker and accepted."""
+    redone: int = 0
+    """Chunks verified again in order (a speculation that did not hold, a lost worker)."""
+
+
+@dataclass
+class Summary:
+    records: int
+    head: Head
+    last_checkpoint_seq: int | None
+    state: TrustState
+    violations: tuple[Violation, ...] = field(default=())
+    stats: Stats = field(default_factory=Stats)
+
+
+@dataclass
+class _Pending:
+    data: bytes
+    future: Future[ChunkResult]
+    state: TrustState
+    start: Head
+    line_offset: int
+
+
+class ChunkedVerifier:
+    """Verify a byte stream of log lines; hand verified chunks, in order, to
+    ``on_verified(data, result)``."""
+
+    def __init__(
+        self,
+        state: TrustState,
+        start: Head,
+        *,
+        anchor: Head | None = None,
+        on_verified: Callable[[bytes, ChunkResult], None] | None = None,
+        pool: VerifyPool | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        self._state, self._head = state, start  # after the last accepted chunk
+        self._spec_state, self._spec_head = state, start  # after the last dispatched chunk
+        self._anchor = anchor
+        self._on_verified = on_verified
+        self._pool = pool
+        self._chunk_bytes = chunk_bytes
+        self._buf = bytearray()
+        self._inflight: deque[_Pending] = deque()
+        self._lines = 0
+        self._dispatched = 0
+        self._records = 0
+        self._last_checkpoint: int | None = None
+        self._violations: tuple[Violation, ...] = ()
+        self.stats = Stats()
+
+    @property
+    def halted(self) -> bool:
+        return bool(self._violations)
+
+    def feed(self, data: bytes) -> None:
+        if self._violations:
+            raise Halted("verification already failed")
+        self._buf += data
+        while len(self._buf) >= self._chunk_bytes:
+            cut = self._buf.rfind(b"\n", 0, self._chunk_bytes) + 1
+            if cut == 0:
+                self._fail(
+                    Violation(
+                        ViolationKind.MALFORMED,
+                        self._spec_head.seq + 1,
+                        f"malformed: a line longer than {self._chunk_bytes} bytes",
+                        self._lines + 1,
+                    )
+                )
+            chunk = bytes(self._buf[:cut])
+            del self._buf[:cut]
+            self._dispatch(chunk)
+        while self._inflight and self._inflight[0].future.done():
+            self._accept_pending(self._inflight.popleft())
+
+    def finish(self, *, complete: bool = True) -> Summary:
+        """End of the stream. ``complete``: the sender finished normally (a trailing line
+        without newline is then checked too); otherwise only whole chunks already
+        received are judged, and nothing is reported about the cut-off rest."""
+        try:
+            if not self._violations:
+                rest = bytes(self._buf)
+                self._buf.clear()
+                if complete and (rest or not self._dispatched):
+                    whole = rest.rfind(b"\n") + 1
+                    if whole or not rest:
+                        self._dispatch(rest[:whole])
+                    if whole < len(rest):
+                        # A last line without its newline: judged, never stored (the
+                        # device ends every line; this one may be cut short).
+                        self._dispatch(rest[whole:], store=False)
+                while self._inflight:
+                    self._accept_pending(self._inflight.popleft())
+        except Halted:
+            pass
+        finally:
+            for p in self._inflight:
+                p.future.cancel()
+            self._inflight.clear()
+        return Summary(
+            records=self._records,
+            head=self._head,
+            last_checkpoint_seq=self._last_checkpoint,
+            state=self._state,
+            violations=self._violations,
+            stats=self.stats,
+        )
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _dispatch(self, chunk: bytes, *, store: bool = True) -> None:
+        offset = self._lines
+        self._lines += chunk.count(b"\n")
+        first = not self._dispatched
+        self._dispatched += 1
+        if self._pool is None or first or self._spec_state.device is None or not store:
+            while self._inflight:  # keep the order: everything before goes first
+                self._accept_pending(self._inflight.popleft())
+            anchor = self._anchor if first else None
+            self.stats.inline += 1
+            result = verify_chunk(chunk, self._state, self._head, anchor, offset)
+            self._accept(chunk if store else b"", result)
+            self._spec_state, self._spec_head = self._state, self._head
+            return
+        state, start = self._spec_state, self._spec_head
+        future = self._pool.submit(chunk, state, start, offset)
+        self._inflight.append(_Pending(chunk, future, state, start, offset))
+        self._spec_state, self._spec_head = _speculate(chunk, state, start)
+        while len(self._inflight) > self._pool.in_flight:
+            self._accept_pending(self._inflight.popleft())
+
+    def _accept_pending(self, p: _Pending) -> None:
+        result: ChunkResult | None = None
+        if p.state == self._state and p.start == self._head:
+            try:
+                result = p.future.result()
+                self.stats.pooled += 1
+            except Exception:
+                result = None
+        if result is None:  # the speculation was wrong (or the worker failed): redo
+            self.stats.redone += 1
+            result = verify_chunk(p.data, self._state, self._head, None, p.line_offset)
+        self._accept(p.data, result)
+
+    def _accept(self, chunk: bytes, result: ChunkResult) -> None:
+        self._records += result.records
+        if result.violations:
+            self._head = result.head  # verified up to the violation, but never stored
+            self._fail(*result.violations)
+        if result.last_checkpoint_seq is not None:
+            self._last_checkpoint = result.last_checkpoint_seq
+        self._state, self._head = result.state, result.head
+        if self._on_verified is not None and chunk:
+            self._on_verified(chunk, result)
+
+    def _fail(self, *violations: Violation) -> None:
+        self._violations = violations
+        text = "; ".join(str(v) for v in violations)
+        raise Halted(f"activity log verification failed: {text}")
+
+
+def _speculate(chunk: bytes, state: TrustState, start: Head) -> tuple[TrustState, Head]:
+    """The state after ``chunk`` if everything in it is what it claims to be."""
+    if not chunk:
+        return state, start
+    end = len(chunk) - 1 if chunk.endswith(b"\n") else len(chunk)
+    last = chunk[chunk.rfind(b"\n", 0, end) + 1 : end]
+    head = start
+    try:
+        record = json.loads(last)
+        if type(record["seq"]) is int and type(record["hash"]) is str:
+            head = Head(record["seq"], record["hash"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    if ROTATION_MARK not in chunk:
+        return state, head
+    trusted, retired = dict(state.trusted), set(state.retired)
+    pos = chunk.find(ROTATION_MARK)
+    while pos >= 0:
+        lo = chunk.rfind(b"\n", 0, pos) + 1
+        hi = chunk.find(b"\n", pos)
+        hi = len(chunk) if hi < 0 else hi
+        try:
+            record = json.loads(chunk[lo:hi])
+            if record.get("event") == "key-rotation":
+                d = record["detail"]
+                trusted.pop(d["old_key_id"], None)
+                retired.add(d["old_key_id"])
+                trusted[d["new_key_id"]] = d["new_public_key"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        pos = chunk.find(ROTATION_MARK, hi)
+    return TrustState(trusted, frozenset(retired), state.device), head

@@ -1,0 +1,104 @@
+#!/usr/bin/python
+"""Ansible module: the takeover of one appliance (SPEC §7), through the hsmctl library.
+
+Runs on the controller, which sits inside the tenant network (the customer's VM; in the
+lab ``ip netns exec CLIENT_NETNS``). Its arguments are references only: the tenant's
+hsmctl configuration, the hand-off bundle, optional secret *files* (0600) for the new
+admin password and the PINs. Secrets not given are generated and escrowed in the
+customer's state directory by the library; none is ever an argument, a fact or a result.
+Rerunning the play finishes interrupted takeovers (the journal is keyed by bundle).
+"""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: hsm_takeover
+short_description: Take one dedicated HSM appliance over from the provider
+description:
+  - Runs hsmctl's journaled takeover for the appliance named in the hand-off bundle
+    (password change, provider access revoked, host keys rotated, token initialised,
+    audit key rotated, collector key installed, proofs, signed receipt).
+  - Idempotent and resumable; a finished takeover returns its receipt unchanged.
+options:
+  handoff:
+    description: The hand-off bundle from the provider.
+    required: true
+    type: path
+  config:
+    description: The tenant's hsmctl configuration (default $HSMCTL_CONFIG, /etc/hsmctl).
+    type: path
+  identity:
+    description: Tenant identity (OpenSSH private key); default from the configuration.
+    type: path
+  new_password_file:
+    description: File (0600) holding the new admin password; default generated.
+    type: path
+  so_pin_file:
+    description: File (0600) holding the token's SO PIN; default generated.
+    type: path
+  co_pin_file:
+    description: File (0600) holding the crypto-officer PIN; default generated.
+    type: path
+  keep_monitor:
+    description: Keep the provider's health monitoring account enabled.
+    type: bool
+    default: false
+"""
+
+RETURN = r"""
+appliance: {description: Appliance id, type: str, returned: always}
+state: {description: customer-owned, type: str, returned: success}
+receipt: {description: Path of the signed receipt, type: str, returned: success}
+steps: {description: The steps this run did (none when already finished), type: list}
+exit_code: {description: hsmctl exit code of the failure (SPEC §6), type: int, returned: failure}
+"""
+
+from pathlib import Path  # noqa: E402 - Ansible wants DOCUMENTATION first
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "handoff": {"type": "path", "required": True},
+            "config": {"type": "path"},
+            "identity": {"type": "path"},
+            "new_password_file": {"type": "path"},
+            "so_pin_file": {"type": "path"},
+            "co_pin_file": {"type": "path"},
+            "keep_monitor": {"type": "bool", "default": False},
+        },
+        supports_check_mode=False,
+    )
+    try:
+        from hsmctl.customer.context import open_tenant_context
+        from hsmctl.errors import HsmctlError
+        from hsmctl.secret import read_secret_file
+        from hsmctl.takeover.workflow import Options, Takeover
+    except ImportError as exc:  # the interpreter is not hsmctl's virtualenv
+        module.fail_json(msg=f"hsmctl is not importable: {exc}")
+        return
+    p = module.params
+    try:
+        files = {
+            name: read_secret_file(p[name], what=name) if p[name] else None
+            for name in ("new_password_file", "so_pin_file", "co_pin_file")
+        }
+        opts = Options(
+            handoff=Path(p["handoff"]),
+            new_password=files["new_password_file"],
+            so_pin=files["so_pin_file"],
+            co_pin=files["co_pin_file"],
+            keep_monitor=p["keep_monitor"],
+        )
+        run = Takeover(open_tenant_context(p["config"], p["identity"]), opts)
+        result = run.run()
+    except HsmctlError as exc:
+        module.fail_json(msg=str(exc), exit_code=exc.exit_code, error=type(exc).__name__)
+        return
+    module.exit_json(changed=bool(run.ran), steps=[s.value for s in run.ran], **result)
+
+
+if __name__ == "__main__":
+    main()
