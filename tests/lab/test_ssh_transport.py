@@ -79,15 +79,11 @@ def _lab_status() -> dict[str, object] | None:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Lab:
-    """The running lab; waits for it if someone is restarting it, never starts it."""
-    deadline = time.monotonic() + LAB_WAIT_SECONDS
-    status = _lab_status()
-    while status is None and time.monotonic() < deadline:
-        time.sleep(5)
-        status = _lab_status()
-    if status is None:
-        pytest.fail("no lab is up (these tests use it; they never bring it up themselves)")
+def lab(_lab_session: None) -> Lab:
+    """The shared lab (brought up by the session fixtures if it is not up)."""
+    from tests.conftest import ensure_lab
+
+    status: dict[str, object] = ensure_lab()
     provider_key = Path(str(status["provider_key"]))
     known_hosts = (provider_key.parent / "known_hosts").read_text()
     raw = status["appliances"]
