@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMPS := .stamps
 PYTEST_ARGS ?=
 
-.PHONY: deps venv image demo test test-unit lint bench clean lab-down
+.PHONY: deps venv image demo test test-faults test-unit lint bench clean lab-down
 
 deps: $(STAMPS)/apt venv
 
@@ -29,7 +29,12 @@ demo: image
 	@bash scripts/demo.sh
 
 test: image
-	@$(BIN)/pytest -q $(PYTEST_ARGS)
+	@$(BIN)/pytest -q -m "not faults" $(PYTEST_ARGS)
+
+# Kill -9 and a cut connection at every injection point of a takeover, then a rerun
+# that must finish (issue 5). Long: each injection takes a freshly provisioned appliance.
+test-faults: image
+	@$(BIN)/pytest -q -m faults $(PYTEST_ARGS)
 
 test-unit: deps
 	@$(BIN)/pytest -q -m unit $(PYTEST_ARGS)

@@ -41,7 +41,8 @@ from tests.lab.takeover_helpers import (
     verify_receipt,
 )
 
-pytestmark = pytest.mark.lab
+# A tier of its own (make test-faults): every injection point, each on a fresh appliance.
+pytestmark = [pytest.mark.lab, pytest.mark.faults]
 
 TENANT = "tenant1"
 SIGKILL_STATUS = -9
