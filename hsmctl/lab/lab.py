@@ -438,6 +438,15 @@ def up(tenants: int, appliances: int, progress: Progress | None = None) -> dict[
     return status()
 
 
+def _alive(pid: int) -> bool:
+    """Running (a zombie counts as gone: it only waits for its parent)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def _kill_tree(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
@@ -448,11 +457,18 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
     require_root()
     state = load_state() or {}
     removed: dict[str, Any] = {"namespaces": [], "route": False}
-    # The appliances' PID-namespace inits first: killing one kills its whole namespace.
-    for _ident, pid in (state.get("init_pids") or {}).items():
+    # The appliances' PID-namespace inits first: killing one kills its whole namespace,
+    # and its launcher (unshare) then reaps it and exits by itself; only launchers still
+    # there after that are killed (killing them first would leave the inits as zombies).
+    for pid in (state.get("init_pids") or {}).values():
         _kill_tree(int(pid))
-    for _ident, pid in (state.get("launchers") or {}).items():
-        _kill_tree(int(pid))
+    launchers = [int(p) for p in (state.get("launchers") or {}).values()]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in launchers):
+        time.sleep(0.05)
+    for pid in launchers:
+        if _alive(pid):
+            _kill_tree(pid)
     names = netns.list_netns(PREFIX + "-")
     for name in names:
         for pid in netns.pids(name):

@@ -148,8 +148,12 @@ def test_non_root_is_refused_and_nothing_is_created(no_lab: None) -> None:
 
 
 def test_overlapping_host_route_is_refused_and_nothing_is_created(no_lab: None) -> None:
-    subprocess.run(["ip", "link", "add", "hsmtest0", "type", "dummy"], check=True)
+    # A veth pair with its peer down: the route leads nowhere (no dummy driver needed).
+    subprocess.run(
+        ["ip", "link", "add", "hsmtest0", "type", "veth", "peer", "name", "hsmtest1"], check=True
+    )
     try:
+        subprocess.run(["ip", "link", "set", "hsmtest0", "up"], check=True)
         subprocess.run(["ip", "route", "add", "198.18.77.0/24", "dev", "hsmtest0"], check=True)
         before = host_snapshot()
         proc = hsmctl("lab", "up")
