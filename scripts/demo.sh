@@ -48,4 +48,21 @@ step "5. Provider: health through the monitoring path; the store learns who owns
 step "6. The device's activity log verifies (hash chain, signed checkpoints, key rotations)"
 "$hsmctl" lab console "$appliance" -- hsmsh -c 'audit verify'
 
+step "7. Customer: collect the activity log as the least-privileged audit account, verify it"
+ip netns exec "$client" "$hsmctl" logs collect --appliance "$appliance" --json; echo
+ip netns exec "$client" "$hsmctl" logs verify "$appliance"
+
+step "8. The ownership transfer, as the device recorded it"
+ip netns exec "$client" "$hsmctl" logs export "$appliance" | python3 -c '
+import json, sys
+shown = {"personalised", "ownership-transfer", "key-rotation", "login", "escape-attempt"}
+for line in sys.stdin:
+    r = json.loads(line)
+    d = r["detail"]
+    if r["event"] in shown or (r["event"] == "command" and r["actor"] == "admin"):
+        what = d.get("command") or d.get("reason") or d.get("method") or ""
+        print("%5d %s %-8s %-18s %-7s %s" % (r["seq"], r["time"][:19], r["actor"], r["event"],
+                                          r["outcome"], what))
+'
+
 printf '\nThe lab stays up for you to explore; "%s lab down" removes it.\n' "$hsmctl"
