@@ -55,7 +55,8 @@ def ensure_lab() -> dict[str, Any]:
         # A bigger lab (a developer's) serves as well; never tear it down.
         if len(data["appliances"]) >= APPLIANCES and len(data["tenants"]) >= TENANTS:
             return dict(data)
-        hsmctl("lab", "down", check=True)
+    # Too small, not up, or broken (e.g. left by a run that was killed): start clean.
+    hsmctl("lab", "down", check=True)
     return dict(
         hsmctl_json("lab", "up", "--tenants", str(TENANTS), "--appliances", str(APPLIANCES))
     )

@@ -505,6 +505,12 @@ def status() -> dict[str, Any]:
     state = load_state()
     if state is None or state.get("phase") != "up":
         raise ConflictError("no lab is up (run 'hsmctl lab up')")
+    dead = sorted(i for i, pid in (state.get("init_pids") or {}).items() if not _alive(int(pid)))
+    if dead:
+        raise ConflictError(
+            f"the lab is broken (appliances not running: {', '.join(dead)}); "
+            "run 'hsmctl lab down' and 'hsmctl lab up'"
+        )
     plan = make_plan(state["tenants"], state["appliances"])
     return {
         "provider_key": str(LAB_DIR / "provider" / "provider_key"),
