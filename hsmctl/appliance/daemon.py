@@ -4,10 +4,11 @@ and the activity log; every session asks it, over ``/run/hsm/hsmd.sock``.
 Lifecycle: started by ``hsm-boot``; opens the activity log and the audit signer, writes
 the personalisation record on a fresh device, then serves one thread per connection and
 follows sshd's logs for logins. A connection is one shell session: the daemon reads the
-caller's uid and pid from the socket (SO_PEERCRED), finds which sshd instance the caller
-descends from (the interface), and from the uid the account and role; then for each
-request it parses, authorises (:mod:`roles`), logs, executes, logs the result. The end of
-a session writes a signed checkpoint.
+caller's uid and pid from the socket (SO_PEERCRED), the interface from the SSH connection
+the caller descends from (its local address, :mod:`origin`: it survives an sshd restart),
+and from the uid the account and role; then for each request it parses, authorises
+(:mod:`roles`), logs, executes, logs the result. The end of a session writes a signed
+checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hsmctl import auditlog
-from hsmctl.appliance import auditkey, grammar, paths, protocol, sshdlog, store
+from hsmctl.appliance import auditkey, grammar, origin, paths, protocol, sshdlog, store
 from hsmctl.appliance.handlers import Context, Handlers, Result
 from hsmctl.appliance.logwriter import ActivityLog, LogUnavailable
 from hsmctl.appliance.roles import Interface, Role, allowed_interface, authorize
@@ -43,52 +44,23 @@ class Caller:
     pid: int
 
 
-def _ppid(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def _sshd_pids() -> dict[int, Interface]:
-    found = {}
-    for name, path in paths.SSHD_PIDS.items():
-        try:
-            found[int(path.read_text().split()[0])] = Interface(name)
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
-def interface_of(pid: int) -> Interface | None:
-    """Which sshd instance ``pid`` descends from (None: not from sshd at all)."""
-    listeners = _sshd_pids()
-    seen = 0
-    while pid > 1 and seen < 64:
-        if pid in listeners:
-            return listeners[pid]
-        pid = _ppid(pid)
-        seen += 1
-    return None
-
-
-def identify(pid: int, uid: int, ssh_connection: str) -> Caller:
+def identify(pid: int, uid: int) -> Caller:
     try:
         account = pwd.getpwuid(uid).pw_name
     except KeyError:
         account = f"uid-{uid}"
-    iface = interface_of(pid)
-    source = ssh_connection.split()[0] if ssh_connection.split() else "unknown"
+    came = origin.origin_of(pid)
+    iface = came.interface
+    source = came.remote or "unknown"
     if uid == 0:
-        if iface is None:
+        if not came.via_sshd:
             return Caller("root", Role.CONSOLE, Interface.CONSOLE, "console", pid)
         return Caller("root", None, iface, source, pid)
     try:
         role = Role(account)
     except ValueError:
         role = None
-    return Caller(account, role, iface, source if iface else "local", pid)
+    return Caller(account, role, iface, source if came.via_sshd else "local", pid)
 
 
 class Daemon:
@@ -213,7 +185,7 @@ class Connection(socketserver.StreamRequestHandler):
             delay = daemon.backoff_delay(str(first.get("source", "")))
             protocol.send(sock, {"type": "result", "delay": delay})
             return
-        caller = identify(pid, uid, str(first.get("ssh_connection", "")))
+        caller = identify(pid, uid)
         session = Session(daemon, caller, sock, bool(first.get("interactive")))
         session.run(self.rfile)
 

@@ -73,6 +73,42 @@ def _signal_boot() -> None:
         pass
 
 
+DATA_SSHD_RESTART_WAIT = 15.0  # seconds; the init stops the old sshd within 5 s
+
+
+def _pid_in(path: Any) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _restart_data_sshd() -> bool:
+    """Have the init restart the data-interface sshd and wait until the old listener is
+    gone and a new one listens (sshd writes its pid file once it listens). False: not
+    done in time. Connections the old one accepted carry on (see :mod:`origin`)."""
+    pidfile = paths.SSHD_PIDS["data"]
+    old = _pid_in(pidfile)
+    _signal_boot()
+    deadline = time.monotonic() + DATA_SSHD_RESTART_WAIT
+    while time.monotonic() < deadline:
+        new = _pid_in(pidfile)
+        if new is not None and new != old and _alive(new) and not (old and _alive(old)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def _lines_until(fh: Any, end: int) -> Any:
     """The file's lines up to byte ``end`` (a snapshot while appends go on)."""
     done = 0
@@ -356,14 +392,25 @@ class Handlers:
             )
         active = paths.HOSTKEY_DIRS["data"]
         # File by file (a directory rename across overlay layers fails with EXDEV); each
-        # file is replaced atomically, and sshd only reads them when restarted below.
+        # file is replaced atomically. The running sshd's connections re-read them; it is
+        # restarted below all the same, so that nothing serves from before the activation.
         for staged in sorted(paths.HOSTKEY_STAGED.iterdir()):
             tmp = active / f".{staged.name}.tmp"
             shutil.copy2(staged, tmp)
             os.replace(tmp, active / staged.name)
         shutil.rmtree(paths.HOSTKEY_STAGED)
-        _signal_boot()
         now = _fingerprints(active)
+        # Returns once the data interface serves the new keys from a fresh sshd, so the
+        # caller's next connection needs no retry. Without a data address there is none.
+        if store.read_json(paths.NETWORK, {}).get("address") and not _restart_data_sshd():
+            return Result(
+                exit=protocol.EXIT_FAILED,
+                output=_json({"active": now}),
+                error="host keys activated, but the data interface's sshd has not restarted "
+                f"within {DATA_SSHD_RESTART_WAIT:g} s",
+                outcome="failed",
+                log_detail={"active": now, "sshd_restarted": False},
+            )
         return Result(output=_json({"active": now}), log_detail={"active": now})
 
     def factory_reset(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:

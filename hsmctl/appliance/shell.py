@@ -29,12 +29,8 @@ class Session:
         self.sock.connect(str(paths.SOCKET))
         self.reader = self.sock.makefile("rb")
         self.interactive = interactive
-        hello = {
-            "type": "hello",
-            "interactive": interactive,
-            "ssh_connection": os.environ.get("SSH_CONNECTION", ""),
-        }
-        protocol.send(self.sock, hello)
+        # Who and where the caller is, the daemon reads from the kernel, not from here.
+        protocol.send(self.sock, {"type": "hello", "interactive": interactive})
         reply = protocol.recv(self.reader) or {}
         self.info: dict[str, Any] = reply
 

@@ -1,0 +1,151 @@
+"""Where a session comes from, read from the kernel and never from the caller.
+
+A shell session reaches the daemon from a process that descends from the privileged
+sshd process of its SSH connection (``sshd: USER [priv]``, root, OpenSSH's monitor). That
+process holds the connection's TCP socket for the connection's whole life, and the
+socket's local address says which interface the client connected to: the management
+address or the data address. Unlike the pid of the sshd that accepted the connection,
+this survives a restart of that sshd (a host-key activation, ``network set``): the
+connection goes on, and so does its interface.
+
+Fails closed: a caller under sshd whose connection cannot be found, or whose local
+address is neither interface's, has no interface (and is refused); only a caller that
+does not descend from sshd at all is local (the console, when root).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from hsmctl.appliance import paths, store
+from hsmctl.appliance.roles import Interface
+
+SSHD_EXES = frozenset({"/usr/sbin/sshd", "/usr/lib/openssh/sshd-session"})
+ESTABLISHED = "01"  # the state column of /proc/net/tcp
+MAX_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class Origin:
+    via_sshd: bool  # the caller descends from an sshd connection
+    interface: Interface | None  # None under sshd: unidentifiable (refuse)
+    remote: str | None  # the client's address
+
+
+LOCAL = Origin(False, None, None)
+
+
+def proc_address(field: str, byteorder: str = sys.byteorder) -> str:
+    """``C0A80001:0016`` (an address as /proc/net/tcp{,6} prints it: 32-bit words in the
+    host's byte order) -> ``192.168.0.1``; an IPv4-mapped IPv6 address as IPv4. Pure."""
+    raw = bytes.fromhex(field.partition(":")[0])
+    if byteorder == "little":
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    addr = ipaddress.ip_address(raw)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def established(
+    table: str, inodes: Collection[int], byteorder: str = sys.byteorder
+) -> list[tuple[str, str]]:
+    """(local, remote) of the established connections in a /proc/net/tcp{,6} table whose
+    socket is one of ``inodes``. Pure."""
+    found = []
+    for line in table.splitlines()[1:]:
+        f = line.split()
+        if len(f) > 9 and f[3] == ESTABLISHED and f[9].isdigit() and int(f[9]) in inodes:
+            found.append((proc_address(f[1], byteorder), proc_address(f[2], byteorder)))
+    return found
+
+
+def decide(
+    connections: Iterable[tuple[str, str]], addresses: Mapping[str, Interface]
+) -> tuple[Interface | None, str | None]:
+    """The interface and client of the one connection an sshd monitor holds. Pure.
+
+    Anything else (no connection, several, an address that is no interface's) is no
+    interface: the caller is refused."""
+    conns = list(connections)
+    if len(conns) != 1:
+        return None, None
+    local, remote = conns[0]
+    return addresses.get(local), remote
+
+
+# -- reading /proc -----------------------------------------------------------------------------
+
+
+def _ppid(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _is_sshd_monitor(pid: int) -> bool:
+    """A root sshd process: the connection's monitor (the one a user cannot touch)."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return False
+    return uid == 0 and exe in SSHD_EXES
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    found: set[int] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target.endswith("]"):
+            found.add(int(target[8:-1]))
+    return found
+
+
+def _connections(pid: int) -> list[tuple[str, str]]:
+    inodes = _socket_inodes(pid)
+    found: list[tuple[str, str]] = []
+    for table in ("tcp", "tcp6"):
+        try:
+            text = Path(f"/proc/{pid}/net/{table}").read_text()
+        except OSError:
+            continue
+        found += established(text, inodes)
+    return found
+
+
+def interface_addresses() -> dict[str, Interface]:
+    """The management address (personalisation) and the data address (``network set``)."""
+    mgmt = str(store.read_json(paths.DEVICE, {}).get("mgmt_ip") or "")
+    data = str(store.read_json(paths.NETWORK, {}).get("address") or "").split("/")[0]
+    found = {a: i for a, i in ((mgmt, Interface.MGMT), (data, Interface.DATA)) if a}
+    if mgmt and mgmt == data:  # one address for both: neither can be told apart
+        return {}
+    return found
+
+
+def origin_of(pid: int) -> Origin:
+    """Where the session of process ``pid`` comes from: the nearest root sshd ancestor
+    is its connection's monitor; that connection's local address is the interface."""
+    for _ in range(MAX_DEPTH):
+        if pid <= 1:
+            return LOCAL
+        if _is_sshd_monitor(pid):
+            interface, remote = decide(_connections(pid), interface_addresses())
+            return Origin(True, interface, remote)
+        pid = _ppid(pid)
+    return Origin(True, None, None)  # a chain this deep is no console: refuse it
