@@ -5,7 +5,7 @@ What runs (all in one run, each the median of ``--runs``):
 * **verified collection** — ``hsmctl.collect.Collector`` exactly as ``hsmctl logs
   collect`` runs it: SSH (paramiko, pinned host key) as the collector key, ``audit export
   --after 0`` streamed, verified in chunks (worker processes), archived in segments
-  (rotated, gzip-compressed in the background), fsynced, cursor written. Also with
+  (rotated, zstd-compressed in the background), fsynced, cursor written. Also with
   ``--workers 0`` (verification in the collecting thread) for comparison;
 * **exec-channel copy** — the same connection class, the same forced command, the same
   bytes, written to a file and fsynced, nothing verified: the *same-transport* raw copy

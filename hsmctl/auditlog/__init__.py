@@ -31,6 +31,7 @@ from hsmctl.auditlog.verify import (
     VerifyReport,
     Violation,
     ViolationKind,
+    verify_block,
     verify_file,
     verify_lines,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "record_hash",
     "record_line",
     "rfc3339",
+    "verify_block",
     "verify_file",
     "verify_lines",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from os import PathLike
@@ -201,6 +201,16 @@ class ChainVerifier:
     def head(self) -> Head:
         """The last verified record so far."""
         return Head(self._seq, self._hash)
+
+    def _advance(self, count: int, head: Head) -> None:
+        """Internal, for :func:`verify_block`: ``count`` records ending at ``head`` continue
+        the chain by their bytes alone; a signed record after them proves them."""
+        if count:
+            if self._first_seq is None:
+                self._first_seq = self._seq + 1
+            self._records += count
+            self._line += count
+            self._seq, self._hash = head.seq, head.hash
 
     def feed(self, item: bytes | str | Mapping[str, Any]) -> None:
         """Check the next line (bytes or str, trailing newline optional) or parsed record."""
@@ -575,6 +585,100 @@ def verify_lines(
         if verifier.done:
             break
     return verifier.finish(require_final_checkpoint=require_final_checkpoint)
+
+
+_HASH_MEMBER = b',"hash":"'
+_PREV_MEMBER = b'"prev":"'
+_SIGNED_EVENTS = (b'"event":"checkpoint"', b'"event":"key-rotation"')
+
+
+def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, list[tuple[int, bytes]]]:
+    """How many leading lines continue the chain from ``start`` by their bytes alone.
+
+    Per line, without parsing it: the line minus its ``hash`` member hashes to the claimed
+    hash, ``prev`` is the previous claimed hash and ``seq`` the next number. Records keep
+    their keys sorted, so ``event`` ends where ``hash`` begins and only strings and ``seq``
+    follow it; a raw ``"`` cannot occur inside a canonical string, so the last ``hash``
+    member is the record's own. Also returns, for every line that may be a checkpoint or a
+    key rotation, its index and the hash before it.
+    """
+    sha256 = hashlib.sha256
+    signed: list[tuple[int, bytes]] = []
+    running = start.hash.encode("ascii")
+    prev = _PREV_MEMBER + running + b'"'
+    first, count = start.seq + 1, 0
+    for line in lines:
+        at = line.rfind(_HASH_MEMBER)
+        end = at + 73
+        claimed = line[at + 9 : end]
+        if (
+            at < 0
+            or line[end : end + 1] != b'"'
+            or sha256(line[:at] + line[end + 1 :]).hexdigest().encode() != claimed
+            # outcome (at most 8 bytes) and prev follow the hash; role and seq follow prev
+            or line.find(prev, end, end + 110) < 0
+            or line.find(b',"seq":%d,' % (first + count), end + 90) < 0
+        ):
+            break
+        if line.endswith(_SIGNED_EVENTS, 0, at):
+            signed.append((count, running))
+        running = claimed
+        prev = _PREV_MEMBER + claimed + b'"'
+        count += 1
+    return count, signed
+
+
+def verify_block(
+    lines: Sequence[bytes],
+    trusted_keys: Mapping[str, str],
+    *,
+    device: str | None = None,
+    start: Head | None = None,
+    retired_keys: Iterable[str] = (),
+) -> VerifyReport:
+    """:func:`verify_lines` for a block of whole lines without their newlines (as
+    ``bytes.split`` gives them), several times faster on a clean log.
+
+    Most records need no parsing: a record that hash-links to the next one up to a
+    checkpoint (or key rotation) whose signature verifies is, byte for byte, what the
+    device hashed and signed — and the device writes only well-formed canonical records
+    (``make_record`` refuses anything else). So the lines are first scanned for the chain
+    alone (:func:`_link_scan`), and only the signed records and what follows the last of
+    them are verified in full. The report is then the one ``verify_lines`` gives, which is
+    checked: if the last signed record of the scan did not verify as one, or any
+    violation was found, the block is verified again the full way, and that report is
+    returned (it names the first bad record exactly as before).
+    """
+    begin = start or GENESIS_HEAD
+    retired = tuple(retired_keys)
+
+    def full() -> VerifyReport:
+        return verify_lines(lines, trusted_keys, device=device, start=begin, retired_keys=retired)
+
+    _, signed = _link_scan(lines, begin)
+    if not signed:
+        return full()
+    verifier = ChainVerifier(trusted_keys, device=device, start=begin, retired_keys=retired)
+    done = 0
+    for index, before in signed:
+        if index > done:
+            verifier._advance(index - done, Head(begin.seq + index, before.decode()))
+        verifier.feed(lines[index])
+        done = index + 1
+        if verifier.done:
+            return full()
+    for line in lines[done:]:
+        verifier.feed(line)
+        if verifier.done:
+            break
+    report = verifier.finish()
+    if (
+        report.violations
+        or report.last_checkpoint_seq is None
+        or (report.last_checkpoint_seq < begin.seq + signed[-1][0] + 1)
+    ):
+        return full()
+    return report
 
 
 def verify_file(

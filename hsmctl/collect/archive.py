@@ -4,7 +4,7 @@ Layout (``appliances/ID/archive/``, 0700; files 0600)::
 
     lock                          flock(2): exclusive while collecting, shared while reading
     cursor.json                   what is archived: the commit point (see below)
-    seg-000000000001.jsonl.gz     closed segments, gzip-compressed
+    seg-000000000001.jsonl.zst    closed segments, zstd-compressed (.gz: older archives)
     seg-000000200731.jsonl        the active segment; only its first ``bytes`` are archived
 
 A segment holds device lines byte for byte (canonical JSON + ``\\n``), named by its first
@@ -17,7 +17,7 @@ state of the chain at the head (audit keys trusted and retired, the device name)
 segment list with each one's seq range, record count and uncompressed length. Commit:
 
 1. append records (already verified) past the committed length, compress closed segments
-   to ``.gz`` (temporary, fsync, rename);
+   to ``.zst`` (temporary, fsync, rename);
 2. fsync every segment written, then the directory;
 3. write ``cursor.json`` atomically (temporary, fsync, rename, fsync the directory);
 4. delete what the new cursor no longer names (the ``.jsonl`` of a compressed segment).
@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gzip
-import io
 import json
 import os
 import re
@@ -49,7 +48,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
+
+import zstandard
 
 from hsmctl.auditlog import GENESIS_HEAD, Head
 from hsmctl.customer.store import fsync_dir, write_atomic
@@ -61,11 +62,15 @@ LOCK = "lock"
 SEGMENT_BYTES = 64 * 1024 * 1024
 """A segment closes at the first checkpoint after it reaches this size."""
 COMPRESS_LEVEL = 1
-"""gzip level for closed segments: level 1 is ~2x faster than 6 and only ~10% larger on
-audit records (measured: 16.0% vs 14.6% of the original)."""
+"""zstd level for closed segments. On audit records level 1 compresses to 12.5% at ~800 MB/s
+a core, where gzip's fastest level gives 19% at ~150 MB/s: compression was the largest
+cost of a big collection after verification (bench/bench_collect.py)."""
+COMPRESSED = ".zst"
+"""The suffix of a segment compressed now; ``.gz`` segments (archives written before zstd) are read."""
+_CODECS = (".zst", ".gz")
 BLOCK = 4 * 1024 * 1024
 
-_SEGMENT_FILE = re.compile(r"seg-(\d{12})\.jsonl(\.gz)?(\.tmp)?")
+_SEGMENT_FILE = re.compile(r"seg-(\d{12})\.jsonl(\.zst|\.gz)?(\.tmp)?")
 _CURSOR_TMP = re.compile(r"\.cursor\.json\.\d+\.tmp")
 
 
@@ -105,14 +110,15 @@ class Segment:
             int(d["bytes"]),
             bool(d["compressed"]),
         )
-        expected = segment_name(seg.first_seq, seg.compressed)
-        if seg.name != expected or seg.last_seq != int(d["last_seq"]) or seg.records < 1:
+        expected = segment_name(seg.first_seq, False)
+        names = [expected + c for c in _CODECS] if seg.compressed else [expected]
+        if seg.name not in names or seg.last_seq != int(d["last_seq"]) or seg.records < 1:
             raise ValueError(f"inconsistent segment entry {dict(d)}")
         return seg
 
 
 def segment_name(first_seq: int, compressed: bool) -> str:
-    return f"seg-{first_seq:012d}.jsonl" + (".gz" if compressed else "")
+    return f"seg-{first_seq:012d}.jsonl" + (COMPRESSED if compressed else "")
 
 
 @dataclass(frozen=True)
@@ -328,7 +334,7 @@ class Archive:
                         data, skip = data[pos:], 0
                     if data:
                         yield data
-        except (OSError, EOFError, zlib.error) as exc:
+        except (OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise ArchiveDamaged(f"{self.appliance}: segment {path} is missing") from exc
             raise ArchiveDamaged(f"{self.appliance}: segment {path} is unreadable: {exc}") from exc
@@ -340,9 +346,11 @@ class Archive:
             )
 
 
-def _open_segment(path: Path, seg: Segment) -> io.BufferedIOBase:
+def _open_segment(path: Path, seg: Segment) -> BinaryIO:
+    if seg.name.endswith(".gz"):
+        return cast(BinaryIO, gzip.open(path, "rb"))
     if seg.compressed:
-        return gzip.open(path, "rb")
+        return cast(BinaryIO, zstandard.open(path, "rb"))
     return open(path, "rb")
 
 
@@ -356,18 +364,14 @@ def _truncate(path: Path, size: int) -> None:
 
 
 def compress_segment(src: Path, dst: Path, level: int) -> None:
-    """gzip ``src`` to ``dst`` via a temporary file, fsynced before the rename (the
-    directory is fsynced by the commit that names ``dst``)."""
+    """Compress ``src`` to ``dst`` (zstd, with a checksum) via a temporary file, fsynced
+    before the rename (the directory is fsynced by the commit that names ``dst``)."""
     tmp = dst.with_name(dst.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
-        with (
-            open(src, "rb") as fin,
-            os.fdopen(os.dup(fd), "wb") as raw,
-            gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=level, mtime=0) as gz,
-        ):
-            while block := fin.read(BLOCK):
-                gz.write(block)
+        compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        with open(src, "rb") as fin, os.fdopen(os.dup(fd), "wb") as raw:
+            compressor.copy_stream(fin, raw, size=os.fstat(fin.fileno()).st_size)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -402,7 +406,7 @@ class Appender:
         self._covered_line: bytes | None = None
         self._closed: list[_Open] = []  # closed in this transaction, in order
         self._compress: ThreadPoolExecutor | None = None
-        self._gz: dict[str, Future[None]] = {}  # segment name -> compression
+        self._compressing: dict[str, Future[None]] = {}  # segment name -> compression
         self.appended = 0
         if self._done and not self._done[-1].compressed:
             last = self._done.pop()
@@ -413,18 +417,22 @@ class Appender:
 
     # -- appending --------------------------------------------------------------------------
 
-    def append(self, data: bytes, covered: int = 0) -> None:
+    def append(self, data: bytes, covered: int = 0, records: int | None = None) -> None:
+        """Append whole lines; the first ``covered`` bytes end with a signed record.
+        ``records``: how many lines ``data`` holds, if the caller knows (saves a count)."""
         if not data:
             return
         if not data.endswith(b"\n") or not 0 <= covered <= len(data):
             raise ValueError("append() takes whole lines and a covered prefix of them")
+        rest = data[covered:]
+        tail = rest.count(b"\n")  # after the last checkpoint: short
         if covered:
-            self._write(data[:covered], covered=True)
-            data = data[covered:]
-        if data:
-            self._write(data, covered=False)
+            head = data.count(b"\n", 0, covered) if records is None else records - tail
+            self._write(data[:covered], head, covered=True)
+        if rest:
+            self._write(rest, tail, covered=False)
 
-    def _write(self, data: bytes, *, covered: bool) -> None:
+    def _write(self, data: bytes, n: int, *, covered: bool) -> None:
         o = self._open
         if o is None:
             seg = Segment(segment_name(self._next_seq, False), self._next_seq, 0, 0)
@@ -440,7 +448,6 @@ class Appender:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        n = data.count(b"\n")
         o.seg = replace(o.seg, records=o.seg.records + n, bytes=o.seg.bytes + len(data))
         self._next_seq += n
         self.appended += n
@@ -463,10 +470,10 @@ class Appender:
 
     def _start_compression(self, seg: Segment) -> None:
         if self._compress is None:
-            self._compress = ThreadPoolExecutor(1, thread_name_prefix="archive-gzip")
+            self._compress = ThreadPoolExecutor(1, thread_name_prefix="archive-compress")
         src = self.archive.dir / seg.name
         dst = self.archive.dir / segment_name(seg.first_seq, True)
-        self._gz[seg.name] = self._compress.submit(
+        self._compressing[seg.name] = self._compress.submit(
             compress_segment, src, dst, self.archive.compress_level
         )
 
@@ -474,7 +481,7 @@ class Appender:
 
     def _finish_compression(self) -> dict[str, bool]:
         done: dict[str, bool] = {}
-        for name, fut in self._gz.items():
+        for name, fut in self._compressing.items():
             try:
                 fut.result()
                 done[name] = True

@@ -342,11 +342,12 @@ def ingest(
 
         def store(chunk: bytes, result: ChunkResult) -> None:
             nonlocal skip
-            covered = result.covered
+            covered, records = result.covered, result.records
             while skip and chunk:
                 cut = chunk.index(b"\n") + 1
                 chunk, covered, skip = chunk[cut:], max(0, covered - cut), skip - 1
-            appender.append(chunk, covered)
+                records -= 1
+            appender.append(chunk, covered, records)
 
         verifier = ChunkedVerifier(
             trust, resume.start, anchor=resume.anchor, on_verified=store, pool=pool

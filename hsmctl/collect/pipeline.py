@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from hsmctl.auditlog import ChainVerifier, Head, Violation, ViolationKind
+from hsmctl.auditlog import Head, Violation, ViolationKind, verify_block, verify_lines
 from hsmctl.errors import IntegrityError
 
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -60,39 +60,37 @@ class ChunkResult:
     violations: tuple[Violation, ...]
 
 
-def verify_chunk(
-    data: bytes, state: TrustState, start: Head, anchor: Head | None, line_offset: int
-) -> ChunkResult:
+def verify_chunk(data: bytes, state: TrustState, start: Head, anchor: Head | None) -> ChunkResult:
     """Verify whole lines continuing the chain after ``start`` (runs in worker processes)."""
-    verifier = ChainVerifier(
-        state.trusted,
-        device=state.device,
-        start=start,
-        expect_at_least=anchor,
-        retired_keys=state.retired,
-    )
     lines = data.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
-    for line in lines:
-        verifier.feed(line)
-        if verifier.done:
-            break
-    report = verifier.finish()
+    if anchor is None:
+        report = verify_block(
+            lines, state.trusted, device=state.device, start=start, retired_keys=state.retired
+        )
+    else:  # resuming: the archived head must be re-proven, record by record
+        report = verify_lines(
+            lines,
+            state.trusted,
+            device=state.device,
+            start=start,
+            expect_at_least=anchor,
+            retired_keys=state.retired,
+        )
     covered = 0
     if report.last_checkpoint_seq is not None and not report.violations:
         through = report.last_checkpoint_seq - start.seq
-        covered = sum(len(line) for line in lines[:through]) + through
-    violations = tuple(
-        replace(v, line=None if v.line is None else v.line + line_offset) for v in report.violations
-    )
+        # The bytes up to the end of line ``through``, counted from the short side.
+        total = len(data) if data.endswith(b"\n") else len(data) + 1
+        covered = total - sum(len(line) + 1 for line in lines[through:])
     return ChunkResult(
         records=report.records,
         head=report.head,
         last_checkpoint_seq=report.last_checkpoint_seq,
         covered=covered,
         state=TrustState(report.trusted_keys, report.retired_keys, report.device),
-        violations=violations,
+        violations=report.violations,
     )
 
 
@@ -106,15 +104,13 @@ class VerifyPool:
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def submit(
-        self, data: bytes, state: TrustState, start: Head, line_offset: int
-    ) -> Future[ChunkResult]:
+    def submit(self, data: bytes, state: TrustState, start: Head) -> Future[ChunkResult]:
         with self._lock:
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(
                     self.workers, mp_context=multiprocessing.get_context("spawn")
                 )
-            return self._executor.submit(verify_chunk, data, state, start, None, line_offset)
+            return self._executor.submit(verify_chunk, data, state, start, None)
 
     @property
     def in_flight(self) -> int:
@@ -157,7 +153,6 @@ class _Pending:
     future: Future[ChunkResult]
     state: TrustState
     start: Head
-    line_offset: int
 
 
 class ChunkedVerifier:
@@ -180,9 +175,9 @@ class ChunkedVerifier:
         self._on_verified = on_verified
         self._pool = pool
         self._chunk_bytes = chunk_bytes
-        self._buf = bytearray()
+        self._pieces: list[bytes] = []  # received, not yet a whole chunk
+        self._held = 0  # their length
         self._inflight: deque[_Pending] = deque()
-        self._lines = 0
         self._dispatched = 0
         self._records = 0
         self._last_checkpoint: int | None = None
@@ -196,21 +191,35 @@ class ChunkedVerifier:
     def feed(self, data: bytes) -> None:
         if self._violations:
             raise Halted("verification already failed")
-        self._buf += data
-        while len(self._buf) >= self._chunk_bytes:
-            cut = self._buf.rfind(b"\n", 0, self._chunk_bytes) + 1
-            if cut == 0:
-                self._fail(
-                    Violation(
-                        ViolationKind.MALFORMED,
-                        self._spec_head.seq + 1,
-                        f"malformed: a line longer than {self._chunk_bytes} bytes",
-                        self._lines + 1,
+        # Cut chunks from ``data`` where it lies and hold only the unfinished rest, as
+        # pieces: one copy a byte, whatever the size of the reads.
+        size, pos = self._chunk_bytes, 0
+        while self._held + len(data) - pos >= size:
+            cut = data.rfind(b"\n", pos, pos + size - self._held) + 1
+            if cut == 0:  # the chunk's last line end is in what is held, if anywhere
+                held = b"".join(self._pieces)
+                end = held.rfind(b"\n") + 1
+                if end == 0:
+                    while self._inflight:  # an earlier violation comes first
+                        self._accept_pending(self._inflight.popleft())
+                    self._fail(
+                        Violation(
+                            ViolationKind.MALFORMED,
+                            self._spec_head.seq + 1,
+                            f"malformed: a line longer than {size} bytes",
+                            self._records + 1,
+                        )
                     )
-                )
-            chunk = bytes(self._buf[:cut])
-            del self._buf[:cut]
+                self._pieces, self._held = [held[end:]], len(held) - end
+                self._dispatch(held[:end])
+                continue
+            self._pieces.append(data[pos:cut])
+            chunk = b"".join(self._pieces)
+            self._pieces, self._held, pos = [], 0, cut
             self._dispatch(chunk)
+        if pos < len(data):
+            self._pieces.append(data[pos:] if pos else data)
+            self._held += len(data) - pos
         while self._inflight and self._inflight[0].future.done():
             self._accept_pending(self._inflight.popleft())
 
@@ -220,8 +229,8 @@ class ChunkedVerifier:
         received are judged, and nothing is reported about the cut-off rest."""
         try:
             if not self._violations:
-                rest = bytes(self._buf)
-                self._buf.clear()
+                rest = b"".join(self._pieces)
+                self._pieces, self._held = [], 0
                 if complete and (rest or not self._dispatched):
                     whole = rest.rfind(b"\n") + 1
                     if whole or not rest:
@@ -250,8 +259,6 @@ class ChunkedVerifier:
     # -- internals ------------------------------------------------------------------------
 
     def _dispatch(self, chunk: bytes, *, store: bool = True) -> None:
-        offset = self._lines
-        self._lines += chunk.count(b"\n")
         first = not self._dispatched
         self._dispatched += 1
         if self._pool is None or first or self._spec_state.device is None or not store:
@@ -259,13 +266,13 @@ class ChunkedVerifier:
                 self._accept_pending(self._inflight.popleft())
             anchor = self._anchor if first else None
             self.stats.inline += 1
-            result = verify_chunk(chunk, self._state, self._head, anchor, offset)
+            result = verify_chunk(chunk, self._state, self._head, anchor)
             self._accept(chunk if store else b"", result)
             self._spec_state, self._spec_head = self._state, self._head
             return
         state, start = self._spec_state, self._spec_head
-        future = self._pool.submit(chunk, state, start, offset)
-        self._inflight.append(_Pending(chunk, future, state, start, offset))
+        future = self._pool.submit(chunk, state, start)
+        self._inflight.append(_Pending(chunk, future, state, start))
         self._spec_state, self._spec_head = _speculate(chunk, state, start)
         while len(self._inflight) > self._pool.in_flight:
             self._accept_pending(self._inflight.popleft())
@@ -280,14 +287,21 @@ class ChunkedVerifier:
                 result = None
         if result is None:  # the speculation was wrong (or the worker failed): redo
             self.stats.redone += 1
-            result = verify_chunk(p.data, self._state, self._head, None, p.line_offset)
+            result = verify_chunk(p.data, self._state, self._head, None)
         self._accept(p.data, result)
 
     def _accept(self, chunk: bytes, result: ChunkResult) -> None:
+        # Every line before this chunk was a verified record: line numbers follow.
+        offset = self._records
         self._records += result.records
         if result.violations:
             self._head = result.head  # verified up to the violation, but never stored
-            self._fail(*result.violations)
+            self._fail(
+                *(
+                    replace(v, line=None if v.line is None else v.line + offset)
+                    for v in result.violations
+                )
+            )
         if result.last_checkpoint_seq is not None:
             self._last_checkpoint = result.last_checkpoint_seq
         self._state, self._head = result.state, result.head

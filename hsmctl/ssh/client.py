@@ -81,7 +81,7 @@ NO_EXIT_STATUS: Final = -1
 # buffer.
 WINDOW_SIZE: Final = 64 * 1024 * 1024
 MAX_PACKET_SIZE: Final = 256 * 1024
-READ_SIZE: Final = 1024 * 1024
+READ_SIZE: Final = WINDOW_SIZE  # take all that arrived: a partial read copies the rest
 # AES-GCM first: an AEAD costs one pass per packet instead of cipher + HMAC.
 _PREFERRED_CIPHERS: Final = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 SCAN_KEY_TYPES: Final = ("ssh-ed25519", "ecdsa-sha2-nistp256")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
+import zstandard
 
 from hsmctl import auditlog
 from hsmctl.auditlog import GENESIS_HEAD, Head, ViolationKind
@@ -315,9 +316,9 @@ def test_segments_rotate_at_checkpoints_and_are_compressed(
     names = sorted(p.name for p in archive.dir.iterdir())
     assert names == sorted([*(s.name for s in cursor.segments), "cursor.json", "lock"])
     for seg in cursor.segments[:-1]:
-        assert seg.compressed and seg.name.endswith(".jsonl.gz")
+        assert seg.compressed and seg.name.endswith(".jsonl.zst")
         assert seg.bytes >= 4000
-        text = gzip.decompress((archive.dir / seg.name).read_bytes())
+        text = zstandard.decompress((archive.dir / seg.name).read_bytes())
         assert len(text) == seg.bytes
         assert b"".join(dev.lines[seg.first_seq - 1 : seg.last_seq]) == text
         assert json.loads(text.splitlines()[-1])["event"] == "checkpoint"  # closed signed
@@ -362,10 +363,10 @@ def test_recover_drops_what_an_interrupted_run_left(
     dev.session(20)
     new = dev.data(cursor.seq)
     appender.append(new, covered=len(new))
-    (archive.dir / "seg-000000000099.jsonl.gz.tmp").write_bytes(b"partial")
+    (archive.dir / "seg-000000000099.jsonl.zst.tmp").write_bytes(b"partial")
     (archive.dir / ".cursor.json.123.tmp").write_bytes(b"{")
     assert snapshot(archive.dir) != before
-    appender._finish_compression()  # let its gzip thread end, as the process would die
+    appender._finish_compression()  # let its thread end, as the process would die
     del appender  # never committed, never aborted: the process died
     archive.recover()
     assert snapshot(archive.dir) == before
@@ -392,10 +393,46 @@ def test_a_damaged_archive_is_reported(tmp_path: Path, key_a: auditlog.SoftwareS
 def test_compress_segment_round_trips(tmp_path: Path) -> None:
     src = tmp_path / "seg-000000000001.jsonl"
     src.write_bytes(b'{"a":1}\n' * 100_000)
-    dst = tmp_path / "seg-000000000001.jsonl.gz"
+    dst = tmp_path / "seg-000000000001.jsonl.zst"
     compress_segment(src, dst, 1)
-    assert gzip.decompress(dst.read_bytes()) == src.read_bytes()
-    assert not (tmp_path / "seg-000000000001.jsonl.gz.tmp").exists()
+    assert zstandard.decompress(dst.read_bytes()) == src.read_bytes()
+    assert not (tmp_path / "seg-000000000001.jsonl.zst.tmp").exists()
+    frame = zstandard.get_frame_parameters(dst.read_bytes())
+    assert frame.has_checksum and frame.content_size == src.stat().st_size
+
+
+def test_gzip_segments_of_older_archives_are_read_and_checked(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner
+) -> None:
+    # Archives written before segments were zstd hold .jsonl.gz segments: still readable,
+    # and an archive can mix both (new segments are zstd).
+    dev = Device(key_a)
+    archive = Archive(tmp_path / "archive", "hsm-test", segment_bytes=4000)
+    for _ in range(3):
+        for _ in range(4):
+            dev.session(6, size=40)
+        collect(archive, dev.stream(), trust(key_a))
+    cursor = archive.cursor()
+    old = cursor.segments[0]
+    assert old.compressed
+    legacy = old.name.removesuffix(".zst") + ".gz"
+    text = zstandard.decompress((archive.dir / old.name).read_bytes())
+    (archive.dir / legacy).write_bytes(gzip.compress(text))
+    (archive.dir / old.name).unlink()
+    raw = json.loads((archive.dir / "cursor.json").read_text())
+    raw["segments"][0]["name"] = legacy
+    (archive.dir / "cursor.json").write_text(json.dumps(raw))
+    cursor = archive.cursor()
+    assert cursor.segments[0].name == legacy
+    assert b"".join(archive.blocks(cursor)) == b"".join(dev.lines[: cursor.head.seq])
+    for _ in range(4):
+        dev.session(6, size=40)
+    cursor = collect(archive, dev.stream(), trust(key_a))
+    assert cursor.segments[0].name == legacy and cursor.segments[-2].name.endswith(".zst")
+    assert b"".join(archive.blocks(cursor)) == b"".join(dev.lines[: cursor.head.seq])
+    (archive.dir / legacy).write_bytes(gzip.compress(text[:-10]))  # damaged: cut short
+    with pytest.raises(ArchiveDamaged):
+        list(archive.blocks(archive.cursor()))
 
 
 # -- the lock -------------------------------------------------------------------------------------
@@ -565,7 +602,7 @@ def test_verify_archive_finds_an_edited_archive(
     first = cursor.segments[0]
     seg = archive.dir / first.name
     if first.compressed:  # an attacker on the customer host recompresses
-        seg.write_bytes(gzip.compress(_edit(gzip.decompress(seg.read_bytes()))))
+        seg.write_bytes(zstandard.compress(_edit(zstandard.decompress(seg.read_bytes()))))
     else:
         seg.write_bytes(_edit(seg.read_bytes()))  # same length
     with pytest.raises(IntegrityError) as err:

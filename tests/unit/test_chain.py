@@ -33,6 +33,7 @@ from hsmctl.auditlog.verify import (
     ChainVerifier,
     VerifyReport,
     ViolationKind,
+    verify_block,
     verify_file,
     verify_lines,
 )
@@ -99,6 +100,11 @@ def lines(records: list[Record]) -> list[bytes]:
     return [record_line(r) for r in records]
 
 
+def block(records: list[Record]) -> list[bytes]:
+    """The lines as ``bytes.split`` gives them to verify_block: without their newline."""
+    return [record_line(r)[:-1] for r in records]
+
+
 def rehash_from(records: list[Record], index: int) -> None:
     """What a tamperer without keys can do: recompute seq, prev and hash from index on."""
     prev = Head.of(records[index - 1]) if index else Head(0, GENESIS)
@@ -121,6 +127,9 @@ def verify(
     records: list[Record], keys: dict[str, str], **kwargs: Any
 ) -> tuple[VerifyReport, tuple[ViolationKind, int] | None]:
     report = verify_lines(lines(records), keys, **kwargs)
+    if not kwargs.keys() - {"device", "start", "retired_keys"}:
+        # The fast path for whole blocks must reach exactly the same verdict.
+        assert verify_block(block(records), keys, **kwargs) == report
     first = report.violations[0] if report.violations else None
     return report, (first.kind, first.seq) if first else None
 
@@ -558,3 +567,81 @@ def test_record_time_from_datetime_is_utc_with_microseconds() -> None:
         None, time=when, actor="a", role="r", source="console", event="e", outcome="ok", detail={}
     )
     assert rec["time"] == "2026-11-29T20:01:02.000005Z"
+
+
+# -- verify_block: the fast path (chain by bytes, parse only signed records) -----------------
+
+
+def test_block_parses_only_signed_records_and_the_unsigned_tail(
+    key_a: SoftwareSigner, key_b: SoftwareSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hsmctl.auditlog.verify as verify_module
+
+    records = build(60, key_a)
+    records.append(make_key_rotation(Head.of(records[-1]), key_a, key_b, device=DEVICE, time=T))
+    append_events(records, 10)
+    append_checkpoint(records, key_b)
+    append_events(records, 3)  # unsigned tail: parsed in full
+    parsed: list[int] = []
+    real = verify_module._parse
+
+    def counting(item: Any, expected: int) -> Any:
+        parsed.append(expected)
+        return real(item, expected)
+
+    monkeypatch.setattr(verify_module, "_parse", counting)
+    report = verify_block(block(records), pins(key_a), device=DEVICE)
+    signed = [r["seq"] for r in records if r["event"] in ("checkpoint", "key-rotation")]
+    assert parsed == [*signed, *(r["seq"] for r in records[-3:])]
+    parsed.clear()
+    assert report == verify_lines(lines(records), pins(key_a), device=DEVICE)
+    assert report.ok and report.records == len(records) and report.first_seq == 1
+    assert report.last_checkpoint_seq == records[-4]["seq"]
+    assert set(report.trusted_keys) == {key_b.key_id}
+
+
+def test_block_resumes_from_a_head_like_verify_lines(key_a: SoftwareSigner) -> None:
+    records = build(40, key_a)
+    for cut in (0, 1, 5, 6, 17, 39):
+        start = Head.of(records[cut - 1]) if cut else None
+        fast = verify_block(block(records[cut:]), pins(key_a), start=start)
+        assert fast == verify_lines(lines(records[cut:]), pins(key_a), start=start)
+        assert fast.ok and fast.head == Head.of(records[-1])
+
+
+def _forged_line(prev: Head, body: bytes) -> tuple[bytes, Head]:
+    """A line a tamperer without keys can append: it links by its bytes, but is no record."""
+    seq = prev.seq + 1
+    tail = (
+        f',"outcome":"ok","prev":"{prev.hash}","role":"x","seq":{seq},"source":"s","time":"{T}"}}'
+    )
+    without = body + tail.encode()
+    claimed = hashlib.sha256(without).hexdigest()
+    line = body + f',"hash":"{claimed}"'.encode() + tail.encode()
+    return line, Head(seq, claimed)
+
+
+def test_block_falls_back_when_a_forged_line_links_by_bytes(
+    key_a: SoftwareSigner, key_b: SoftwareSigner
+) -> None:
+    # Not JSON at all, yet it passes the byte scan; the checkpoint after it is forged
+    # (unknown key), so nothing vouches for it: the full verdict names the bad line.
+    records = build(12, key_a)
+    line, head = _forged_line(Head.of(records[-1]), b'{"actor":"x","detail":{"a":[}')
+    forged = make_checkpoint(head, key_b, device=DEVICE, time=T)
+    data = [*block(records), line, record_line(forged)[:-1]]
+    report = verify_block(data, pins(key_a), device=DEVICE)
+    assert report == verify_lines(data, pins(key_a), device=DEVICE)
+    assert [(v.kind, v.seq) for v in report.violations] == [(K.MALFORMED, 13)]
+    assert report.records == 12
+
+
+def test_block_does_not_trust_a_line_that_only_looks_signed(key_a: SoftwareSigner) -> None:
+    # Looks like a checkpoint to the scan (its event member says so) but is no record:
+    # the lines before it must not be taken as covered by it.
+    records = build(10, key_a)
+    line, _ = _forged_line(Head.of(records[-1]), b'{"actor":"x","detail":{},"event":"checkpoint"')
+    data = [*block(records), line]
+    report = verify_block(data, pins(key_a))
+    assert report == verify_lines(data, pins(key_a))
+    assert not report.ok and report.violations[0].seq == 11
