@@ -41,8 +41,10 @@ from tests.lab.takeover_helpers import (
     verify_receipt,
 )
 
-# A tier of its own (make test-faults): every injection point, each on a fresh appliance.
-pytestmark = [pytest.mark.lab, pytest.mark.faults]
+# Part of make test (CI), and alone with make test-faults: every injection point, each on
+# a fresh hand-off. All injections run in the first test's fixtures (about 7 min on two
+# cores), so the module's timeout is well above the default's 15 min per test.
+pytestmark = [pytest.mark.lab, pytest.mark.faults, pytest.mark.timeout(2400)]
 
 TENANT = "tenant1"
 SIGKILL_STATUS = -9
