@@ -425,18 +425,26 @@ def test_killed_50_times_while_the_device_logs(fleet: Fleet) -> None:
     rng = random.Random(6)
     finished = killed = 0
     try:
-        for _ in range(50):
+        # 50 kills at points spread over a whole run; ``typical`` follows how long runs
+        # really take now (a shared machine's load changes while the test runs).
+        while killed < 50:
+            assert killed + finished < 150, (killed, finished)
+            start = time.monotonic()
             run = subprocess.Popen(
                 fleet.argv("--appliance", app, "--wait", "30"),
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )  # fmt: skip
-            time.sleep(rng.uniform(0.05, typical * 1.2))
+            deadline = start + rng.uniform(0.05, typical)
+            while run.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
             if run.poll() is None:
                 run.send_signal(signal.SIGKILL)
                 killed += 1
             else:
                 finished += 1
                 assert run.returncode == 0, run.stderr.read() if run.stderr else b""
+                durations.append(time.monotonic() - start)
+                typical = statistics.median(durations[-5:])
             run.wait()
             if run.stderr:
                 run.stderr.close()
@@ -444,7 +452,6 @@ def test_killed_50_times_while_the_device_logs(fleet: Fleet) -> None:
         stop.set()
         worker.join()
     assert not errors, errors
-    assert killed >= 25, (killed, finished)
     final = fleet.collect("--appliance", app)
     assert final.returncode == 0, final.stderr.decode()
     fleet.assert_archive_is_the_device_log(app)
