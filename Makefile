@@ -28,7 +28,7 @@ image: deps
 demo: image
 	@bash scripts/demo.sh
 
-# Every tier, the takeover fault injection included (about 8 minutes of it, on 2 cores).
+# Every tier, the takeover fault injection included (8–9 minutes of it, on 2 cores).
 test: image
 	@$(BIN)/pytest -q $(PYTEST_ARGS)
 

@@ -42,7 +42,7 @@ from tests.lab.takeover_helpers import (
 )
 
 # Part of make test (CI), and alone with make test-faults: every injection point, each on
-# a fresh hand-off. All injections run in the first test's fixtures (about 7 min on two
+# a fresh hand-off. All injections run in the first test's fixtures (7 to 8 min on two
 # cores), so the module's timeout is well above the default's 15 min per test.
 pytestmark = [pytest.mark.lab, pytest.mark.faults, pytest.mark.timeout(2400)]
 
