@@ -144,6 +144,7 @@ def test_connections_accepted_during_the_activation_are_served(dev: Device) -> N
     old_pid = data_sshd_pid(app)
     either = Device(app, known=stage(dev), password=dev.password)
     stop = threading.Event()
+    old_logins, new_logins = threading.Event(), threading.Event()
     served: list[tuple[str, int, str]] = []  # (key seen, exit, stderr)
     errors: list[str] = []
     lock = threading.Lock()
@@ -157,7 +158,9 @@ def test_connections_accepted_during_the_activation_are_served(dev: Device) -> N
                 try:
                     c = either.admin()
                     key = c.transport.get_remote_server_key()
-                    pending.append((c, "old" if old_known.check(app.data_ip, key) else "new"))
+                    which = "old" if old_known.check(app.data_ip, key) else "new"
+                    pending.append((c, which))
+                    (new_logins if which == "new" else old_logins).set()
                 except (OSError, EOFError, paramiko.SSHException) as exc:
                     with lock:
                         errors.append(f"{type(exc).__name__}: {exc}")
@@ -177,10 +180,14 @@ def test_connections_accepted_during_the_activation_are_served(dev: Device) -> N
     thread = threading.Thread(target=hammer)
     thread.start()
     try:
-        time.sleep(1.0)
+        assert old_logins.wait(30), errors
+        time.sleep(0.5)
         activate(dev)
         wait_for_restart(app, old_pid)
-        time.sleep(1.5)
+        # Some logins after the restart too (however loaded the machine), then stop.
+        new_logins.clear()
+        assert new_logins.wait(30), errors
+        time.sleep(1.0)
     finally:
         stop.set()
         thread.join(60)
