@@ -66,7 +66,7 @@ COMPRESS_LEVEL = 1
 a core, where gzip's fastest level gives 19% at ~150 MB/s: compression was the largest
 cost of a big collection after verification (bench/bench_collect.py)."""
 COMPRESSED = ".zst"
-"""The suffix of a segment compressed now; ``.gz`` segments (archives written before zstd) are read."""
+"""The suffix of a segment compressed now; ``.gz`` segments (older archives) are read."""
 _CODECS = (".zst", ".gz")
 BLOCK = 4 * 1024 * 1024
 
