@@ -602,13 +602,18 @@ def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, list[tuple[int
     member is the record's own. Also returns, for every line that may be a checkpoint or a
     key rotation, its index and the hash before it.
     """
-    sha256 = hashlib.sha256
+    sha256, hash_member, prev_member, signed_events = (
+        hashlib.sha256,
+        _HASH_MEMBER,
+        _PREV_MEMBER,
+        _SIGNED_EVENTS,
+    )  # locals: this loop runs once a record
     signed: list[tuple[int, bytes]] = []
     running = start.hash.encode("ascii")
-    prev = _PREV_MEMBER + running + b'"'
+    prev = prev_member + running + b'"'
     first, count = start.seq + 1, 0
     for line in lines:
-        at = line.rfind(_HASH_MEMBER)
+        at = line.rfind(hash_member)
         end = at + 73
         claimed = line[at + 9 : end]
         if (
@@ -620,10 +625,10 @@ def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, list[tuple[int
             or line.find(b',"seq":%d,' % (first + count), end + 90) < 0
         ):
             break
-        if line.endswith(_SIGNED_EVENTS, 0, at):
+        if line.endswith(signed_events, 0, at):
             signed.append((count, running))
         running = claimed
-        prev = _PREV_MEMBER + claimed + b'"'
+        prev = prev_member + claimed + b'"'
         count += 1
     return count, signed
 
