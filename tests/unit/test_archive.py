@@ -302,15 +302,21 @@ def test_a_dropped_connection_is_4_and_changes_nothing(
 # -- segments, rotation, compression --------------------------------------------------------------
 
 
-def test_segments_rotate_at_checkpoints_and_are_compressed(
-    tmp_path: Path, key_a: auditlog.SoftwareSigner
-) -> None:
+def _rotated(tmp_path: Path, key_a: auditlog.SoftwareSigner, runs: int) -> tuple[Device, Archive]:
+    """An archive of small segments (4000 bytes) after ``runs`` collections."""
     dev = Device(key_a)
     archive = Archive(tmp_path / "archive", "hsm-test", segment_bytes=4000)
-    for _ in range(5):
+    for _ in range(runs):
         for _ in range(4):
             dev.session(6, size=40)
         collect(archive, dev.stream(), trust(key_a))
+    return dev, archive
+
+
+def test_segments_rotate_at_checkpoints_and_are_compressed(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner
+) -> None:
+    dev, archive = _rotated(tmp_path, key_a, 5)
     cursor = archive.cursor()
     assert len(cursor.segments) > 3
     names = sorted(p.name for p in archive.dir.iterdir())
@@ -406,12 +412,7 @@ def test_gzip_segments_of_older_archives_are_read_and_checked(
 ) -> None:
     # Archives written before segments were zstd hold .jsonl.gz segments: still readable,
     # and an archive can mix both (new segments are zstd).
-    dev = Device(key_a)
-    archive = Archive(tmp_path / "archive", "hsm-test", segment_bytes=4000)
-    for _ in range(3):
-        for _ in range(4):
-            dev.session(6, size=40)
-        collect(archive, dev.stream(), trust(key_a))
+    dev, archive = _rotated(tmp_path, key_a, 3)
     cursor = archive.cursor()
     old = cursor.segments[0]
     assert old.compressed
