@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from typing import Any
 
 from hsmctl.errors import HsmctlError
 from hsmctl.progress import NullProgress, Progress
+from hsmctl.runner.guard import PARENT_ENV
 
 PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
 
@@ -121,6 +123,20 @@ class _Events:
         return True
 
 
+def _guard_shim(private: Path, real: Path) -> Path:
+    """A directory holding ``ansible-playbook``: the real one under :mod:`guard`."""
+    shim_dir = private / "guard-bin"
+    shim_dir.mkdir(mode=0o700)
+    shim = shim_dir / "ansible-playbook"
+    shim.write_text(
+        "#!/bin/sh\n"
+        f"exec {shlex.quote(sys.executable)} -m hsmctl.runner.guard {shlex.quote(str(real))}"
+        ' "$@"\n'
+    )
+    shim.chmod(0o700)
+    return shim_dir
+
+
 def run(spec: RunSpec, progress: Progress | None = None) -> dict[str, HostOutcome]:
     """Run a playbook; returns each host's outcome. Raises only if the run itself broke."""
     import ansible_runner
@@ -130,9 +146,11 @@ def run(spec: RunSpec, progress: Progress | None = None) -> dict[str, HostOutcom
     events = _Events(hosts, progress)
     private = Path(tempfile.mkdtemp(prefix="hsmctl-run-"))
     os.chmod(private, 0o700)
-    # ansible-playbook must be this virtualenv's, so the modules import this hsmctl.
+    # ansible-playbook must be this virtualenv's, so the modules import this hsmctl; and
+    # it must end when this process does: the shim first on PATH runs it under the guard.
     venv_bin = str(Path(sys.executable).parent)
     os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    shim_dir = _guard_shim(private, Path(venv_bin) / "ansible-playbook")
     try:
         result = ansible_runner.run(
             private_data_dir=str(private),
@@ -142,7 +160,12 @@ def run(spec: RunSpec, progress: Progress | None = None) -> dict[str, HostOutcom
             forks=spec.forks,
             event_handler=events,
             quiet=True,
-            envvars={"ANSIBLE_NOCOLOR": "1", "ANSIBLE_RETRY_FILES_ENABLED": "0"},
+            envvars={
+                "ANSIBLE_NOCOLOR": "1",
+                "ANSIBLE_RETRY_FILES_ENABLED": "0",
+                PARENT_ENV: str(os.getpid()),
+                "PATH": f"{shim_dir}{os.pathsep}{os.environ['PATH']}",
+            },
         )
     finally:
         shutil.rmtree(private, ignore_errors=True)

@@ -432,16 +432,18 @@ def test_killed_mid_playbook_then_rerun_completes_once(
         if arg.startswith(tempfile.gettempdir() + "/hsmctl-run-") and "/inventory/" in arg
     }
     assert len(run_dirs) == 1, "no ansible-runner run among the provisioning's processes"
+    assert any("hsmctl.runner.guard" in _cmdline(p) for p in below), "playbook not guarded"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     # ansible-runner starts ansible-playbook in a session of its own (pexpect, SIGHUP
-    # ignored), so it outlives the kill until its next write fails; let it go first.
-    end = time.monotonic() + 60
+    # ignored); the guard it runs under ends it, its forks and modules with hsmctl.
+    end = time.monotonic() + 25
     while time.monotonic() < end and any(alive(p) for p in below):
         time.sleep(0.2)
-    for p in below:
-        if alive(p):
-            os.kill(p, signal.SIGKILL)
+    left = [(p, _cmdline(p)) for p in below if alive(p)]
+    for p, _ in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"outlived the killed hsmctl: {left}"
     # A killed run cannot remove its private data directory; it is 0700 and ours to clean.
     for d in run_dirs:
         if d.exists():
