@@ -30,14 +30,11 @@ from tests.lab.firmware_helpers import (
     Appliance,
     Conn,
     Device,
-    ProcSampler,
     Run,
     appliance,
     audit_records,
     console,
     data_conn,
-    files_under,
-    grep_files,
     last_seq,
     load_key,
     mgmt_conn,
@@ -46,6 +43,7 @@ from tests.lab.firmware_helpers import (
     take_over,
     wait_for_records,
 )
+from tests.lab.secret_scan import ProcSampler, files_under, grep_files
 
 pytestmark = pytest.mark.lab
 

@@ -35,11 +35,11 @@ from tests.conftest import (
     provision,
     takeover,
 )
+from tests.lab.secret_scan import ProcSampler, files_under, grep_files
 from tests.lab.takeover_helpers import (
     LAB_DIR,
     PROVIDER_KEY,
     PROVIDER_KNOWN_HOSTS,
-    ProcSampler,
     Rig,
     admin_activity,
     admin_login,
@@ -47,8 +47,6 @@ from tests.lab.takeover_helpers import (
     console,
     customer_state,
     escrowed,
-    files_under,
-    grep_files,
     journal,
     last_seq,
     one_time_password,
