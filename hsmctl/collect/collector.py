@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from hsmctl import config as config_mod
 from hsmctl.auditlog import GENESIS_HEAD, Head, Violation
 from hsmctl.collect.archive import SEGMENT_BYTES, Archive, Cursor
 from hsmctl.collect.pipeline import ChunkedVerifier, ChunkResult, Halted, TrustState, VerifyPool
+from hsmctl.customer.context import load_tenant_config
 from hsmctl.customer.store import ApplianceState
-from hsmctl.errors import ConfigError, HsmctlError, IntegrityError, UsageError, most_severe
+from hsmctl.errors import HsmctlError, IntegrityError, UsageError, most_severe
 from hsmctl.progress import NullProgress, Progress
 
 COLLECTOR_KEY = "audit-collector-key"
@@ -167,15 +167,7 @@ def trust_roots(
 def state_dir(config_path: str | None) -> Path:
     """The tenant's state directory. Collection needs nothing else from the config: not
     the tenant identity, so a collection job can run without it."""
-    config = config_mod.load(config_path)
-    if config.source is None:
-        raise ConfigError(
-            "no configuration: pass --config, set HSMCTL_CONFIG or create "
-            "/etc/hsmctl/hsmctl.yaml (in the lab: run inside the tenant's client namespace)"
-        )
-    if config.role != "tenant":
-        raise UsageError(f"{config.source} is a {config.role} configuration, not a tenant's")
-    path: Path = config.require("state_dir")
+    path: Path = load_tenant_config(config_path).require("state_dir")
     return path
 
 

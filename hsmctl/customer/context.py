@@ -35,7 +35,8 @@ class TenantContext:
         return ApplianceState(self.state_dir, appliance)
 
 
-def open_tenant_context(config_path: str | None, identity: str | None = None) -> TenantContext:
+def load_tenant_config(config_path: str | None) -> config_mod.Config:
+    """The tenant's configuration (exit 2 if there is none or it is another role's)."""
     config = config_mod.load(config_path)
     if config.source is None:
         raise ConfigError(
@@ -44,5 +45,10 @@ def open_tenant_context(config_path: str | None, identity: str | None = None) ->
         )
     if config.role != "tenant":
         raise UsageError(f"{config.source} is a {config.role} configuration, not a tenant's")
+    return config
+
+
+def open_tenant_context(config_path: str | None, identity: str | None = None) -> TenantContext:
+    config = load_tenant_config(config_path)
     ident = Path(identity) if identity else config.require("identity")
     return TenantContext(config, ident)

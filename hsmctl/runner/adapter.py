@@ -149,8 +149,8 @@ def run(spec: RunSpec, progress: Progress | None = None) -> dict[str, HostOutcom
     # ansible-playbook must be this virtualenv's, so the modules import this hsmctl; and
     # it must end when this process does: the shim first on PATH runs it under the guard.
     venv_bin = str(Path(sys.executable).parent)
-    os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     shim_dir = _guard_shim(private, Path(venv_bin) / "ansible-playbook")
+    path = os.pathsep.join((str(shim_dir), venv_bin, os.environ.get("PATH", "")))
     try:
         result = ansible_runner.run(
             private_data_dir=str(private),
@@ -164,7 +164,7 @@ def run(spec: RunSpec, progress: Progress | None = None) -> dict[str, HostOutcom
                 "ANSIBLE_NOCOLOR": "1",
                 "ANSIBLE_RETRY_FILES_ENABLED": "0",
                 PARENT_ENV: str(os.getpid()),
-                "PATH": f"{shim_dir}{os.pathsep}{os.environ['PATH']}",
+                "PATH": path,  # the run's only: this process's PATH is left alone
             },
         )
     finally:
