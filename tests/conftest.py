@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HSMCTL = str(Path(sys.executable).with_name("hsmctl"))
-TENANTS, APPLIANCES = 2, 24
+TENANTS, APPLIANCES = 2, 26
 
 
 def hsmctl(
@@ -98,6 +98,7 @@ APPLIANCE_SETS = {
     "provision": ["hsm05", "hsm06", "hsm07", "hsm08"],
     "takeover": ["hsm09", "hsm10", "hsm11", "hsm12", "hsm13", "hsm14"],
     "collect": [f"hsm{i:02d}" for i in range(15, 25)],
+    "hardening": ["hsm25", "hsm26"],
 }
 
 

@@ -30,9 +30,12 @@ from hsmctl import auditlog
 from hsmctl.appliance import auditkey, grammar, origin, paths, protocol, sshdlog, store
 from hsmctl.appliance.handlers import Context, Handlers, Result
 from hsmctl.appliance.logwriter import ActivityLog, LogUnavailable
-from hsmctl.appliance.roles import Interface, Role, allowed_interface, authorize
+from hsmctl.appliance.roles import READ_ONLY, Interface, Role, allowed_interface, authorize
 
 CHECKPOINT_INTERVAL = 60.0
+
+# The accounts a non-root caller may be: the console role is only ever root's.
+SESSION_ROLES = {r.value: r for r in Role if r is not Role.CONSOLE}
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,8 @@ def identify(pid: int, uid: int) -> Caller:
         if not came.via_sshd:
             return Caller("root", Role.CONSOLE, Interface.CONSOLE, "console", pid)
         return Caller("root", None, iface, source, pid)
-    try:
-        role = Role(account)
-    except ValueError:
-        role = None
+    # The console is root with no sshd ancestor, never an account that is named so.
+    role = SESSION_ROLES.get(account)
     return Caller(account, role, iface, source if came.via_sshd else "local", pid)
 
 
@@ -68,6 +69,11 @@ class Daemon:
         self.log = ActivityLog(paths.AUDIT_LOG)
         self.keys = auditkey.AuditKeys()
         self.handlers = Handlers(self)
+        # One device-wide order for commands that change state: a command is approved
+        # against the owner state and executed under the same lock, so a provider
+        # command approved before the admin's first password change cannot finish
+        # after it (and undo the transfer).
+        self.order = threading.Lock()
         self.checkpoint_lock = threading.Lock()
         self.last_checkpoint_seq = 0
         self.failures: dict[str, list[float]] = {}
@@ -231,7 +237,8 @@ class Session:
                 "type": "ready",
                 "role": c.role.value,
                 "state": owner.state.value,
-                "must_change_password": c.role is Role.ADMIN and owner.state.value == "provisioned",
+                "must_change_password": c.role is Role.ADMIN
+                and not owner.device_state().otp_changed,
                 "prompt": f"{self._hostname()}:{c.account}> ",
                 "banner": f"hsmctl appliance {self.daemon.keys.device}; type 'help'",
             },
@@ -278,18 +285,35 @@ class Session:
         c = self.caller
         assert c.role is not None
         raw = text.encode("utf-8", "surrogateescape")
-        shown = raw.decode("utf-8", "backslashreplace")[:200]
         try:
             cmd = grammar.parse(raw)
         except grammar.ParseError as exc:
             event = "escape-attempt" if exc.reason.escape_attempt else "command"
             try:
-                self.log(event, "denied", {"line": shown, "reason": exc.reason.value})
+                # Only the words the grammar knows: whatever else was typed may be a
+                # password given as an argument by mistake (SPEC §3: never in the log).
+                self.log(
+                    event,
+                    "denied",
+                    {"line": grammar.loggable(raw), "reason": exc.reason.value},
+                )
             except LogUnavailable as log_exc:
                 self.reply(Result.failure(str(log_exc)))
                 return
             self.reply(Result(exit=protocol.EXIT_USAGE, error=str(exc)))
             return
+        if cmd.words in READ_ONLY:
+            self.reply(self.execute(cmd, secrets))
+            return
+        with self.daemon.order:
+            result = self.execute(cmd, secrets)
+        self.reply(result)
+
+    def execute(self, cmd: grammar.Command, secrets: list[str]) -> Result:
+        """Approve, log, run and log one parsed command; the caller holds the order lock
+        for anything that changes state, so the approval still holds when it runs."""
+        c = self.caller
+        assert c.role is not None
         owner = store.Owner.load()
         decision = authorize(c.role, cmd.acl_words, owner.device_state())
         name = cmd.canonical()
@@ -303,11 +327,9 @@ class Session:
             )
         except LogUnavailable as exc:
             if not (audit_export and decision.allowed):
-                self.reply(Result.failure(f"refused: {exc}"))
-                return
+                return Result.failure(f"refused: {exc}")
         if not decision.allowed:
-            self.reply(Result(exit=protocol.EXIT_DENIED, error=decision.reason))
-            return
+            return Result(exit=protocol.EXIT_DENIED, error=decision.reason)
         ctx = Context(caller_account=c.account, role=c.role, source=c.source, owner=owner)
         try:
             result = self.daemon.handlers.run(ctx, cmd, secrets)
@@ -323,10 +345,18 @@ class Session:
                 {"command": name, "exit": result.exit, **result.log_detail}
                 | ({"error": result.error} if result.error else {}),
             )
-        except LogUnavailable:
+        except LogUnavailable as exc:
             if not audit_export:
-                result = Result.failure("the activity log cannot be written")
-        self.reply(result)
+                # The command ran (its approval is in the log): tell the caller what it
+                # did, not that it failed, and that the result record is missing. The
+                # log stays closed, so nothing else runs until it can be written.
+                note = (
+                    f"the command ran (exit {result.exit}), but its result could not be "
+                    f"written to the activity log ({exc}); the device refuses further "
+                    "commands until it can"
+                )
+                result.error = f"{result.error}; {note}" if result.error else note
+        return result
 
 
 class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

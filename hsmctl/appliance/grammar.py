@@ -501,6 +501,26 @@ def _bind(spec: CommandSpec, rest: list[str]) -> dict[str, Value]:
     return values
 
 
+def loggable(line: bytes | str) -> str:
+    """A refused line as the activity log may keep it: the leading words that name a
+    command (or a command group), then only how many more words there were.
+
+    Whatever else a person typed may be a secret given as an argument by mistake
+    (``user password N3w-Secret``): no value from a refused line reaches the log.
+    """
+    raw = line if isinstance(line, bytes) else line.encode("utf-8", "surrogateescape")
+    tokens = raw.decode("utf-8", "replace").split()
+    known = 0
+    for n in range(1, min(len(tokens), 3) + 1):
+        if tuple(tokens[:n]) in _FORMS or tuple(tokens[:n]) in _GROUPS:
+            known = n
+    shown = " ".join(tokens[:known])
+    rest = len(tokens) - known
+    if rest:
+        shown = f"{shown} [{rest} more word{'s' if rest > 1 else ''} not logged]".lstrip()
+    return shown
+
+
 def parse(line: bytes | str) -> Command:
     """Parse one command line, or raise ParseError; the caller strips the line ending."""
     tokens = _screen(line).split()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from hsmctl import auditlog
-from hsmctl.appliance import accounts, paths, protocol, store, token
+from hsmctl.appliance import accounts, faults, paths, protocol, store, token
 from hsmctl.appliance.grammar import Command, help_text
 from hsmctl.appliance.logwriter import LogUnavailable
 from hsmctl.appliance.roles import OwnerState, Role, authorize_spec
@@ -191,6 +191,13 @@ class Handlers:
             )
         except accounts.AccountError as exc:
             return Result.usage(str(exc))
+        except store.OwnershipError as exc:
+            return Result(
+                exit=protocol.EXIT_DENIED,
+                error=str(exc),
+                outcome="denied",
+                log_detail={"rule": "customer-owned"},
+            )
         except HsmctlError as exc:
             return Result.failure(exc.message)
 
@@ -270,31 +277,57 @@ class Handlers:
         (password,) = secrets
         accounts.check_password_policy(password)
         user = ctx.caller_account
-        owner = store.Owner.load()
-        first = user == "admin" and owner.state is OwnerState.PROVISIONED
-        accounts.set_password(user, password)
-        if not first:
+        owner = ctx.owner
+        if not (user == "admin" and not owner.device_state().otp_changed):
+            accounts.set_password(user, password)
             return Result(output="password changed")
+        if owner.state is OwnerState.FACTORY:
+            return Result.failure("the admin account has not been provisioned yet")
         # The first change by the admin makes the device customer-owned in the same
-        # operation: provider powers end here, whatever happens next.
+        # operation, in this order, so that no crash at any point leaves the provider
+        # enabled once the customer's password works: (1) the one-way fact on disk,
+        # (2) the provider locked out, (3) the new password, (4) ``otp_changed``. A crash
+        # after (1) leaves the provider out and the admin able to finish the change with
+        # the one-time password; a crash after (3) is recognised by the shadow entry
+        # (:meth:`store.Owner.load`).
+        now = time.time()
+        fresh = not store.customer_owned_fact()
+        store.record_ownership(now)
         owner.state = OwnerState.CUSTOMER_OWNED
-        owner.owned_since = time.time()
+        owner.owned_since = owner.owned_since or now
         owner.otp_expires = None
+        owner.provider_access = False
         owner.save()
         self._lock_provider()
-        self.daemon.record(
-            "hsmd",
-            "system",
-            "console",
-            "ownership-transfer",
-            "ok",
-            {"owner": "customer", "provider_access": "revoked"},
-        )
+        if fresh:
+            self.daemon.record(
+                "hsmd",
+                "system",
+                "console",
+                "ownership-transfer",
+                "ok",
+                {"owner": "customer", "provider_access": "revoked"},
+            )
+        faults.reached("user-password:owned")
+        accounts.set_password(user, password)
+        faults.reached("user-password:changed")
+        owner.otp_changed = True
+        owner.save()
         return Result(
             output="password changed; the device is now customer-owned and the "
             "provider's access is revoked",
             log_detail={"first_change": True},
         )
+
+    @staticmethod
+    def _provider_guard(ctx: Context) -> None:
+        """Re-check inside the handler, under the device-wide order, that the provider
+        still has powers: the role table decided on the same state, but a handler that
+        changes what the provider controls checks the one-way fact itself."""
+        if ctx.role is Role.PROVIDER and (
+            store.customer_owned_fact() or ctx.owner.device_state().customer_owned
+        ):
+            raise store.OwnershipError("device is customer-owned; provider access has been revoked")
 
     def _lock_provider(self) -> None:
         owner = store.Owner.load()
@@ -311,6 +344,7 @@ class Handlers:
     def user_enable(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
         name = cmd.get_str("name")
         self._managed(ctx, name)
+        self._provider_guard(ctx)
         if not accounts.has_key(name):
             return Result.failure(
                 f"{name} has no credential; set one first (user credential set {name})"
@@ -321,6 +355,7 @@ class Handlers:
     def user_disable(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
         name = cmd.get_str("name")
         self._managed(ctx, name)
+        self._provider_guard(ctx)
         accounts.disable(name)
         accounts.end_sessions(name)
         return Result(output=f"{name} disabled", log_detail={"account": name})
@@ -328,6 +363,7 @@ class Handlers:
     def credential_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
         name = cmd.get_str("name")
         self._managed(ctx, name)
+        self._provider_guard(ctx)
         fingerprint = accounts.check_public_key(secrets[0])
         accounts.set_authorized_key(name, secrets[0])
         return Result(
@@ -337,16 +373,25 @@ class Handlers:
 
     def otp_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
         key, password = secrets
+        self._provider_guard(ctx)
+        if store.customer_owned_fact():
+            # Not even from the console: a customer-owned device gets a new one-time
+            # credential only after the out-of-band factory reset.
+            raise store.OwnershipError(
+                "device is customer-owned; a one-time password needs a factory reset first"
+            )
         accounts.check_password_policy(password)
         fingerprint = accounts.check_public_key(key)
-        hours = cmd.get_int("expires_hours") or 72
-        accounts.set_authorized_key("admin", key)
-        accounts.set_password("admin", password)
-        accounts.enable("admin")
-        owner = store.Owner.load()
+        hours = cmd.get_int("expires_hours") or store.OTP_VALID_HOURS
+        owner = ctx.owner
         owner.state = OwnerState.PROVISIONED
         owner.otp_expires = time.time() + hours * 3600
+        owner.otp_changed = False
+        accounts.set_authorized_key("admin", key)
+        accounts.set_password("admin", password)
+        owner.otp_hash = store.shadow_hash("admin")
         owner.save()
+        accounts.enable("admin")
         return Result(
             output=f"admin credential set ({fingerprint}); one-time password expires in {hours} h",
             log_detail={"fingerprint": fingerprint, "expires_hours": hours},
@@ -416,21 +461,27 @@ class Handlers:
     def factory_reset(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
         from hsmctl.appliance.personalise import make_host_keys
 
+        self._provider_guard(ctx)
+        if store.customer_owned_fact() and ctx.role is not Role.CONSOLE:
+            raise store.OwnershipError("a customer-owned device is reset only out of band")
         token.customer_zeroize()
         for user in ("admin", "monitor", "audit"):
             accounts.remove_authorized_key(user)
             accounts.clear_password(user)
             accounts.disable(user)
             accounts.end_sessions(user)
-        factory = store.read_json(paths.FACTORY, {})
-        if factory.get("provider_public_key"):
-            accounts.set_authorized_key("provider", factory["provider_public_key"])
-            accounts.enable("provider")
         shutil.rmtree(paths.HOSTKEY_DIRS["data"], ignore_errors=True)
         make_host_keys(paths.HOSTKEY_DIRS["data"], f"{_device().get('id')}-data")
         paths.NETWORK.unlink(missing_ok=True)
         subprocess.run(["ip", "addr", "flush", "dev", "data0"], check=False, capture_output=True)
+        # The customer's accounts are gone: only now may the one-way fact go, and only
+        # then does the provider get its key back.
+        store.clear_ownership()
         store.Owner().save()
+        factory = store.read_json(paths.FACTORY, {})
+        if factory.get("provider_public_key"):
+            accounts.set_authorized_key("provider", factory["provider_public_key"])
+            accounts.enable("provider")
         _signal_boot()
         rotated = self._rotate_audit_key()
         return Result(
@@ -448,6 +499,7 @@ class Handlers:
         return Result(output=_json({"data": config, "interfaces": addrs.splitlines()}))
 
     def network_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        self._provider_guard(ctx)
         iface = cmd.get_interface("ip")
         gateway = cmd.get_address("gateway")
         dev = "data0"

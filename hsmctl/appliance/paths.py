@@ -19,6 +19,9 @@ STATE = Path("/var/lib/hsm/state")  # root-only (0700)
 NETWORK = STATE / "network.json"
 ACCOUNTS = STATE / "accounts.json"
 OWNER = STATE / "owner.json"
+OWNED = STATE / "customer-owned.json"  # the one-way fact (store.record_ownership)
+SHADOW = Path("/etc/shadow")
+FAULTS = Path("/run/hsm/faults")  # fault-injection points armed by tests (root only)
 AUDIT_TOKEN_SECRETS = STATE / "audit-token.json"
 CUSTOMER_TOKEN = STATE / "customer-token.json"
 

@@ -42,7 +42,13 @@ class OwnerState(enum.Enum):
 
 @dataclass(frozen=True)
 class DeviceState:
-    """Owner state plus the flag the first ``user password`` sets in the same operation."""
+    """Owner state plus whether the admin's one-time password has been replaced.
+
+    The first ``user password`` makes the device customer-owned *before* it changes the
+    password (provider out first), and sets ``otp_changed`` once the new password is in
+    place. ``(CUSTOMER_OWNED, otp_changed=False)`` is that change interrupted: the
+    provider has no power left and the admin may only finish the change.
+    """
 
     owner: OwnerState
     otp_changed: bool = False
@@ -140,6 +146,25 @@ GRANTS: Mapping[Role, frozenset[Words]] = {
 
 ADMIN_BEFORE_OWNERSHIP: frozenset[Words] = frozenset({("user", "password")})
 
+# Commands (by their words, without account arguments) that change nothing: they run
+# outside the daemon's device-wide order. Everything else is approved and executed under
+# it, so no approval goes stale before its command runs.
+READ_ONLY: frozenset[Words] = frozenset(
+    {
+        ("help",),
+        ("exit",),
+        ("hsm", "show"),
+        ("user", "list"),
+        ("network", "show"),
+        ("sysconf", "provider-access", "show"),
+        ("sysconf", "hostkey", "show"),
+        ("audit", "show"),
+        ("audit", "export"),
+        ("audit", "verify"),
+        ("audit", "key", "show"),
+    }
+)
+
 _INTERFACES = {
     Role.PROVIDER: Interface.MGMT,
     Role.MONITOR: Interface.MGMT,
@@ -188,7 +213,7 @@ def authorize(role: Role, command_words: Sequence[str], state: DeviceState) -> D
         return _deny(
             Rule.PROVIDER_REVOKED, "device is customer-owned; provider access has been revoked"
         )
-    if role is Role.ADMIN and not state.customer_owned:
+    if role is Role.ADMIN and not state.otp_changed:
         if state.owner is OwnerState.FACTORY:
             return _deny(Rule.NOT_PROVISIONED, "the admin account has not been provisioned yet")
         if key in ADMIN_BEFORE_OWNERSHIP:

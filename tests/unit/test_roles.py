@@ -60,7 +60,10 @@ ALL = [
 STATES = {
     "factory": DeviceState(OwnerState.FACTORY),
     "provisioned": DeviceState(OwnerState.PROVISIONED),
-    "customer-owned": DeviceState(OwnerState.CUSTOMER_OWNED),
+    "customer-owned": DeviceState(OwnerState.CUSTOMER_OWNED, otp_changed=True),
+    # the first `user password` interrupted between the ownership fact and the new
+    # password: the provider is already out, the admin may only finish the change
+    "transferring": DeviceState(OwnerState.CUSTOMER_OWNED),
     # the first `user password` sets the flag in the same operation as the state change;
     # the flag alone must already end provider powers
     "otp-changed": DeviceState(OwnerState.PROVISIONED, otp_changed=True),
@@ -115,6 +118,11 @@ EXPECTED: dict[tuple[Role, str], set[str]] = {
     (Role.PROVIDER, "provisioned"): PROVIDER_BEFORE_HANDOVER,
     (Role.PROVIDER, "customer-owned"): ALWAYS,
     (Role.PROVIDER, "otp-changed"): ALWAYS,
+    (Role.PROVIDER, "transferring"): ALWAYS,
+    (Role.MONITOR, "transferring"): MONITOR,
+    (Role.ADMIN, "transferring"): ALWAYS | {"user password"},
+    (Role.AUDIT, "transferring"): AUDIT,
+    (Role.CONSOLE, "transferring"): set(ALL),
     (Role.MONITOR, "factory"): MONITOR,
     (Role.MONITOR, "provisioned"): MONITOR,
     (Role.MONITOR, "customer-owned"): MONITOR,
