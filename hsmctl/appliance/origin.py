@@ -28,6 +28,7 @@ from hsmctl.appliance.roles import Interface
 SSHD_EXES = frozenset({"/usr/sbin/sshd", "/usr/lib/openssh/sshd-session"})
 ESTABLISHED = "01"  # the state column of /proc/net/tcp
 MAX_DEPTH = 64
+READ_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,17 @@ def established(
     table: str, inodes: Collection[int], byteorder: str = sys.byteorder
 ) -> list[tuple[str, str]]:
     """(local, remote) of the established connections in a /proc/net/tcp{,6} table whose
-    socket is one of ``inodes``. Pure."""
-    found = []
+    socket is one of ``inodes``, one entry per socket. Pure.
+
+    The kernel prints the table a page at a time and does not freeze it in between: a
+    busy table can show a socket twice (counted once here, by its inode) or not at all
+    (see :func:`_connections`)."""
+    found: dict[int, tuple[str, str]] = {}
     for line in table.splitlines()[1:]:
         f = line.split()
         if len(f) > 9 and f[3] == ESTABLISHED and f[9].isdigit() and int(f[9]) in inodes:
-            found.append((proc_address(f[1], byteorder), proc_address(f[2], byteorder)))
-    return found
+            found[int(f[9])] = (proc_address(f[1], byteorder), proc_address(f[2], byteorder))
+    return list(found.values())
 
 
 def decide(
@@ -117,14 +122,21 @@ def _socket_inodes(pid: int) -> set[int]:
 
 
 def _connections(pid: int) -> list[tuple[str, str]]:
+    """The established TCP connections among ``pid``'s sockets. The table is read again
+    when the socket was missed (a concurrent change while the kernel printed it); a
+    monitor whose one connection stays missing is refused, never guessed."""
     inodes = _socket_inodes(pid)
     found: list[tuple[str, str]] = []
-    for table in ("tcp", "tcp6"):
-        try:
-            text = Path(f"/proc/{pid}/net/{table}").read_text()
-        except OSError:
-            continue
-        found += established(text, inodes)
+    for _ in range(READ_ATTEMPTS):
+        found = []
+        for table in ("tcp", "tcp6"):
+            try:
+                text = Path(f"/proc/{pid}/net/{table}").read_text()
+            except OSError:
+                continue
+            found += established(text, inodes)
+        if found:
+            return found
     return found
 
 

@@ -81,3 +81,14 @@ def _uid_of(name: str) -> int:
     import pwd
 
     return pwd.getpwnam(name).pw_uid
+
+
+def test_a_socket_printed_twice_counts_once() -> None:
+    """/proc/net/tcp is printed a page at a time while connections come and go: the same
+    socket can appear twice; it is still one connection (else: refused as 'several')."""
+    lines = TCP.splitlines()
+    row = next(line for line in lines if line.split()[9:10] == ["1839187"])
+    doubled = "\n".join([*lines, row])
+    conns = established(doubled, {1839187}, "little")
+    assert conns == [("198.19.0.233", "198.19.1.4")]
+    assert decide(conns, ADDRESSES) == (Interface.DATA, "198.19.1.4")
