@@ -36,6 +36,8 @@ CHECKPOINT_INTERVAL = 60.0
 
 # The accounts a non-root caller may be: the console role is only ever root's.
 SESSION_ROLES = {r.value: r for r in Role if r is not Role.CONSOLE}
+# Names a login record may carry as typed: the device's accounts and root.
+KNOWN_LOGINS = frozenset({*SESSION_ROLES, "root"})
 
 
 @dataclass(frozen=True)
@@ -137,13 +139,16 @@ class Daemon:
             return record
 
     def on_login(self, iface: str, event: sshdlog.LoginEvent) -> None:
-        role = event.user if event.user in ("provider", "monitor", "admin", "audit") else "none"
+        known = event.user in KNOWN_LOGINS
+        role = event.user if event.user in SESSION_ROLES else "none"
         if event.event == "login" and event.outcome != "ok":  # back-off counts logins only
             with self.failures_lock:
                 self.failures.setdefault(event.source, []).append(time.monotonic())
         try:
+            # A name that is no account here is logged as such, not as typed: people type
+            # passwords into the user name field, and SPEC §3 keeps them out of the log.
             self.record(
-                event.user,
+                event.user if known else "unknown-user",
                 role,
                 event.source,
                 event.event,

@@ -41,7 +41,10 @@ def recv(reader: _Reader) -> dict[str, Any] | None:
         return None
     if len(line) > MAX_MESSAGE or not line.endswith(b"\n"):
         raise ValueError("message too long or truncated")
-    data = json.loads(line)
+    try:
+        data = json.loads(line)
+    except RecursionError as exc:  # a session may send anything: nesting is malformed
+        raise ValueError("message nested too deeply") from exc
     if not isinstance(data, dict):
         raise ValueError("message is not an object")
     return data

@@ -16,7 +16,6 @@ Only hsm25 (tenant1) and hsm26 (tenant2) are touched (conftest's APPLIANCE_SETS
 from __future__ import annotations
 
 import json
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,11 +38,15 @@ from tests.lab.firmware_helpers import (
     mgmt_conn,
     new_secret,
     provision,
+    wait_for_records,
 )
 
 pytestmark = pytest.mark.lab
 
-ROUNDS_PER_COMMAND = 4  # per appliance; two appliances race at once: 8 rounds a command
+# Where the admin's change lands in the provider's stream (seconds; negative: before it
+# starts), per appliance: two appliances race at once, 8 rounds a command. Spread from a
+# clear head start to well inside the stream; the jitter of a loaded machine does the rest.
+OFFSETS = [[-0.5, -0.1, 0.05, 0.25], [-0.3, 0.0, 0.1, 0.35]]
 CHANNELS = 3  # provider commands in flight at once on the one connection
 AFTER = 0.4  # seconds the provider keeps firing after the admin's change returned
 
@@ -106,7 +109,9 @@ def fire(conn: Any, line: str, stdin: list[str], stop: threading.Event, fired: F
         fired.exits.append(r.exit)
 
 
-def one_round(dev: Device, command: str) -> dict[str, Any]:
+def one_round(dev: Device, command: str, offset: float) -> dict[str, Any]:
+    """The admin's first change ``offset`` seconds after the provider's stream starts
+    (negative: before it)."""
     app = dev.app
     provider_password = new_secret("prov")
     line, stdin = provider_commands(dev, provider_password)[command]
@@ -127,16 +132,28 @@ def one_round(dev: Device, command: str) -> dict[str, Any]:
         threading.Thread(target=fire, args=(prov, line, stdin, stop, fired), daemon=True)
         for _ in range(CHANNELS)
     ]
+    change: dict[str, int | None] = {}
+
+    def admin_change() -> None:
+        try:
+            change["exit"] = admin.run("user password", stdin=[new_password], timeout=60).exit
+        except Exception:  # the provider's factory reset ended the admin's session first
+            change["exit"] = None
+
+    # A factory reset that runs first ends the admin's session: both orders must leave
+    # a consistent device, and the head starts make sure the admin wins some rounds.
+    changer = threading.Thread(target=admin_change, daemon=True)
+    if offset < 0:
+        changer.start()
+        time.sleep(-offset)
     for t in threads:
         t.start()
-    time.sleep(random.uniform(0.0, 0.3))  # land the change anywhere in the provider's stream
-    try:
-        change = admin.run("user password", stdin=[new_password], timeout=60)
-        admin_exit: int | None = change.exit
-    except Exception:  # the provider's factory reset ended the admin's session first
-        admin_exit = None
-    finally:
-        admin.close()
+    if offset >= 0:
+        time.sleep(offset)
+        changer.start()
+    changer.join(timeout=90)
+    admin.close()
+    admin_exit = change.get("exit")
     time.sleep(AFTER)
     stop.set()
     for t in threads:
@@ -201,15 +218,16 @@ def check_round(dev: Device, command: str, outcome: dict[str, Any]) -> bool:
 def test_provider_command_in_flight_cannot_undo_the_transfer(
     hsm25: Appliance, hsm26: Appliance, command: str
 ) -> None:
-    def rounds(app: Appliance) -> list[bool]:
+    def rounds(app: Appliance, offsets: list[float]) -> list[bool]:
         won = []
-        for _ in range(ROUNDS_PER_COMMAND):
+        for offset in offsets:
             dev = provision(app)
-            won.append(check_round(dev, command, one_round(dev, command)))
+            won.append(check_round(dev, command, one_round(dev, command, offset)))
         return won
 
     with ThreadPoolExecutor(2) as pool:
-        results = [w for ws in pool.map(rounds, (hsm25, hsm26)) for w in ws]
+        runs = pool.map(rounds, (hsm25, hsm26), OFFSETS)
+        results = [w for ws in runs for w in ws]
     # Not vacuous: the admin's change won at least some rounds against a live stream.
     assert any(results), f"{command}: the admin never got the change through"
 
@@ -306,3 +324,21 @@ def test_ownership_survives_a_console_otp_set_and_ends_only_with_a_factory_reset
     # The out-of-band reset is the way back to the factory, and then the provider is back.
     console(app, "hsmsh", "-c", "sysconf factory-reset")
     assert not provider_refused(app)
+
+
+def test_a_password_typed_as_a_user_name_never_reaches_the_log(hsm26: Appliance) -> None:
+    app = hsm26
+    dev = provision(app)
+    typed = new_secret("typed")
+    start = last_seq(app)
+    conn = mgmt_conn(app)
+    try:
+        with pytest.raises(paramiko.AuthenticationException):
+            conn.auth_key(typed, load_key(PROVIDER_KEY))
+    finally:
+        conn.close()
+    with pytest.raises(paramiko.AuthenticationException):
+        dev.admin("not-the-password-1A").close()
+    records = wait_for_records(app, lambda r: r["actor"] == "unknown-user", after=start, timeout=10)
+    assert records and records[0]["event"] == "login" and records[0]["outcome"] != "ok"
+    assert typed not in json.dumps(audit_records(app))
