@@ -11,6 +11,10 @@ from typing import Protocol
 
 
 class Progress(Protocol):
+    """Messages are plain text and often carry a device's words or a user's input: an
+    implementation prints them as they are, never interprets them (as markup, format
+    strings or terminal escapes), and never lets printing one fail the operation."""
+
     def step(self, message: str) -> None:
         """A step started or finished (one line)."""
 

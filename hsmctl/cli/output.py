@@ -1,17 +1,54 @@
 """Printing for the CLI: one JSON object on stdout with ``--json``; human text otherwise;
-progress and logs always on stderr (a live line on a terminal, plain lines otherwise)."""
+progress and logs always on stderr (a live line on a terminal, plain lines otherwise).
+
+Every message printed here may carry text from a user, a configuration file or a device
+(an error a device sent back, a tenant name, a path). None of it is ever read as rich
+markup (``[/oops]`` in a device message once raised ``MarkupError`` inside the error
+handler and lost the report) or passed to the terminal raw (an escape sequence in a
+device message could recolour or rewrite the operator's screen): rich gets
+:class:`~rich.text.Text`, never a markup string, and control characters are shown as
+``\\xNN`` by :func:`plain`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.text import Text
 
-_err = Console(stderr=True, highlight=False)
+
+class _ProgressConsole(Console):
+    """rich on stderr, for progress only. On a broken pipe rich's own answer is to put
+    /dev/null over *stdout* and exit 1, which would throw away the --json result and end
+    an operation half-way because nobody reads its progress; this one just goes quiet."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+
+
+_err = _ProgressConsole(stderr=True, highlight=False, markup=False, emoji=False)
+
+# C0 controls but tab and newline, DEL, C1 controls (0x9b is a one-byte CSI), and lone
+# surrogates (undecodable bytes of a file name, which a strict stdout cannot encode).
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def plain(text: str) -> str:
+    """``text`` safe to print on a terminal: unprintable characters as ``\\xNN`` or
+    ``\\uNNNN`` escapes, so what a device or a file said stays visible but inert."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class CliProgress:
@@ -25,9 +62,10 @@ class CliProgress:
         if self.quiet:
             return
         if self.tty:
-            _err.print(f"[dim]·[/dim] {message}", markup=True, soft_wrap=True)
+            line = Text.assemble(("·", "dim"), " ", plain(message))
+            _progress(lambda: _err.print(line, soft_wrap=True))
         else:
-            print(f"- {message}", file=sys.stderr, flush=True)
+            _progress(lambda: print(f"- {plain(message)}", file=sys.stderr, flush=True))
 
     def advance(self, done: int, total: int, message: str = "") -> None:
         if self.quiet:
@@ -36,20 +74,31 @@ class CliProgress:
         filled = int(width * done / total) if total else width
         if self.tty:
             bar = "█" * filled + "░" * (width - filled)
-            _err.print(f"  {bar} {done}/{total} {message}", markup=False)
+            line = Text(f"  {bar} {done}/{total} {plain(message)}")
+            _progress(lambda: _err.print(line, soft_wrap=True))
         else:
-            print(f"- [{done}/{total}] {message}", file=sys.stderr, flush=True)
+            text = f"- [{done}/{total}] {plain(message)}"
+            _progress(lambda: print(text, file=sys.stderr, flush=True))
+
+
+def _progress(write: Callable[[], None]) -> None:
+    """Progress is advisory: a stderr nobody reads any more (a closed pipe) must not stop
+    the operation half-way, least of all from inside the library's error handling."""
+    with contextlib.suppress(OSError):
+        write()
 
 
 def emit(as_json: bool, payload: dict[str, Any], human: Callable[[dict[str, Any]], str]) -> None:
     if as_json:
         click.echo(json.dumps(payload, sort_keys=False))
     else:
-        click.echo(human(payload))
+        click.echo(plain(human(payload)))
 
 
 def error(message: str) -> None:
-    print(f"hsmctl: error: {message}", file=sys.stderr, flush=True)
+    """The one-line (or multi-line: a command's output tail) report on stderr; the text
+    is the exception's, often a device's, so it goes through :func:`plain`."""
+    print(f"hsmctl: error: {plain(message)}", file=sys.stderr, flush=True)
 
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
