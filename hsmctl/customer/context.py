@@ -18,9 +18,7 @@ class TenantContext:
 
     @property
     def state_dir(self) -> Path:
-        path: Path = self.config.require("state_dir")
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return path
+        return config_mod.ensure_state_dir(self.config)
 
     @property
     def provider_public_key(self) -> Path:
@@ -50,5 +48,8 @@ def load_tenant_config(config_path: str | None) -> config_mod.Config:
 
 def open_tenant_context(config_path: str | None, identity: str | None = None) -> TenantContext:
     config = load_tenant_config(config_path)
-    ident = Path(identity) if identity else config.require("identity")
+    if identity == "":
+        # An empty --identity (an unset shell variable) must not quietly mean the config's.
+        raise UsageError("--identity: an empty file name")
+    ident = Path(identity) if identity is not None else config.require("identity")
     return TenantContext(config, ident)

@@ -27,15 +27,17 @@ class ProviderContext:
 
     @cached_property
     def store(self) -> Store:
+        if not self.config.database_url:
+            # SQLite's directory: a state_dir that cannot be one is an exit 2, not a
+            # driver error from deep inside the store.
+            config_mod.ensure_state_dir(self.config)
         store = Store.for_config(self.config)
         store.sync_inventory(self.inventory)
         return store
 
     @property
     def state_dir(self) -> Path:
-        path: Path = self.config.require("state_dir")
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return path
+        return config_mod.ensure_state_dir(self.config)
 
     @property
     def signing_key(self) -> Path:
