@@ -82,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         error("interrupted")
         return 130
+    except Exception as exc:
+        # A bug, not an input: still one JSON object and exit 1, never a traceback.
+        if isinstance(exc, BrokenPipeError):
+            # stdout's reader left (`hsmctl fleet list | head -1`): no one to tell, and
+            # the interpreter's own flush at exit must not fail a second time.
+            import contextlib
+            import os
+
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        _fail(args, 1, f"internal error: {type(exc).__name__}: {exc}", {})
+        return 1
     return 0
 
 
