@@ -141,7 +141,7 @@ def fleet_list(ctx: click.Context, as_json: bool) -> None:
 def fleet_show(ctx: click.Context, appliance: str, as_json: bool) -> None:
     """Show one appliance: its record, allocation, pinned host keys and journal."""
     from hsmctl.provider.context import open_context
-    from hsmctl.state.schema import Interface
+    from hsmctl.state.model import Interface
 
     pctx = open_context(_config(ctx))
     try:

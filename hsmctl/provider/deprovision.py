@@ -42,7 +42,7 @@ from hsmctl.progress import NullProgress, Progress
 from hsmctl.provider.context import ProviderContext, open_context
 from hsmctl.provider.drivers import console_checked, fabric_for, out_of_band_for
 from hsmctl.ssh import PublicKey
-from hsmctl.state.schema import ApplianceState, Interface, Operation, StepStatus
+from hsmctl.state.model import ApplianceState, Interface, Operation, StepStatus
 from hsmctl.state.store import ApplianceRecord, JournalEntry
 
 A = ApplianceState

@@ -28,7 +28,7 @@ from hsmctl.errors import HostKeyMismatch, HsmctlError, UnreachableError, UsageE
 from hsmctl.progress import NullProgress, Progress
 from hsmctl.provider.context import ProviderContext, open_context
 from hsmctl.ssh import AuthenticationFailed, DeviceConnection
-from hsmctl.state.schema import ApplianceState, Operation, StepStatus
+from hsmctl.state.model import ApplianceState, Operation, StepStatus
 
 MAX_PARALLEL = 16
 

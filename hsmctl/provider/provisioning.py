@@ -28,7 +28,7 @@ from hsmctl.provider.context import ProviderContext, open_context
 from hsmctl.provider.drivers import fabric_for
 from hsmctl.runner import adapter
 from hsmctl.secret import generate_password
-from hsmctl.state.schema import (
+from hsmctl.state.model import (
     ApplianceState,
     Interface,
     Operation,

@@ -1,7 +1,7 @@
 """The provider's state: appliances, allocations, requests, the operations journal and
 pinned host keys, in SQLite (default) or PostgreSQL with the same schema."""
 
-from hsmctl.state.schema import ApplianceState, Interface, Operation, RequestStatus, StepStatus
+from hsmctl.state.model import ApplianceState, Interface, Operation, RequestStatus, StepStatus
 from hsmctl.state.store import (
     Allocation,
     ApplianceRecord,

@@ -26,51 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
-
-class ApplianceState(enum.StrEnum):
-    """An appliance's lifecycle (SPEC §6, ``fleet list``)."""
-
-    AVAILABLE = "available"
-    PROVISIONING = "provisioning"
-    PROVISIONED = "provisioned"
-    CUSTOMER_OWNED = "customer-owned"
-    DEPROVISIONING = "deprovisioning"
-    FAILED = "failed"
-
-
-class RequestStatus(enum.StrEnum):
-    """A provisioning request: allocated in the store, then run by the provisioner."""
-
-    ALLOCATED = "allocated"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    RELEASED = "released"
-
-
-class Interface(enum.StrEnum):
-    MGMT = "mgmt"
-    DATA = "data"
-
-
-class Operation(enum.StrEnum):
-    """What a journal entry belongs to."""
-
-    SYNC = "sync"
-    ALLOCATE = "allocate"
-    PROVISION = "provision"
-    STATE = "state"
-    HOST_KEYS = "host-keys"
-    HEALTH = "health"
-    DEPROVISION = "deprovision"
-    RELEASE = "release"
-
-
-class StepStatus(enum.StrEnum):
-    STARTED = "started"
-    OK = "ok"
-    FAILED = "failed"
-    SKIPPED = "skipped"
+from hsmctl.state.model import ApplianceState, Interface, Operation, RequestStatus, StepStatus
 
 
 def _enum(cls: type[enum.StrEnum], name: str, *, constrained: bool = True) -> sa.Enum:

@@ -57,7 +57,9 @@ from hsmctl.inventory.model import (
 )
 from hsmctl.secret import Secret
 from hsmctl.state import schema
-from hsmctl.state.schema import (
+from hsmctl.state.model import (
+    RELEASABLE,
+    TRANSITIONS,
     ApplianceState,
     Interface,
     Operation,
@@ -74,22 +76,6 @@ CONNECT_TIMEOUT_S = 10
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # Journal keys that name a secret: refused even when the value looks harmless.
 SECRET_WORDS = frozenset({"password", "passwd", "passphrase", "pin", "secret", "otp", "private"})
-
-A = ApplianceState
-# Allowed `set_state` moves. `available` is reached only through `release` (which frees
-# the address) and `provisioning` from `available` only through `allocate`.
-TRANSITIONS: Mapping[ApplianceState, frozenset[ApplianceState]] = {
-    A.AVAILABLE: frozenset({A.FAILED}),
-    A.PROVISIONING: frozenset({A.PROVISIONED, A.FAILED}),
-    A.PROVISIONED: frozenset({A.CUSTOMER_OWNED, A.DEPROVISIONING, A.FAILED}),
-    A.CUSTOMER_OWNED: frozenset({A.DEPROVISIONING, A.FAILED}),
-    A.DEPROVISIONING: frozenset({A.FAILED}),
-    A.FAILED: frozenset({A.PROVISIONING, A.DEPROVISIONING}),
-}
-# States from which `release` may return an appliance to the pool without zeroizing it
-# first: the tenant never owned it, or deprovisioning has done the zeroize.
-RELEASABLE = frozenset({A.PROVISIONING, A.DEPROVISIONING, A.FAILED})
-
 
 # -- records -----------------------------------------------------------------------------
 

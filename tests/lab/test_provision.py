@@ -42,7 +42,7 @@ import yaml
 from hsmctl.errors import IntegrityError, UnreachableError, UsageError
 from hsmctl.handoff import open_bundle, read_bundle, verify_bundle
 from hsmctl.ssh import scan_host_keys
-from hsmctl.state.schema import Interface, StepStatus
+from hsmctl.state.model import Interface, StepStatus
 from hsmctl.state.store import DB_FILE, Store
 from tests.conftest import (
     APPLIANCE_SETS,

@@ -25,7 +25,7 @@ from hsmctl.handoff import make_release, write_document
 from hsmctl.inventory import check_placement, load_inventory
 from hsmctl.provider import deprovision as dep
 from hsmctl.provider import health as hl
-from hsmctl.state.schema import ApplianceState, Operation, StepStatus
+from hsmctl.state.model import ApplianceState, Operation, StepStatus
 from hsmctl.state.store import JournalEntry
 from tests.provider_env import ProviderEnv, make_env
 

@@ -28,7 +28,7 @@ from hsmctl.provider import provisioning
 from hsmctl.runner import adapter
 from hsmctl.runner.adapter import PLAYBOOKS, HostOutcome, HostStatus, RunSpec
 from hsmctl.secret import Secret
-from hsmctl.state.schema import ApplianceState
+from hsmctl.state.model import ApplianceState
 from tests.provider_env import ProviderEnv, make_env
 
 pytestmark = pytest.mark.unit
