@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import sys
 from collections.abc import Callable
@@ -34,6 +35,13 @@ class _ProgressConsole(Console):
 
 
 _err = _ProgressConsole(stderr=True, highlight=False, markup=False, emoji=False)
+
+# paramiko logs a whole traceback at ERROR, line by line, when a peer speaks bad SSH, and
+# with no handler configured Python's last resort prints it raw on stderr: a device (or
+# anyone answering at its address) could put a "Traceback" and its own bytes on the
+# operator's terminal. The exception itself reaches the caller, translated by the SSH
+# transport into the error hsmctl reports, so the CLI drops paramiko's log.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 # C0 controls but tab and newline, DEL, C1 controls (0x9b is a one-byte CSI), and lone
 # surrogates (undecodable bytes of a file name, which a strict stdout cannot encode).
