@@ -18,15 +18,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 
 from hsmctl import config as config_mod
 from hsmctl.cli import output
@@ -35,7 +44,7 @@ from hsmctl.cli.output import CliProgress, plain
 from hsmctl.collect import collector
 from hsmctl.errors import CommandFailed, HsmctlError, IntegrityError, UsageError
 from hsmctl.inventory import check_placement, load_inventory
-from hsmctl.state.schema import ApplianceState
+from hsmctl.state.model import ApplianceState
 from tests.provider_env import ProviderEnv, make_env
 
 pytestmark = pytest.mark.unit
@@ -741,6 +750,72 @@ def test_the_entry_point(
     assert proc.stdout.count("\n") == 1 and set(body) == {"error"}
     assert fragment in body["error"]["message"]
     assert proc.stderr.startswith(f"hsmctl: error: {plain(body['error']['message'])}")
+
+
+@pytest.fixture
+def bad_ssh_peer() -> Iterator[int]:
+    """A listener at a "device" address that answers with an SSH banner and then a key
+    exchange no client can accept, with markup and an escape sequence in it."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                junk = b"[/oops]\x1b[31m[bold]" * 4
+                conn.sendall(b"SSH-2.0-device\r\n" + b"\x00\x00\x00\x0c\x0a\x14" + junk)
+                done.wait(0.3)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield int(server.getsockname()[1])
+    done.set()
+    thread.join()
+    server.close()
+
+
+def test_a_device_speaking_bad_ssh_is_no_traceback(
+    world_readable_dir: Path, bad_ssh_peer: int
+) -> None:
+    """paramiko logs a traceback when the peer breaks the protocol; with no logging set
+    up, Python printed it on stderr. The process matters here: under pytest the logging
+    plugin's handlers would hide it."""
+    d = world_readable_dir / "bad-peer"
+    key = ed25519.Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()
+    pins = d / "state" / "appliances" / "hsm01" / "pins.json"
+    pins.parent.mkdir(parents=True)
+    pins.write_text(
+        json.dumps(
+            {
+                "data_ip": "127.0.0.1",
+                "data_port": bad_ssh_peer,
+                "data_host_keys": [public],
+                "audit_keys": {"k1": "unused: the exchange fails first"},
+                "audit_account_key": public,
+            }
+        )
+    )
+    (d / "keys").mkdir()
+    private = key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption())
+    (d / "keys" / "hsm01").write_bytes(private)
+    os.chmod(d / "keys" / "hsm01", 0o600)
+    conf = _write(d, "tenant.yaml", f"role: tenant\nstate_dir: {d / 'state'}\n")
+    proc = _hsmctl(
+        "--config", conf, "logs", "collect", "--appliance", "hsm01", "--key-dir", str(d / "keys"),
+        "--json",
+    )  # fmt: skip
+    assert "Traceback" not in proc.stderr and "\x1b" not in proc.stderr, proc.stderr
+    body = json.loads(proc.stdout)
+    assert proc.stdout.count("\n") == 1 and set(body) == {"error"}
+    assert proc.returncode == body["error"]["exit_code"] != 0
+    assert "SSH" in body["error"]["message"]
+    assert proc.stderr == f"hsmctl: error: {plain(body['error']['message'])}\n"
 
 
 def test_a_closed_stdout_is_no_traceback() -> None:
