@@ -15,11 +15,10 @@ import signal
 import subprocess
 from pathlib import Path
 
+from hsmctl import contract
 from hsmctl.appliance import paths
 
 ACCOUNTS = ("provider", "monitor", "admin", "audit")
-MIN_PASSWORD = 12
-MAX_PASSWORD = 128
 
 
 class AccountError(Exception):
@@ -27,23 +26,11 @@ class AccountError(Exception):
 
 
 def check_password_policy(password: str) -> None:
-    """At least 12 characters from at least 3 of the 4 character classes (SPEC §3)."""
-    if len(password) < MIN_PASSWORD:
-        raise AccountError(f"password too short: at least {MIN_PASSWORD} characters")
-    if len(password) > MAX_PASSWORD:
-        raise AccountError(f"password too long: at most {MAX_PASSWORD} characters")
-    if any(ch in password for ch in "\n\r\x00:"):
-        raise AccountError("password contains a forbidden character (newline, NUL or ':')")
-    classes = [
-        any(c.islower() for c in password),
-        any(c.isupper() for c in password),
-        any(c.isdigit() for c in password),
-        any(not c.isalnum() for c in password),
-    ]
-    if sum(classes) < 3:
-        raise AccountError(
-            "password too weak: use at least 3 of lower case, upper case, digits, symbols"
-        )
+    """The device's policy (:mod:`hsmctl.contract`), refused as an account error."""
+    try:
+        contract.check_password_policy(password)
+    except contract.PasswordPolicyError as exc:
+        raise AccountError(str(exc)) from exc
 
 
 _KEY = re.compile(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from hsmctl import contract
 from hsmctl.errors import UsageError
 
 MAX_LINE_BYTES = 512
@@ -296,7 +297,7 @@ COMMANDS: tuple[CommandSpec, ...] = (
                 _integer(1, 720),
                 flag="--expires-hours",
                 required=False,
-                default=72,
+                default=contract.OTP_VALID_HOURS,
             ),
         ),
         stdin=("ssh_public_key", "password"),

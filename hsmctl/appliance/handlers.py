@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hsmctl import auditlog
+from hsmctl import auditlog, contract
 from hsmctl.appliance import accounts, faults, paths, protocol, store, token
 from hsmctl.appliance.grammar import Command, help_text
 from hsmctl.appliance.logwriter import LogUnavailable
-from hsmctl.appliance.roles import OwnerState, Role, authorize_spec
+from hsmctl.appliance.roles import Role, authorize_spec
+from hsmctl.contract import OwnerState
 from hsmctl.errors import HsmctlError, UsageError
 
 if TYPE_CHECKING:
@@ -382,7 +383,7 @@ class Handlers:
             )
         accounts.check_password_policy(password)
         fingerprint = accounts.check_public_key(key)
-        hours = cmd.get_int("expires_hours") or store.OTP_VALID_HOURS
+        hours = cmd.get_int("expires_hours") or contract.OTP_VALID_HOURS
         owner = ctx.owner
         owner.state = OwnerState.PROVISIONED
         owner.otp_expires = time.time() + hours * 3600

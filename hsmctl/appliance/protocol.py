@@ -16,15 +16,17 @@ import socket
 import struct
 from typing import Any, Protocol
 
+from hsmctl import contract
+
 MAX_MESSAGE = 1 << 20
 
 # Device-shell exit statuses (sysexits.h where one fits).
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 64
-EXIT_DENIED = 77
-EXIT_UNAVAILABLE = 69
-EXIT_INTEGRITY = 65
+EXIT_OK = contract.EXIT_OK
+EXIT_FAILED = contract.EXIT_FAILED
+EXIT_USAGE = contract.EXIT_USAGE
+EXIT_DENIED = contract.EXIT_DENIED
+EXIT_UNAVAILABLE = contract.EXIT_UNAVAILABLE
+EXIT_INTEGRITY = contract.EXIT_INTEGRITY
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:

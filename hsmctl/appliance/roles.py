@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from hsmctl.appliance.grammar import ACCOUNT_NAMES, COMMANDS, CommandSpec
+from hsmctl.contract import OwnerState
 
 Words = tuple[str, ...]
 
@@ -32,12 +33,6 @@ class Interface(enum.Enum):
     MGMT = "mgmt"
     DATA = "data"
     CONSOLE = "console"
-
-
-class OwnerState(enum.Enum):
-    FACTORY = "factory"  # no admin credential yet
-    PROVISIONED = "provisioned"  # one-time password set, not yet changed
-    CUSTOMER_OWNED = "customer-owned"
 
 
 @dataclass(frozen=True)

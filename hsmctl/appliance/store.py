@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from hsmctl.appliance import paths
-from hsmctl.appliance.roles import DeviceState, OwnerState
+from hsmctl.appliance.roles import DeviceState
+from hsmctl.contract import OwnerState
 
 
 def write_json(path: Path, data: Any, mode: int = 0o600) -> None:
@@ -36,9 +37,6 @@ def read_json(path: Path, default: Any) -> Any:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return default
-
-
-OTP_VALID_HOURS = 72  # SPEC §3: the one-time password's default validity
 
 
 class OwnershipError(Exception):

@@ -34,7 +34,14 @@ NETNS_ETC = Path("/etc/netns")
 MARKER = "# written by hsmctl lab up; removed by hsmctl lab down\n"
 BOOT_SCRIPT = Path(__file__).with_name("boot.sh")
 REPO_ROOT = Path(__file__).resolve().parents[2]
-FIRMWARE_FILES = ("__init__.py", "errors.py", "secret.py", "appliance", "auditlog")
+FIRMWARE_FILES = (
+    "__init__.py",
+    "contract.py",
+    "errors.py",
+    "secret.py",
+    "appliance",
+    "auditlog",
+)
 
 
 def require_root() -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from hsmctl.appliance import daemon, origin, paths, store
-from hsmctl.appliance.roles import Interface, OwnerState, Role
+from hsmctl.appliance.roles import Interface, Role
+from hsmctl.contract import OwnerState
 
 pytestmark = pytest.mark.unit
 

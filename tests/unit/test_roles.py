@@ -8,13 +8,13 @@ from hsmctl.appliance.grammar import ACCOUNT_NAMES, COMMANDS, help_text, parse
 from hsmctl.appliance.roles import (
     DeviceState,
     Interface,
-    OwnerState,
     Role,
     Rule,
     allowed_interface,
     authorize,
     authorize_spec,
 )
+from hsmctl.contract import OwnerState
 
 pytestmark = pytest.mark.unit
 
