@@ -37,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 FIRMWARE_FILES = (
     "__init__.py",
     "contract.py",
+    "devicejson.py",
     "errors.py",
     "secret.py",
     "appliance",
