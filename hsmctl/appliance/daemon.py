@@ -22,6 +22,7 @@ import socketserver
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,17 @@ class Daemon:
         return self.log.append(
             actor=actor, role=role, source=source, event=event, outcome=outcome, detail=detail
         )
+
+    def append_signed(
+        self, build: Callable[[auditlog.Head, str], dict[str, Any]], then: Callable[[], None]
+    ) -> dict[str, Any]:
+        """Append a record that signs the head (a key rotation), run ``then`` before any
+        other signed record can follow, and count it as the latest checkpoint."""
+        with self.checkpoint_lock:
+            record = self.log.append_record(build)
+            then()
+            self.last_checkpoint_seq = int(record["seq"])
+            return record
 
     def checkpoint(self, force: bool = False) -> dict[str, Any] | None:
         with self.checkpoint_lock:

@@ -590,14 +590,10 @@ class Handlers:
         keys = self.daemon.keys
         old, new = keys.rotate()
         device = keys.device
-        with self.daemon.checkpoint_lock:
-            record = self.daemon.log.append_record(
-                lambda prev, now: auditlog.make_key_rotation(
-                    prev, old, new, device=device, time=now
-                )
-            )
-            keys.commit(new)
-            self.daemon.last_checkpoint_seq = int(record["seq"])
+        record = self.daemon.append_signed(
+            lambda prev, now: auditlog.make_key_rotation(prev, old, new, device=device, time=now),
+            then=lambda: keys.commit(new),
+        )
         return Result(
             output=_json(
                 {
