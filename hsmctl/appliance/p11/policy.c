@@ -80,6 +80,8 @@ static int events_fd = -1;
 static struct session sessions[MAX_SESSIONS];
 static size_t nsessions;
 
+static pthread_mutex_t probe_lock = PTHREAD_MUTEX_INITIALIZER;
+static CK_OBJECT_HANDLE probe_obj = CK_INVALID_HANDLE; /* see probe_secret_len */
 static CK_BBOOL ck_true = CK_TRUE;
 static CK_BBOOL ck_false = CK_FALSE;
 
@@ -385,6 +387,17 @@ static CK_RV deny_dec(CK_SESSION_HANDLE h, const char *fn, const char *rule, CK_
 	char num[32];
 	snprintf(num, sizeof num, "%lu", v);
 	return deny_event(h, fn, rule, rv, key, num, 1);
+}
+
+/* 1 when O is the unwrap probe (another thread cannot reach it; p11-kit remote has none). */
+static int probe_guard(CK_SESSION_HANDLE h, const char *fn, CK_OBJECT_HANDLE o, CK_RV *rv)
+{
+	pthread_mutex_lock(&lock);
+	int hit = o != CK_INVALID_HANDLE && o == probe_obj;
+	pthread_mutex_unlock(&lock);
+	if (hit)
+		*rv = deny(h, fn, "extractable", CKR_KEY_HANDLE_INVALID, NULL, NULL);
+	return hit;
 }
 
 /* A crypto-user uses keys; only a crypto-officer makes, changes or removes them. */
@@ -726,16 +739,26 @@ static const char *key_verdict(const struct keyinfo *ki, CK_RV *rv)
 }
 
 /* Judge a freshly made object; on a breach destroy it and refuse. */
-static CK_RV post_check(CK_SESSION_HANDLE h, const char *fn, CK_OBJECT_HANDLE o,
-			struct keyinfo *ki)
+static CK_RV post_check_sized(CK_SESSION_HANDLE h, const char *fn, CK_OBJECT_HANDLE o,
+			      struct keyinfo *ki, unsigned long secret_bits)
 {
 	CK_RV rv = CKR_OK;
 	describe(h, o, ki);
+	if (secret_bits && ki->cls == CKO_SECRET_KEY && (!ki->have_bits || ki->bits == 0)) {
+		ki->bits = secret_bits;
+		ki->have_bits = 1;
+	}
 	const char *rule = key_verdict(ki, &rv);
 	if (!rule)
 		return CKR_OK;
 	real->C_DestroyObject(h, o);
 	return deny(h, fn, rule, rv, "detail", "object read back");
+}
+
+static CK_RV post_check(CK_SESSION_HANDLE h, const char *fn, CK_OBJECT_HANDLE o,
+			struct keyinfo *ki)
+{
+	return post_check_sized(h, fn, o, ki, 0);
 }
 
 static void emit_key(CK_SESSION_HANDLE h, const char *event, const char *fn,
@@ -1268,6 +1291,8 @@ static CK_RV w_CopyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_
 	NEED_REAL();
 	if (not_officer(h, fn, &rv))
 		return rv;
+	if (probe_guard(h, fn, o, &rv))
+		return rv;
 	if ((rv = tmpl_in(h, fn, t, n)) != CKR_OK)
 		return rv;
 	if ((rv = check_changes(h, fn, o, t, n)) != CKR_OK)
@@ -1495,7 +1520,10 @@ static CK_RV w_DigestUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl)
 
 static CK_RV w_DigestKey(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE k)
 {
+	CK_RV rv;
 	NEED_REAL();
+	if (probe_guard(h, "C_DigestKey", k, &rv))
+		return rv;
 	return real->C_DigestKey(h, k);
 }
 
@@ -1775,6 +1803,8 @@ static CK_RV w_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE
 	NEED_REAL();
 	if ((rv = check_mech(h, fn, m, 0)) != CKR_OK)
 		return rv;
+	if (probe_guard(h, fn, k, &rv))
+		return rv;
 	if ((rv = real->C_GetAttributeValue(h, k, &ea, 1)) != CKR_OK)
 		return rv;
 	if (ea.ulValueLen != sizeof ext || !ext)
@@ -1803,6 +1833,55 @@ static CK_RV prepare_made_key(CK_SESSION_HANDLE h, const char *fn, CK_ATTRIBUTE_
 	return force_protected(h, fn, t, n, forced, fcount);
 }
 
+/*
+ * SoftHSM 2.6.1 records no CKA_VALUE_LEN for an unwrapped secret key (it reads 0) and
+ * refuses one in the template, so the size is learnt from a probe: the same blob
+ * unwrapped as a session key that SoftHSM will tell the CKA_VALUE length of (neither
+ * sensitive nor unextractable), asked for the length only and destroyed at once. While
+ * it lives, its handle is `probe_obj`, which no forwarded call may touch (probe_guard).
+ * Returns the key length in bytes through LEN.
+ */
+static CK_RV probe_secret_len(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE uk,
+			      CK_BYTE_PTR w, CK_ULONG wl, CK_ATTRIBUTE_PTR t, CK_ULONG n,
+			      CK_ULONG *len)
+{
+	CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+	CK_ATTRIBUTE probe[4] = {
+		{CKA_CLASS, &cls, sizeof cls},
+		{CKA_TOKEN, &ck_false, sizeof ck_false},
+		{CKA_SENSITIVE, &ck_false, sizeof ck_false},
+		{CKA_EXTRACTABLE, &ck_true, sizeof ck_true},
+	};
+	CK_ATTRIBUTE tmpl[5];
+	CK_ULONG k = 0;
+	CK_OBJECT_HANDLE o = CK_INVALID_HANDLE;
+	CK_ATTRIBUTE_PTR kt = attr_find(t, n, CKA_KEY_TYPE);
+	for (; k < 4; k++)
+		tmpl[k] = probe[k];
+	if (kt)
+		tmpl[k++] = *kt;
+	pthread_mutex_lock(&probe_lock);
+	CK_RV rv = real->C_UnwrapKey(h, m, uk, w, wl, tmpl, k, &o);
+	if (rv != CKR_OK) {
+		pthread_mutex_unlock(&probe_lock);
+		return rv;
+	}
+	pthread_mutex_lock(&lock);
+	probe_obj = o;
+	pthread_mutex_unlock(&lock);
+	CK_ATTRIBUTE v = {CKA_VALUE, NULL, 0};
+	rv = real->C_GetAttributeValue(h, o, &v, 1);
+	real->C_DestroyObject(h, o);
+	pthread_mutex_lock(&lock);
+	probe_obj = CK_INVALID_HANDLE;
+	pthread_mutex_unlock(&lock);
+	pthread_mutex_unlock(&probe_lock);
+	if (rv != CKR_OK || v.ulValueLen == CK_UNAVAILABLE_INFORMATION)
+		return rv != CKR_OK ? rv : CKR_GENERAL_ERROR;
+	*len = v.ulValueLen;
+	return CKR_OK;
+}
+
 static CK_RV w_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE uk,
 			 CK_BYTE_PTR w, CK_ULONG wl, CK_ATTRIBUTE_PTR t, CK_ULONG n,
 			 CK_OBJECT_HANDLE_PTR out)
@@ -1821,10 +1900,24 @@ static CK_RV w_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 		return rv;
 	if (!out)
 		return CKR_ARGUMENTS_BAD;
+	CK_ATTRIBUTE_PTR ca = attr_find(t, n, CKA_CLASS);
+	CK_ULONG cls = CKO_SECRET_KEY, secret_len = 0;
+	if (ca)
+		attr_ulong(ca, &cls); /* checked by prepare_made_key */
+	if (cls == CKO_SECRET_KEY) {
+		CK_ATTRIBUTE_PTR kt = attr_find(t, n, CKA_KEY_TYPE);
+		CK_ULONG ktv = CKK_GENERIC_SECRET;
+		if (!kt || !attr_ulong(kt, &ktv) || ktv != CKK_AES)
+			return deny_num(h, fn, "key-type", CKR_TEMPLATE_INCONSISTENT, "key_type", ktv);
+		if ((rv = probe_secret_len(h, m, uk, w, wl, t, n, &secret_len)) != CKR_OK)
+			return rv;
+		if (!aes_len_ok(secret_len))
+			return deny_dec(h, fn, "aes-size", CKR_KEY_SIZE_RANGE, "bits", secret_len * 8);
+	}
 	rv = real->C_UnwrapKey(h, m, uk, w, wl, forced, fcount, out);
 	if (rv != CKR_OK)
 		return rv;
-	if ((rv = post_check(h, fn, *out, &ki)) != CKR_OK) {
+	if ((rv = post_check_sized(h, fn, *out, &ki, secret_len * 8)) != CKR_OK) {
 		*out = CK_INVALID_HANDLE;
 		return rv;
 	}
