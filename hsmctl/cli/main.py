@@ -14,12 +14,12 @@ from hsmctl.cli import lab as lab_cli
 from hsmctl.cli import logs as logs_cli
 from hsmctl.cli import provider as provider_cli
 from hsmctl.cli.output import error
-from hsmctl.errors import HsmctlError
+from hsmctl.errors import HsmctlError, UnreachableError
 
 EPILOG = """\b
 Exit codes: 0 ok; 1 operation failed; 2 usage or input error (nothing changed);
 3 integrity or identity violation; 4 unreachable or timeout; 5 conflict
-(no capacity, quota, busy, wrong state).
+(no capacity, quota, busy, wrong state); 130 interrupted (Ctrl-C).
 
 \b
 Configuration: --config FILE, else $HSMCTL_CONFIG, else /etc/hsmctl/hsmctl.yaml.
@@ -70,7 +70,24 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
-    except click.Abort:
+    except click.Abort as exc:
+        # click's main() turns an EOFError or a KeyboardInterrupt escaping a command into
+        # Abort (``raise Abort() from e``); only a real abort (a prompt's end of input)
+        # is "aborted". Ctrl-C is 130, the shell's code for SIGINT. A bare EOFError is
+        # how paramiko reports a dropped connection: the SSH transport translates every
+        # path it knows, so one reaching here escaped that boundary; a lost connection
+        # is still exit 4 (unreachable: retry later), never a silent "aborted" exit 1.
+        cause = exc.__cause__
+        if isinstance(cause, KeyboardInterrupt):
+            error("interrupted")
+            return 130
+        if isinstance(cause, EOFError):
+            lost = UnreachableError(
+                "the connection closed unexpectedly (an end of input no boundary translated:"
+                " please report it)"
+            )
+            _fail(args, lost.exit_code, str(lost), lost.detail)
+            return lost.exit_code
         error("aborted")
         return 1
     except click.ClickException as exc:

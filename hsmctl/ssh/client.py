@@ -14,12 +14,27 @@ Why it is shaped this way:
   tried, so nothing can prompt on a terminal.
 * **Secrets on stdin only.** :meth:`DeviceConnection.run` takes secrets as stdin lines;
   the command line is logged by the device and must never hold one.
+* **Bounded.** Everything a device sends is bounded in time and memory, whatever it
+  does: a deadline per command checked after every read (not only when nothing is
+  waiting), an optional stall limit (no stdout for ``Timeouts.idle`` seconds), a timer
+  on paramiko's exec request (it waits for the reply without a timeout), stderr kept as
+  a tail of :data:`STDERR_TAIL_BYTES`, ``run()`` replies capped at
+  :data:`RUN_STDOUT_LIMIT`, SSH packets capped at :data:`MAX_SSH_PACKET` and data
+  beyond the channel window refused (paramiko checks neither).
 * **Errors translated here and only here** (``raise ... from exc``)::
 
     socket connect refused / timeout / no route / EINVAL (blackhole),
-    banner, negotiation, auth or channel timeout, connection lost  -> UnreachableError (4)
+    banner, negotiation, auth or channel timeout, connection lost
+    (EOFError or a socket error raised in our thread, or saved by
+    paramiko's transport thread and raised by the next call: key
+    exchange, auth, open_session, exec_command, stdin, EOF, recv's
+    window adjust, a channel closed without exit status), a command
+    after the link died, the command's deadline or stall limit     -> UnreachableError (4)
     presented host key not pinned                                  -> HostKeyMismatch (3)
-    key or password refused, second factor missing                 -> AuthenticationFailed (1)
+    more than a bound allows (run() reply, SSH packet, channel
+    window)                                                        -> OutputLimitExceeded (3)
+    key or password refused, second factor missing, the device
+    hanging up while it judges the login (PAM account refused)     -> AuthenticationFailed (1)
     any other SSH protocol failure                                 -> SshProtocolError (1)
     a device command that exits non-zero (hsmsh statuses, sysexits.h):
       64 usage        -> DeviceUsageError (2)     the device parsed nothing, changed nothing
@@ -33,25 +48,33 @@ Why it is shaped this way:
   ranks above 5 when several appliances are summarised, so it never under-reports. A
   workflow that knows a denial means "wrong state" raises ConflictError (5) itself.
 
+Closing a channel or a connection never raises: on a link that died an instant before,
+paramiko's CHANNEL_CLOSE send raises a bare EOFError, which from a ``finally`` replaced
+the error being reported (and reached the CLI as click's "aborted", exit 1).
+
 Messages carry host, command, status and the tail of stderr; never stdin, never a password.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Final
+from typing import TYPE_CHECKING, BinaryIO, Final
 
 import paramiko
 from paramiko.auth_strategy import AuthSource, AuthStrategy, SourceResult
+from paramiko.buffered_pipe import BufferedPipe
+from paramiko.packet import Packetizer
 from paramiko.ssh_exception import AuthenticationException, IncompatiblePeer, SSHException
 
 from hsmctl.errors import (
@@ -82,6 +105,18 @@ NO_EXIT_STATUS: Final = -1
 WINDOW_SIZE: Final = 64 * 1024 * 1024
 MAX_PACKET_SIZE: Final = 256 * 1024
 READ_SIZE: Final = WINDOW_SIZE  # take all that arrived: a partial read copies the rest
+MAX_SSH_PACKET: Final = 2 * MAX_PACKET_SIZE
+"""The longest SSH packet accepted from a device. paramiko reads whatever length a packet
+claims (up to 4 GiB) before checking its MAC; OpenSSH never sends more than 256 KiB, and
+a channel packet may not exceed :data:`MAX_PACKET_SIZE`, so twice that leaves room for
+headers, padding and MAC."""
+RUN_STDOUT_LIMIT: Final = 16 * 1024 * 1024
+"""The longest reply :meth:`DeviceConnection.run` keeps. Device replies are small: the
+largest is ``audit show --last 10000``, about 4 MB. Bulk output goes through
+:meth:`DeviceConnection.run_stream`."""
+STDERR_TAIL_BYTES: Final = 64 * 1024
+"""stderr is kept as its last this many bytes: reports show its last lines, and a device
+that writes stderr without end must not fill our memory."""
 # AES-GCM first: an AEAD costs one pass per packet instead of cipher + HMAC.
 _PREFERRED_CIPHERS: Final = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 SCAN_KEY_TYPES: Final = ("ssh-ed25519", "ecdsa-sha2-nistp256")
@@ -107,6 +142,21 @@ class AuthenticationFailed(HsmctlError):
 
 class SshProtocolError(HsmctlError):
     """An SSH-level failure that is neither reachability, identity nor authentication."""
+
+
+class OutputLimitExceeded(IntegrityError):
+    """The device sent more than a bound allows (exit 3): a reply longer than a command's
+    replies can be, an SSH packet longer than any OpenSSH sends, data beyond the channel
+    window. A device that behaves so is not behaving as the device we pinned."""
+
+
+class _OversizedPacket(SSHException):
+    """Raised in paramiko's transport thread by :class:`_BoundedPacketizer`; the transport
+    saves it and the next call in our thread raises it."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"an SSH packet of {size} bytes (more than {MAX_SSH_PACKET})")
+        self.size = size
 
 
 @dataclass(frozen=True)
@@ -216,6 +266,8 @@ def _translate(exc: BaseException, where: str) -> HsmctlError:
     """Map a paramiko/socket exception to our tree. ``where`` is ``host:port`` (+context)."""
     if isinstance(exc, HsmctlError):
         return exc
+    if isinstance(exc, _OversizedPacket):
+        return OutputLimitExceeded(f"{where}: the device sent {exc}")
     text = str(exc)
     if any(marker in text for marker in _UNREACHABLE_MESSAGES):
         return UnreachableError(f"{where}: timed out or connection lost ({text.strip()})")
@@ -299,6 +351,94 @@ class _KeyThenPassword(AuthStrategy):
         return []
 
 
+# -- bounds on what a device sends --------------------------------------------------------------
+
+
+class _BoundedPacketizer(Packetizer):
+    """paramiko's packet reader, refusing a packet longer than :data:`MAX_SSH_PACKET`.
+
+    paramiko reads as many bytes as a packet's length field claims (up to 4 GiB) into
+    memory before it checks anything, the MAC included; before key exchange anyone
+    answering at the address chooses it. ``read_all`` is where that length becomes a read:
+    one comparison per packet. (``Transport(packetizer_class=...)``, paramiko 3.4+.)
+    """
+
+    def read_all(self, n: int, check_rekey: bool = False) -> bytes:
+        if n > MAX_SSH_PACKET:
+            raise _OversizedPacket(n)
+        return super().read_all(n, check_rekey)
+
+
+if TYPE_CHECKING:
+    _BytesPipe = BufferedPipe[bytes]  # generic only in the type stubs
+else:
+    _BytesPipe = BufferedPipe
+
+
+class _Inbox(_BytesPipe):
+    """A channel's receive buffer (stdout or stderr) that drops data beyond the window.
+
+    RFC 4254 §5.2: a peer may send only as much as the window we granted; paramiko grants
+    more only as we read, so a compliant device never makes both buffers together hold more
+    than the window. paramiko does not check: a device ignoring the window would make its
+    transport thread buffer without bound while we verify. One length check a packet.
+    """
+
+    def __init__(self, flow: _FlowControl) -> None:
+        super().__init__()
+        self._flow = flow
+
+    def feed(self, data: bytes) -> None:
+        if self._flow.admits(len(data)):
+            super().feed(data)
+
+
+class _FlowControl:
+    """Both receive buffers of one channel, installed before the command starts."""
+
+    def __init__(self, chan: paramiko.Channel, window: int) -> None:
+        self.window = window
+        self.overrun = 0
+        """Bytes the device sent beyond the window (dropped); non-zero is a violation."""
+        self.stdout = _Inbox(self)
+        self.stderr = _Inbox(self)
+        chan.in_buffer = self.stdout
+        chan.in_stderr_buffer = self.stderr
+
+    def admits(self, size: int) -> bool:
+        held = len(self.stdout) + len(self.stderr)
+        if held + size <= self.window:
+            return True
+        self.overrun += size
+        return False
+
+
+class _Tail:
+    """The last ``limit`` bytes of a stream (stderr), in memory bounded by twice that."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.data = bytearray()
+        self.dropped = 0
+
+    def add(self, chunk: bytes) -> None:
+        if len(chunk) >= self.limit:  # one read can be the whole window: copy only its end
+            self.dropped += len(self.data) + len(chunk) - self.limit
+            self.data = bytearray(memoryview(chunk)[-self.limit :])
+            return
+        self.data += chunk
+        if len(self.data) > 2 * self.limit:
+            cut = len(self.data) - self.limit
+            del self.data[:cut]
+            self.dropped += cut
+
+    def text(self) -> str:
+        cut = max(0, len(self.data) - self.limit)
+        dropped = self.dropped + cut
+        body = bytes(self.data[cut:]).decode("utf-8", "replace")
+        return f"[{dropped} earlier bytes of stderr dropped]\n{body}" if dropped else body
+
+
 # -- the connection -------------------------------------------------------------------------
 
 
@@ -313,6 +453,10 @@ class Timeouts:
     channel: float = 10.0
     command: float = 120.0  # default for run()/run_stream(); per call overridable
     keepalive: int = 15  # SSH keepalive interval, so idle NAT/conntrack entries survive
+    idle: float | None = None
+    """A command that sends no stdout for this long has stalled (exit 4). None: only the
+    command's deadline applies (device commands such as key generation are silent until
+    done); bulk transfers set it, so a stuck device is given up long before the deadline."""
 
 
 class DeviceConnection:
@@ -421,14 +565,11 @@ class DeviceConnection:
             if isinstance(exc, HsmctlError):
                 raise
             error = _translate(exc, f"{self.label} as {self.username}")
-            if (
-                isinstance(error, UnreachableError)
-                and self._server_key is not None
-                and "timed out" not in str(error)
-            ):
-                # The pinned device answered, then hung up during authentication: sshd
+            if self._server_key is not None and _hung_up_on_login(exc):
+                # The pinned device answered, then hung up while judging our login: sshd
                 # does that when PAM's account check refuses (a locked or expired
-                # account) after a key was accepted. That is a refusal, not a network fault.
+                # account) after a key was accepted. That is a refusal, not a network
+                # fault. (Our own send failing, or a reset, is the network: exit 4.)
                 raise AuthenticationFailed(
                     f"{self.label} as {self.username}: the device closed the connection "
                     "during authentication (account refused)"
@@ -445,20 +586,24 @@ class DeviceConnection:
         return self
 
     def close(self) -> None:
+        """Close the connection. Never raises: closing a connection the network already
+        dropped is not a new failure, and must not replace the one being reported."""
         client, self._client = self._client, None
         if client is not None:
-            client.close()
+            try:
+                client.close()
+            except Exception as exc:
+                log.debug("%s: closing the connection: %r", self.label, exc)
 
     def cut_for_test(self) -> None:
         """Cut the TCP connection under the SSH session (fault-injection tests only):
         the next operation fails as if the network had dropped."""
         t = self._client.get_transport() if self._client else None
         if t is not None:
-            import socket as _socket
-
             sock = t.sock
-            if isinstance(sock, _socket.socket):
-                sock.shutdown(_socket.SHUT_RDWR)
+            if isinstance(sock, socket.socket):
+                with contextlib.suppress(OSError):  # already gone
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> DeviceConnection:
         return self.connect()
@@ -491,21 +636,17 @@ class DeviceConnection:
         *,
         timeout: float | None = None,
         check: bool = True,
+        max_stdout: int = RUN_STDOUT_LIMIT,
     ) -> Result:
         """Run one device command; secrets go in ``stdin_lines`` (one per line, then EOF).
 
         With ``check`` (default) a non-zero status raises the matching
         :class:`DeviceCommandFailed` subclass; otherwise the :class:`Result` is returned.
+        A reply longer than ``max_stdout`` bytes raises :class:`OutputLimitExceeded`.
         """
         out = bytearray()
-        status, err = self._execute(command, stdin_lines, out.extend, timeout)
-        result = Result(
-            command,
-            status,
-            out.decode("utf-8", "replace"),
-            err.decode("utf-8", "replace"),
-            len(out),
-        )
+        status, err = self._execute(command, stdin_lines, out.extend, timeout, max_stdout)
+        result = Result(command, status, out.decode("utf-8", "replace"), err, len(out))
         if check and not result.ok:
             raise device_error(self.label, result)
         return result
@@ -518,10 +659,13 @@ class DeviceConnection:
         *,
         timeout: float | None = None,
         check: bool = True,
+        max_stdout: int | None = None,
     ) -> Result:
         """Like :meth:`run`, but stdout is written to ``sink`` as it arrives (bulk output:
         ``audit export``). The sink is not flushed or closed here; on failure it may hold
-        partial output, so write to a temporary and commit only after success."""
+        partial output, so write to a temporary and commit only after success. Unbounded
+        by default (the sink decides what it keeps); a sink that keeps everything in
+        memory should pass ``max_stdout``."""
         count = 0
 
         def write(chunk: bytes) -> None:
@@ -534,8 +678,8 @@ class DeviceConnection:
                 ) from exc
             count += len(chunk)
 
-        status, err = self._execute(command, stdin_lines, write, timeout)
-        result = Result(command, status, "", err.decode("utf-8", "replace"), count)
+        status, err = self._execute(command, stdin_lines, write, timeout, max_stdout)
+        result = Result(command, status, "", err, count)
         if check and not result.ok:
             raise device_error(self.label, result)
         return result
@@ -566,13 +710,14 @@ class DeviceConnection:
         gss_deleg_creds: bool = True,
         disabled_algorithms: Mapping[str, Iterable[str]] | None = None,
     ) -> paramiko.Transport:
-        """Transport with large windows, GCM first, and pinned key types asked for first (so
-        a device with several host keys presents one we pinned)."""
+        """Transport with large windows, GCM first, pinned key types asked for first (so
+        a device with several host keys presents one we pinned), packets bounded."""
         t = paramiko.Transport(
             sock,
             default_window_size=WINDOW_SIZE,
             default_max_packet_size=MAX_PACKET_SIZE,
             disabled_algorithms=disabled_algorithms,
+            packetizer_class=_BoundedPacketizer,
         )
         options = t.get_security_options()
         options.ciphers = _prefer(options.ciphers, _PREFERRED_CIPHERS)
@@ -580,9 +725,11 @@ class DeviceConnection:
         return t
 
     def _transport(self) -> paramiko.Transport:
-        t = self._client.get_transport() if self._client else None
-        if t is None or not t.is_active():
+        if self._client is None:
             raise HsmctlError(f"{self.label}: not connected (call connect() first)")
+        t = self._client.get_transport()
+        if t is None or not t.is_active():
+            raise UnreachableError(f"{self.label}: the connection was lost")
         return t
 
     def _execute(
@@ -591,26 +738,37 @@ class DeviceConnection:
         stdin_lines: Sequence[Secret | str],
         on_stdout: Callable[[bytes], object],
         timeout: float | None,
-    ) -> tuple[int, bytearray]:
-        """Open a channel, exec, feed stdin, pump stdout/stderr until EOF and exit status."""
+        max_stdout: int | None,
+    ) -> tuple[int, str]:
+        """Open a channel, exec, feed stdin, pump stdout/stderr until EOF and exit status.
+        Returns the status and the tail of stderr.
+
+        The deadline is checked after every read, so a device that never stops talking
+        is cut off as surely as one that stops; one clock read per read keeps it cheap.
+        """
         if not isinstance(command, str):
             raise UsageError("a device command must be a str (secrets go on stdin)")
         payload = _stdin_payload(stdin_lines)
         limit = self.timeouts.command if timeout is None else timeout
+        idle = self.timeouts.idle
         deadline = time.monotonic() + limit
         transport = self._transport()
         where = f"{self.label}: '{command}'"
-        err = bytearray()
         try:
             chan = transport.open_session(
                 window_size=WINDOW_SIZE,
                 max_packet_size=MAX_PACKET_SIZE,
-                timeout=self.timeouts.channel,
+                timeout=min(self.timeouts.channel, max(limit, 0.001)),
             )
         except Exception as exc:
             raise _translate(exc, where) from exc
+        flow = _FlowControl(chan, WINDOW_SIZE)
+        err = _Tail(STDERR_TAIL_BYTES)
+        received = 0
         try:
-            chan.exec_command(command)
+            # Bounds sendall's wait for the device's window (paramiko waits forever).
+            chan.settimeout(max(deadline - time.monotonic(), 0.001))
+            _exec(chan, command, deadline, f"{where} timed out after {limit:g} s")
             try:
                 if payload:
                     chan.sendall(payload)
@@ -619,31 +777,116 @@ class DeviceConnection:
                 # The command may have ended before reading stdin (e.g. refused as
                 # invalid); its exit status below says what happened.
                 log.debug("%s: stdin not fully delivered", where)
+            last_output = time.monotonic()
             while True:
-                while chan.recv_ready():
-                    on_stdout(chan.recv(READ_SIZE))
-                while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(READ_SIZE)
+                got_stdout = got_stderr = False
+                if chan.recv_ready():
+                    data = chan.recv(READ_SIZE)
+                    received += len(data)
+                    if max_stdout is not None and received > max_stdout:
+                        raise OutputLimitExceeded(
+                            f"{where}: the device sent more than {max_stdout} bytes of "
+                            "output, more than this command's replies can be"
+                        )
+                    on_stdout(data)
+                    got_stdout = True
+                if chan.recv_stderr_ready():
+                    err.add(chan.recv_stderr(READ_SIZE))
+                    got_stderr = True
+                if flow.overrun:
+                    raise OutputLimitExceeded(
+                        f"{where}: the device sent {flow.overrun} bytes beyond the SSH "
+                        f"channel window ({flow.window}); SSH flow control forbids it"
+                    )
+                now = time.monotonic()
+                if now >= deadline:
+                    raise UnreachableError(f"{where} timed out after {limit:g} s")
+                if got_stdout:
+                    last_output = now
+                elif idle is not None and now - last_output >= idle:
+                    raise UnreachableError(
+                        f"{where} stalled: no output for {idle:g} s (after {received} bytes)"
+                    )
+                if got_stdout or got_stderr:
+                    continue
                 if chan.eof_received or chan.closed:
                     if not (chan.recv_ready() or chan.recv_stderr_ready()):
                         break
                     continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise UnreachableError(f"{where} timed out after {limit:g} s")
-                select.select([chan], [], [], min(remaining, 1.0))
+                wait = deadline - now
+                if idle is not None:
+                    wait = min(wait, last_output + idle - now)
+                select.select([chan], [], [], min(wait, 1.0))
             if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
                 raise UnreachableError(f"{where} timed out after {limit:g} s")
             status = chan.exit_status
-            if status == NO_EXIT_STATUS and not transport.is_active():
-                raise UnreachableError(f"{where}: connection lost before the command finished")
-            return status, err
+            if status == NO_EXIT_STATUS:
+                _raise_if_lost(transport, where)
+            return status, err.text()
         except HsmctlError:
             raise
         except Exception as exc:
             raise _translate(exc, where) from exc
         finally:
-            chan.close()
+            _close_channel(chan, where)
+
+
+def _raise_if_lost(transport: paramiko.Transport, where: str) -> None:
+    """A channel that closed without an exit status: the command was killed by a signal
+    (the link is up), or the link died. paramiko's thread saves why it died *before* it
+    closes the channels, and marks itself inactive only after, so look at both (and give
+    a dying thread a moment), or a lost link would pass for a killed command (exit 1)."""
+    lost = transport.get_exception()
+    if lost is None and transport.is_active():
+        transport.join(0.1)  # a killed command: the thread lives on, this costs 0.1 s
+        lost = transport.get_exception()
+    if lost is not None:
+        raise _translate(lost, where) from lost
+    if not transport.is_active():
+        raise UnreachableError(f"{where}: connection lost before the command finished")
+
+
+def _exec(chan: paramiko.Channel, command: str, deadline: float, timed_out: str) -> None:
+    """``chan.exec_command`` within the deadline.
+
+    paramiko sends the request and then waits for the device's reply with no timeout: a
+    device (or a dead link that sends no reset) that never answers would hold the caller
+    forever. A timer closes the channel at the deadline, which ends that wait.
+    """
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        _close_channel(chan, "exec timer")
+
+    timer = threading.Timer(max(deadline - time.monotonic(), 0.0), expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        chan.exec_command(command)
+    except Exception as exc:
+        if expired.is_set():
+            raise UnreachableError(timed_out) from exc
+        raise
+    finally:
+        timer.cancel()
+
+
+def _close_channel(chan: paramiko.Channel, where: str) -> None:
+    """Close a channel, never raising. paramiko sends CHANNEL_CLOSE if it thinks the link is
+    up, and a link that died an instant before (before its reader thread noticed) makes
+    that send raise a bare EOFError: from a ``finally`` it would replace the error being
+    reported, or fail a command that had finished."""
+    try:
+        chan.close()
+    except Exception as exc:
+        log.debug("%s: closing the channel: %r", where, exc)
+
+
+def _hung_up_on_login(exc: BaseException) -> bool:
+    """Whether paramiko reports that the server closed the connection while we waited for
+    its answer to an authentication request (a clean end or EOF in its thread)."""
+    return isinstance(exc, AuthenticationException) and "transport shut down or saw EOF" in str(exc)
 
 
 def _prefer(available: Sequence[str], first: Sequence[str]) -> list[str]:
@@ -686,8 +929,9 @@ def scan_host_keys(
     keys: list[PublicKey] = []
     for key_type in key_types:
         sock = _open_socket(host, port, netns, timeout)
-        transport = paramiko.Transport(sock)
+        transport: paramiko.Transport | None = None
         try:
+            transport = paramiko.Transport(sock, packetizer_class=_BoundedPacketizer)
             transport.get_security_options().key_types = [key_type]
             transport.banner_timeout = timeout
             transport.start_client(timeout=timeout)
@@ -697,7 +941,9 @@ def scan_host_keys(
         except Exception as exc:
             raise _translate(exc, f"{label} (host key scan)") from exc
         finally:
-            transport.close()
+            if transport is not None:
+                with contextlib.suppress(Exception):
+                    transport.close()
             sock.close()
     return keys
 
