@@ -1,9 +1,11 @@
 """The activity-log record format (SPEC §3): canonical JSON, the hash chain, new records.
 
-Pure stdlib, because the device daemon writes the log with this module under Debian's
-system Python. The format is the contract between the device and every verifier:
+Pure stdlib (``hsmctl.devicejson`` is too), because the device daemon writes the log with
+this module under Debian's system Python. The format is the contract between the device
+and every verifier:
 
-* a record is one JSON object with exactly the keys of ``FIELDS``;
+* a record is one JSON object with exactly the keys of ``FIELDS``, nested at most
+  ``devicejson.MAX_DEPTH`` levels;
 * ``canonical(obj)`` is Python's ``json`` with sorted keys (code-point order), separators
   ``(",", ":")``, ``ensure_ascii=False``, no NaN/Infinity, encoded as UTF-8; strings escape
   only ``"``, ``\\`` and control characters (``\\n``, ``\\t``… or ``\\u00xx``);
@@ -23,6 +25,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from hsmctl.devicejson import MAX_DEPTH, too_deep
+
 GENESIS = "0" * 64
 """``prev`` of record 1: there is no record before it."""
 
@@ -40,8 +44,10 @@ _encode = json.JSONEncoder(
     sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 ).encode
 
-TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?Z")
-"""RFC 3339 in UTC with a ``Z`` suffix: the only time form a record may carry."""
+TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?Z")
+"""RFC 3339 in UTC with a ``Z`` suffix: the only time form a record may carry. ASCII
+digits only (``\\d`` would take any Unicode digit), so that the verifier's byte pattern
+for a canonical line (which embeds this one) means exactly what this one means."""
 
 
 class Outcome(StrEnum):
@@ -131,7 +137,10 @@ def make_record(
         "detail": dict(detail),
         "prev": head.hash,
     }
-    record["hash"] = record_hash(record)
+    body = canonical(record)  # what record_hash() hashes: encoded once
+    if too_deep(body):
+        raise ValueError(f"detail nests deeper than a verifier accepts ({MAX_DEPTH - 1} levels)")
+    record["hash"] = hashlib.sha256(body).hexdigest()
     return record
 
 

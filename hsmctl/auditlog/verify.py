@@ -5,6 +5,14 @@ violation: after it, nothing can be vouched for, and the collector only needs to
 where trust ends. One exception: after a gap it keeps reading a bounded window, without
 verifying anything, only to tell a deletion from a reordering.
 
+Form: the device writes each record as its canonical JSON (``chain``), and a line is
+accepted only if it is exactly that — parsed, it must encode back to the same bytes. A
+line that is valid JSON in another form is refused even when its hash was made over its
+own bytes: the device, not only a tamperer, is the adversary here, and a record must mean
+the same to every reader (duplicate keys, say, do not). Lines nested deeper than
+``devicejson.MAX_DEPTH`` are refused before they are parsed. Whatever a device sends is a
+verdict, never an exception.
+
 Trust: ``trusted_keys`` are the pinned audit keys. A valid ``key-rotation`` record (old
 key trusted, both signatures good) trusts the new key and retires the old one, so a leaked
 old key cannot sign later checkpoints. A collector that resumes from its archive passes
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -34,6 +43,7 @@ from hsmctl.auditlog.chain import (
     OUTCOMES,
     TIME_RE,
     Head,
+    canonical,
     canonical_text,
 )
 from hsmctl.auditlog.signing import (
@@ -43,6 +53,7 @@ from hsmctl.auditlog.signing import (
     key_rotation_payload,
     verify_raw_signature,
 )
+from hsmctl.devicejson import MAX_DEPTH, parse, too_deep
 from hsmctl.errors import ConfigError, IntegrityError
 
 REORDER_WINDOW = 1024
@@ -270,11 +281,13 @@ class ChainVerifier:
 
     def _check(self, item: bytes | str | Mapping[str, Any]) -> None:
         expected = self._seq + 1
-        record, text = _parse(item, expected)
+        record, raw, shape = _parse(item, expected)
         seq: int = record["seq"]
         claimed: str = record.pop("hash")
-        if text is None or not _line_hashes_to(text, claimed):
-            _check_canonical_hash(record, claimed, text, seq)
+        if raw is None:
+            _check_canonical_hash(record, claimed, None, seq)
+        else:
+            _check_line(raw, shape, record, claimed, seq)
         if seq != expected:
             if seq > expected:
                 self._gap = (expected, seq)
@@ -429,7 +442,7 @@ class ChainVerifier:
         assert self._gap is not None
         missing, found_instead = self._gap
         try:
-            seq = item.get("seq") if isinstance(item, Mapping) else json.loads(item).get("seq")
+            seq = item.get("seq") if isinstance(item, Mapping) else parse(item).get("seq")
         except (ValueError, AttributeError):
             return
         if type(seq) is int and missing <= seq < found_instead:
@@ -450,23 +463,41 @@ _raw_decode = json.JSONDecoder().raw_decode
 
 def _parse(
     item: bytes | str | Mapping[str, Any], expected: int
-) -> tuple[dict[str, Any], str | None]:
-    """The record as a fresh dict, and the line's text (None if given parsed), or _Stop."""
-    text: str | None
+) -> tuple[dict[str, Any], bytes | None, re.Match[bytes] | None]:
+    """The record as a fresh dict, the line's bytes without its newline (None if given
+    parsed) and their :data:`_RECORD` match if any, or _Stop.
+
+    Nothing deeper than ``MAX_DEPTH`` reaches the JSON parser: it recurses per level, and
+    where it would give up depends on the caller's stack, so the same line could be a
+    violation here and an exception there. A line of the common shape is two deep.
+    """
+    raw: bytes | None
+    shape: re.Match[bytes] | None = None
     if type(item) is bytes:
-        try:
-            text = item.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Stop(ViolationKind.MALFORMED, expected, "malformed: not UTF-8") from None
+        raw = item
     elif isinstance(item, str):
-        text = item
+        try:
+            raw = item.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates
+            raise _Stop(ViolationKind.MALFORMED, expected, "malformed: not UTF-8") from None
     elif isinstance(item, Mapping):
-        text, record = None, dict(item)
+        raw, record = None, dict(item)
     else:
         raise TypeError(f"cannot verify a {type(item).__name__}")
-    if text is not None:
-        if text[-1:] == "\n":
-            text = text[:-2] if text[-2:] == "\r\n" else text[:-1]
+    if raw is not None:
+        if raw[-1:] == b"\n":
+            raw = raw[:-2] if raw[-2:] == b"\r\n" else raw[:-1]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Stop(ViolationKind.MALFORMED, expected, "malformed: not UTF-8") from None
+        shape = _shape(raw)
+        if shape is None and (depth := too_deep(raw)):
+            raise _Stop(
+                ViolationKind.MALFORMED,
+                expected,
+                f"malformed: not JSON (nested {depth} levels deep, more than {MAX_DEPTH})",
+            )
         record = _load(text, expected)
     r = record
     seq = r.get("seq")
@@ -495,7 +526,7 @@ def _parse(
         raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: outcome {r['outcome']!r}")
     if not TIME_RE.fullmatch(r["time"]):
         raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: time {r['time']!r}")
-    return record, text
+    return record, raw, shape
 
 
 def _load(text: str, expected: int) -> dict[str, Any]:
@@ -516,38 +547,66 @@ def _load(text: str, expected: int) -> dict[str, Any]:
     return record
 
 
-def _line_hashes_to(text: str, claimed: str) -> bool:
-    """Fast path: the line without its ``hash`` member hashes to the claimed hash.
-
-    For a canonical line that is exactly the spec's hash, got without re-encoding the
-    record (the costliest step). A non-canonical line can pass only if it was crafted so,
-    and only where no checkpoint or known head covers it — a forger could as well write a
-    canonical record there; covered records are byte for byte what the device wrote. A
-    record's own hash cannot occur earlier in its line (it would be a fixed point).
-    """
-    needle = f',"hash":"{claimed}"'
-    cut = text.find(needle)
+def _line_hashes_to(raw: bytes, claimed: str) -> bool:
+    """Whether the line without (the first copy of) its ``hash`` member hashes to the
+    claimed hash: how a line that is not canonical JSON was made, if it was made to look
+    linked. Only names the violation; no line is accepted for this alone."""
+    needle = f',"hash":"{claimed}"'.encode()
+    cut = raw.find(needle)
     if cut < 0:
         return False
-    body = text[:cut] + text[cut + len(needle) :]
+    return hashlib.sha256(raw[:cut] + raw[cut + len(needle) :]).hexdigest() == claimed
+
+
+def _check_line(
+    raw: bytes, shape: re.Match[bytes] | None, record: Mapping[str, Any], claimed: str, seq: int
+) -> None:
+    """The line is the canonical JSON of ``record`` (with ``hash``: :func:`_canonical`)
+    and its hash is the spec's: SHA-256 of the line without the ``hash`` member, which for
+    a canonical line is the canonical record without ``hash``."""
+    at = _canonical(raw, shape, record, claimed)
+    if at < 0:
+        _check_canonical_hash(record, claimed, raw, seq)
+        return
+    if hashlib.sha256(raw[:at] + raw[at + 74 :]).hexdigest() != claimed:
+        raise _Stop(ViolationKind.HASH_MISMATCH, seq, "hash mismatch (edited)")
+
+
+def _canonical(
+    raw: bytes, shape: re.Match[bytes] | None, record: Mapping[str, Any], claimed: str
+) -> int:
+    """Where the ``hash`` member starts if ``raw`` is exactly the canonical JSON of the
+    parsed ``record`` plus ``hash``, else -1 (checked by re-encoding only when the line is
+    not of the common shape)."""
+    if shape is not None and _increasing(shape.groups()):
+        return shape.start(_MEMBER)
     try:
-        return hashlib.sha256(body.encode("utf-8")).hexdigest() == claimed
-    except UnicodeEncodeError:  # lone surrogates
-        return False
+        if canonical({**record, "hash": claimed}) != raw:
+            return -1
+    except ValueError:  # NaN, lone surrogates: nothing canonical encodes them
+        return -1
+    # Canonical: a raw '"' only delimits strings, and only top-level scalars follow the
+    # top-level member, so the last ',"hash":"' is that member.
+    return raw.rfind(_HASH_MEMBER)
 
 
 def _check_canonical_hash(
-    record: Mapping[str, Any], claimed: str, text: str | None, seq: int
+    record: Mapping[str, Any], claimed: str, raw: bytes | None, seq: int
 ) -> None:
-    """The spec's hash over the re-encoded record; for lines, why the fast path failed."""
+    """The spec's hash over the re-encoded record; for a line (``raw``), which is not
+    canonical JSON, which violation that is: an edit, or a rewrite of the device's line
+    (the hash is right, or was made over the line's own bytes)."""
     try:
         actual = hashlib.sha256(canonical_text(record).encode("utf-8")).hexdigest()
     except ValueError as exc:  # NaN, lone surrogates
         raise _Stop(ViolationKind.MALFORMED, seq, f"malformed: not canonical JSON: {exc}") from None
-    if actual != claimed:
+    if raw is None:
+        if actual != claimed:
+            raise _Stop(ViolationKind.HASH_MISMATCH, seq, "hash mismatch (edited)")
+        return
+    if actual != claimed and not _line_hashes_to(raw, claimed):
         raise _Stop(ViolationKind.HASH_MISMATCH, seq, "hash mismatch (edited)")
-    if text is not None:  # right hash, but the device writes canonical lines: rewritten
-        raise _Stop(ViolationKind.MALFORMED, seq, "malformed: line is not canonical JSON")
+    raise _Stop(ViolationKind.MALFORMED, seq, "malformed: line is not canonical JSON")
 
 
 def _check_detail(seq: int, detail: Mapping[str, Any], keys: frozenset[str], what: str) -> None:
@@ -590,47 +649,167 @@ def verify_lines(
 _HASH_MEMBER = b',"hash":"'
 _PREV_MEMBER = b'"prev":"'
 _SIGNED_EVENTS = (b'"event":"checkpoint"', b'"event":"key-rotation"')
+_SIGNED_NAMES = (b'"checkpoint"', b'"key-rotation"')
+
+_FLAT_MEMBERS = 8
+"""Members of ``detail`` the common shape names (a command record has three or four)."""
+
+
+def _record_pattern(string: bytes, key: bytes, hash_hex: bytes) -> re.Pattern[bytes]:
+    """The canonical line of a record whose ``detail`` is flat: up to ``_FLAT_MEMBERS``
+    members with keys free of escapes, values strings, small integers, booleans or null.
+
+    Every field is written the one way ``canonical`` writes it: keys in their sorted
+    order, no whitespace, strings as ``string`` says, integers without sign of zero or
+    leading zeros, the outcome one of ``OUTCOMES``, the time ``TIME_RE``. What a pattern
+    cannot say is checked after a match: that the line is UTF-8 and the detail's keys
+    increase — as bytes, which for UTF-8 without escapes is their code-point order, the
+    order ``sort_keys`` gives. Integers have at most 18 digits so that no limit of
+    ``int()`` can make ``json.loads`` disagree: a match is always JSON it can read back.
+
+    Groups: 1-8 the detail's keys (None past the last), 9 the event, 10 the ``hash``
+    member, 11 the hash, 12 ``prev``, 13 ``seq``.
+    """
+    value = rb"(?:" + string + rb"|0|-?[1-9][0-9]{0,17}|true|false|null)"
+    more = b""
+    for _ in range(_FLAT_MEMBERS - 1):
+        more = rb"(?:," + key + rb":" + value + more + rb")?"
+    detail = rb"\{(?:" + key + rb":" + value + more + rb")?\}"
+    outcomes = b"|".join(o.encode() for o in sorted(OUTCOMES))
+    return re.compile(
+        rb'\{"actor":' + string + rb',"detail":' + detail + rb',"event":(' + string + rb")"
+        rb'(,"hash":"(' + hash_hex + rb')"),"outcome":"(?:' + outcomes + rb')"'
+        rb',"prev":"(' + hash_hex + rb')","role":' + string + rb',"seq":([1-9][0-9]{0,17})'
+        rb',"source":' + string + rb',"time":"' + TIME_RE.pattern.encode("ascii") + rb'"\}'
+    )
+
+
+_RECORD = _record_pattern(
+    # Exactly what canonical JSON writes: escapes for '"', '\' and control characters
+    # only, the short form where JSON has one, else \u00xx in lowercase.
+    rb'"[^"\\\x00-\x1f]*(?:\\(?:["\\bfnrt]|u00(?:0[0-7bef]|1[0-9a-f]))[^"\\\x00-\x1f]*)*"',
+    rb'"([^"\\\x00-\x1f]*)"',
+    rb"[0-9a-f]{64}",
+)
+_PLAIN = _record_pattern(rb'"[^"]*"', rb'"([^"]*)"', rb'[^"]{64}')
+""":data:`_RECORD` for a line without a backslash or a control byte, where any run of
+bytes between quotes is a canonical string. Half the cost: sre matches ``[^"]`` byte by
+byte in a tight loop, a class with ranges through a function call per byte. (Hashes
+need not be hex here: a line whose ``hash`` is not its hex digest fails the hash check.)"""
+_ESCAPES = bytes(range(0x20)) + b"\\"
+_MEMBER = _FLAT_MEMBERS + 2
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _shape(line: bytes) -> re.Match[bytes] | None:
+    """The match of a canonical line of the common shape (not yet: UTF-8, key order)."""
+    if len(line.translate(None, _ESCAPES)) == len(line):
+        return _PLAIN.fullmatch(line)
+    return _RECORD.fullmatch(line)
+
+
+def _increasing(groups: tuple[bytes | Any, ...]) -> bool:
+    """The detail's keys in the groups of a :data:`_RECORD` match are strictly increasing
+    (sorted, and no key twice: ``json.loads`` would keep one of two, ``canonical`` write
+    one)."""
+    keys = groups
+    last = keys[0]
+    for key in keys[1:_FLAT_MEMBERS]:
+        if key is None:
+            return True
+        if key <= last:
+            return False
+        last = key
+    return True
 
 
 def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, list[tuple[int, bytes]]]:
-    """How many leading lines continue the chain from ``start`` by their bytes alone.
+    """How many leading lines continue the chain from ``start``, each a record that
+    :func:`verify_lines` would accept there; and, for every line that may be a checkpoint
+    or a key rotation, its index and the hash before it (those it must still verify).
 
-    Per line, without parsing it: the line minus its ``hash`` member hashes to the claimed
-    hash, ``prev`` is the previous claimed hash and ``seq`` the next number. Records keep
-    their keys sorted, so ``event`` ends where ``hash`` begins and only strings and ``seq``
-    follow it; a raw ``"`` cannot occur inside a canonical string, so the last ``hash``
-    member is the record's own. Also returns, for every line that may be a checkpoint or a
-    key rotation, its index and the hash before it.
+    A line of the common shape (:data:`_RECORD`) is checked on its bytes alone: it is
+    canonical JSON of a well-formed record (the pattern says which bytes a canonical line
+    can have, then UTF-8 and the order of the detail's keys), its ``hash`` is SHA-256 of
+    the line without the member, ``prev`` the previous hash and ``seq`` the next number —
+    together exactly what the full verifier checks of a record that is not signed. Any
+    other line is a signed record if its bytes say so (verified in full later), else it is
+    parsed and re-encoded like :func:`verify_lines` does (:func:`_canonical_line`).
     """
-    sha256, hash_member, prev_member, signed_events = (
+    sha256, plain, exact, escapes, hash_member, prev_member, signed_events, signed_names = (
         hashlib.sha256,
+        _PLAIN.fullmatch,
+        _RECORD.fullmatch,
+        _ESCAPES,
         _HASH_MEMBER,
         _PREV_MEMBER,
         _SIGNED_EVENTS,
+        _SIGNED_NAMES,
     )  # locals: this loop runs once a record
     signed: list[tuple[int, bytes]] = []
+    if not _HEX64.fullmatch(start.hash):  # not a hash: no line can link to it by its bytes
+        return 0, signed
     running = start.hash.encode("ascii")
-    prev = prev_member + running + b'"'
     first, count = start.seq + 1, 0
     for line in lines:
-        at = line.rfind(hash_member)
-        end = at + 73
-        claimed = line[at + 9 : end]
+        shape = (plain if len(line.translate(None, escapes)) == len(line) else exact)(line)
         if (
-            at < 0
-            or line[end : end + 1] != b'"'
-            or sha256(line[:at] + line[end + 1 :]).hexdigest().encode() != claimed
-            # outcome (at most 8 bytes) and prev follow the hash; role and seq follow prev
-            or line.find(prev, end, end + 110) < 0
-            or line.find(b',"seq":%d,' % (first + count), end + 90) < 0
+            shape is not None
+            and (line.isascii() or _is_utf8(line))
+            and ((g := shape.groups())[1] is None or _increasing(g))
         ):
-            break
-        if line.endswith(signed_events, 0, at):
-            signed.append((count, running))
+            at, claimed = shape.start(10), g[10]
+            if (
+                sha256(line[:at] + line[at + 74 :]).hexdigest().encode() != claimed
+                or g[11] != running
+                or g[12] != b"%d" % (first + count)
+            ):
+                break
+            if g[8] in signed_names:
+                signed.append((count, running))
+        else:
+            at = line.rfind(hash_member)
+            end = at + 73
+            claimed = line[at + 9 : end]
+            if (
+                at < 0
+                or line[end : end + 1] != b'"'
+                or sha256(line[:at] + line[end + 1 :]).hexdigest().encode() != claimed
+                # outcome (at most 8 bytes) and prev follow the hash; role and seq follow prev
+                or line.find(prev_member + running + b'"', end, end + 110) < 0
+                or line.find(b',"seq":%d,' % (first + count), end + 90) < 0
+            ):
+                break
+            if line.endswith(signed_events, 0, at):
+                signed.append((count, running))
+            elif not _canonical_line(line, first + count):
+                break
         running = claimed
-        prev = prev_member + claimed + b'"'
         count += 1
     return count, signed
+
+
+def _is_utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _canonical_line(line: bytes, seq: int) -> bool:
+    """A line of no common shape that links by its bytes (``hash`` over the line without
+    the member, ``prev``, ``seq``): whether it is also a well-formed record that is the
+    canonical JSON of itself — then the byte checks were exactly the full verifier's. (A
+    newline is no part of a line here: ``_parse`` would strip it after it was hashed.)"""
+    if line[-1:] == b"\n":
+        return False
+    try:
+        record, raw, shape = _parse(line, seq)
+    except _Stop:
+        return False
+    assert raw is not None
+    return _canonical(raw, shape, record, record["hash"]) >= 0
 
 
 def verify_block(
@@ -642,17 +821,18 @@ def verify_block(
     retired_keys: Iterable[str] = (),
 ) -> VerifyReport:
     """:func:`verify_lines` for a block of whole lines without their newlines (as
-    ``bytes.split`` gives them), several times faster on a clean log.
+    ``bytes.split`` gives them), more than twice as fast on a clean log.
 
-    Most records need no parsing: a record that hash-links to the next one up to a
-    checkpoint (or key rotation) whose signature verifies is, byte for byte, what the
-    device hashed and signed — and the device writes only well-formed canonical records
-    (``make_record`` refuses anything else). So the lines are first scanned for the chain
-    alone (:func:`_link_scan`), and only the signed records and what follows the last of
-    them are verified in full. The report is then the one ``verify_lines`` gives, which is
-    checked: if the last signed record of the scan did not verify as one, or any
-    violation was found, the block is verified again the full way, and that report is
-    returned (it names the first bad record exactly as before).
+    Most records need no parsing. The device may be hostile — it holds the audit key and
+    signs whatever it wrote — so a signature over a chain proves nothing about the form
+    of the records in it; instead :func:`_link_scan` checks every record on its bytes for
+    exactly what ``verify_lines`` would check of it (canonical JSON of a well-formed
+    record, its hash, ``prev`` and ``seq``), parsing only lines of an unusual shape. Then
+    only the signed records and what follows the last of them are verified in full. The
+    report is then the one ``verify_lines`` gives, which is checked: if the last signed
+    record of the scan did not verify as one, or any violation was found, the block is
+    verified again the full way, and that report is returned (it names the first bad
+    record exactly as before).
     """
     begin = start or GENESIS_HEAD
     retired = tuple(retired_keys)

@@ -645,3 +645,130 @@ def test_block_does_not_trust_a_line_that_only_looks_signed(key_a: SoftwareSigne
     report = verify_block(data, pins(key_a))
     assert report == verify_lines(data, pins(key_a))
     assert not report.ok and report.violations[0].seq == 11
+
+
+# -- a hostile device: it holds the key, so it can sign over any bytes (issue 10) -----------
+
+
+def _signed_after(records: list[Record], line: bytes, signer: SoftwareSigner) -> list[bytes]:
+    """The device appends ``line`` with a hash member made over its other bytes (what a
+    byte-level check tests) and signs a checkpoint over it."""
+    at = line.rindex(b',"hash":"')
+    body = line[:at] + line[at + 74 :]
+    claimed = hashlib.sha256(body).hexdigest()
+    line = line[:at] + f',"hash":"{claimed}"'.encode() + line[at + 74 :]
+    seq = records[-1]["seq"] + 1
+    checkpoint = make_checkpoint(Head(seq, claimed), signer, device=DEVICE, time=T)
+    return [*block(records), line, record_line(checkpoint)[:-1]]
+
+
+def _moved(rec: Record, into: str) -> bytes:
+    member = f',"hash":"{rec["hash"]}"'.encode()
+    body = record_line(rec)[:-1].replace(member, b"")
+    cut = body.index(b'},"event"') if into == "detail" else body.index(b'"event":"') + 12
+    return body[:cut] + member + body[cut:]
+
+
+@pytest.mark.parametrize("into", ["detail", "string"])
+def test_a_hash_member_moved_into_detail_or_a_string_is_refused(
+    key_a: SoftwareSigner, into: str
+) -> None:
+    # The fast path used to commit this (issue 10): the line minus the member hashes to
+    # it and a valid checkpoint follows, but the record has no hash or is not JSON.
+    records = build(9, key_a)
+    data = _signed_after(records, _moved(event(Head.of(records[-1]), 10), into), key_a)
+    report = verify_block(data, pins(key_a), device=DEVICE)
+    assert report == verify_lines(data, pins(key_a), device=DEVICE)
+    assert [(v.kind, v.seq) for v in report.violations] == [(K.MALFORMED, 10)]
+    assert report.records == 9
+    why = "missing hash" if into == "detail" else "not JSON"
+    assert why in report.violations[0].message
+
+
+def _dump(rec: Record, *, sort_keys: bool = True, separators: tuple[str, str] = (",", ":")) -> str:
+    text = json.dumps(rec, sort_keys=sort_keys, separators=separators, ensure_ascii=False)
+    return text.replace(', "hash":', ',"hash":')  # the member as a byte-level check finds it
+
+
+@pytest.mark.parametrize(
+    "render",
+    [
+        lambda r: _dump(r, separators=(", ", ":")),
+        lambda r: _dump(r, sort_keys=False),
+        lambda r: _dump(r) + " ",
+        lambda r: _dump(r) + "\r",
+        lambda r: _dump(r).replace("ü", "\\u00fc"),
+        lambda r: _dump(r).replace('"show"', '"sh\\u006fw"'),
+        lambda r: '{"actor":"x",' + _dump(r)[1:],
+        lambda r: _dump(r).replace('"n":10', '"n":10.00'),
+        lambda r: _dump(r).replace('"n":10', '"n":1e1'),
+    ],
+    ids=[
+        "spaces",
+        "unsorted",
+        "trailing-space",
+        "cr",
+        "escaped-u",
+        "escaped-o",
+        "dup-key",
+        "float",
+        "exponent",
+    ],
+)
+def test_a_self_hashed_line_that_is_not_canonical_is_refused(
+    key_a: SoftwareSigner, render: Callable[[Record], str]
+) -> None:
+    # Valid JSON, its hash made over its own bytes and signed: both verifiers used to
+    # accept it. A reader may see another record in it (with two "actor" members, which
+    # one?), so only the canonical line is the record.
+    records = build(9, key_a)
+    rec = event(Head.of(records[-1]), 10)
+    rec["detail"] = {"n": 10, "note": "ünicode"}
+    rec["event"] = "show"
+    rec["hash"] = record_hash({k: v for k, v in rec.items() if k != "hash"})
+    data = _signed_after(records, render(rec).encode(), key_a)
+    report = verify_lines(data, pins(key_a), device=DEVICE)
+    assert verify_block(data, pins(key_a), device=DEVICE) == report
+    assert [(v.kind, v.seq) for v in report.violations] == [(K.MALFORMED, 10)]
+    assert "not canonical" in report.violations[0].message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[" * 200_000,
+        b'{"actor":' + b"[" * 200_000,
+        b"[" * 33 + b"]" * 33,
+        b'{"detail":' + b'{"a":' * 40 + b"1" + b"}" * 41,
+    ],
+    ids=["200k-brackets", "200k-in-record", "33-levels", "40-levels-in-detail"],
+)
+def test_deep_nesting_is_a_violation_not_an_exception(key_a: SoftwareSigner, line: bytes) -> None:
+    records = build(11, key_a)
+    for data in ([*block(records[:8]), line, *block(records[8:])], [*lines(records[:8]), line]):
+        report = verify_block(data, pins(key_a), device=DEVICE)
+        assert report == verify_lines(data, pins(key_a), device=DEVICE)
+        (violation,) = report.violations
+        assert (violation.kind, violation.seq, violation.line) == (K.MALFORMED, 9, 9)
+        assert "not JSON" in violation.message
+    text = verify_lines([*lines(records[:8]), line.decode()], pins(key_a))
+    assert [(v.kind, v.seq) for v in text.violations] == [(K.MALFORMED, 9)]
+
+
+def test_a_deep_line_after_a_gap_is_only_skipped(key_a: SoftwareSigner) -> None:
+    # After a gap the verifier reads on to tell a deletion from a reordering; a hostile
+    # line there used to raise RecursionError.
+    data = lines(build(10, key_a))
+    del data[4]
+    data.insert(6, b"[" * 200_000 + b"\n")
+    report = verify_lines(data, pins(key_a))
+    assert [(v.kind, v.seq) for v in report.violations] == [(K.GAP, 5)]
+
+
+def test_make_record_refuses_a_detail_no_verifier_would_accept() -> None:
+    deep: Any = 1
+    for _ in range(31):
+        deep = [deep]
+    with pytest.raises(ValueError, match="deeper"):
+        event(None, 1, deep=deep)
+    event(None, 1, deep=deep[0])  # 31 levels in all: record, detail and 29 lists
