@@ -43,7 +43,7 @@ from hsmctl.provider.context import ProviderContext, open_context
 from hsmctl.provider.drivers import console_checked, fabric_for, out_of_band_for
 from hsmctl.ssh import PublicKey
 from hsmctl.state.model import ApplianceState, Interface, Operation, StepStatus
-from hsmctl.state.store import ApplianceRecord, JournalEntry
+from hsmctl.state.records import ApplianceRecord, JournalEntry
 
 A = ApplianceState
 # Where a new run may start. `deprovisioning` without an unfinished run in the journal

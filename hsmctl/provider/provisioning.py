@@ -35,7 +35,7 @@ from hsmctl.state.model import (
     RequestStatus,
     StepStatus,
 )
-from hsmctl.state.store import Allocation
+from hsmctl.state.records import Allocation
 
 OTP_VALIDITY = timedelta(hours=72)
 

@@ -2,15 +2,15 @@
 pinned host keys, in SQLite (default) or PostgreSQL with the same schema."""
 
 from hsmctl.state.model import ApplianceState, Interface, Operation, RequestStatus, StepStatus
-from hsmctl.state.store import (
+from hsmctl.state.records import (
     Allocation,
     ApplianceRecord,
     JournalEntry,
     PinnedHostKey,
     RequestRecord,
-    Store,
     SyncReport,
 )
+from hsmctl.state.store import Store
 
 __all__ = [
     "Allocation",

@@ -546,3 +546,20 @@ def test_unreachable_postgres_and_bad_urls_are_clear_errors() -> None:
         Store.open("mysql://u@localhost/db")
     with pytest.raises(ConfigError, match="in-memory"):
         Store.open("sqlite://")
+
+
+def test_records_round_trip_through_json(store: Store, inventory: Inventory) -> None:
+    [a] = store.allocate("r1", place(inventory))
+    store.update_request("r1", RequestStatus.RUNNING, {"appliances": []})
+    records: list[Any] = [
+        a,
+        store.get_appliance(a.appliance),
+        store.get_request("r1"),
+        *store.journal(request_id="r1"),
+        *store.host_keys(a.appliance, Interface.MGMT),
+        store.sync_inventory(make_inventory()),
+    ]
+    for record in records:
+        data = json.loads(json.dumps(record.as_dict()))
+        assert type(record).from_dict(data) == record
+    assert store.get_appliance(a.appliance).as_dict()["state"] == "provisioning"

@@ -26,7 +26,7 @@ from hsmctl.inventory import check_placement, load_inventory
 from hsmctl.provider import deprovision as dep
 from hsmctl.provider import health as hl
 from hsmctl.state.model import ApplianceState, Operation, StepStatus
-from hsmctl.state.store import JournalEntry
+from hsmctl.state.records import JournalEntry
 from tests.provider_env import ProviderEnv, make_env
 
 pytestmark = pytest.mark.unit
