@@ -8,10 +8,10 @@ greppable.
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from hsmctl.errors import UsageError
+from hsmctl.privatefiles import read_private
 
 
 class Secret:
@@ -46,27 +46,10 @@ def read_secret_file(path: str | os.PathLike[str], *, what: str = "secret") -> S
     """Read one secret from a file the way SPEC §6 says.
 
     One trailing newline is stripped; a file readable by group or others is refused
-    (exit 2), as is a missing or empty file.
+    (exit 2), as is a missing or empty file (:func:`hsmctl.privatefiles.read_private`).
     """
     p = Path(path)
-    try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise UsageError(f"{what} file {p}: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{what} file {p}: not a regular file")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise UsageError(
-                f"{what} file {p}: permissions {stat.S_IMODE(st.st_mode):04o} are too open; "
-                "it must not be accessible by group or others (chmod 600)"
-            )
-        data = b""
-        while chunk := os.read(fd, 65536):
-            data += chunk
-    finally:
-        os.close(fd)
+    data = read_private(p, what=f"{what} file")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

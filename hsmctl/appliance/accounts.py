@@ -15,7 +15,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from hsmctl import contract
+from hsmctl import contract, privatefiles
 from hsmctl.appliance import paths
 
 ACCOUNTS = ("provider", "monitor", "admin", "audit")
@@ -73,14 +73,7 @@ def authorized_key_path(user: str) -> Path:
 
 
 def set_authorized_key(user: str, line: str) -> None:
-    path = authorized_key_path(user)
-    tmp = path.with_name(f".{user}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(line.strip() + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    privatefiles.write_atomic(authorized_key_path(user), (line.strip() + "\n").encode(), mode=0o644)
 
 
 def remove_authorized_key(user: str) -> None:

@@ -10,28 +10,15 @@ written last, so an interrupted personalisation simply runs again.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
+from hsmctl import privatefiles
 from hsmctl.appliance import paths
 
 
 def write_atomic(path: Path, data: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    privatefiles.write_atomic(path, data.encode("utf-8"), mode=mode)
 
 
 def make_host_keys(directory: Path, comment: str) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hsmctl import privatefiles
 from hsmctl.appliance import paths
 from hsmctl.appliance.roles import DeviceState
 from hsmctl.contract import OwnerState
@@ -17,19 +17,8 @@ from hsmctl.contract import OwnerState
 
 def write_json(path: Path, data: Any, mode: int = 0o600) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    privatefiles.write_atomic(path, text.encode(), mode=mode)
 
 
 def read_json(path: Path, default: Any) -> Any:
@@ -60,11 +49,7 @@ def record_ownership(when: float) -> None:
 def clear_ownership() -> None:
     """Only for the out-of-band factory reset: the device goes back to the factory."""
     paths.OWNED.unlink(missing_ok=True)
-    dfd = os.open(paths.OWNED.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    privatefiles.fsync_dir(paths.OWNED.parent)
 
 
 def shadow_hash(user: str) -> str | None:

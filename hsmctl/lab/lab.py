@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hsmctl import config as config_mod
+from hsmctl import privatefiles
 from hsmctl.errors import ConflictError, HsmctlError, UsageError
 from hsmctl.lab import image, netns, safety
 from hsmctl.lab.plan import PREFIX, AppliancePlan, LabPlan, TenantPlan, make_plan, validate_sizes
@@ -39,6 +40,7 @@ FIRMWARE_FILES = (
     "contract.py",
     "devicejson.py",
     "errors.py",
+    "privatefiles.py",
     "secret.py",
     "appliance",
     "auditlog",
@@ -64,9 +66,8 @@ def load_state() -> dict[str, Any] | None:
 
 def save_state(state: dict[str, Any]) -> None:
     LAB_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = state_path().with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, state_path())
+    text = json.dumps(state, indent=2, sort_keys=True) + "\n"
+    privatefiles.write_atomic(state_path(), text.encode())
 
 
 def _ssh_keygen(path: Path, kind: str, comment: str) -> None:
@@ -80,10 +81,7 @@ def _ssh_keygen(path: Path, kind: str, comment: str) -> None:
 
 def _write_private(path: Path, text: str, mode: int = 0o600) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(path, mode)
+    privatefiles.write_atomic(path, text.encode(), mode=mode)
 
 
 # -- networks ----------------------------------------------------------------------------
