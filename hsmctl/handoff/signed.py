@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.hashes import SHA256
 
+from hsmctl import devicejson
 from hsmctl.auditlog.chain import canonical
 from hsmctl.errors import IntegrityError, UsageError
 from hsmctl.handoff.identity import (
@@ -113,37 +113,17 @@ def _now(now: datetime | None) -> datetime:
 # --- files ---------------------------------------------------------------------------
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """Refuse duplicate keys: parsers disagree on which one wins, so a signed file with
-    two ``appliance`` members could mean one thing to us and another to ``jq``."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise IntegrityError(f"duplicate JSON member {key!r}")
-        out[key] = value
-    return out
-
-
-def _no_constant(name: str) -> Any:
-    """Refuse ``NaN``/``Infinity``: not JSON, and canonical JSON cannot encode them."""
-    raise IntegrityError(f"non-JSON constant {name}")
-
-
 def parse_document(data: bytes, *, what: str = "document") -> Document:
-    """Parse one signed JSON document; malformed input is treated as tampering (exit 3)."""
+    """Parse one signed JSON document; malformed input is treated as tampering (exit 3).
+
+    Strict (:mod:`hsmctl.devicejson`): no duplicate members — parsers disagree on which
+    one wins, so a signed file with two ``appliance`` members could mean one thing to us
+    and another to ``jq`` — no ``NaN``/``Infinity``, nothing nested deeper than
+    ``MAX_DEPTH``.
+    """
     if len(data) > MAX_DOCUMENT_BYTES:
         raise IntegrityError(f"{what}: larger than {MAX_DOCUMENT_BYTES} bytes")
-    try:
-        doc = json.loads(
-            data.decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_no_constant,
-        )
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise IntegrityError(f"{what}: not valid UTF-8 JSON") from exc
-    if not isinstance(doc, dict):
-        raise IntegrityError(f"{what}: not a JSON object")
-    return doc
+    return devicejson.loads_object(data, what)
 
 
 def read_document(path: str | os.PathLike[str], *, what: str = "document") -> Document:

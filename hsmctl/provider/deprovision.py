@@ -27,7 +27,6 @@ carries over. A step that fails leaves the appliance ``failed`` with the reason.
 from __future__ import annotations
 
 import enum
-import json
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,6 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hsmctl import devicejson
 from hsmctl.errors import ConflictError, HsmctlError, IntegrityError, UsageError
 from hsmctl.handoff import RELEASE_FORMAT, read_document, verify_release
 from hsmctl.progress import NullProgress, Progress
@@ -198,9 +198,9 @@ def find_reset_record(lines: Iterable[str]) -> dict[str, Any] | None:
     found = None
     for line in lines:
         try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
+            rec = devicejson.loads(line, "audit show record")
+        except IntegrityError:
+            continue  # not a record (e.g. the cut-off first line of a tail): not the one
         detail = rec.get("detail") if isinstance(rec, dict) else None
         if (
             isinstance(detail, dict)
@@ -320,14 +320,9 @@ class _Executor:
         return console_checked(self.oob, self.appliance, line)
 
     def console_json(self, line: str) -> dict[str, Any]:
-        text = self.console(line)
-        try:
-            value = json.loads(text)
-        except ValueError as exc:
-            raise HsmctlError(f"{self.appliance}: console {line!r}: not JSON output") from exc
-        if not isinstance(value, dict):
-            raise HsmctlError(f"{self.appliance}: console {line!r}: not a JSON object")
-        return value
+        return devicejson.loads_object(
+            self.console(line), f"console reply to {line!r}", self.appliance
+        )
 
     def journal(self, step: Step, status: StepStatus, detail: Mapping[str, Any]) -> None:
         self.ctx.store.record_step(
@@ -391,7 +386,8 @@ class _Executor:
         for _ in range(PROVIDER_LOGIN_ATTEMPTS):
             try:
                 with self.ctx.provider_session(self.appliance) as conn:
-                    info = json.loads(conn.run("hsm show").stdout)
+                    reply = conn.run("hsm show").stdout
+                    info = devicejson.loads_object(reply, "reply to 'hsm show'", self.appliance)
                 return bool(info.get("id") == self.appliance)
             except HsmctlError as exc:
                 last = exc

@@ -18,13 +18,20 @@ disagreements are reported and journaled, never "fixed" from a health probe.
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from hsmctl.errors import HostKeyMismatch, HsmctlError, UnreachableError, UsageError, most_severe
+from hsmctl import devicejson
+from hsmctl.errors import (
+    HostKeyMismatch,
+    HsmctlError,
+    IntegrityError,
+    UnreachableError,
+    UsageError,
+    most_severe,
+)
 from hsmctl.progress import NullProgress, Progress
 from hsmctl.provider.context import ProviderContext, open_context
 from hsmctl.ssh import AuthenticationFailed, DeviceConnection
@@ -112,10 +119,10 @@ def attempt(conn: DeviceConnection, command: str | None) -> Attempt:
             return Attempt(Login.OK)
         out = conn.run(command).stdout
         try:
-            info = json.loads(out)
-        except ValueError:
-            return Attempt(Login.FAILED, error=f"{command}: not JSON output", exit_code=1)
-        return Attempt(Login.OK, info=info if isinstance(info, dict) else None)
+            info = devicejson.loads_object(out, f"reply to {command!r}")
+        except IntegrityError as exc:  # the device answers garbage: an integrity verdict
+            return Attempt(Login.FAILED, error=exc.message, exit_code=exc.exit_code)
+        return Attempt(Login.OK, info=info)
     except HsmctlError as exc:
         return Attempt(Login.FAILED, error=exc.message, exit_code=exc.exit_code)
     finally:

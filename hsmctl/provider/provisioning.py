@@ -13,13 +13,13 @@ from __future__ import annotations
 import enum
 import fcntl
 import ipaddress
-import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from hsmctl import devicejson
 from hsmctl.errors import ConflictError, HsmctlError, UsageError, most_severe
 from hsmctl.handoff import make_bundle, write_bundle
 from hsmctl.inventory.load import check_placement
@@ -85,7 +85,9 @@ def handoff_path(ctx: ProviderContext, alloc: Allocation) -> Path:
 
 def step_verify(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
     with ctx.provider_session(alloc.appliance) as conn:
-        info = json.loads(conn.run("hsm show").stdout)
+        info = devicejson.loads_object(
+            conn.run("hsm show").stdout, "reply to 'hsm show'", alloc.appliance
+        )
     if info.get("id") != alloc.appliance:
         raise ConflictError(f"{alloc.appliance}: the device says it is {info.get('id')!r}")
     if info.get("owner_state") == "customer-owned":
@@ -128,9 +130,14 @@ def step_handoff(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[s
     otp = generate_password()
     with ctx.provider_session(alloc.appliance) as conn:
         conn.run("user otp set --expires-hours 72", [tenant_key, otp])
-        hostkeys = json.loads(conn.run("sysconf hostkey show").stdout)
-        audit = json.loads(conn.run("audit key show").stdout)
-        info = json.loads(conn.run("hsm show").stdout)
+        host = alloc.appliance
+        hostkeys = devicejson.loads_object(
+            conn.run("sysconf hostkey show").stdout, "reply to 'sysconf hostkey show'", host
+        )
+        audit = devicejson.loads_object(
+            conn.run("audit key show").stdout, "reply to 'audit key show'", host
+        )
+        info = devicejson.loads_object(conn.run("hsm show").stdout, "reply to 'hsm show'", host)
     data_keys = list(hostkeys["active_keys"])
     ctx.store.pin_host_keys(alloc.appliance, Interface.DATA, data_keys)
     bundle = make_bundle(

@@ -24,7 +24,6 @@ The customer never loses access: at every instant one of the escrowed credential
 from __future__ import annotations
 
 import enum
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hsmctl import auditlog
+from hsmctl import auditlog, contract, devicejson
 from hsmctl.customer.context import TenantContext
 from hsmctl.customer.store import ApplianceState
 from hsmctl.errors import (
@@ -113,12 +112,10 @@ def token_label(bundle: OpenedBundle) -> str:
 
 
 def check_inputs(opts: Options) -> None:
-    from hsmctl.appliance.accounts import AccountError, check_password_policy
-
     if opts.new_password is not None:
         try:
-            check_password_policy(opts.new_password.reveal())
-        except AccountError as exc:
+            contract.check_password_policy(opts.new_password.reveal())
+        except contract.PasswordPolicyError as exc:
             raise UsageError(f"--new-password-file: {exc}") from exc
     for flag, pin in (("--so-pin-file", opts.so_pin), ("--co-pin-file", opts.co_pin)):
         if pin is None:
@@ -303,7 +300,7 @@ class Takeover:
         keys = self.journal["host_keys"]
         self._admin()  # observes a rotation that happened before an interruption
         if not keys.get("rotated"):
-            info = json.loads(self._run("sysconf hostkey show"))
+            info = self._reply("sysconf hostkey show")
             journaled = keys["staged"]
             on_device = journaled and (
                 _same_keys(info["staged_keys"], journaled)
@@ -312,8 +309,8 @@ class Takeover:
             if not on_device:
                 # Nothing staged yet, or the device does not hold what we journaled (its
                 # stage never happened): stage, and journal the new keys before activating.
-                shown = json.loads(self._run("sysconf hostkey stage"))
-                info = json.loads(self._run("sysconf hostkey show"))
+                shown = self._reply("sysconf hostkey stage")
+                info = self._reply("sysconf hostkey show")
                 keys["staged"] = list(info["staged_keys"])
                 keys["staged_fingerprints"] = shown["staged"]
                 self._save()
@@ -346,8 +343,12 @@ class Takeover:
             time.sleep(0.2)
 
     def _hsm_show(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self._run("hsm show"))
-        return data
+        return self._reply("hsm show")
+
+    def _reply(self, command: str) -> dict[str, Any]:
+        """A command's JSON reply; anything else from the device is an IntegrityError."""
+        reply = self._run(command)
+        return devicejson.loads_object(reply, f"reply to {command!r}", self.bundle.appliance)
 
     def step_hsm_init(self) -> None:
         so = self.state.escrowed("so-pin")
@@ -369,14 +370,14 @@ class Takeover:
 
     def step_audit_key(self) -> None:
         pins = self.state.pins()
-        current = json.loads(self._run("audit key show"))
+        current = self._reply("audit key show")
         before = self.journal.get("audit_key_before")
         if before is None or current["key_id"] == before:
             # Not rotated yet (or the rotation never reached the device): note the key
             # we rotate away from, then rotate.
             self.journal["audit_key_before"] = current["key_id"]
             self._save()
-            rotated = json.loads(self._run("audit key rotate"))
+            rotated = self._reply("audit key rotate")
             current = {"key_id": rotated["key_id"], "public_key": rotated["public_key"]}
         pins["audit_keys"][current["key_id"]] = current["public_key"]
         self.state.save_pins(pins)
@@ -592,7 +593,12 @@ def prove(t: Takeover) -> list[dict[str, Any]]:
         "key-and-password-work",
         conn.connected and PasswordState(t.journal["password"]) is PasswordState.COMMITTED,
     )
-    access = json.loads(conn.run("sysconf provider-access show").stdout)
+    host = t.bundle.appliance
+    access = devicejson.loads_object(
+        conn.run("sysconf provider-access show").stdout,
+        "reply to 'sysconf provider-access show'",
+        host,
+    )
     check(
         "provider-access-revoked",
         not access["provider_access"]
@@ -600,7 +606,7 @@ def prove(t: Takeover) -> list[dict[str, Any]]:
         and not access["provider_enabled"],
         access,
     )
-    info = json.loads(conn.run("hsm show").stdout)
+    info = devicejson.loads_object(conn.run("hsm show").stdout, "reply to 'hsm show'", host)
     check("customer-owned", info.get("owner_state") == "customer-owned", info.get("owner_state"))
     check(
         "monitor",
@@ -642,7 +648,7 @@ def prove(t: Takeover) -> list[dict[str, Any]]:
         report.ok,
         {"records": report.records, "violations": [str(v) for v in report.violations]},
     )
-    records = [json.loads(line) for line in lines]
+    records = [devicejson.loads_object(line, "exported record", host) for line in lines]
     window = transfer_window(records, t.journal["started_at"])
     check(
         "log-holds-the-transfer",
