@@ -553,6 +553,8 @@ def check_placement(
 
     The subnet must be delegated to the HSM service: a missing delegation is the most
     common dedicated-HSM deployment failure on Azure, and it is cheap to catch here.
+    This only checks the target against the inventory; which appliances it gets
+    (anti-affinity, quotas) is :func:`hsmctl.state.allocation.choose_appliances`.
     """
     t = inventory.tenant(tenant)
     v = t.vnet(vnet)

@@ -31,8 +31,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.engine.url import URL
 
 from hsmctl.errors import ConfigError, ConflictError, HsmctlError, UnreachableError
-from hsmctl.state import journal, schema
-from hsmctl.state.model import Operation, StepStatus
+from hsmctl.state import schema
 
 T = TypeVar("T")
 
@@ -112,8 +111,9 @@ class Database:
             return UnreachableError(f"state store {self.url}: {first}")
         return HsmctlError(f"state store {self.url}: {first}")
 
-    def migrate(self) -> None:
-        """Apply pending migrations, once, however many processes open a new database."""
+    def migrate(self, on_applied: Callable[[Connection, int], None]) -> None:
+        """Apply pending migrations, once, however many processes open a new database;
+        ``on_applied`` records each version applied, in the same transaction."""
 
         def step(conn: Connection) -> None:
             if not self.sqlite:
@@ -125,7 +125,7 @@ class Database:
             except schema.SchemaTooNew as exc:
                 raise ConfigError(f"state store {self.url}: {exc}; upgrade hsmctl") from exc
             for version in applied:
-                journal.write(conn, Operation.SYNC, "migrate", StepStatus.OK, {"version": version})
+                on_applied(conn, version)
 
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
@@ -136,6 +136,14 @@ class Database:
                 if not is_race(exc) or attempt == MAX_ATTEMPTS:
                     raise self._translate(exc) from exc
                 time.sleep(random.uniform(0, 0.05))  # noqa: S311
+
+
+def where_given(q: sa.Select[Any], *tests: tuple[sa.Column[Any], object]) -> sa.Select[Any]:
+    """``q`` narrowed to ``column == value`` for each filter the caller gave (not None)."""
+    for column, value in tests:
+        if value is not None:
+            q = q.where(column == value)
+    return q
 
 
 def _sqlstate(exc: sa.exc.DBAPIError) -> str | None:

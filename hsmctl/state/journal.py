@@ -16,6 +16,7 @@ from sqlalchemy.engine import Connection
 
 from hsmctl.secret import Secret
 from hsmctl.state import schema
+from hsmctl.state.engine import where_given
 from hsmctl.state.model import Operation, StepStatus
 from hsmctl.state.records import JournalEntry, utcnow
 
@@ -76,13 +77,12 @@ def read(
 ) -> list[JournalEntry]:
     """Entries in the order they were written, filtered by whichever arguments are set."""
     j = schema.journal
-    q = sa.select(j).order_by(j.c.id)
-    if appliance is not None:
-        q = q.where(j.c.appliance == appliance)
-    if request_id is not None:
-        q = q.where(j.c.request_id == request_id)
-    if operation is not None:
-        q = q.where(j.c.operation == operation)
+    q = where_given(
+        sa.select(j).order_by(j.c.id),
+        (j.c.appliance, appliance),
+        (j.c.request_id, request_id),
+        (j.c.operation, operation),
+    )
     if after is not None:
         q = q.where(j.c.id > after)
     if limit is not None:
