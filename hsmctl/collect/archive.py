@@ -53,8 +53,8 @@ from typing import Any, BinaryIO, cast
 import zstandard
 
 from hsmctl.auditlog import GENESIS_HEAD, Head
-from hsmctl.customer.store import fsync_dir, write_atomic
 from hsmctl.errors import ConflictError, HsmctlError, IntegrityError
+from hsmctl.privatefiles import fsync_dir, write_atomic
 
 FORMAT = "hsmctl-archive/1"
 CURSOR = "cursor.json"

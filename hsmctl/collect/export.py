@@ -32,8 +32,8 @@ from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
 from hsmctl.collect.archive import Archive, Cursor
-from hsmctl.customer.store import fsync_dir
 from hsmctl.errors import HsmctlError, UnreachableError, UsageError
+from hsmctl.privatefiles import fsync_dir
 
 FACILITY_LOG_AUDIT = 13
 APP_NAME = "hsm-audit"

@@ -24,32 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from hsmctl.errors import UsageError
+from hsmctl.privatefiles import fsync_dir, write_atomic
 from hsmctl.secret import Secret
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, data)
 
 
 class ApplianceState:
@@ -74,7 +57,7 @@ class ApplianceState:
 
     def write(self, name: str, data: dict[str, Any]) -> Path:
         path = self.dir / name
-        write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+        _write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
         return path
 
     # -- secrets ------------------------------------------------------------------------------
@@ -91,7 +74,7 @@ class ApplianceState:
     def escrow(self, name: str, value: Secret) -> Path:
         """Keep a secret (written and fsynced before the caller uses it)."""
         path = self.secret_path(name)
-        write_atomic(path, value.reveal().encode("utf-8") + b"\n")
+        _write(path, value.reveal().encode("utf-8") + b"\n")
         return path
 
     def retire_secrets(self, tag: str) -> Path | None:

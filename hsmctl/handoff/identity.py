@@ -20,7 +20,6 @@ import binascii
 import contextlib
 import hashlib
 import os
-import stat
 import struct
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from hsmctl.errors import UsageError
+from hsmctl.privatefiles import read_private, write_atomic
 
 TENANT_KEY_TYPE = "ecdsa-sha2-nistp256"
 PROVIDER_KEY_NAME = "signing_key.pem"
@@ -46,75 +46,6 @@ PROVIDER_PUBLIC_NAME = "signing_key.pub.pem"
 _OPENSSH_BEGIN = b"-----BEGIN OPENSSH PRIVATE KEY-----"
 _OPENSSH_END = b"-----END OPENSSH PRIVATE KEY-----"
 _OPENSSH_MAGIC = b"openssh-key-v1\0"
-
-
-# --- private files -------------------------------------------------------------------
-
-
-def read_private_file(path: str | os.PathLike[str], *, what: str) -> bytes:
-    """The bytes of a key file, refused (exit 2) if group or others may access it.
-
-    Symlinks are followed (``~/.ssh`` layouts use them); the mode checked is the target's,
-    as OpenSSH checks it.
-    """
-    p = Path(path)
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except OSError as exc:
-        raise UsageError(f"{what} {p}: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{what} {p}: not a regular file")
-        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise UsageError(
-                f"{what} {p}: permissions {stat.S_IMODE(st.st_mode):04o} are too open; "
-                "it must not be accessible by group or others (chmod 600)"
-            )
-        chunks = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
-
-
-def write_private_file(
-    path: str | os.PathLike[str], data: bytes, *, exclusive: bool = False
-) -> Path:
-    """Write ``data`` to ``path`` as a 0600 file, atomically and durably.
-
-    A temporary file in the same directory is fsynced and then renamed over ``path`` (or,
-    with ``exclusive``, hard-linked to it, which fails if ``path`` exists, so two racing
-    writers cannot both win). Readers see the old file or the whole new one, never a part.
-    Raises ``FileExistsError`` when ``exclusive`` and ``path`` exists.
-    """
-    p = Path(path)
-    directory = p.parent
-    tmp = directory / f".{p.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # the umask may not narrow a mode given to open(); be sure
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if exclusive:
-            os.link(tmp, p)
-        else:
-            os.replace(tmp, p)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    dfd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    return p
 
 
 # --- OpenSSH public keys and fingerprints --------------------------------------------
@@ -220,7 +151,7 @@ class TenantIdentity:
     def load(cls, path: str | os.PathLike[str]) -> TenantIdentity:
         p = Path(path)
         what = "identity file"
-        data = read_private_file(p, what=what)
+        data = read_private(p, what=what)
         cipher = _openssh_cipher(data)
         if cipher is None:
             raise UsageError(
@@ -256,13 +187,13 @@ class TenantIdentity:
         key = ec.generate_private_key(ec.SECP256R1())
         pem = key.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption())
         try:
-            write_private_file(p, pem, exclusive=True)
+            write_atomic(p, pem, exclusive=True)
         except FileExistsError as exc:
             raise UsageError(f"identity file {p}: already exists") from exc
         identity = cls(key, p)
         pub = identity.public_key_line + (f" {comment}" if comment else "") + "\n"
         pub_path = p.with_name(p.name + ".pub")
-        write_private_file(pub_path, pub.encode("ascii"))
+        write_atomic(pub_path, pub.encode("ascii"))
         os.chmod(pub_path, 0o644)  # as ssh-keygen leaves it: the public half is public
         return identity
 
@@ -294,7 +225,7 @@ def _public_pem(key: ed25519.Ed25519PublicKey) -> bytes:
 def load_provider_signing_key(path: str | os.PathLike[str]) -> ed25519.Ed25519PrivateKey:
     """The provider's Ed25519 private key from its PKCS#8 PEM file (mode checked)."""
     p = Path(path)
-    data = read_private_file(p, what="provider signing key")
+    data = read_private(p, what="provider signing key")
     try:
         key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -345,7 +276,7 @@ def ensure_provider_signing_key(directory: str | os.PathLike[str]) -> tuple[Path
         fresh = ed25519.Ed25519PrivateKey.generate()
         pem = fresh.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
         with contextlib.suppress(FileExistsError):
-            write_private_file(private_path, pem, exclusive=True)
+            write_atomic(private_path, pem, exclusive=True)
     key = load_provider_signing_key(private_path)
     public_pem = _public_pem(key.public_key())
     try:
@@ -353,6 +284,6 @@ def ensure_provider_signing_key(directory: str | os.PathLike[str]) -> tuple[Path
     except FileNotFoundError:
         current = b""
     if current != public_pem:
-        write_private_file(public_path, public_pem)
+        write_atomic(public_path, public_pem)
         os.chmod(public_path, 0o644)  # public: tenants receive a copy out of band
     return private_path, public_path

@@ -40,8 +40,8 @@ from hsmctl.handoff.identity import (
     ssh_fingerprint,
     ssh_key_blob,
     tenant_public_key,
-    write_private_file,
 )
+from hsmctl.privatefiles import write_atomic
 
 TENANT_SIG_ALG = "ECDSA-P256-SHA256"
 RELEASE_FORMAT = "hsmctl-release/1"
@@ -139,7 +139,7 @@ def read_document(path: str | os.PathLike[str], *, what: str = "document") -> Do
 
 def write_document(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> Path:
     """Write a document as canonical JSON plus a newline: 0600, atomic, fsynced."""
-    return write_private_file(path, canonical(doc) + b"\n")
+    return write_atomic(path, canonical(doc) + b"\n")
 
 
 # --- tenant signatures ---------------------------------------------------------------
