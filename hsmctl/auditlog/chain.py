@@ -21,10 +21,11 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from hsmctl import utc
 from hsmctl.devicejson import MAX_DEPTH, too_deep
 
 GENESIS = "0" * 64
@@ -98,9 +99,7 @@ def record_hash(record_without_hash: Mapping[str, Any]) -> str:
 
 def rfc3339(when: datetime) -> str:
     """Format an aware datetime the way records carry time: UTC, microseconds, ``Z``."""
-    if when.tzinfo is None:
-        raise ValueError("record times must be timezone-aware")
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return utc.precise(when)
 
 
 def make_record(

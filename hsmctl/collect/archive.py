@@ -46,12 +46,12 @@ import zlib
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 import zstandard
 
+from hsmctl import utc
 from hsmctl.auditlog import GENESIS_HEAD, Head
 from hsmctl.errors import ConflictError, HsmctlError, IntegrityError
 from hsmctl.privatefiles import fsync_dir, write_atomic
@@ -184,7 +184,7 @@ class Cursor:
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc.stamp()
 
 
 class Archive:

@@ -24,7 +24,7 @@ import base64
 import binascii
 import os
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.hashes import SHA256
 
-from hsmctl import devicejson
+from hsmctl import devicejson, utc
 from hsmctl.auditlog.chain import canonical
 from hsmctl.errors import IntegrityError, UsageError
 from hsmctl.handoff.identity import (
@@ -86,9 +86,7 @@ def b64decode_strict(text: object, *, what: str) -> bytes:
 
 def utc_timestamp(when: datetime) -> str:
     """RFC 3339 in UTC to the second, e.g. ``2025-01-31T12:00:00Z``."""
-    if when.tzinfo is None:
-        raise ValueError("timestamps must be timezone-aware")
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return utc.stamp(when)
 
 
 def parse_timestamp(text: object, *, what: str) -> datetime:
@@ -96,15 +94,14 @@ def parse_timestamp(text: object, *, what: str) -> datetime:
     if not isinstance(text, str) or not text.endswith("Z"):
         raise IntegrityError(f"{what}: not an RFC 3339 UTC timestamp")
     try:
-        when = datetime.fromisoformat(text)
+        return utc.parse(text)
     except ValueError as exc:
         raise IntegrityError(f"{what}: not an RFC 3339 UTC timestamp") from exc
-    return when.astimezone(UTC)
 
 
 def _now(now: datetime | None) -> datetime:
     if now is None:
-        return datetime.now(UTC)
+        return utc.now()
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     return now

@@ -42,6 +42,7 @@ FIRMWARE_FILES = (
     "errors.py",
     "privatefiles.py",
     "secret.py",
+    "utc.py",
     "appliance",
     "auditlog",
 )

@@ -27,11 +27,10 @@ import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hsmctl import auditlog, contract, devicejson
+from hsmctl import auditlog, contract, devicejson, utc
 from hsmctl.customer.context import TenantContext
 from hsmctl.customer.store import ApplianceState
 from hsmctl.errors import (
@@ -82,19 +81,6 @@ class Options:
     so_pin: Secret | None = None
     co_pin: Secret | None = None
     keep_monitor: bool = False
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _precise_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _time(text: str) -> datetime:
-    """An RFC 3339 UTC time as written here or by the device (``Z``, optional fraction)."""
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 HOSTKEY_ACTIVATION_WAIT = 20.0  # seconds for the data sshd to come back with the new keys
@@ -274,7 +260,7 @@ class Takeover:
         if PasswordState(self.journal["password"]) is PasswordState.ONE_TIME:
             self._admin()  # log in with the one-time password before anything changes
             self.journal["password"] = PasswordState.PENDING.value
-            self.journal["first_login_at"] = self.journal.get("first_login_at") or _now()
+            self.journal["first_login_at"] = self.journal.get("first_login_at") or utc.stamp()
             self._save()
             faults.reached("pending:password", self.conn)
         if PasswordState(self.journal["password"]) is PasswordState.PENDING:
@@ -452,7 +438,7 @@ class Takeover:
                 "appliance": bundle.appliance,
                 "request_id": bundle.request_id,
                 # Before any connection: every admin session of this takeover is later.
-                "started_at": _precise_now(),
+                "started_at": utc.precise(),
                 "password": PasswordState.ONE_TIME.value,
                 "host_keys": {"current": list(bundle.data_host_keys), "staged": []},
                 "done": [],
@@ -560,7 +546,7 @@ def transfer_window(records: Sequence[dict[str, Any]], started_at: str) -> dict[
         ),
         None,
     )
-    started = _time(started_at)
+    started = utc.parse(started_at)
     early = [
         r["seq"]
         for r in records
@@ -568,7 +554,7 @@ def transfer_window(records: Sequence[dict[str, Any]], started_at: str) -> dict[
         and r["actor"] == "admin"
         and r["event"] in ("login", "session-start")
         and r["outcome"] == "ok"
-        and _time(r["time"]) < started
+        and utc.parse(r["time"]) < started
     ]
     return {"provisioned_seq": provisioned, "transfer_seq": transfer, "earlier_sessions": early}
 
@@ -694,7 +680,7 @@ def write_receipt(t: Takeover) -> Path:
         "format": RECEIPT_FORMAT,
         "appliance": t.bundle.appliance,
         "tenant": t.bundle.tenant,
-        "time": _now(),
+        "time": utc.stamp(),
         "bundle_id": t.bundle.bundle_id,
         "request_id": t.bundle.request_id,
         "data_ip": t.bundle.data_ip,
