@@ -9,8 +9,10 @@
     │   └── HostKeyMismatch (3)          a device answered with an unpinned host key
     ├── UnreachableError (4)             unreachable or timed out
     ├── ConflictError (5)                no capacity, quota, busy, wrong state
-    └── CommandFailed (1)                a command (local or on a device) failed; holds
-                                         the result: command, exit status, output tail
+    ├── CommandFailed (1)                a command (local or on a device) failed; holds
+    │                                    the result: command, exit status, output tail
+    └── PartialFailure (3|4|1|5)         a command over several appliances: some failed;
+                                         holds each one's exit code, exits the worst
 
 Lower-level errors (paramiko, socket, PKCS#11, ansible-runner, subprocess) are translated
 at their own boundary with ``raise ... from exc``; only the CLI turns these into an exit.
@@ -18,7 +20,7 @@ at their own boundary with ``raise ... from exc``; only the CLI turns these into
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 
 class HsmctlError(Exception):
@@ -90,3 +92,19 @@ def most_severe(codes: Iterable[int]) -> int:
         if _SEVERITY.get(code, 2) > _SEVERITY.get(worst, -1):
             worst = code
     return worst
+
+
+class PartialFailure(HsmctlError):
+    """Some of the appliances one command covered failed (Fabric's ``GroupException``).
+
+    ``results`` maps each appliance to its exit code (0: it succeeded); the error's own
+    exit code is the most severe of them (SPEC §6), and ``detail`` carries the command's
+    whole report so ``--json`` still prints every appliance's outcome.
+    """
+
+    def __init__(
+        self, message: str, *, results: Mapping[str, int], detail: dict[str, object]
+    ) -> None:
+        super().__init__(message, detail=detail)
+        self.results = dict(results)
+        self.exit_code = most_severe(self.results.values()) or 1

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from hsmctl.cli.output import CliProgress, emit, json_option
-from hsmctl.errors import HsmctlError
+from hsmctl.errors import PartialFailure
 
 
 def _config(ctx: click.Context) -> str | None:
@@ -118,13 +118,12 @@ def collect(
     payload = report.as_dict()
     if report.exit_code:
         bad = [o for o in report.appliances if o.error is not None]
-        err = HsmctlError(
+        raise PartialFailure(
             f"{len(bad)} of {len(report.appliances)} appliance(s) failed: "
             + "; ".join(str(o.error) for o in bad),
+            results={o.appliance: o.exit_code for o in report.appliances},
             detail=payload,
         )
-        err.exit_code = report.exit_code
-        raise err
 
     def text(p: dict[str, Any]) -> str:
         rows = [f"{'ID':<10} {'NEW':>8} {'LAST SEQ':>10}  VERIFIED"]

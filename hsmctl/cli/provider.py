@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from hsmctl.cli.output import CliProgress, emit, json_option
-from hsmctl.errors import HsmctlError
+from hsmctl.errors import PartialFailure
 
 
 def _config(ctx: click.Context) -> str | None:
@@ -77,12 +77,11 @@ def provision(
     payload: dict[str, Any] = {"appliances": items} if count > 1 else (items[0] if items else {})
     if outcome.failures:
         first = next(iter(outcome.failures.values()))
-        err = HsmctlError(
+        raise PartialFailure(
             f"{len(outcome.failures)} appliance(s) failed: {first}",
+            results={k: v.exit_code for k, v in outcome.failures.items()},
             detail={**payload, "failed": {k: str(v) for k, v in outcome.failures.items()}},
         )
-        err.exit_code = outcome.exit_code
-        raise err
     emit(as_json, payload, _provisioned_text)
 
 
@@ -262,13 +261,12 @@ def health(ctx: click.Context, appliance: str | None, all_: bool, as_json: bool)
     payload = report.as_dict()
     if report.exit_code:
         bad = [a for a in report.appliances if a.exit_code]
-        err = HsmctlError(
+        raise PartialFailure(
             f"{len(bad)} appliance(s) unhealthy: "
             + "; ".join(f"{a.appliance}: {', '.join(a.errors) or 'failed'}" for a in bad),
+            results={a.appliance: a.exit_code for a in report.appliances},
             detail=payload,
         )
-        err.exit_code = report.exit_code
-        raise err
 
     def text(p: dict[str, Any]) -> str:
         lines = [f"{'ID':<8} {'REACHABLE':<10} {'OWNER':<15} {'PROVIDER KEY':<13} MONITOR"]
