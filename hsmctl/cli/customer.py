@@ -7,13 +7,7 @@ from typing import Any
 
 import click
 
-from hsmctl.cli.output import CliProgress, emit, json_option
-
-
-def _config(ctx: click.Context) -> str | None:
-    root = ctx.find_root()
-    value: str | None = root.obj.get("config_path") if root.obj else None
-    return value
+from hsmctl.cli.output import CliProgress, config_path, emit, json_option
 
 
 @click.group(invoke_without_command=True)
@@ -95,7 +89,7 @@ def takeover(
         co_pin=read_secret_file(co_pin_file, what="--co-pin-file") if co_pin_file else None,
         keep_monitor=keep_monitor,
     )
-    tctx = open_tenant_context(_config(ctx), identity)
+    tctx = open_tenant_context(config_path(ctx), identity)
     result = run(tctx, opts, CliProgress())
     emit(as_json, result, lambda p: f"{p['appliance']}: {p['state']}; receipt {p['receipt']}")
 
@@ -115,7 +109,7 @@ def takeover_verify(ctx: click.Context, receipt: Path, identity: str | None, as_
     from hsmctl.customer.context import open_tenant_context
     from hsmctl.takeover.workflow import verify_receipt
 
-    tctx = open_tenant_context(_config(ctx), identity)
+    tctx = open_tenant_context(config_path(ctx), identity)
     result = verify_receipt(receipt, tctx.identity)
     emit(as_json, result, lambda p: f"{p['appliance']}: receipt verified ({p['checks']} checks)")
 
@@ -141,7 +135,7 @@ def release(
     from hsmctl.customer.context import open_tenant_context
     from hsmctl.handoff import make_release, write_document
 
-    tctx = open_tenant_context(_config(ctx), identity)
+    tctx = open_tenant_context(config_path(ctx), identity)
     tenant = tctx.tenant
     if tenant is None:
         raise click.UsageError("the tenant configuration does not name its tenant")

@@ -7,15 +7,8 @@ from typing import Any
 
 import click
 
-from hsmctl.cli.output import CliProgress, emit, json_option
+from hsmctl.cli.output import CliProgress, config_path, emit, json_option
 from hsmctl.errors import PartialFailure
-
-
-def _config(ctx: click.Context) -> str | None:
-    root = ctx.find_root()
-    value: str | None = root.obj.get("config_path") if root.obj else None
-    return value
-
 
 _wait_option = click.option(
     "--wait",
@@ -104,7 +97,7 @@ def collect(
 
     if all_ == bool(appliances):
         raise click.UsageError("give --appliance ID (repeatable) or --all")
-    state = state_dir(_config(ctx))
+    state = state_dir(config_path(ctx))
     targets = collected_appliances(state) if all_ else list(appliances)
     options = Options(
         lock_wait=0.0 if wait is None else wait,
@@ -155,7 +148,7 @@ def verify(
     from hsmctl.collect.collector import state_dir, verify_archive
 
     report = verify_archive(
-        state_dir(_config(ctx)),
+        state_dir(config_path(ctx)),
         appliance,
         wait=60.0 if wait is None else wait,
         workers=workers,
@@ -221,7 +214,7 @@ def export(
 
     if as_json and output is None and syslog is None:
         raise click.UsageError("--json prints a summary on stdout: give --output or --syslog")
-    state = state_dir(_config(ctx))
+    state = state_dir(config_path(ctx))
     if not (state / "appliances" / appliance / "pins.json").is_file():
         raise UsageError(f"{appliance}: not taken over from this state directory ({state})")
     archive = Archive(ApplianceState(state, appliance).dir / "archive", appliance)

@@ -113,3 +113,11 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--json", "as_json", is_flag=True, help="Print one JSON object on stdout (for automation)."
     )(f)
+
+
+def config_path(ctx: click.Context) -> str | None:
+    """The ``--config`` given to the top-level command, if any (each subcommand reads it
+    from the root context, so the option works before any subcommand)."""
+    root = ctx.find_root()
+    value: str | None = root.obj.get("config_path") if root.obj else None
+    return value

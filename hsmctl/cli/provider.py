@@ -6,13 +6,8 @@ from typing import Any
 
 import click
 
-from hsmctl.cli.output import CliProgress, emit, json_option
+from hsmctl.cli.output import CliProgress, config_path, emit, json_option
 from hsmctl.errors import PartialFailure
-
-
-def _config(ctx: click.Context) -> str | None:
-    value: str | None = ctx.obj.get("config_path") if ctx.obj else None
-    return value
 
 
 @click.command()
@@ -63,7 +58,7 @@ def provision(
     from hsmctl.provider.provisioning import provision as run
 
     outcome = run(
-        _config(ctx),
+        config_path(ctx),
         tenant=tenant,
         vnet=vnet,
         subnet=subnet,
@@ -115,7 +110,7 @@ def fleet_list(ctx: click.Context, as_json: bool) -> None:
     States: available, provisioning, provisioned, customer-owned, deprovisioning, failed."""
     from hsmctl.provider.context import open_context
 
-    pctx = open_context(_config(ctx))
+    pctx = open_context(config_path(ctx))
     try:
         rows = [_row(a) for a in pctx.store.list_appliances()]
     finally:
@@ -142,7 +137,7 @@ def fleet_show(ctx: click.Context, appliance: str, as_json: bool) -> None:
     from hsmctl.provider.context import open_context
     from hsmctl.state.model import Interface
 
-    pctx = open_context(_config(ctx))
+    pctx = open_context(config_path(ctx))
     try:
         a = pctx.store.get_appliance(appliance)
         alloc = pctx.store.allocation(appliance)
@@ -222,7 +217,7 @@ def deprovision(
     from hsmctl.provider.deprovision import deprovision as run
 
     result = run(
-        _config(ctx),
+        config_path(ctx),
         appliance,
         yes=yes,
         release=release_file,
@@ -257,7 +252,7 @@ def health(ctx: click.Context, appliance: str | None, all_: bool, as_json: bool)
 
     if appliance and all_:
         raise click.UsageError("give an appliance id or --all, not both")
-    report = run(_config(ctx), [appliance] if appliance else None, progress=CliProgress())
+    report = run(config_path(ctx), [appliance] if appliance else None, progress=CliProgress())
     payload = report.as_dict()
     if report.exit_code:
         bad = [a for a in report.appliances if a.exit_code]
