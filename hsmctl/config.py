@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from hsmctl.errors import ConfigError
+from hsmctl.errors import ConfigError, UsageError
 
 DEFAULT_PATH = Path("/etc/hsmctl/hsmctl.yaml")
 ENV_VAR = "HSMCTL_CONFIG"
@@ -118,6 +118,21 @@ def load(explicit: str | None = None) -> Config:
         return Config(source=None)
     raw, lines = _parse(path, _read(path))
     return _build(path, raw, lines)
+
+
+def load_for(explicit: str | None, role: str, hint: str) -> Config:
+    """The configuration of ``role`` (``provider`` or ``tenant``): exit 2 if there is
+    none (``hint`` says where one usually is) or if it is another role's."""
+    config = load(explicit)
+    if config.source is None:
+        raise ConfigError(
+            f"no configuration: pass --config, set HSMCTL_CONFIG or create "
+            f"/etc/hsmctl/hsmctl.yaml ({hint})"
+        )
+    if config.role != role:
+        who = "a tenant's" if role == "tenant" else f"a {role}'s"
+        raise UsageError(f"{config.source} is a {config.role} configuration, not {who}")
+    return config
 
 
 def _read(path: Path) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hsmctl import config as config_mod
 from hsmctl.customer.store import ApplianceState
-from hsmctl.errors import ConfigError, UsageError
+from hsmctl.errors import UsageError
 
 
 @dataclass
@@ -35,15 +35,9 @@ class TenantContext:
 
 def load_tenant_config(config_path: str | None) -> config_mod.Config:
     """The tenant's configuration (exit 2 if there is none or it is another role's)."""
-    config = config_mod.load(config_path)
-    if config.source is None:
-        raise ConfigError(
-            "no configuration: pass --config, set HSMCTL_CONFIG or create "
-            "/etc/hsmctl/hsmctl.yaml (in the lab: run inside the tenant's client namespace)"
-        )
-    if config.role != "tenant":
-        raise UsageError(f"{config.source} is a {config.role} configuration, not a tenant's")
-    return config
+    return config_mod.load_for(
+        config_path, "tenant", "in the lab: run inside the tenant's client namespace"
+    )
 
 
 def open_tenant_context(config_path: str | None, identity: str | None = None) -> TenantContext:

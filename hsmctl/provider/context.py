@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from hsmctl import config as config_mod
-from hsmctl.errors import ConfigError, UsageError
+from hsmctl.errors import ConfigError
 from hsmctl.inventory.load import load_inventory
 from hsmctl.inventory.model import Inventory
 from hsmctl.ssh import DeviceConnection, PinnedHostKeys
@@ -79,12 +79,5 @@ class ProviderContext:
 
 
 def open_context(config_path: str | None) -> ProviderContext:
-    config = config_mod.load(config_path)
-    if config.source is None:
-        raise ConfigError(
-            "no configuration: pass --config, set HSMCTL_CONFIG or create "
-            "/etc/hsmctl/hsmctl.yaml (the lab writes one)"
-        )
-    if config.role != "provider":
-        raise UsageError(f"{config.source} is a {config.role} configuration, not a provider's")
+    config = config_mod.load_for(config_path, "provider", "the lab writes one")
     return ProviderContext(config)
