@@ -118,7 +118,10 @@ def main(argv: list[str] | None = None) -> int:
 def _fail(args: list[str], code: int, message: str, detail: dict[str, Any]) -> None:
     error(message)
     if _wants_json(args):
-        click.echo(json.dumps({"error": {"exit_code": code, "message": message, **detail}}))
+        # The detail never overrides the exit code or the message, and a value JSON cannot
+        # hold is written as text: the error report itself must not fail.
+        body = {**detail, "exit_code": code, "message": message}
+        click.echo(json.dumps({"error": body}, default=str))
 
 
 def run() -> None:

@@ -24,3 +24,14 @@ def test_exits_with_the_most_severe_result(results: dict[str, int], code: int) -
     assert err.exit_code == code == most_severe(results.values())
     assert err.results == results and err.detail == {"appliances": []}
     assert HsmctlError.exit_code == 1  # the class default is untouched
+
+
+def test_the_json_error_report_cannot_fail_or_lie(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    from pathlib import Path
+
+    from hsmctl.cli.main import _fail
+
+    _fail(["x", "--json"], 3, "bad", {"exit_code": 0, "message": "fine", "path": Path("/p")})
+    out = json.loads(capsys.readouterr().out)
+    assert out == {"error": {"exit_code": 3, "message": "bad", "path": "/p"}}
