@@ -7,8 +7,8 @@ changes. Every login runs ``ForceCommand /run/hostile/dispatch``, which sends
 ``audit export --after N`` to the script the test installed with :meth:`Sshd.serve` and
 runs anything else with ``sh -c`` (transport tests send shell commands).
 
-:func:`measured` runs Python code in a child process and reads the child's own peak RSS
-from ``wait4(2)``: the bound is on the process that did the work, measured from outside.
+:func:`measured` runs Python code in a child process and reports the child's own peak
+RSS: the bound is on the process that did the work, not on the test runner.
 """
 
 from __future__ import annotations
@@ -193,17 +193,34 @@ class Measured:
     seconds: float
 
 
+_PEAK = """
+import atexit, os
+
+def _report_peak():
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(os.environ["HSMCTL_TEST_PEAK_FILE"], "w") as out:
+        out.write(peak)
+
+atexit.register(_report_peak)
+"""
+
+
 def measured(code: str, *, timeout: float = 300.0) -> Measured:
     """Run ``code`` in a fresh Python; it prints one JSON object as its last stdout line.
-    Returns that object, the exit status and the child's peak RSS (``ru_maxrss`` of the
-    child alone, from ``wait4``). A child past ``timeout`` is killed and reported."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    Returns that object, the exit status and the child's peak RSS: its ``VmHWM`` at exit,
+    which counts only since the exec (``ru_maxrss`` from ``wait4`` also counts the test
+    runner's image the child was forked from, 100 MiB and more late in a run; it is the
+    fallback for a child that did not exit normally). A child past ``timeout`` is killed."""
+    peak_fd, peak_path = _tempfile("peak")
+    os.close(peak_fd)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HSMCTL_TEST_PEAK_FILE": peak_path}
     with open(os.devnull, "rb") as devnull:
         out_fd, out_path = _tempfile("out")
         err_fd, err_path = _tempfile("err")
         started = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-c", code],
+            [sys.executable, "-c", _PEAK + code],
             stdin=devnull,
             stdout=out_fd,
             stderr=err_fd,
@@ -222,14 +239,16 @@ def measured(code: str, *, timeout: float = 300.0) -> Measured:
     seconds = time.monotonic() - started
     out = Path(out_path).read_text(errors="replace")
     err = Path(err_path).read_text(errors="replace")
-    os.unlink(out_path)
-    os.unlink(err_path)
+    peak_kib = Path(peak_path).read_text().strip()
+    for path in (out_path, err_path, peak_path):
+        os.unlink(path)
+    peak_mib = int(peak_kib) / 1024 if peak_kib else usage.ru_maxrss / 1024
     lines = out.strip().splitlines()
     try:
         result = json.loads(lines[-1]) if lines else {}
     except ValueError:
         result = {"unparsed": lines[-1]}
-    return Measured(proc.returncode, result, err, usage.ru_maxrss / 1024, seconds)
+    return Measured(proc.returncode, result, err, peak_mib, seconds)
 
 
 def _kill(pid: int) -> None:
