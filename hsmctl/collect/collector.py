@@ -14,6 +14,13 @@ archive's cursor and the pins (:func:`plan_resume`, :func:`trust_roots`):
    then the cursor). On any failure the archive goes back to its cursor: nothing
    verified earlier changes.
 
+A device may be hostile, so one run is bounded whatever it sends: in time by
+``Options.timeout`` (the whole run, connection included: the archive lock is never held
+longer, so the next timer run is not locked out) and ``Options.stall_timeout`` (no
+output); in memory and disk by the pipeline's :class:`~.pipeline.Limits` (a record's
+length, what may arrive unsigned) and the SSH transport's own bounds. A breach names the
+appliance and the record: exit 3 for a limit, 4 for time.
+
 Many appliances run in parallel threads (bounded); verification of large logs uses a
 shared pool of worker processes. A failure of one appliance never stops the others; the
 command's exit code is the most severe of theirs (3, 4, 1, 5).
@@ -23,19 +30,39 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from hsmctl.auditlog import GENESIS_HEAD, Head, Violation
 from hsmctl.collect.archive import SEGMENT_BYTES, Archive, Cursor
-from hsmctl.collect.pipeline import ChunkedVerifier, ChunkResult, Halted, TrustState, VerifyPool
+from hsmctl.collect.pipeline import (
+    DEFAULT_LIMITS,
+    ChunkedVerifier,
+    ChunkResult,
+    Halted,
+    Limits,
+    Summary,
+    TrustState,
+    VerifyPool,
+)
 from hsmctl.customer.context import load_tenant_config
 from hsmctl.customer.store import ApplianceState
-from hsmctl.errors import HsmctlError, IntegrityError, UsageError, most_severe
+from hsmctl.errors import (
+    ConflictError,
+    HsmctlError,
+    IntegrityError,
+    UnreachableError,
+    UsageError,
+    most_severe,
+)
 from hsmctl.progress import NullProgress, Progress
+
+if TYPE_CHECKING:
+    from hsmctl.ssh import Timeouts
 
 COLLECTOR_KEY = "audit-collector-key"
 CREDENTIAL_PREFIX = "collector-key_"
@@ -66,7 +93,15 @@ class Options:
     lock_wait: float = 0.0
     """Seconds to wait for a busy archive before exit 5."""
     timeout: float = 3600.0
-    """Limit on one export (a large first collection can take minutes)."""
+    """Limit on one appliance's run, connection and export (a large first collection can
+    take minutes)."""
+    stall_timeout: float = 120.0
+    """An export that sends nothing for this long has stalled (exit 4). The device streams
+    its log file as fast as we read it: a pause of seconds is already unusual."""
+    record_bytes: int = DEFAULT_LIMITS.record_bytes
+    unsigned_records: int | None = DEFAULT_LIMITS.unsigned_records
+    unsigned_bytes: int | None = DEFAULT_LIMITS.unsigned_bytes
+    """What an export may hold: see :class:`~.pipeline.Limits`."""
     connect_timeout: float = 10.0
     parallel: int = 4
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -265,7 +300,8 @@ class Collector:
             target = load_target(self.state, appliance, self.options.key_dir)
             outcome = collect(target, self.options, pool)
         except HsmctlError as exc:
-            self.progress.step(f"{appliance}: {exc}")
+            text = str(exc)
+            self.progress.step(text if text.startswith(f"{appliance}:") else f"{appliance}: {text}")
             return Outcome(appliance, error=exc)
         except Exception as exc:
             err = HsmctlError(f"{appliance}: unexpected {type(exc).__name__}: {exc}")
@@ -295,27 +331,56 @@ def collect(target: Target, options: Options, pool: VerifyPool | None = None) ->
     """Collect one appliance over SSH (steps 1-5 of the module docstring)."""
     from hsmctl.ssh import DeviceConnection, PinnedHostKeys, Timeouts
 
+    deadline = 0.0  # set once the lock is held: the lock is held no longer than the run
+
     def export(after: int, sink: BinaryIO) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UnreachableError(f"{target.data_ip}: no time left ({options.timeout:g} s)")
         conn = DeviceConnection(
             target.data_ip,
             port=target.port,
             username="audit",
             pinned=PinnedHostKeys.of(*target.host_keys),
             key=target.key,
-            timeouts=Timeouts(connect=options.connect_timeout, command=options.timeout),
+            timeouts=_within(
+                Timeouts(connect=options.connect_timeout, idle=options.stall_timeout), left
+            ),
         )
         with conn:
-            conn.run_stream(export_command(after), sink)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UnreachableError(f"{conn.label}: timed out after {options.timeout:g} s")
+            conn.run_stream(export_command(after), sink, timeout=left)
 
     archive = Archive(
         target.state.dir / "archive", target.appliance, segment_bytes=options.segment_bytes
     )
     with archive.lock(exclusive=True, wait=options.lock_wait):
+        deadline = time.monotonic() + options.timeout
         before = archive.recover()
         after = ingest(
-            archive, before, trust_roots(target.audit_keys, target.retired, before), export, pool
+            archive,
+            before,
+            trust_roots(target.audit_keys, target.retired, before),
+            export,
+            pool,
+            limits=Limits(options.record_bytes, options.unsigned_records, options.unsigned_bytes),
         )
     return Outcome(target.appliance, after.seq - before.seq, after.seq, True)
+
+
+def _within(timeouts: Timeouts, left: float) -> Timeouts:
+    """``timeouts`` with every phase ending within ``left`` seconds from now, so the whole
+    run keeps one deadline."""
+    return replace(
+        timeouts,
+        connect=min(timeouts.connect, left),
+        banner=min(timeouts.banner, left),
+        auth=min(timeouts.auth, left),
+        channel=min(timeouts.channel, left),
+        command=left,
+    )
 
 
 def ingest(
@@ -324,9 +389,12 @@ def ingest(
     trust: TrustState,
     stream: Stream,
     pool: VerifyPool | None = None,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Cursor:
     """Pull, verify and archive what follows ``cursor`` (hold the exclusive lock). Returns
-    the new cursor; on any failure the archive is left exactly at ``cursor``."""
+    the new cursor; on any failure the archive is left exactly at ``cursor``, and the
+    error names the appliance and the last record received."""
     resume = plan_resume(cursor)
     appender = archive.begin(cursor)
     try:
@@ -342,7 +410,7 @@ def ingest(
             appender.append(chunk, covered, records)
 
         verifier = ChunkedVerifier(
-            trust, resume.start, anchor=resume.anchor, on_verified=store, pool=pool
+            trust, resume.start, anchor=resume.anchor, on_verified=store, pool=pool, limits=limits
         )
         failure: HsmctlError | None = None
         try:
@@ -355,7 +423,7 @@ def ingest(
         if summary.violations:  # evidence of tampering outranks a dropped link
             raise LogIntegrityError(archive.appliance, summary.violations, cursor)
         if failure is not None:
-            raise failure
+            raise _stopped(archive.appliance, failure, summary, cursor) from failure
         return appender.commit(
             trusted_keys=summary.state.trusted,
             retired_keys=tuple(summary.state.retired),
@@ -364,6 +432,36 @@ def ingest(
     except BaseException:
         appender.abort()
         raise
+
+
+_SAME_CODE: Mapping[int, type[HsmctlError]] = {
+    2: UsageError,
+    3: IntegrityError,
+    4: UnreachableError,
+    5: ConflictError,
+}
+
+
+def _stopped(appliance: str, error: HsmctlError, summary: Summary, cursor: Cursor) -> HsmctlError:
+    """The transport's failure said about the appliance (the transport knows only its
+    address) and the record the export stopped after; same exit code."""
+    got = (
+        f"the export stopped after record {summary.head.seq}"
+        if summary.records
+        else "no record arrived"
+    )
+    wrapped = _SAME_CODE.get(error.exit_code, HsmctlError)(
+        f"{appliance}: {error}; {got}; nothing from this run was archived (the archive "
+        f"still ends at record {cursor.seq})",
+        detail={
+            **error.detail,
+            "appliance": appliance,
+            "last_seq_received": summary.head.seq if summary.records else None,
+            "archive_head": cursor.seq,
+        },
+    )
+    wrapped.exit_code = error.exit_code
+    return wrapped
 
 
 class _Sink:
@@ -423,7 +521,14 @@ def verify_archive(
     try:
         with archive.lock(exclusive=False, wait=wait):
             cursor = archive.cursor()
-            verifier = ChunkedVerifier(trust, GENESIS_HEAD, pool=pool)
+            # An archive holds only signed records, and one collected before the unsigned
+            # bounds existed must not fail by them: only the record length applies.
+            verifier = ChunkedVerifier(
+                trust,
+                GENESIS_HEAD,
+                pool=pool,
+                limits=Limits(unsigned_records=None, unsigned_bytes=None),
+            )
             try:
                 for block in archive.blocks(cursor):
                     verifier.feed(block)

@@ -15,6 +15,13 @@ this process, so a small incremental collection never starts a worker. Results a
 accepted strictly in stream order, and ``on_verified`` sees only accepted chunks: nothing
 reaches the archive before it has been verified.
 
+Bounded whatever the device sends (:class:`Limits`): memory by the chunk size and the
+chunks in flight, a record by :attr:`Limits.record_bytes`, and what may arrive without a
+signature by :attr:`Limits.unsigned_records` / :attr:`Limits.unsigned_bytes` — the
+collector writes verified records to disk before a checkpoint signs them, so without
+that bound a device that never signs could fill the disk. A breach is a violation like
+any other: it names the record, stops the transfer, and nothing of it is kept.
+
 Lifecycle: ``ChunkedVerifier(...)`` → ``feed(bytes)`` as the stream arrives (raises
 :class:`Halted` at the first violation, to stop the transfer) → ``finish(complete)``
 once.
@@ -34,8 +41,33 @@ from hsmctl.auditlog import Head, Violation, ViolationKind, verify_block, verify
 from hsmctl.errors import IntegrityError
 
 CHUNK_BYTES = 4 * 1024 * 1024
-"""Chunk size; also the longest line accepted (a record is a few hundred bytes)."""
+"""Chunk size; also the longest run of bytes without a line end that is held."""
 ROTATION_MARK = b'"event":"key-rotation"'
+RECORD_BYTES = 64 * 1024
+"""The longest line a record may be (see :class:`Limits`)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one export may hold; beyond it the device is misbehaving (exit 3).
+
+    Values from what a device writes: a command line is at most 512 bytes
+    (``appliance.grammar.MAX_LINE_BYTES``) and the largest record, a key rotation, about
+    1.5 KiB, so 64 KiB is forty times any real record. The device signs a checkpoint at
+    least every minute while it logs (``daemon.CHECKPOINT_INTERVAL``), at the end of
+    every session and before every export, and writes each record with an fsync (a few
+    thousand a second at most): 200,000 records or 128 MiB unsigned is more than a
+    minute of the busiest device, and bounds the disk a device that never signs can
+    take. ``None``: no bound (offline verification of an archive, which holds only
+    signed records).
+    """
+
+    record_bytes: int = RECORD_BYTES
+    unsigned_records: int | None = 200_000
+    unsigned_bytes: int | None = 128 * 1024 * 1024
+
+
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -60,11 +92,29 @@ class ChunkResult:
     violations: tuple[Violation, ...]
 
 
-def verify_chunk(data: bytes, state: TrustState, start: Head, anchor: Head | None) -> ChunkResult:
-    """Verify whole lines continuing the chain after ``start`` (runs in worker processes)."""
+def verify_chunk(
+    data: bytes,
+    state: TrustState,
+    start: Head,
+    anchor: Head | None,
+    record_bytes: int = RECORD_BYTES,
+) -> ChunkResult:
+    """Verify whole lines continuing the chain after ``start`` (runs in worker processes).
+    A line longer than ``record_bytes`` is malformed; the lines before it are verified."""
     lines = data.split(b"\n")
     if lines[-1] == b"":
         lines.pop()
+    too_long: Violation | None = None
+    if lines and max(map(len, lines)) > record_bytes:  # one C pass over the lengths
+        at = next(i for i, line in enumerate(lines) if len(line) > record_bytes)
+        too_long = Violation(
+            ViolationKind.MALFORMED,
+            start.seq + at + 1,
+            f"malformed: a line of {len(lines[at])} bytes, longer than a record may be "
+            f"({record_bytes})",
+            at + 1,
+        )
+        lines = lines[:at]
     if anchor is None:
         report = verify_block(
             lines, state.trusted, device=state.device, start=start, retired_keys=state.retired
@@ -78,8 +128,13 @@ def verify_chunk(data: bytes, state: TrustState, start: Head, anchor: Head | Non
             expect_at_least=anchor,
             retired_keys=state.retired,
         )
+    violations = report.violations
+    if too_long is not None and all(v.kind is ViolationKind.TRUNCATED for v in violations):
+        # The lines before it verified (a truncation is only the cut: the long line
+        # stood where the known record should be).
+        violations = (too_long,)
     covered = 0
-    if report.last_checkpoint_seq is not None and not report.violations:
+    if report.last_checkpoint_seq is not None and not violations:
         through = report.last_checkpoint_seq - start.seq
         # The bytes up to the end of line ``through``, counted from the short side.
         total = len(data) if data.endswith(b"\n") else len(data) + 1
@@ -90,7 +145,7 @@ def verify_chunk(data: bytes, state: TrustState, start: Head, anchor: Head | Non
         last_checkpoint_seq=report.last_checkpoint_seq,
         covered=covered,
         state=TrustState(report.trusted_keys, report.retired_keys, report.device),
-        violations=report.violations,
+        violations=violations,
     )
 
 
@@ -104,13 +159,15 @@ class VerifyPool:
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
 
-    def submit(self, data: bytes, state: TrustState, start: Head) -> Future[ChunkResult]:
+    def submit(
+        self, data: bytes, state: TrustState, start: Head, record_bytes: int = RECORD_BYTES
+    ) -> Future[ChunkResult]:
         with self._lock:
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(
                     self.workers, mp_context=multiprocessing.get_context("spawn")
                 )
-            return self._executor.submit(verify_chunk, data, state, start, None)
+            return self._executor.submit(verify_chunk, data, state, start, None, record_bytes)
 
     @property
     def in_flight(self) -> int:
@@ -168,7 +225,10 @@ class ChunkedVerifier:
         on_verified: Callable[[bytes, ChunkResult], None] | None = None,
         pool: VerifyPool | None = None,
         chunk_bytes: int = CHUNK_BYTES,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
+        self._limits = limits
+        self._unsigned_records = self._unsigned_bytes = 0  # after the last signed record
         self._state, self._head = state, start  # after the last accepted chunk
         self._spec_state, self._spec_head = state, start  # after the last dispatched chunk
         self._anchor = anchor
@@ -225,20 +285,24 @@ class ChunkedVerifier:
 
     def finish(self, *, complete: bool = True) -> Summary:
         """End of the stream. ``complete``: the sender finished normally (a trailing line
-        without newline is then checked too); otherwise only whole chunks already
-        received are judged, and nothing is reported about the cut-off rest."""
+        without newline is then checked too); otherwise the whole lines received are
+        judged but not stored (a violation among them outranks the cut, and the head
+        says how far the device got), and nothing is reported about the cut-off rest —
+        not even that it ends before the archived head."""
         try:
             if not self._violations:
                 rest = b"".join(self._pieces)
                 self._pieces, self._held = [], 0
+                whole = rest.rfind(b"\n") + 1
                 if complete and (rest or not self._dispatched):
-                    whole = rest.rfind(b"\n") + 1
                     if whole or not rest:
                         self._dispatch(rest[:whole])
                     if whole < len(rest):
                         # A last line without its newline: judged, never stored (the
                         # device ends every line; this one may be cut short).
                         self._dispatch(rest[whole:], store=False)
+                elif not complete and whole:
+                    self._dispatch(rest[:whole], store=False, cut=True)
                 while self._inflight:
                     self._accept_pending(self._inflight.popleft())
         except Halted:
@@ -258,7 +322,7 @@ class ChunkedVerifier:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _dispatch(self, chunk: bytes, *, store: bool = True) -> None:
+    def _dispatch(self, chunk: bytes, *, store: bool = True, cut: bool = False) -> None:
         first = not self._dispatched
         self._dispatched += 1
         if self._pool is None or first or self._spec_state.device is None or not store:
@@ -266,12 +330,15 @@ class ChunkedVerifier:
                 self._accept_pending(self._inflight.popleft())
             anchor = self._anchor if first else None
             self.stats.inline += 1
-            result = verify_chunk(chunk, self._state, self._head, anchor)
-            self._accept(chunk if store else b"", result)
+            result = verify_chunk(chunk, self._state, self._head, anchor, self._limits.record_bytes)
+            if cut:  # a stream cut short may end anywhere, before the archived head too
+                kept = tuple(v for v in result.violations if v.kind is not ViolationKind.TRUNCATED)
+                result = replace(result, violations=kept)
+            self._accept(chunk, result, store=store)
             self._spec_state, self._spec_head = self._state, self._head
             return
         state, start = self._spec_state, self._spec_head
-        future = self._pool.submit(chunk, state, start)
+        future = self._pool.submit(chunk, state, start, self._limits.record_bytes)
         self._inflight.append(_Pending(chunk, future, state, start))
         self._spec_state, self._spec_head = _speculate(chunk, state, start)
         while len(self._inflight) > self._pool.in_flight:
@@ -287,10 +354,10 @@ class ChunkedVerifier:
                 result = None
         if result is None:  # the speculation was wrong (or the worker failed): redo
             self.stats.redone += 1
-            result = verify_chunk(p.data, self._state, self._head, None)
+            result = verify_chunk(p.data, self._state, self._head, None, self._limits.record_bytes)
         self._accept(p.data, result)
 
-    def _accept(self, chunk: bytes, result: ChunkResult) -> None:
+    def _accept(self, chunk: bytes, result: ChunkResult, *, store: bool = True) -> None:
         # Every line before this chunk was a verified record: line numbers follow.
         offset = self._records
         self._records += result.records
@@ -304,9 +371,36 @@ class ChunkedVerifier:
             )
         if result.last_checkpoint_seq is not None:
             self._last_checkpoint = result.last_checkpoint_seq
+            self._unsigned_records = result.head.seq - result.last_checkpoint_seq
+            self._unsigned_bytes = len(chunk) - result.covered
+        else:
+            self._unsigned_records += result.records
+            self._unsigned_bytes += len(chunk)
+        self._check_unsigned(result.head, offset + result.records)
         self._state, self._head = result.state, result.head
-        if self._on_verified is not None and chunk:
+        if self._on_verified is not None and chunk and store:
             self._on_verified(chunk, result)
+
+    def _check_unsigned(self, head: Head, line: int) -> None:
+        """Stop before storing more than :class:`Limits` allows without a signature."""
+        records, size = self._unsigned_records, self._unsigned_bytes
+        most_records, most_bytes = self._limits.unsigned_records, self._limits.unsigned_bytes
+        if (most_records is None or records <= most_records) and (
+            most_bytes is None or size <= most_bytes
+        ):
+            return
+        self._head = head
+        first = head.seq - records + 1
+        self._fail(
+            Violation(
+                ViolationKind.UNSIGNED_TAIL,
+                first,
+                f"records {first}..{head.seq} ({size} bytes) arrived without a checkpoint, "
+                f"more than a device sends unsigned (limits: {most_records} records, "
+                f"{most_bytes} bytes); none of them was kept",
+                line - records + 1,
+            )
+        )
 
     def _fail(self, *violations: Violation) -> None:
         self._violations = violations
