@@ -261,6 +261,20 @@ def host_key_lines(ident: str, iface: str) -> list[str]:
 # -- config and inventory ---------------------------------------------------------------
 
 
+def _vnets(tenant: TenantPlan) -> list[dict[str, Any]]:
+    """A tenant's networks as the inventory and ``lab status`` both spell them."""
+    return [
+        {
+            "name": v.name,
+            "cidr": str(v.cidr),
+            "subnets": [
+                {"name": s.name, "cidr": str(s.cidr), "delegated": s.delegated} for s in v.subnets
+            ],
+        }
+        for v in tenant.vnets
+    ]
+
+
 def _write_configs(plan: LabPlan, state: dict[str, Any]) -> None:
     provider_dir = LAB_DIR / "provider"
     known = []
@@ -340,17 +354,7 @@ def _inventory(plan: LabPlan) -> str:
                 "identity_public_key": (LAB_DIR / "tenants" / t.name / "identity.pub")
                 .read_text()
                 .strip(),
-                "vnets": [
-                    {
-                        "name": v.name,
-                        "cidr": str(v.cidr),
-                        "subnets": [
-                            {"name": s.name, "cidr": str(s.cidr), "delegated": s.delegated}
-                            for s in v.subnets
-                        ],
-                    }
-                    for v in t.vnets
-                ],
+                "vnets": _vnets(t),
             }
             for t in plan.tenants
         ],
@@ -532,17 +536,7 @@ def status() -> dict[str, Any]:
                 "client_ip": str(t.client_ip),
                 "identity": str(LAB_DIR / "tenants" / t.name / "identity"),
                 "state_dir": str(LAB_DIR / "tenants" / t.name / "state"),
-                "vnets": [
-                    {
-                        "name": v.name,
-                        "cidr": str(v.cidr),
-                        "subnets": [
-                            {"name": s.name, "cidr": str(s.cidr), "delegated": s.delegated}
-                            for s in v.subnets
-                        ],
-                    }
-                    for v in t.vnets
-                ],
+                "vnets": _vnets(t),
             }
             for t in plan.tenants
         ],
