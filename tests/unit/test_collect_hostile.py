@@ -44,7 +44,14 @@ from hsmctl import auditlog
 from hsmctl.auditlog import GENESIS_HEAD, Head
 from hsmctl.collect.archive import Archive
 from hsmctl.collect.collector import Options, Target, collect, ingest, trust_roots
-from hsmctl.collect.pipeline import RECORD_BYTES, ChunkedVerifier, Halted, Limits, TrustState
+from hsmctl.collect.pipeline import (
+    RECORD_BYTES,
+    ChunkedVerifier,
+    Halted,
+    Limits,
+    TrustState,
+    VerifyPool,
+)
 from hsmctl.customer.store import ApplianceState
 from hsmctl.errors import HsmctlError, UnreachableError
 from tests.unit.loopback_sshd import Sshd, measured, needs_root
@@ -242,6 +249,8 @@ class Case:
     """The auditlog verifiers must refuse it too (not only the collector's limits)."""
     needs: str = ""
     """The fix elsewhere this case waits for (it fails until then)."""
+    workers: int = 0
+    """Verification processes (0: in the collecting thread, as small collections are)."""
 
 
 def _endless_unsigned(log: Log, sink: BinaryIO) -> None:
@@ -270,6 +279,26 @@ def _huge_line(log: Log, sink: BinaryIO) -> None:
     for _ in range(256):
         sink.write(piece)
     sink.write(b"\n")
+
+
+def _nested_in_a_pooled_chunk(log: Log, sink: BinaryIO) -> None:
+    """Past the first 4 MiB chunk (verified in this process, it teaches the device's name),
+    chunks go to worker processes, and the collecting thread reads ahead in each one for
+    the key rotations it announces (``pipeline._speculate``): a line claiming to be one,
+    nested 200,000 levels deep, reaches that reader before any verifier."""
+    sink.write(log.lines[HEAD_SEQ - 1])
+    filler = b"".join(log.event(b'{"pad":"' + b"p" * 700 + b'"}') for _ in range(6000))
+    sink.write(filler)  # records 6..6005, about 5 MiB
+    deep = b"[" * 200_000 + b"]" * 200_000
+    line, digest = with_hash(
+        body(log.head.seq + 1, log.head.hash, b'{"x":' + deep + b"}").replace(
+            b'"event":"command"', b'"event":"key-rotation"'
+        )
+    )
+    log.add(line, digest)
+    sink.write(line)
+    for _ in range(10):
+        sink.write(log.event())
 
 
 def _stall(log: Log, sink: BinaryIO) -> None:
@@ -356,6 +385,14 @@ CASES = [
         BAD_SEQ,
         build=signed(lambda log: _nul(_body7(log))),
         needs=FIX_VERIFIER,
+    ),
+    Case(
+        "deep-nesting-in-a-pooled-chunk",
+        HEAD_SEQ + 6001,
+        stream=_nested_in_a_pooled_chunk,
+        format_violation=False,
+        needs="needs the bounded parse in pipeline._speculate (hsmctl/devicejson)",
+        workers=2,
     ),
     # The transport gives up on a device that stalls after the head (exit 4).
     Case("stall-after-the-head", HEAD_SEQ, exit_code=4, stream=_stall, format_violation=False),
@@ -473,9 +510,15 @@ def child_ingest(name: str, where: str) -> None:
     trust = {signer.key_id: signer.public_key_pem}
 
     def run() -> None:
-        with archive.lock(exclusive=True):
-            before = archive.recover()
-            ingest(archive, before, trust_roots(trust, (), before), hostile_export(case, log))
+        pool = VerifyPool(case.workers) if case.workers else None
+        try:
+            with archive.lock(exclusive=True):
+                before = archive.recover()
+                trusted = trust_roots(trust, (), before)
+                ingest(archive, before, trusted, hostile_export(case, log), pool)
+        finally:
+            if pool is not None:
+                pool.close()
 
     _report(run)
 
