@@ -96,6 +96,7 @@ _REFUSALS: list[tuple[re.Pattern[str], str, Callable[[dict[str, str]], str]]] = 
 ]
 
 MAX_OPEN = 256
+MAX_READ = 4 << 20  # bytes of sshd log taken per poll: a login flood is read in turns
 _OPENED = _PATTERNS[0][0]
 _CLOSED = re.compile(
     r"^(?:Connection closed by|Closing connection to|Connection reset by|Received disconnect from"
@@ -206,9 +207,11 @@ class Tailer:
         count = 0
         with open(path, "rb") as fh:
             fh.seek(offset)
-            data = fh.read(size - offset)
+            data = fh.read(min(size - offset, MAX_READ))
         end = data.rfind(b"\n")
         if end < 0:
+            if len(data) == MAX_READ:  # no line is this long: skip it, do not stall
+                self.offsets[iface] = offset + len(data)
             return 0
         connections = self.connections.setdefault(iface, Connections())
         for raw in data[: end + 1].splitlines():

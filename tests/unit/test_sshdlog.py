@@ -236,3 +236,25 @@ def test_tailer_starts_over_on_a_new_file(logs: dict[str, Path]) -> None:
     logs["mgmt"].write_text(LOGINS[4][0] + "\n")  # replaced by a shorter file
     assert t.poll() == 1
     assert seen[-1][1].user == "nosuchuser"
+
+
+def test_tailer_reads_a_flood_in_bounded_turns(
+    logs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A login flood is taken a bounded amount per poll, nothing lost; a line longer
+    than a whole turn (sshd writes none) is skipped rather than stalling the tailer."""
+    monkeypatch.setattr(sshdlog, "MAX_READ", 1024)
+    seen: list[tuple[str, LoginEvent]] = []
+    t = tailer(seen)
+    line = LOGINS[2][0] + "\n"
+    logs["mgmt"].write_text(line * 100)
+    polls = 0
+    while t.poll():
+        polls += 1
+    assert len(seen) == 100 and polls >= len(line) * 100 // 1024
+    with logs["mgmt"].open("a") as fh:
+        fh.write("x" * 5000 + "\n" + line)
+    seen.clear()
+    for _ in range(10):
+        t.poll()
+    assert len(seen) == 1
