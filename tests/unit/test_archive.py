@@ -19,7 +19,7 @@ import zstandard
 
 from hsmctl import auditlog
 from hsmctl.auditlog import GENESIS_HEAD, Head, ViolationKind
-from hsmctl.collect.archive import Archive, ArchiveDamaged, Cursor, compress_segment
+from hsmctl.collect.archive import Appender, Archive, ArchiveDamaged, Cursor, compress_segment
 from hsmctl.collect.collector import (
     LogIntegrityError,
     export_command,
@@ -28,7 +28,14 @@ from hsmctl.collect.collector import (
     trust_roots,
     verify_archive,
 )
-from hsmctl.collect.pipeline import ChunkedVerifier, Halted, TrustState, VerifyPool
+from hsmctl.collect.pipeline import (
+    DEFAULT_LIMITS,
+    ChunkedVerifier,
+    Halted,
+    Limits,
+    TrustState,
+    VerifyPool,
+)
 from hsmctl.errors import ConflictError, IntegrityError, UnreachableError
 
 pytestmark = pytest.mark.unit
@@ -127,12 +134,18 @@ def archived(archive: Archive) -> bytes:
 
 
 def collect(
-    archive: Archive, stream: Callable[..., None], t: TrustState, pool: VerifyPool | None = None
+    archive: Archive,
+    stream: Callable[..., None],
+    t: TrustState,
+    pool: VerifyPool | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Cursor:
     """What ``collect()`` does around the SSH transport."""
     with archive.lock(exclusive=True):
         before = archive.recover()
-        return ingest(archive, before, trust_roots(t.trusted, (), before), stream, pool)
+        return ingest(
+            archive, before, trust_roots(t.trusted, (), before), stream, pool, limits=limits
+        )
 
 
 # -- incremental collection ---------------------------------------------------------------------
@@ -292,11 +305,114 @@ def test_a_dropped_connection_is_4_and_changes_nothing(
 
     def cut(after: int, sink: BinaryIO) -> None:
         sink.write(dev.data(after)[:3000])
-        raise UnreachableError("hsm-test: connection lost")
+        raise UnreachableError("127.0.0.1: connection lost")
 
-    with pytest.raises(UnreachableError):
+    with pytest.raises(UnreachableError) as err:
         collect(archive, cut, trust(key_a))
     assert snapshot(archive.dir) == before
+    # The appliance (the transport knows only an address), where the export stopped,
+    # where the archive ends.
+    assert str(err.value).startswith("hsm-test: 127.0.0.1: connection lost; the export stopped")
+    assert "the archive still ends at record 6" in str(err.value)
+    assert err.value.detail["archive_head"] == 6
+
+
+def test_a_cut_after_a_tampered_record_is_3_not_4(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner
+) -> None:
+    """The whole lines received before the cut are judged: tampering outranks the cut."""
+    dev = Device(key_a)
+    dev.session(4)
+    archive = Archive(tmp_path / "archive", "hsm-test")
+    collect(archive, dev.stream(), trust(key_a))
+    before = snapshot(archive.dir)
+    dev.session(50)
+    dev.lines[9] = _edit(dev.lines[9])  # record 10, well inside the first 3000 bytes
+
+    def cut(after: int, sink: BinaryIO) -> None:
+        sink.write(dev.data(after)[:3000])
+        raise UnreachableError("hsm-test: connection lost")
+
+    with pytest.raises(LogIntegrityError) as err:
+        collect(archive, cut, trust(key_a))
+    assert err.value.violations[0].seq == 10
+    assert snapshot(archive.dir) == before
+
+
+def test_a_cut_before_the_archived_head_is_4_not_a_rollback(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner
+) -> None:
+    """A stream cut short may end before the record the archive ends at: that is the
+    cut, not a truncated log."""
+    dev = Device(key_a)
+    dev.session(4)
+    archive = Archive(tmp_path / "archive", "hsm-test")
+    collect(archive, dev.stream(), trust(key_a))
+    before = snapshot(archive.dir)
+
+    def cut(after: int, sink: BinaryIO) -> None:
+        sink.write(dev.data(after)[:10])  # not even the head's line
+        raise UnreachableError("hsm-test: connection lost")
+
+    with pytest.raises(UnreachableError, match="no record arrived"):
+        collect(archive, cut, trust(key_a))
+    assert snapshot(archive.dir) == before
+
+
+def test_unsigned_records_beyond_the_limit_stop_collection_before_they_are_stored(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner
+) -> None:
+    dev = Device(key_a)
+    dev.session(4)
+    archive = Archive(tmp_path / "archive", "hsm-test")
+    collect(archive, dev.stream(), trust(key_a))
+    before = snapshot(archive.dir)
+    dev.events(300)  # records 7..306, and no checkpoint (the log cannot be written)
+    stored: list[int] = []
+    real_append = Appender.append
+
+    def spy(self: Appender, data: bytes, covered: int = 0, records: int | None = None) -> None:
+        stored.append(data.count(b"\n"))
+        real_append(self, data, covered, records)
+
+    small = Limits(unsigned_records=100, unsigned_bytes=None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Appender, "append", spy)
+        with pytest.raises(LogIntegrityError) as err:
+            collect(archive, dev.stream(checkpoint=False, piece=64), trust(key_a), limits=small)
+    v = err.value.violations[0]
+    assert v.kind is ViolationKind.UNSIGNED_TAIL and v.seq == 7
+    assert "records 7..306" in v.message and "arrived without a checkpoint" in v.message
+    assert snapshot(archive.dir) == before
+    assert stored == []  # judged before anything of it was written
+    # Signed by a checkpoint in the same chunk, the same records are no unsigned tail.
+    assert collect(archive, dev.stream(), trust(key_a), limits=small).seq == len(dev.lines)
+    by_bytes = Limits(unsigned_records=None, unsigned_bytes=10_000)
+    dev.events(300)
+    with pytest.raises(LogIntegrityError) as err:
+        collect(archive, dev.stream(checkpoint=False), trust(key_a), limits=by_bytes)
+    assert err.value.violations[0].kind is ViolationKind.UNSIGNED_TAIL
+
+
+def test_a_record_longer_than_the_limit_is_malformed(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner
+) -> None:
+    dev = Device(key_a)
+    dev.session(4)
+    archive = Archive(tmp_path / "archive", "hsm-test")
+    collect(archive, dev.stream(), trust(key_a))
+    before = snapshot(archive.dir)
+    dev.events(3)
+    dev.events(1, size=5000)  # record 10: a valid record, 5 KB long
+    dev.session(2)
+    small = Limits(record_bytes=4096)
+    with pytest.raises(LogIntegrityError) as err:
+        collect(archive, dev.stream(), trust(key_a), limits=small)
+    v = err.value.violations[0]
+    assert (v.kind, v.seq) == (ViolationKind.MALFORMED, 10)
+    assert "longer than a record may be (4096)" in v.message
+    assert snapshot(archive.dir) == before
+    assert collect(archive, dev.stream(checkpoint=False), trust(key_a)).seq == len(dev.lines)
 
 
 # -- segments, rotation, compression --------------------------------------------------------------
