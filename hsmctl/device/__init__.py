@@ -1,0 +1,43 @@
+"""What the client reads from a device, as facts: a command and a pure parser of its reply.
+
+Every device reply is hostile until parsed here (through :mod:`hsmctl.devicejson`): a
+malformed one, or one that breaks the contract of its fields, is an
+:class:`~hsmctl.errors.IntegrityError` (exit 3) naming the appliance. Workflows run the
+command their own way (a pinned SSH session, the out-of-band console, a step with fault
+points) and hand the output to :meth:`Fact.process`.
+"""
+
+from hsmctl.device.fact import Fact, Fields
+from hsmctl.device.facts import (
+    AUDIT_KEY,
+    HOST_KEYS,
+    HSM_INFO,
+    PROVIDER_ACCESS,
+    ROTATE_AUDIT_KEY,
+    STAGE_HOST_KEYS,
+    AuditKey,
+    AuditKeyRotation,
+    HostKeys,
+    HsmInfo,
+    ProviderAccess,
+    StagedHostKeys,
+    Switch,
+)
+
+__all__ = [
+    "AUDIT_KEY",
+    "HOST_KEYS",
+    "HSM_INFO",
+    "PROVIDER_ACCESS",
+    "ROTATE_AUDIT_KEY",
+    "STAGE_HOST_KEYS",
+    "AuditKey",
+    "AuditKeyRotation",
+    "Fact",
+    "Fields",
+    "HostKeys",
+    "HsmInfo",
+    "ProviderAccess",
+    "StagedHostKeys",
+    "Switch",
+]
