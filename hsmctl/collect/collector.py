@@ -450,9 +450,10 @@ def _stopped(appliance: str, error: HsmctlError, summary: Summary, cursor: Curso
         if summary.records
         else "no record arrived"
     )
+    tail = getattr(error, "output_tail", "")  # a device command's stderr goes last
     wrapped = _SAME_CODE.get(error.exit_code, HsmctlError)(
-        f"{appliance}: {error}; {got}; nothing from this run was archived (the archive "
-        f"still ends at record {cursor.seq})",
+        f"{appliance}: {error.message}; {got}; nothing from this run was archived (the "
+        f"archive still ends at record {cursor.seq})" + (f"\n{tail}" if tail else ""),
         detail={
             **error.detail,
             "appliance": appliance,

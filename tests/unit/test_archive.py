@@ -317,6 +317,29 @@ def test_a_dropped_connection_is_4_and_changes_nothing(
     assert err.value.detail["archive_head"] == 6
 
 
+def test_a_device_command_failure_keeps_its_code_and_its_stderr_last(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner
+) -> None:
+    from hsmctl.ssh import DeviceUnavailable, Result
+
+    dev = Device(key_a)
+    dev.session(4)
+    archive = Archive(tmp_path / "archive", "hsm-test")
+    collect(archive, dev.stream(), trust(key_a))
+
+    def down(after: int, sink: BinaryIO) -> None:
+        raise DeviceUnavailable("127.0.0.1", Result(export_command(after), 69, "", "hsmd: down\n"))
+
+    with pytest.raises(UnreachableError) as err:
+        collect(archive, down, trust(key_a))
+    text = str(err.value)
+    assert err.value.exit_code == 4
+    assert text.startswith("hsm-test: 127.0.0.1: device command 'audit export --after 5'")
+    assert "(exit 69); no record arrived; nothing from this run was archived" in text
+    assert text.endswith("(the archive still ends at record 6)\nhsmd: down")
+    assert err.value.detail["status"] == 69
+
+
 def test_a_cut_after_a_tampered_record_is_3_not_4(
     tmp_path: Path, key_a: auditlog.SoftwareSigner
 ) -> None:
