@@ -33,9 +33,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hsmctl import devicejson
+from hsmctl.contract import OwnerState
+from hsmctl.device import AUDIT_KEY, HOST_KEYS, HSM_INFO, Fact, HsmInfo, Switch
 from hsmctl.errors import ConflictError, HsmctlError, IntegrityError, UsageError
 from hsmctl.handoff import RELEASE_FORMAT, read_document, verify_release
 from hsmctl.progress import NullProgress, Progress
@@ -46,6 +48,7 @@ from hsmctl.state.model import ApplianceState, Interface, Operation, StepStatus
 from hsmctl.state.records import ApplianceRecord, JournalEntry
 
 A = ApplianceState
+T = TypeVar("T")
 # Where a new run may start. `deprovisioning` without an unfinished run in the journal
 # means a run stopped before it journaled its authorisation: authorise again.
 STARTABLE = frozenset({A.PROVISIONED, A.CUSTOMER_OWNED, A.FAILED, A.DEPROVISIONING})
@@ -172,7 +175,7 @@ def fingerprints(lines: Iterable[str]) -> list[str]:
 def zeroization_checks(
     *,
     before: Mapping[str, Any],
-    hsm: Mapping[str, Any],
+    hsm: HsmInfo,
     data_host_keys: Sequence[str],
     audit_key_id: str,
     pinned_data: Iterable[str],
@@ -182,9 +185,9 @@ def zeroization_checks(
     new = set(fingerprints(data_host_keys))
     old = set(before.get("data_host_keys") or ()) | set(pinned_data)
     return {
-        "token_not_initialised": hsm.get("initialised") is False and not hsm.get("objects"),
-        "owner_state_factory": hsm.get("owner_state") == "factory",
-        "monitor_disabled": hsm.get("monitor") == "disabled",
+        "token_not_initialised": not hsm.initialised and not hsm.objects,
+        "owner_state_factory": hsm.owner_state is OwnerState.FACTORY,
+        "monitor_disabled": hsm.monitor is Switch.DISABLED,
         "data_host_keys_new": bool(new) and not (new & old),
         "audit_key_new": bool(audit_key_id) and audit_key_id != before.get("audit_key_id"),
         # The device's own record of the reset names the key it rotated to.
@@ -319,10 +322,8 @@ class _Executor:
     def console(self, line: str) -> str:
         return console_checked(self.oob, self.appliance, line)
 
-    def console_json(self, line: str) -> dict[str, Any]:
-        return devicejson.loads_object(
-            self.console(line), f"console reply to {line!r}", self.appliance
-        )
+    def console_fact(self, fact: Fact[T]) -> T:
+        return fact.process(self.console(fact.command), self.appliance, via="console reply")
 
     def journal(self, step: Step, status: StepStatus, detail: Mapping[str, Any]) -> None:
         self.ctx.store.record_step(
@@ -337,12 +338,9 @@ class _Executor:
     # steps ------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        audit = self.console_json("audit key show")
-        keys = self.console_json("sysconf hostkey show")
-        return {
-            "audit_key_id": audit.get("key_id"),
-            "data_host_keys": fingerprints(keys.get("active_keys") or ()),
-        }
+        audit = self.console_fact(AUDIT_KEY)
+        keys = self.console_fact(HOST_KEYS)
+        return {"audit_key_id": audit.key_id, "data_host_keys": fingerprints(keys.active_keys)}
 
     def zeroize(self) -> dict[str, Any]:
         out = self.console("sysconf factory-reset").strip()
@@ -350,18 +348,18 @@ class _Executor:
 
     def verify(self) -> dict[str, Any]:
         before = self.run.done.get(Step.SNAPSHOT, {})
-        hsm = self.console_json("hsm show")
-        keys = self.console_json("sysconf hostkey show")
-        audit = self.console_json("audit key show")
+        hsm = self.console_fact(HSM_INFO)
+        keys = self.console_fact(HOST_KEYS)
+        audit = self.console_fact(AUDIT_KEY)
         tail = self.console("audit show --last 200").splitlines()
-        active = [str(k) for k in keys.get("active_keys") or ()]
+        active = list(keys.active_keys)
         pinned = [k.fingerprint for k in self.ctx.store.host_keys(self.appliance, Interface.DATA)]
         record = find_reset_record(tail)
         checks = zeroization_checks(
             before=before,
             hsm=hsm,
             data_host_keys=active,
-            audit_key_id=str(audit.get("key_id") or ""),
+            audit_key_id=audit.key_id,
             pinned_data=pinned,
             reset_record=record,
         )
@@ -376,7 +374,7 @@ class _Executor:
         self.ctx.store.pin_host_keys(self.appliance, Interface.DATA, active)
         return {
             "checks": checks,
-            "audit_key_id": audit.get("key_id"),
+            "audit_key_id": audit.key_id,
             "data_host_keys": fingerprints(active),
             "device_record": record,
         }
@@ -386,9 +384,8 @@ class _Executor:
         for _ in range(PROVIDER_LOGIN_ATTEMPTS):
             try:
                 with self.ctx.provider_session(self.appliance) as conn:
-                    reply = conn.run("hsm show").stdout
-                    info = devicejson.loads_object(reply, "reply to 'hsm show'", self.appliance)
-                return bool(info.get("id") == self.appliance)
+                    info = HSM_INFO.on(conn, self.appliance)
+                return info.id == self.appliance
             except HsmctlError as exc:
                 last = exc
                 time.sleep(0.5)

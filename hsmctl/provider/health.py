@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from hsmctl import devicejson
+from hsmctl.contract import OwnerState
+from hsmctl.device import HSM_INFO, Fact, HsmInfo
 from hsmctl.errors import (
     HostKeyMismatch,
     HsmctlError,
@@ -53,7 +54,7 @@ class Login(enum.StrEnum):
 @dataclass(frozen=True)
 class Attempt:
     login: Login
-    info: dict[str, Any] | None = None
+    info: HsmInfo | None = None
     error: str | None = None
     exit_code: int = 0
 
@@ -71,7 +72,7 @@ class Assessment:
 
     appliance: str
     reachable: bool
-    owner_state: str | None
+    owner_state: OwnerState | None
     provider_key_accepted: bool | None
     monitor: str
     state: ApplianceState
@@ -80,11 +81,15 @@ class Assessment:
     errors: tuple[str, ...] = ()
     drift: str | None = None
 
+    @property
+    def owner_name(self) -> str | None:
+        return self.owner_state.value if self.owner_state else None
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "appliance": self.appliance,
             "reachable": self.reachable,
-            "owner_state": self.owner_state,
+            "owner_state": self.owner_name,
             "provider_key_accepted": self.provider_key_accepted,
             "monitor": self.monitor,
             "state": (self.new_state or self.state).value,
@@ -99,8 +104,8 @@ class Assessment:
 # -- probing (I/O) -----------------------------------------------------------------------
 
 
-def attempt(conn: DeviceConnection, command: str | None) -> Attempt:
-    """Log in (and run ``command``); classify how it ended. Never raises HsmctlError."""
+def attempt(conn: DeviceConnection, fact: Fact[HsmInfo] | None, host: str | None = None) -> Attempt:
+    """Log in (and read ``fact``); classify how it ended. Never raises HsmctlError."""
     try:
         conn.connect()
     except HostKeyMismatch as exc:
@@ -115,11 +120,11 @@ def attempt(conn: DeviceConnection, command: str | None) -> Attempt:
     except HsmctlError as exc:
         return Attempt(Login.FAILED, error=exc.message, exit_code=exc.exit_code)
     try:
-        if command is None:
+        if fact is None:
             return Attempt(Login.OK)
-        out = conn.run(command).stdout
+        out = conn.run(fact.command).stdout
         try:
-            info = devicejson.loads_object(out, f"reply to {command!r}")
+            info = fact.process(out, host)
         except IntegrityError as exc:  # the device answers garbage: an integrity verdict
             return Attempt(Login.FAILED, error=exc.message, exit_code=exc.exit_code)
         return Attempt(Login.OK, info=info)
@@ -138,8 +143,8 @@ def _host_key_verified(conn: DeviceConnection) -> bool:
 
 
 def probe(ctx: ProviderContext, appliance: str) -> Probe:
-    monitor = attempt(ctx.monitor_session(appliance), "hsm show")
-    provider = attempt(ctx.provider_session(appliance), "hsm show")
+    monitor = attempt(ctx.monitor_session(appliance), HSM_INFO, appliance)
+    provider = attempt(ctx.provider_session(appliance), HSM_INFO, appliance)
     return Probe(appliance, monitor, provider)
 
 
@@ -156,20 +161,16 @@ def assess(p: Probe, state: ApplianceState) -> Assessment:
         accepted = False
     else:
         accepted = None
-    owner: str | None = None
-    for a in (m, v):
-        if a.login is Login.OK and a.info and isinstance(a.info.get("owner_state"), str):
-            owner = a.info["owner_state"]
-            break
+    owner = next((a.info.owner_state for a in (m, v) if a.login is Login.OK and a.info), None)
     if owner is None and accepted is False:
         # Only a customer locks the provider out (first password change, or revoke).
-        owner = "customer-owned"
+        owner = OwnerState.CUSTOMER_OWNED
     new_state = None
     drift = None
-    if owner == "customer-owned" and state == ApplianceState.PROVISIONED:
+    if owner is OwnerState.CUSTOMER_OWNED and state == ApplianceState.PROVISIONED:
         new_state = ApplianceState.CUSTOMER_OWNED
     elif owner is not None and not _consistent(owner, state):
-        drift = f"the store says {state.value}, the device says {owner}"
+        drift = f"the store says {state.value}, the device says {owner.value}"
     codes = [a.exit_code for a in (m, v)]
     errors = tuple(
         f"{who}: {a.error}"
@@ -190,14 +191,14 @@ def assess(p: Probe, state: ApplianceState) -> Assessment:
     )
 
 
-def _consistent(owner: str, state: ApplianceState) -> bool:
-    S = ApplianceState
+def _consistent(owner: OwnerState, state: ApplianceState) -> bool:
+    S, Own = ApplianceState, OwnerState
     expected = {
-        "factory": {S.AVAILABLE, S.PROVISIONING, S.FAILED, S.DEPROVISIONING},
-        "provisioned": {S.PROVISIONING, S.PROVISIONED, S.FAILED, S.DEPROVISIONING},
-        "customer-owned": {S.CUSTOMER_OWNED, S.FAILED, S.DEPROVISIONING},
+        Own.FACTORY: {S.AVAILABLE, S.PROVISIONING, S.FAILED, S.DEPROVISIONING},
+        Own.PROVISIONED: {S.PROVISIONING, S.PROVISIONED, S.FAILED, S.DEPROVISIONING},
+        Own.CUSTOMER_OWNED: {S.CUSTOMER_OWNED, S.FAILED, S.DEPROVISIONING},
     }
-    return state in expected.get(owner, {state})
+    return state in expected[owner]
 
 
 # -- the command -------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def health(
                     detail=a.as_dict(),
                 )
             progress.step(
-                f"{a.appliance}: reachable={a.reachable} owner={a.owner_state} "
+                f"{a.appliance}: reachable={a.reachable} owner={a.owner_name} "
                 f"provider_key={a.provider_key_accepted} monitor={a.monitor}"
             )
             report.append(a)

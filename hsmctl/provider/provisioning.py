@@ -19,7 +19,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from hsmctl import devicejson
+from hsmctl import contract
+from hsmctl.contract import OwnerState
+from hsmctl.device import AUDIT_KEY, HOST_KEYS, HSM_INFO
 from hsmctl.errors import ConflictError, HsmctlError, UsageError, most_severe
 from hsmctl.handoff import make_bundle, write_bundle
 from hsmctl.inventory.load import check_placement
@@ -37,7 +39,7 @@ from hsmctl.state.model import (
 )
 from hsmctl.state.records import Allocation
 
-OTP_VALIDITY = timedelta(hours=72)
+OTP_VALIDITY = timedelta(hours=contract.OTP_VALID_HOURS)
 
 
 class Step(enum.StrEnum):
@@ -85,14 +87,12 @@ def handoff_path(ctx: ProviderContext, alloc: Allocation) -> Path:
 
 def step_verify(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
     with ctx.provider_session(alloc.appliance) as conn:
-        info = devicejson.loads_object(
-            conn.run("hsm show").stdout, "reply to 'hsm show'", alloc.appliance
-        )
-    if info.get("id") != alloc.appliance:
-        raise ConflictError(f"{alloc.appliance}: the device says it is {info.get('id')!r}")
-    if info.get("owner_state") == "customer-owned":
+        info = HSM_INFO.on(conn, alloc.appliance)
+    if info.id != alloc.appliance:
+        raise ConflictError(f"{alloc.appliance}: the device says it is {info.id!r}")
+    if info.owner_state is OwnerState.CUSTOMER_OWNED:
         raise ConflictError(f"{alloc.appliance} is customer-owned; it must be deprovisioned")
-    return {"changed": False, "owner_state": info.get("owner_state")}
+    return {"changed": False, "owner_state": info.owner_state.value}
 
 
 def step_attach(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
@@ -129,24 +129,19 @@ def step_handoff(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[s
     tenant_key = tenant.identity_public_key.line
     otp = generate_password()
     with ctx.provider_session(alloc.appliance) as conn:
-        conn.run("user otp set --expires-hours 72", [tenant_key, otp])
-        host = alloc.appliance
-        hostkeys = devicejson.loads_object(
-            conn.run("sysconf hostkey show").stdout, "reply to 'sysconf hostkey show'", host
-        )
-        audit = devicejson.loads_object(
-            conn.run("audit key show").stdout, "reply to 'audit key show'", host
-        )
-        info = devicejson.loads_object(conn.run("hsm show").stdout, "reply to 'hsm show'", host)
-    data_keys = list(hostkeys["active_keys"])
+        conn.run(f"user otp set --expires-hours {contract.OTP_VALID_HOURS}", [tenant_key, otp])
+        hostkeys = HOST_KEYS.on(conn, alloc.appliance)
+        audit = AUDIT_KEY.on(conn, alloc.appliance)
+        info = HSM_INFO.on(conn, alloc.appliance)
+    data_keys = list(hostkeys.active_keys)
     ctx.store.pin_host_keys(alloc.appliance, Interface.DATA, data_keys)
     bundle = make_bundle(
         appliance=alloc.appliance,
-        serial=str(info.get("serial") or alloc.appliance),
+        serial=info.serial or alloc.appliance,
         tenant=alloc.tenant,
         data_ip=alloc.ip,
         data_host_keys=data_keys,
-        audit_public_key=audit["initial_public_key"],
+        audit_public_key=audit.initial_public_key,
         request_id=alloc.request_id,
         otp=otp,
         tenant_public_key_line=tenant_key,

@@ -17,6 +17,7 @@ from hsmctl.auditlog import Head, ViolationKind
 from hsmctl.collect.archive import Archive
 from hsmctl.collect.collector import LogIntegrityError, ingest, trust_roots
 from hsmctl.collect.pipeline import TrustState
+from hsmctl.device import HSM_INFO
 from hsmctl.errors import IntegrityError
 from hsmctl.handoff import make_release, write_document
 from hsmctl.handoff.signed import parse_document
@@ -136,7 +137,7 @@ class Conn:
 
 
 def test_health_reports_a_garbage_reply_as_exit_3() -> None:
-    attempt = health.attempt(Conn(DEEP), "hsm show")  # type: ignore[arg-type]
+    attempt = health.attempt(Conn(DEEP), HSM_INFO)  # type: ignore[arg-type]
     assert attempt.login is health.Login.FAILED and attempt.exit_code == 3
     assert "reply to 'hsm show': not valid JSON (nested" in (attempt.error or "")
 
@@ -173,12 +174,12 @@ def test_a_signed_document_that_is_too_deep_is_tampering() -> None:
 
 
 class HostileConsole:
-    """The out-of-band console of a device that answers ``hsm show`` with 200k '['."""
+    """The out-of-band console of a device that answers every command with 200k '['."""
 
     def run(self, appliance: str, line: str, stdin: bytes | None = None) -> Any:
         from hsmctl.provider.drivers import ConsoleResult
 
-        return ConsoleResult(0, DEEP if line == "hsm show" else "{}", "")
+        return ConsoleResult(0, DEEP, "")
 
 
 def test_deprovision_exits_3_on_a_garbage_console_reply(
@@ -198,7 +199,7 @@ def test_deprovision_exits_3_on_a_garbage_console_reply(
     code = main([*argv, "--release", str(release)])
     err = capsys.readouterr().err
     assert code == 3, err
-    assert "unit01: console reply to 'hsm show': not valid JSON (nested" in err
+    assert "unit01: console reply to 'audit key show': not valid JSON (nested" in err
     assert "unexpected" not in err
 
 

@@ -11,6 +11,7 @@ and health.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,8 @@ import pytest
 import yaml
 
 from hsmctl.cli.main import main
+from hsmctl.contract import OwnerState
+from hsmctl.device import HsmInfo, Switch
 from hsmctl.handoff import make_release, write_document
 from hsmctl.inventory import check_placement, load_inventory
 from hsmctl.provider import deprovision as dep
@@ -436,7 +439,7 @@ def test_reset_record_and_checks() -> None:
     record = dep.find_reset_record(tail)
     assert record is not None and record["seq"] == 9 and record["new_audit_key_id"] == "k2"
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAj8cS8Flrb58gO9RO5hbk+jX3YFgjMFekG4fkhx/Xe9"
-    hsm = {"initialised": False, "objects": 0, "owner_state": "factory", "monitor": "disabled"}
+    hsm = _info(OwnerState.FACTORY, monitor=Switch.DISABLED)
     checks = dep.zeroization_checks(
         before={"audit_key_id": "k1", "data_host_keys": ["SHA256:old"]},
         hsm=hsm,
@@ -448,7 +451,7 @@ def test_reset_record_and_checks() -> None:
     assert all(checks.values()), checks
     stale = dep.zeroization_checks(
         before={"audit_key_id": "k2", "data_host_keys": dep.fingerprints([key])},
-        hsm={**hsm, "initialised": True},
+        hsm=dataclasses.replace(hsm, initialised=True),
         data_host_keys=[key],
         audit_key_id="k2",
         pinned_data=[],
@@ -465,6 +468,20 @@ def test_reset_record_and_checks() -> None:
 L = hl.Login
 
 
+def _info(owner: OwnerState, monitor: Switch = Switch.ENABLED) -> HsmInfo:
+    """``hsm show`` as the firmware answers it (tests/unit/data/device/hsm-show.json)."""
+    return HsmInfo(
+        id="a1",
+        model="hsmctl-softhsm2",
+        firmware="7.8.4-hsmctl",
+        initialised=False,
+        owner_state=owner,
+        provider_access=owner is not OwnerState.CUSTOMER_OWNED,
+        monitor=monitor,
+        objects=0,
+    )
+
+
 @pytest.mark.parametrize(
     ("monitor", "provider", "state", "expect"),
     [
@@ -473,21 +490,21 @@ L = hl.Login
             hl.Attempt(L.REFUSED),
             hl.Attempt(L.REFUSED),
             ApplianceState.PROVISIONED,
-            (True, "customer-owned", False, ApplianceState.CUSTOMER_OWNED, 0),
+            (True, OwnerState.CUSTOMER_OWNED, False, ApplianceState.CUSTOMER_OWNED, 0),
         ),
         # provisioned, monitor answering
         (
-            hl.Attempt(L.OK, {"owner_state": "provisioned"}),
-            hl.Attempt(L.OK, {"owner_state": "provisioned"}),
+            hl.Attempt(L.OK, _info(OwnerState.PROVISIONED)),
+            hl.Attempt(L.OK, _info(OwnerState.PROVISIONED)),
             ApplianceState.PROVISIONED,
-            (True, "provisioned", True, None, 0),
+            (True, OwnerState.PROVISIONED, True, None, 0),
         ),
         # kept monitor, device says customer-owned
         (
-            hl.Attempt(L.OK, {"owner_state": "customer-owned"}),
+            hl.Attempt(L.OK, _info(OwnerState.CUSTOMER_OWNED)),
             hl.Attempt(L.REFUSED),
             ApplianceState.PROVISIONED,
-            (True, "customer-owned", False, ApplianceState.CUSTOMER_OWNED, 0),
+            (True, OwnerState.CUSTOMER_OWNED, False, ApplianceState.CUSTOMER_OWNED, 0),
         ),
         (
             hl.Attempt(L.UNREACHABLE, exit_code=4),
@@ -525,7 +542,7 @@ def test_health_exit_code_is_the_most_severe(tmp_path: Path) -> None:
 
     def prober(ctx: Any, appliance: str) -> hl.Probe:
         m, p = outcomes[appliance]
-        info = {"owner_state": "factory"}
+        info = _info(OwnerState.FACTORY)
         code = 4 if m is L.UNREACHABLE else 0
         return hl.Probe(
             appliance,
@@ -545,6 +562,14 @@ def test_health_exit_code_is_the_most_severe(tmp_path: Path) -> None:
 
 
 # -- deprovisioning's journal: a failed step, then a resume that needs no new authority -----
+
+
+def _recorded(command: str, state: str = "") -> dict[str, Any]:
+    """A reply recorded from the firmware (tests/unit/data/device/)."""
+    name = command.replace(" ", "-") + (f".{state}" if state else "") + ".json"
+    case = json.loads((Path(__file__).parent / "data" / "device" / name).read_text())
+    reply: dict[str, Any] = json.loads(case["output"])
+    return reply
 
 
 class FakeConsole:
@@ -576,16 +601,13 @@ class FakeConsole:
             if self.fail_next_hsm_show:
                 self.fail_next_hsm_show = False
                 return ConsoleResult(1, "", "console: no answer")
-            out = {
-                "initialised": not self.reset,
-                "objects": 0,
-                "owner_state": "factory" if self.reset else "customer-owned",
-                "monitor": "disabled",
-            }
+            out = _recorded("hsm show", "customer-owned") | {"id": appliance}
+            if self.reset:
+                out = _recorded("hsm show") | {"id": appliance, "audit_key_id": f"k{n}"}
         elif line == "audit key show":
-            out = {"key_id": f"k{n}"}
+            out = _recorded("audit key show") | {"key_id": f"k{n}"}
         elif line == "sysconf hostkey show":
-            out = {"active_keys": [self.keys[n]]}
+            out = _recorded("sysconf hostkey show") | {"active_keys": [self.keys[n]]}
         elif line.startswith("audit show"):
             rec = {
                 "seq": 7,
