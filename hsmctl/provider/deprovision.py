@@ -35,7 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hsmctl import devicejson
+from hsmctl import devicejson, steps
 from hsmctl.contract import OwnerState
 from hsmctl.device import AUDIT_KEY, HOST_KEYS, HSM_INFO, Fact, HsmInfo, Switch
 from hsmctl.errors import ConflictError, HsmctlError, IntegrityError, UsageError
@@ -43,6 +43,7 @@ from hsmctl.handoff import RELEASE_FORMAT, read_document, verify_release
 from hsmctl.progress import NullProgress, Progress
 from hsmctl.provider.context import ProviderContext, open_context
 from hsmctl.provider.drivers import console_checked, fabric_for, out_of_band_for
+from hsmctl.provider.journal import StoreJournal
 from hsmctl.ssh import PublicKey
 from hsmctl.state.model import ApplianceState, Interface, Operation, StepStatus
 from hsmctl.state.records import ApplianceRecord, JournalEntry
@@ -310,6 +311,9 @@ def authorize(
 
 
 class _Executor:
+    """The steps' I/O for one run; :func:`hsmctl.steps.run` runs them and journals each
+    in the state store under the run's id."""
+
     def __init__(self, ctx: ProviderContext, appliance: str, run: Run, progress: Progress):
         self.ctx = ctx
         self.appliance = appliance
@@ -317,23 +321,20 @@ class _Executor:
         self.progress = progress
         self.oob = out_of_band_for(ctx.config.out_of_band)
         alloc = ctx.store.allocation(appliance)
-        self.request_id = alloc.request_id if alloc is not None else None
+        self.journal: StoreJournal[Step] = StoreJournal(
+            ctx.store,
+            Operation.DEPROVISION,
+            appliance=appliance,
+            request_id=alloc.request_id if alloc is not None else None,
+            context={"run": run.run_id},
+            done=run.done,
+        )
 
     def console(self, line: str) -> str:
         return console_checked(self.oob, self.appliance, line)
 
     def console_fact(self, fact: Fact[T]) -> T:
         return fact.process(self.console(fact.command), self.appliance, via="console reply")
-
-    def journal(self, step: Step, status: StepStatus, detail: Mapping[str, Any]) -> None:
-        self.ctx.store.record_step(
-            Operation.DEPROVISION,
-            step.value,
-            status,
-            appliance=self.appliance,
-            request_id=self.request_id,
-            detail={"run": self.run.run_id, **detail},
-        )
 
     # steps ------------------------------------------------------------------------------
 
@@ -420,6 +421,12 @@ class _Executor:
 
     # driver -----------------------------------------------------------------------------
 
+    def _failed(self, step: Step, exc: HsmctlError) -> None:
+        reason = f"{FAILURE_PREFIX}: {step.value}: {exc.message}"
+        current = self.ctx.store.get_appliance(self.appliance).state
+        if current in (A.DEPROVISIONING, A.FAILED):
+            self.ctx.store.set_state(self.appliance, A.FAILED, reason=reason)
+
     def execute(self) -> None:
         actions = {
             Step.SNAPSHOT: self.snapshot,
@@ -429,23 +436,14 @@ class _Executor:
             Step.ZEROIZATION: self.zeroization,
             Step.RELEASE: self.release,
         }
-        for step in pending(self.run):
-            self.progress.step(f"{self.appliance}: {step.value}")
-            self.journal(step, StepStatus.STARTED, {})
-            try:
-                detail = actions[step]()
-            except HsmctlError as exc:
-                self.journal(
-                    step, StepStatus.FAILED, {"error": exc.message, "exit_code": exc.exit_code}
-                )
-                reason = f"{FAILURE_PREFIX}: {step.value}: {exc.message}"
-                current = self.ctx.store.get_appliance(self.appliance).state
-                if current in (A.DEPROVISIONING, A.FAILED):
-                    self.ctx.store.set_state(self.appliance, A.FAILED, reason=reason)
-                raise
-            self.journal(step, StepStatus.OK, detail)
-            self.run.done[step] = detail
-        self.journal(Step.DONE, StepStatus.OK, {})
+        steps.run(
+            {step: actions[step] for step in STEPS},
+            self.journal,
+            subject=self.appliance,
+            progress=self.progress,
+            hooks=steps.Hooks(failed=self._failed),
+        )
+        self.journal.record(Step.DONE, StepStatus.OK, {})
 
 
 def deprovision(
@@ -492,7 +490,7 @@ def deprovision(
             auth = authorize(ctx, record, release=release, force=force, reason=reason)
             ctx.store.set_state(appliance, A.DEPROVISIONING, expect={record.state})
             run = Run(f"deprov-{uuid.uuid4()}", auth.as_detail())
-            _Executor(ctx, appliance, run, progress).journal(
+            _Executor(ctx, appliance, run, progress).journal.record(
                 Step.AUTHORIZE,
                 StepStatus.OK,
                 {

@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from hsmctl import contract
+from hsmctl import contract, steps
 from hsmctl.contract import OwnerState
 from hsmctl.device import AUDIT_KEY, HOST_KEYS, HSM_INFO
 from hsmctl.errors import ConflictError, HsmctlError, UsageError, most_severe
@@ -28,6 +28,7 @@ from hsmctl.inventory.load import check_placement
 from hsmctl.progress import NullProgress, Progress
 from hsmctl.provider.context import ProviderContext, open_context
 from hsmctl.provider.drivers import fabric_for
+from hsmctl.provider.journal import StoreJournal
 from hsmctl.runner import adapter
 from hsmctl.secret import generate_password
 from hsmctl.state.model import (
@@ -35,7 +36,6 @@ from hsmctl.state.model import (
     Interface,
     Operation,
     RequestStatus,
-    StepStatus,
 )
 from hsmctl.state.records import Allocation
 
@@ -171,34 +171,18 @@ def run_step(
     try:
         alloc = _allocation(ctx, appliance, request_id)
         which = Step(step)
-        ctx.store.record_step(
+        # Ansible runs one task at a time, so a plan of one step, never skipped: every
+        # step is idempotent and redone on a rerun. The host keys go to the pins, not to
+        # the journal.
+        journal: StoreJournal[Step] = StoreJournal(
+            ctx.store,
             Operation.PROVISION,
-            which.value,
-            StepStatus.STARTED,
             appliance=appliance,
             request_id=request_id,
+            unjournaled=("data_host_keys",),
         )
-        try:
-            result = _STEPS[which](ctx, alloc, check)
-        except HsmctlError as exc:
-            ctx.store.record_step(
-                Operation.PROVISION,
-                which.value,
-                StepStatus.FAILED,
-                appliance=appliance,
-                request_id=request_id,
-                detail={"error": exc.message, "exit_code": exc.exit_code},
-            )
-            raise
-        ctx.store.record_step(
-            Operation.PROVISION,
-            which.value,
-            StepStatus.OK,
-            appliance=appliance,
-            request_id=request_id,
-            detail={k: v for k, v in result.items() if k != "data_host_keys"},
-        )
-        return result
+        plan = {which: lambda: _STEPS[which](ctx, alloc, check)}
+        return dict(steps.run(plan, journal, subject=appliance)[which])
     finally:
         os.close(lock)
         ctx.close()
