@@ -24,7 +24,7 @@ import datetime
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,6 @@ class Config:
     database_url: str | None = None
     fabric: str = "lab"
     out_of_band: str = "lab"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def require(self, name: str) -> Any:
         value = getattr(self, name)
