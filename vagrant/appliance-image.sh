@@ -11,7 +11,10 @@
 #
 # Usage: appliance-image.sh [--firmware DIR]
 #   --firmware DIR  copy the device side of hsmctl (the hsmctl/ package) from DIR into
-#                   /opt/hsmctl/lib; the lab bind-mounts it at boot instead.
+#                   /opt/hsmctl/lib and build its key-policy PKCS#11 module there (a
+#                   compiler is installed for that and removed again); the lab
+#                   bind-mounts a firmware snapshot at boot instead, with the module
+#                   built on the host by `hsmctl lab up` (hsmctl/lab/lab.py).
 set -euo pipefail
 
 firmware=""
@@ -50,7 +53,7 @@ install -d -m 0755 /etc/ssh/mgmt /etc/ssh/data
 
 # Restricted shell, daemon and boot entry points. -I: no PYTHON* variables, no user site.
 for entry in hsmsh:hsmctl.appliance.shell hsmd:hsmctl.appliance.daemon \
-             hsm-boot:hsmctl.appliance.boot; do
+             hsm-boot:hsmctl.appliance.boot hsm-p11:hsmctl.appliance.p11entry; do
   name=${entry%%:*}
   module=${entry#*:}
   cat > "/usr/local/sbin/$name" <<PY
@@ -62,12 +65,23 @@ sys.exit(main())
 PY
   chmod 0755 "/usr/local/sbin/$name"
 done
-grep -qx /usr/local/sbin/hsmsh /etc/shells || echo /usr/local/sbin/hsmsh >> /etc/shells
+for shell in hsmsh hsm-p11; do
+  grep -qx "/usr/local/sbin/$shell" /etc/shells || echo "/usr/local/sbin/$shell" >> /etc/shells
+done
 
 if [[ -n "$firmware" ]]; then
   rm -rf /opt/hsmctl/lib/hsmctl
   cp -r "$firmware" /opt/hsmctl/lib/hsmctl
   find /opt/hsmctl/lib -name __pycache__ -prune -exec rm -rf {} +
+  p11=/opt/hsmctl/lib/hsmctl/appliance/p11
+  if [[ -f "$p11/policy.c" && ! -f "$p11/hsm-policy.so" ]]; then
+    # Only for the build: an appliance carries no compiler.
+    build_deps=(gcc libc6-dev libp11-kit-dev)
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${build_deps[@]}" >/dev/null
+    bash "$p11/build.sh" "$p11/hsm-policy.so"
+    apt-get purge -y -qq --auto-remove "${build_deps[@]}" >/dev/null
+  fi
 fi
 
 # Accounts. '*' = no password can match; expired = locked even for keys (pam_unix
@@ -86,6 +100,9 @@ usermod --expiredate 1 audit
 usermod --expiredate 1 admin
 usermod --expiredate '' provider
 passwd -l root >/dev/null
+# Application clients (p11-NAME, made by `client register`) share this group: the data
+# sshd forces it onto the PKCS#11 entry, the management sshd refuses it.
+getent group hsm-p11 >/dev/null || groupadd --system hsm-p11
 
 # SoftHSM: tokens belong to root (the device daemon); sessions never open them.
 cat > /etc/softhsm/softhsm2.conf <<'CONF'
@@ -147,6 +164,7 @@ HostKey /etc/ssh/mgmt/ssh_host_ed25519_key
 HostKey /etc/ssh/mgmt/ssh_host_ecdsa_key
 PidFile /run/hsm/sshd-mgmt.pid
 AllowUsers provider monitor
+DenyGroups hsm-p11
 PasswordAuthentication no
 AuthenticationMethods publickey
 SetEnv HSM_INTERFACE=mgmt
@@ -154,19 +172,31 @@ CONF
 } > /etc/hsm/sshd_mgmt_config
 
 {
-  echo "# Data interface (tenant network): admin (key and password, always) and audit (key)."
+  echo "# Data interface (tenant network): admin (key and password, always), audit (key),"
+  echo "# application clients p11-NAME (key; the PKCS#11 service and nothing else)."
   common_sshd
   cat <<'CONF'
 HostKey /etc/ssh/data/ssh_host_ed25519_key
 HostKey /etc/ssh/data/ssh_host_ecdsa_key
 PidFile /run/hsm/sshd-data.pid
-AllowUsers admin audit
+AllowUsers admin audit p11-*
 PasswordAuthentication yes
 PermitEmptyPasswords no
 AuthenticationMethods publickey
 SetEnv HSM_INTERFACE=data
 Match User admin
     AuthenticationMethods publickey,password
+Match Group hsm-p11
+    AuthenticationMethods publickey
+    PasswordAuthentication no
+    ForceCommand /usr/local/sbin/hsm-p11
+    PermitTTY no
+    DisableForwarding yes
+    AllowTcpForwarding no
+    AllowStreamLocalForwarding no
+    AllowAgentForwarding no
+    X11Forwarding no
+    PermitTunnel no
 CONF
 } > /etc/hsm/sshd_data_config
 chmod 0644 /etc/hsm/sshd_mgmt_config /etc/hsm/sshd_data_config

@@ -8,6 +8,7 @@ never appears in a process's arguments.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -54,6 +55,67 @@ def check_public_key(line: str) -> str:
     if proc.returncode != 0:
         raise AccountError("the public key does not parse")
     return proc.stdout.split()[1]
+
+
+def check_client_key(line: str) -> tuple[str, str]:
+    """An application's key: Ed25519, ECDSA or RSA of at least 2048 bits. Returns
+    (fingerprint, "TYPE BITS")."""
+    line = line.strip()
+    fingerprint = check_public_key(line)
+    proc = subprocess.run(
+        ["ssh-keygen", "-l", "-f", "-"],
+        input=line + "\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    fields = proc.stdout.split()
+    bits, kind = int(fields[0]), fields[-1].strip("()")
+    if kind not in ("ED25519", "ECDSA", "RSA"):
+        raise AccountError(f"a client key must be Ed25519, ECDSA or RSA, not {kind}")
+    if kind == "RSA" and bits < 2048:
+        raise AccountError(f"an RSA client key must have at least 2048 bits, not {bits}")
+    return fingerprint, f"{kind} {bits}"
+
+
+def client_account(name: str) -> str:
+    """The Unix account of client ``name``: prefixed, so no client is named like a device
+    account (``admin``) or a system one (``root``)."""
+    return paths.CLIENT_PREFIX + name
+
+
+def create_client(name: str, key_line: str) -> None:
+    """The client's account (no password, login shell the PKCS#11 entry, in the group
+    the data sshd forces onto it) and its key, restricted in authorized_keys as well."""
+    user = client_account(name)
+    home = paths.CLIENT_HOMES / user
+    if subprocess.run(["id", user], capture_output=True, check=False).returncode != 0:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--home-dir", str(home),
+             "--shell", paths.CLIENT_ENTRY, "--gid", paths.CLIENT_GROUP, "--no-user-group",
+             "--password", "*", user],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o755)  # noqa: S103 - sshd changes into it as the client; it holds nothing
+    entry = paths.CLIENT_ENTRY
+    set_authorized_key(user, f'restrict,command="{entry}" {key_line.strip()}')
+
+
+def delete_client(name: str) -> int:
+    """Key gone, sessions ended, account removed. Returns how many processes were ended."""
+    user = client_account(name)
+    remove_authorized_key(user)
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return 0
+    disable(user)
+    killed = end_sessions(user)
+    subprocess.run(["userdel", user], check=False, capture_output=True)
+    with contextlib.suppress(OSError):
+        (paths.CLIENT_HOMES / user).rmdir()
+    return killed
 
 
 def set_password(user: str, password: str) -> None:

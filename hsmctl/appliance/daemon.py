@@ -28,15 +28,25 @@ from pathlib import Path
 from typing import Any
 
 from hsmctl import auditlog
-from hsmctl.appliance import auditkey, grammar, origin, paths, protocol, sshdlog, store
+from hsmctl.appliance import (
+    auditkey,
+    grammar,
+    origin,
+    p11service,
+    paths,
+    protocol,
+    sshdlog,
+    store,
+)
 from hsmctl.appliance.handlers import Context, Handlers, Result
 from hsmctl.appliance.logwriter import ActivityLog, LogUnavailable
 from hsmctl.appliance.roles import READ_ONLY, Interface, Role, allowed_interface, authorize
 
 CHECKPOINT_INTERVAL = 60.0
 
-# The accounts a non-root caller may be: the console role is only ever root's.
-SESSION_ROLES = {r.value: r for r in Role if r is not Role.CONSOLE}
+# The accounts a non-root caller may be: the console role is only ever root's, and the
+# client role belongs to the ``p11-NAME`` accounts, never to an account named "client".
+SESSION_ROLES = {r.value: r for r in Role if r not in (Role.CONSOLE, Role.CLIENT)}
 # Names a login record may carry as typed: the device's accounts and root.
 KNOWN_LOGINS = frozenset({*SESSION_ROLES, "root"})
 
@@ -63,7 +73,9 @@ def identify(pid: int, uid: int) -> Caller:
             return Caller("root", Role.CONSOLE, Interface.CONSOLE, "console", pid)
         return Caller("root", None, iface, source, pid)
     # The console is root with no sshd ancestor, never an account that is named so.
-    role = SESSION_ROLES.get(account)
+    role: Role | None = SESSION_ROLES.get(account)
+    if account.startswith(paths.CLIENT_PREFIX):
+        role = Role.CLIENT
     return Caller(account, role, iface, source if came.via_sshd else "local", pid)
 
 
@@ -107,6 +119,7 @@ class Daemon:
                     "reason": "an incomplete last record (a write cut short) was removed",
                 },
             )
+        self.p11 = p11service.P11Service(self)
         self.tailer = sshdlog.Tailer(self.on_login)
 
     # -- log -------------------------------------------------------------------------------
@@ -153,6 +166,10 @@ class Daemon:
     def on_login(self, iface: str, event: sshdlog.LoginEvent) -> None:
         known = event.user in KNOWN_LOGINS
         role = event.user if event.user in SESSION_ROLES else "none"
+        client = p11service.client_name_of(event.user)
+        if client is not None:
+            known = True
+            role = str(p11service.load_clients().get(client, {}).get("role", Role.CLIENT.value))
         if event.event == "login" and event.outcome != "ok":  # back-off counts logins only
             with self.failures_lock:
                 self.failures.setdefault(event.source, []).append(time.monotonic())
@@ -208,6 +225,9 @@ class Connection(socketserver.StreamRequestHandler):
             delay = daemon.backoff_delay(str(first.get("source", "")))
             protocol.send(sock, {"type": "result", "delay": delay})
             return
+        if first.get("type") == "p11":
+            daemon.p11.serve(sock, pid, uid)
+            return
         caller = identify(pid, uid)
         session = Session(daemon, caller, sock, bool(first.get("interactive")))
         session.run(self.rfile)
@@ -235,6 +255,9 @@ class Session:
         where = {"interface": c.interface.value if c.interface else None}
         if c.role is None:
             self.refuse("this account has no role on the device", where)
+            return
+        if c.role is Role.CLIENT:
+            self.refuse("an application client has no shell; only the PKCS#11 service", where)
             return
         if c.role is not Role.CONSOLE and c.interface is not allowed_interface(c.role):
             self.refuse(f"{c.role.value} may not use this interface", where)

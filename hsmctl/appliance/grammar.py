@@ -88,6 +88,7 @@ class Param:
     flag: str | None = None
     required: bool = True
     default: Value | None = None
+    account: bool = True  # a positional naming a device account: part of the ACL key
 
     @property
     def usage(self) -> str:
@@ -115,6 +116,12 @@ class CommandSpec:
     def positionals(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.flag is None)
 
+    @property
+    def account_positionals(self) -> tuple[Param, ...]:
+        """The positionals the role table is keyed by (``user enable monitor``); a client
+        name (``client revoke app1``) is an argument, not a grant."""
+        return tuple(p for p in self.positionals if p.account)
+
 
 @dataclass(frozen=True)
 class Command:
@@ -130,7 +137,7 @@ class Command:
     @property
     def acl_words(self) -> tuple[str, ...]:
         """What the role table is keyed by: the words plus the account a command names."""
-        return self.spec.words + tuple(self.get_str(p.key) for p in self.spec.positionals)
+        return self.spec.words + tuple(self.get_str(p.key) for p in self.spec.account_positionals)
 
     def get_str(self, key: str) -> str:
         value = self.options[key]
@@ -246,7 +253,28 @@ def _gateway_on_link(values: Mapping[str, Value]) -> None:
         raise ValueError(f"--gateway {gateway} is the network or broadcast address")
 
 
+# A client's name becomes part of a Unix account name (``p11-NAME``, at most 32 bytes)
+# and of file names: lower-case letters, digits and dashes, a letter first.
+CLIENT_NAME = re.compile(r"[a-z][a-z0-9-]{0,27}")
+CLIENT_ROLES = ("crypto-officer", "crypto-user")
+
+
+def _client_name(text: str) -> Value:
+    if not CLIENT_NAME.fullmatch(text) or text.endswith("-"):
+        raise ValueError(
+            "must be 1 to 28 characters from a-z 0-9 -, start with a letter, not end with '-'"
+        )
+    return text
+
+
+def _client_role(text: str) -> Value:
+    if text not in CLIENT_ROLES:
+        raise ValueError(f"must be one of {', '.join(CLIENT_ROLES)}")
+    return text
+
+
 _NAME = Param("name", "NAME", _account)
+_CLIENT = Param("name", "NAME", _client_name, account=False)
 
 COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(("help",), "list the commands you may run", read_only=True),
@@ -254,6 +282,11 @@ COMMANDS: tuple[CommandSpec, ...] = (
     CommandSpec(
         ("hsm", "show"),
         "token, firmware, owner state and who has access",
+        read_only=True,
+    ),
+    CommandSpec(
+        ("hsm", "policy", "show"),
+        "the key policy every PKCS#11 client is held to",
         read_only=True,
     ),
     CommandSpec(
@@ -301,6 +334,18 @@ COMMANDS: tuple[CommandSpec, ...] = (
             ),
         ),
         stdin=("ssh_public_key", "password"),
+    ),
+    CommandSpec(
+        ("client", "register"),
+        "register an application: its own SSH key, PKCS#11 on the customer token only",
+        params=(_CLIENT, Param("role", "ROLE", _client_role, flag="--role")),
+        stdin=("ssh_public_key",),
+    ),
+    CommandSpec(("client", "list"), "list the registered applications", read_only=True),
+    CommandSpec(
+        ("client", "revoke"),
+        "remove an application and end its open PKCS#11 sessions",
+        params=(_CLIENT,),
     ),
     CommandSpec(
         ("sysconf", "provider-access", "show"),

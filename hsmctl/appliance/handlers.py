@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from hsmctl import auditlog, contract
-from hsmctl.appliance import accounts, faults, paths, protocol, store, token
+from hsmctl import auditlog, contract, utc
+from hsmctl.appliance import accounts, faults, p11service, paths, protocol, store, token
 from hsmctl.appliance.grammar import Command, help_text
 from hsmctl.appliance.logwriter import LogUnavailable
 from hsmctl.appliance.roles import Role, authorize_spec
@@ -149,6 +149,10 @@ class Handlers:
             ("help",): self.help,
             ("exit",): lambda ctx, cmd, s: Result(),
             ("hsm", "show"): self.hsm_show,
+            ("hsm", "policy", "show"): lambda ctx, cmd, s: Result(output=_json(p11service.POLICY)),
+            ("client", "register"): self.client_register,
+            ("client", "list"): self.client_list,
+            ("client", "revoke"): self.client_revoke,
             ("hsm", "init"): self.hsm_init,
             ("hsm", "zeroize"): self.hsm_zeroize,
             ("hsm", "co-pin", "set"): self.co_pin_set,
@@ -228,6 +232,7 @@ class Handlers:
             and owner.state is not OwnerState.CUSTOMER_OWNED,
             "monitor": "enabled" if accounts.is_enabled("monitor") else "disabled",
             "audit_key_id": self.daemon.keys.current().key_id,
+            "policy": p11service.POLICY_NAME,
         }
         if ctx.role is Role.MONITOR:
             info = {
@@ -271,6 +276,66 @@ class Handlers:
     def co_pin_change(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
         token.customer_change_co_pin(secrets[0], secrets[1])
         return Result(output="crypto-officer PIN changed")
+
+    # -- application clients (SPEC §11) ---------------------------------------------------
+
+    def client_register(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        name, role = cmd.get_str("name"), cmd.get_str("role")
+        if not store.customer_owned_fact():
+            return Result(exit=protocol.EXIT_DENIED, error="the device is not customer-owned",
+                          outcome="denied", log_detail={"rule": "not-customer-owned"})  # fmt: skip
+        if name in p11service.load_clients():
+            return Result.usage(f"client {name} is already registered (revoke it first)")
+        fingerprint, key_type = accounts.check_client_key(secrets[0])
+        accounts.create_client(name, secrets[0])
+        entry = {
+            "role": role,
+            "fingerprint": fingerprint,
+            "key_type": key_type,
+            "registered": utc.stamp(),
+        }
+        with self.daemon.p11.lock:
+            clients = p11service.load_clients()
+            clients[name] = entry
+            p11service.save_clients(clients)
+        account = accounts.client_account(name)
+        return Result(
+            output=_json({"client": name, "account": account, **entry}),
+            log_detail={"client": name, "account": account, **entry},
+        )
+
+    def client_list(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        running = self.daemon.p11.sessions()
+        clients = [
+            {
+                "name": name,
+                "role": entry.get("role"),
+                "fingerprint": entry.get("fingerprint"),
+                "registered": entry.get("registered"),
+                "connections": running.get(name, 0),
+            }
+            for name, entry in sorted(p11service.load_clients().items())
+        ]
+        return Result(output=_json({"clients": clients}))
+
+    def client_revoke(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+        name = cmd.get_str("name")
+        entry = self.daemon.p11.forget(name)
+        if entry is None:
+            return Result.usage(f"no client named {name}")
+        ended = self.daemon.p11.revoke(name)
+        ended += accounts.delete_client(name)
+        return Result(
+            output=f"client {name} revoked; {ended} process(es) ended",
+            log_detail={"client": name, "role": entry.get("role"),
+                        "fingerprint": entry.get("fingerprint"), "ended": ended},
+        )  # fmt: skip
+
+    def _revoke_all_clients(self) -> None:
+        for name in list(p11service.load_clients()):
+            self.daemon.p11.forget(name)
+            self.daemon.p11.revoke(name)
+            accounts.delete_client(name)
 
     # -- users -------------------------------------------------------------------------
 
@@ -465,6 +530,7 @@ class Handlers:
         self._provider_guard(ctx)
         if store.customer_owned_fact() and ctx.role is not Role.CONSOLE:
             raise store.OwnershipError("a customer-owned device is reset only out of band")
+        self._revoke_all_clients()
         token.customer_zeroize()
         for user in ("admin", "monitor", "audit"):
             accounts.remove_authorized_key(user)

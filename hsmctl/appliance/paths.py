@@ -24,6 +24,18 @@ SHADOW = Path("/etc/shadow")
 FAULTS = Path("/run/hsm/faults")  # fault-injection points armed by tests (root only)
 AUDIT_TOKEN_SECRETS = STATE / "audit-token.json"
 CUSTOMER_TOKEN = STATE / "customer-token.json"
+CLIENTS = STATE / "clients.json"  # registered applications: name -> role, key, when
+
+# Application clients (SPEC §11): each its own account ``p11-NAME`` in one group that the
+# data sshd forces onto the PKCS#11 entry, which is also their login shell.
+CLIENT_PREFIX = "p11-"
+CLIENT_GROUP = "hsm-p11"
+CLIENT_ENTRY = "/usr/local/sbin/hsm-p11"
+CLIENT_HOMES = Path("/var/lib/hsm/home")
+# The key-policy module, built from appliance/p11/policy.c next to its source in the
+# firmware tree (the lab builds it into its firmware snapshot, the image script in a VM).
+P11_POLICY = Path(__file__).resolve().parent / "p11" / "hsm-policy.so"
+P11_KIT = "/usr/bin/p11-kit"
 
 LOG_DIR = Path("/var/log/hsm")
 AUDIT_LOG = LOG_DIR / "audit.jsonl"

@@ -27,6 +27,9 @@ class Role(enum.Enum):
     ADMIN = "admin"
     AUDIT = "audit"
     CONSOLE = "console"
+    # A registered application (``p11-NAME``): PKCS#11 on the customer token, nothing of
+    # the shell. Not an account name: the daemon maps client accounts to it.
+    CLIENT = "client"
 
 
 class Interface(enum.Enum):
@@ -67,6 +70,7 @@ class Rule(enum.Enum):
     OTP_CHANGE_REQUIRED = "otp-change-required"
     PROVIDER_ONLY = "provider-only"
     ACCOUNT_NOT_MANAGED = "account-not-managed"
+    CLIENT_ACCOUNT = "client-account"
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,10 @@ GRANTS: Mapping[Role, frozenset[Words]] = {
             ("user", "disable", "monitor"),
             ("user", "credential", "set", "audit"),
             ("user", "credential", "set", "monitor"),
+            ("hsm", "policy", "show"),
+            ("client", "register"),
+            ("client", "list"),
+            ("client", "revoke"),
             ("sysconf", "provider-access", "show"),
             ("sysconf", "provider-access", "revoke"),
             ("sysconf", "hostkey", "show"),
@@ -137,6 +145,7 @@ GRANTS: Mapping[Role, frozenset[Words]] = {
     Role.AUDIT: frozenset(
         {("audit", "show"), ("audit", "export"), ("audit", "verify"), ("audit", "key", "show")}
     ),
+    Role.CLIENT: frozenset(),  # refused every shell command, even help and exit
 }
 
 ADMIN_BEFORE_OWNERSHIP: frozenset[Words] = frozenset({("user", "password")})
@@ -149,6 +158,8 @@ READ_ONLY: frozenset[Words] = frozenset(
         ("help",),
         ("exit",),
         ("hsm", "show"),
+        ("hsm", "policy", "show"),
+        ("client", "list"),
         ("user", "list"),
         ("network", "show"),
         ("sysconf", "provider-access", "show"),
@@ -166,6 +177,7 @@ _INTERFACES = {
     Role.ADMIN: Interface.DATA,
     Role.AUDIT: Interface.DATA,
     Role.CONSOLE: Interface.CONSOLE,
+    Role.CLIENT: Interface.DATA,
 }
 
 
@@ -179,7 +191,7 @@ def _resolve(words: Words) -> tuple[CommandSpec, Words] | None:
     for spec in COMMANDS:
         for form in (spec.words, *spec.aliases):
             args = words[len(form) :]
-            if words[: len(form)] == form and len(args) == len(spec.positionals):
+            if words[: len(form)] == form and len(args) == len(spec.account_positionals):
                 return spec, args
     return None
 
@@ -200,6 +212,8 @@ def authorize(role: Role, command_words: Sequence[str], state: DeviceState) -> D
     spec, args = resolved
     key = spec.words + args
     name = " ".join(key)
+    if role is Role.CLIENT:
+        return _deny(Rule.CLIENT_ACCOUNT, "an application client has no shell commands")
     if spec.words in ALWAYS:
         return _allow(Rule.ALWAYS)
     if role is Role.CONSOLE:
@@ -235,6 +249,6 @@ def authorize(role: Role, command_words: Sequence[str], state: DeviceState) -> D
 
 def authorize_spec(role: Role, spec: CommandSpec, state: DeviceState) -> bool:
     """True when the role may run the command for some account: the help listing filter."""
-    if not spec.positionals:
+    if not spec.account_positionals:
         return authorize(role, spec.words, state).allowed
     return any(authorize(role, (*spec.words, name), state).allowed for name in ACCOUNT_NAMES)

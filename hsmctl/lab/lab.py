@@ -160,9 +160,28 @@ def _firmware_dir() -> Path:
             )
         else:
             shutil.copy2(path, tmp / "hsmctl" / name)
+    _build_policy_module(tmp / "hsmctl" / "appliance" / "p11")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest
+
+
+def _build_policy_module(p11: Path) -> None:
+    """The key-policy PKCS#11 module, built from the snapshot's own ``policy.c`` on the
+    host (Debian 12, like the image), so the snapshot's source and binary always agree
+    and a change to ``policy.c`` reaches the lab at the next ``lab up`` without an image
+    rebuild. Needs gcc and libp11-kit-dev (scripts/install-deps.sh)."""
+    proc = subprocess.run(
+        ["bash", str(p11 / "build.sh"), str(p11 / "hsm-policy.so")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise HsmctlError(
+            "building the key-policy module (appliance/p11/build.sh) failed; it needs gcc "
+            f"and libp11-kit-dev:\n{proc.stderr[-2000:]}"
+        )
 
 
 def appliance_dir(ident: str) -> Path:

@@ -81,6 +81,19 @@ VALID: list[tuple[str, tuple[str, ...], dict[str, object]]] = [
     ("audit verify", ("audit", "verify"), {}),
     ("audit key show", ("audit", "key", "show"), {}),
     ("audit key rotate", ("audit", "key", "rotate"), {}),
+    ("hsm policy show", ("hsm", "policy", "show"), {}),
+    (
+        "client register app-1 --role crypto-user",
+        ("client", "register"),
+        {"name": "app-1", "role": "crypto-user"},
+    ),
+    (
+        "client register --role crypto-officer " + "a" * 28,
+        ("client", "register"),
+        {"name": "a" * 28, "role": "crypto-officer"},
+    ),
+    ("client list", ("client", "list"), {}),
+    ("client revoke app-1", ("client", "revoke"), {"name": "app-1"}),
 ]
 
 
@@ -124,7 +137,32 @@ CONTRACT: dict[tuple[str, ...], tuple[tuple[str, ...], bool]] = {
     ("audit", "verify"): ((), True),
     ("audit", "key", "show"): ((), True),
     ("audit", "key", "rotate"): ((), False),
+    ("hsm", "policy", "show"): ((), True),
+    ("client", "register"): (("ssh_public_key",), False),
+    ("client", "list"): ((), True),
+    ("client", "revoke"): ((), False),
 }
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "client register App --role crypto-user",
+        "client register 1app --role crypto-user",
+        "client register app- --role crypto-user",
+        "client register " + "a" * 29 + " --role crypto-user",
+        "client register app_1 --role crypto-user",
+        "client register app.1 --role crypto-user",
+        "client register app --role admin",
+        "client register app --role so",
+        "client register app",
+        "client revoke",
+        "client revoke a/b",
+    ],
+)
+def test_client_names_and_roles_are_strict(line: str) -> None:
+    with pytest.raises(ParseError):
+        parse(line)
 
 
 def test_stdin_secrets_and_read_only_flags() -> None:

@@ -55,6 +55,10 @@ ALL = [
     "audit verify",
     "audit key show",
     "audit key rotate",
+    "hsm policy show",
+    "client register",
+    "client list",
+    "client revoke",
 ]
 
 STATES = {
@@ -111,6 +115,10 @@ ADMIN_OWNER = ALWAYS | {
     "audit verify",
     "audit key show",
     "audit key rotate",
+    "hsm policy show",
+    "client register",
+    "client list",
+    "client revoke",
 }
 
 EXPECTED: dict[tuple[Role, str], set[str]] = {
@@ -139,6 +147,8 @@ EXPECTED: dict[tuple[Role, str], set[str]] = {
     (Role.CONSOLE, "provisioned"): set(ALL),
     (Role.CONSOLE, "customer-owned"): set(ALL),
     (Role.CONSOLE, "otp-changed"): set(ALL),
+    # An application client runs nothing of the shell, not even help.
+    **{(Role.CLIENT, state): set() for state in STATES},
 }
 
 CASES = [(role, command, state) for role in Role for state in STATES for command in ALL]
@@ -147,7 +157,7 @@ CASES = [(role, command, state) for role in Role for state in STATES for command
 def test_command_list_is_complete() -> None:
     forms = set()
     for spec in COMMANDS:
-        if spec.positionals:
+        if spec.account_positionals:
             forms |= {f"{spec.name} {name}" for name in ACCOUNT_NAMES}
         else:
             forms.add(spec.name)
@@ -253,4 +263,5 @@ def test_interfaces() -> None:
         Role.ADMIN: Interface.DATA,
         Role.AUDIT: Interface.DATA,
         Role.CONSOLE: Interface.CONSOLE,
+        Role.CLIENT: Interface.DATA,
     }
