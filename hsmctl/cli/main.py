@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from hsmctl import __version__
+from hsmctl.cli import clients as clients_cli
 from hsmctl.cli import customer as customer_cli
 from hsmctl.cli import lab as lab_cli
 from hsmctl.cli import logs as logs_cli
@@ -55,6 +56,7 @@ cli.add_command(provider_cli.health)
 cli.add_command(customer_cli.takeover)
 cli.add_command(customer_cli.release)
 cli.add_command(logs_cli.logs)
+cli.add_command(clients_cli.client)
 
 
 def _wants_json(argv: list[str]) -> bool:

@@ -1,0 +1,120 @@
+"""The client kit: what an application's host needs to reach the HSM, and nothing secret
+of the device (no PIN, ever). Pure builders; :mod:`workflow` writes the files.
+
+A kit directory holds ``NAME_key`` (the client's private key, 0600, unless the customer
+brought their own public key), ``NAME_key.pub``, ``known_hosts`` (the appliance's data
+host keys from the customer's pins), ``NAME.module`` (a p11-kit module file whose
+``remote:`` line runs ssh with the kit's absolute paths) and ``README``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+# The device's rule (appliance/grammar.py CLIENT_NAME): it becomes the Unix account
+# ``p11-NAME`` (at most 32 bytes) and part of file names here.
+NAME = re.compile(r"[a-z][a-z0-9-]{0,27}")
+ROLES = ("crypto-officer", "crypto-user")
+ACCOUNT_PREFIX = "p11-"
+PROXY = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"
+
+
+def check_name(name: str) -> str:
+    if not NAME.fullmatch(name) or name.endswith("-"):
+        raise ValueError(
+            f"--name {name[:40]!r}: 1 to 28 characters from a-z 0-9 -, a letter first, "
+            "not ending with '-'"
+        )
+    return name
+
+
+def key_path(kit: Path, name: str) -> Path:
+    return kit / f"{name}_key"
+
+
+def known_hosts(data_ip: str, host_keys: Sequence[str]) -> str:
+    """One line per pinned data host key: ``IP TYPE BASE64``."""
+    return "".join(f"{data_ip} {' '.join(k.split()[:2])}\n" for k in host_keys)
+
+
+def ssh_command(kit: Path, name: str, data_ip: str) -> list[str]:
+    """The ssh command p11-kit runs: pinned host key, this key only, no tty, no agent."""
+    return [
+        "/usr/bin/ssh",
+        "-i", str(key_path(kit, name)),
+        "-o", f"UserKnownHostsFile={kit / 'known_hosts'}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "IdentityAgent=none",
+        "-o", "BatchMode=yes",
+        "-o", "ForwardAgent=no",
+        "-o", "ClearAllForwardings=yes",
+        "-o", "ConnectTimeout=10",
+        "-o", "ServerAliveInterval=15",
+        "-o", "LogLevel=ERROR",
+        "-T",
+        f"{ACCOUNT_PREFIX}{name}@{data_ip}",
+    ]  # fmt: skip
+
+
+def module_file(kit: Path, name: str, data_ip: str) -> str:
+    return (
+        f"# p11-kit module: the HSM's customer token over SSH, as client {name}.\n"
+        f"remote: |{' '.join(ssh_command(kit, name, data_ip))}\n"
+    )
+
+
+def readme(kit: Path, name: str, role: str, appliance: str, label: str | None) -> str:
+    token = label or "TOKEN-LABEL"
+    module = kit / f"{name}.module"
+    return f"""\
+Client kit: {name} ({role}) on appliance {appliance}
+
+The application reaches the HSM's customer token over PKCS#11, remoted over SSH
+(p11-kit). Keys never leave the HSM. The token's user PIN (the crypto-officer PIN) is
+the application's secret: it is not in this kit; give it to the application the way
+you give it any secret.
+
+Install the module file (p11-kit reads user configuration only for non-root users):
+  non-root:  mkdir -p ~/.config/pkcs11/modules && cp {module} ~/.config/pkcs11/modules/
+  root:      cp {module} /etc/pkcs11/modules/
+Then load {PROXY} and select the token by its label ({token}), never "the first slot":
+the proxy also shows this host's own PKCS#11 modules.
+
+pkcs11-tool (package opensc):
+  pkcs11-tool --module {PROXY} --token-label {token} --list-objects
+  pkcs11-tool --module {PROXY} --token-label {token} --login \\
+      --keypairgen --key-type EC:prime256v1 --label app-key --id 01
+  openssl dgst -sha256 -binary data.bin > digest.bin
+  pkcs11-tool --module {PROXY} --token-label {token} --login \\
+      --sign --mechanism ECDSA --label app-key --input-file digest.bin \\
+      --output-file sig.bin --signature-format openssl
+  pkcs11-tool --module {PROXY} --token-label {token} \\
+      --read-object --type pubkey --label app-key --output-file pub.der
+  openssl dgst -sha256 -verify pub.der -keyform DER -signature sig.bin data.bin
+(pkcs11-tool asks for the PIN; --pin reads it from the command line, visible in ps.)
+
+OpenSSL 3 (Debian 12: the pkcs11 engine, package libengine-pkcs11-openssl):
+  OPENSSL_CONF pointing at a file with
+    [pkcs11_section] engine_id = pkcs11
+    MODULE_PATH = {PROXY}
+  openssl pkeyutl -engine pkcs11 -keyform engine \\
+      -inkey "pkcs11:token={token};object=app-key;type=private" -sign -in digest.bin
+
+python-pkcs11:
+  import pkcs11
+  lib = pkcs11.lib("{PROXY}")
+  token = lib.get_token(token_label="{token}")
+  with token.open(user_pin=PIN, rw=True) as session:
+      key = session.get_key(label="app-key", object_class=pkcs11.ObjectClass.PRIVATE_KEY)
+      signature = key.sign(digest, mechanism=pkcs11.Mechanism.ECDSA)
+
+What the HSM enforces (policy fips, `hsm policy show`): RSA 2048-8192, EC P-256/384/521
+and secp256k1, AES 128/192/256; private and secret keys sensitive and non-extractable;
+no plaintext key import; no MD5, SHA-1 signatures or raw RSA; no SO login or PIN
+management over this path. A crypto-user client may only use existing keys. Every
+session, key generated or destroyed, and refusal is in the appliance's activity log.
+"""  # noqa: S608 - a README, not SQL
