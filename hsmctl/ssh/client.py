@@ -28,8 +28,9 @@ Why it is shaped this way:
     (EOFError or a socket error raised in our thread, or saved by
     paramiko's transport thread and raised by the next call: key
     exchange, auth, open_session, exec_command, stdin, EOF, recv's
-    window adjust, a channel closed without exit status), a command
-    after the link died, the command's deadline or stall limit     -> UnreachableError (4)
+    window adjust, a channel closed without exit status; or a clean
+    DISCONNECT while paramiko waited), a command after the link
+    died, the command's deadline or stall limit                    -> UnreachableError (4)
     presented host key not pinned                                  -> HostKeyMismatch (3)
     more than a bound allows (run() reply, SSH packet, channel
     window)                                                        -> OutputLimitExceeded (3)
@@ -133,6 +134,7 @@ _UNREACHABLE_MESSAGES: Final = (
     "SSH session not active",
     "Authentication timeout",
     "transport shut down or saw EOF",
+    "Unable to open channel",  # the link ended (no error saved: a clean disconnect) meanwhile
 )
 
 
@@ -829,9 +831,22 @@ class DeviceConnection:
         except HsmctlError:
             raise
         except Exception as exc:
-            raise _translate(exc, where) from exc
+            error = _translate(exc, where)
+            if isinstance(error, SshProtocolError) and _link_ended(transport):
+                # paramiko's words for a link that ended cleanly (the device sent
+                # DISCONNECT) while it waited, e.g. "Channel closed.": no error saved.
+                raise UnreachableError(f"{where}: the connection was lost ({exc})") from exc
+            raise error from exc
         finally:
             _close_channel(chan, where)
+
+
+def _link_ended(transport: paramiko.Transport) -> bool:
+    """Whether paramiko's thread ended (given a moment: it closes the channels, which
+    wakes the waits, before it marks itself inactive)."""
+    if transport.is_active():
+        transport.join(0.1)
+    return not transport.is_active()
 
 
 def _raise_if_lost(transport: paramiko.Transport, where: str) -> None:

@@ -1,11 +1,11 @@
 """A private OpenSSH sshd on 127.0.0.1 playing a hostile device, and peak-memory runs.
 
 The sshd runs as root inside its own mount namespace (``unshare --mount``), where
-``/etc/passwd`` and ``/etc/shadow`` are bind-mounted files naming one throwaway account
-(``audit``, the collector's login) and ``/run`` is a private tmpfs: nothing on the host
-changes. Every login runs ``ForceCommand /run/hostile/dispatch``, which sends
-``audit export --after N`` to the script the test installed with :meth:`Sshd.serve` and
-runs anything else with ``sh -c`` (transport tests send shell commands).
+``/run`` is a private tmpfs and ``/etc`` an overlay whose ``passwd`` and ``shadow`` name
+one throwaway account (``audit``, the collector's login): nothing on the host changes.
+Every login runs ``ForceCommand /run/hostile/dispatch``, which sends ``audit export
+--after N`` to the script the test installed with :meth:`Sshd.serve` and runs anything
+else with ``sh -c`` (transport tests send shell commands).
 
 :func:`measured` runs Python code in a child process and reports the child's own peak
 RSS: the bound is on the process that did the work, not on the test runner.
@@ -134,9 +134,15 @@ def start(directory: Path, *, account_expired: bool = False) -> Sshd:
         "ForceCommand /run/hostile/dispatch\n"
         "MaxSessions 32\nMaxStartups 64\nPrintMotd no\n"
     )
+    # /etc is an overlay whose upper layer (on the private /run) holds the account files:
+    # a file bind-mounted over /etc/passwd would be lost the moment anything on the host
+    # replaced /etc/passwd by rename (useradd, chpasswd), and sshd would then find no
+    # such user ("Invalid user audit").
     script = (
-        f"mount --bind {d}/passwd /etc/passwd && mount --bind {d}/shadow /etc/shadow && "
-        "mount -t tmpfs -o mode=755 tmpfs /run && mkdir -m 755 /run/sshd /run/hostile && "
+        "mount -t tmpfs -o mode=755 tmpfs /run && "
+        "mkdir -m 755 /run/sshd /run/hostile /run/etc /run/etc-work && "
+        f"cp {d}/passwd {d}/shadow /run/etc/ && chmod 600 /run/etc/shadow && "
+        "mount -t overlay overlay -o lowerdir=/etc,upperdir=/run/etc,workdir=/run/etc-work /etc && "
         f"mount --bind {hostile} /run/hostile && "
         f"exec /usr/sbin/sshd -D -e -f {d}/sshd_config"
     )

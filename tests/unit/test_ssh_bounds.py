@@ -26,6 +26,7 @@ from typing import Any
 
 import click
 import pytest
+from paramiko.ssh_exception import SSHException
 
 from hsmctl.cli import main as cli_main
 from hsmctl.errors import HsmctlError, UnreachableError
@@ -319,6 +320,50 @@ def test_a_connection_lost_inside_a_command_is_unreachable(
     assert isinstance(cause, EOFError | OSError), repr(cause)
     frames = [frame.name for frame in traceback.extract_tb(cause.__traceback__)]
     assert set(through) <= set(frames), frames
+
+
+@pytest.mark.parametrize("before", ["open_session", "exec_command"])
+@pytest.mark.lab
+@needs_root()
+def test_a_device_that_disconnects_while_we_wait_is_unreachable(sshd: Sshd, before: str) -> None:
+    """A clean end: the device sends DISCONNECT, so paramiko's thread ends with no error
+    saved and the wait reports it in words ("Unable to open channel.", "Channel is not
+    open", "Channel closed.") that read as a protocol error (exit 1) before. To make the
+    real sshd disconnect, paramiko sends it data for a channel that does not exist (sshd:
+    "data packet referred to nonexistent channel"), right before the request we wait on.
+    """
+    from paramiko.common import cMSG_CHANNEL_DATA
+    from paramiko.message import Message
+
+    dev = conn_for(sshd).connect()
+    transport = dev._client.get_transport() if dev._client else None
+    assert transport is not None
+    real_open = transport.open_session
+
+    def bogus() -> None:
+        m = Message()
+        m.add_byte(cMSG_CHANNEL_DATA)
+        m.add_int(9999)
+        m.add_string(b"x")
+        transport._send_user_message(m)
+
+    def open_session(*args: Any, **kwargs: Any) -> Any:
+        if before == "open_session":
+            bogus()
+            return real_open(*args, **kwargs)
+        chan = real_open(*args, **kwargs)
+        bogus()
+        return chan
+
+    transport.open_session = open_session  # type: ignore[method-assign]
+    try:
+        with pytest.raises(UnreachableError) as info:
+            dev.run("true", timeout=20)
+    finally:
+        dev.close()
+    assert info.value.exit_code == 4
+    assert isinstance(info.value.__cause__, SSHException), repr(info.value.__cause__)
+    assert "nonexistent channel 9999" in sshd.log()
 
 
 @pytest.mark.lab
