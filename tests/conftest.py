@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HSMCTL = str(Path(sys.executable).with_name("hsmctl"))
-TENANTS, APPLIANCES = 2, 26
+TENANTS, APPLIANCES = 2, 28
 
 
 def hsmctl(
@@ -99,6 +99,7 @@ APPLIANCE_SETS = {
     "takeover": ["hsm09", "hsm10", "hsm11", "hsm12", "hsm13", "hsm14"],
     "collect": [f"hsm{i:02d}" for i in range(15, 25)],
     "hardening": ["hsm25", "hsm26"],
+    "clients": ["hsm27", "hsm28"],
 }
 
 
