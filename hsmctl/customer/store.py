@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from hsmctl.errors import UsageError
 from hsmctl.privatefiles import fsync_dir, write_atomic
 from hsmctl.secret import Secret
 
+PINS = "pins.json"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -103,7 +106,49 @@ class ApplianceState:
     # -- pins -----------------------------------------------------------------------------
 
     def pins(self) -> dict[str, Any]:
-        return self.read("pins.json") or {"data_host_keys": [], "audit_keys": {}, "retired": []}
+        """``pins.json`` as it is on disk (the log collector reads it so)."""
+        return self.read(PINS) or Pins().as_dict()
 
-    def save_pins(self, pins: dict[str, Any]) -> None:
-        self.write("pins.json", pins)
+    def load_pins(self) -> Pins:
+        return Pins.from_dict(self.read(PINS) or {})
+
+    def save_pins(self, pins: Pins) -> None:
+        self.write(PINS, pins.as_dict())
+
+
+@dataclass
+class Pins:
+    """What the customer trusts of one appliance (``pins.json``): its data address and
+    host keys, the audit keys whose signatures the log must carry, the audit account's
+    key for collection. Keys the takeover never set are left out of the file."""
+
+    data_host_keys: list[str] = field(default_factory=list)
+    audit_keys: dict[str, str] = field(default_factory=dict)  # key id -> PEM
+    retired: list[str] = field(default_factory=list)  # audit key ids no longer trusted
+    initial_audit_key_id: str | None = None
+    data_ip: str | None = None
+    audit_account_key: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "data_host_keys": list(self.data_host_keys),
+            "audit_keys": dict(self.audit_keys),
+            "retired": list(self.retired),
+        }
+        optional = {
+            "initial_audit_key_id": self.initial_audit_key_id,
+            "data_ip": self.data_ip,
+            "audit_account_key": self.audit_account_key,
+        }
+        return out | {k: v for k, v in optional.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Pins:
+        return cls(
+            data_host_keys=[str(k) for k in d.get("data_host_keys") or ()],
+            audit_keys={str(k): str(v) for k, v in dict(d.get("audit_keys") or {}).items()},
+            retired=[str(k) for k in d.get("retired") or ()],
+            initial_audit_key_id=d.get("initial_audit_key_id"),
+            data_ip=d.get("data_ip"),
+            audit_account_key=d.get("audit_account_key"),
+        )

@@ -17,7 +17,7 @@ from hsmctl.auditlog import Head, ViolationKind
 from hsmctl.collect.archive import Archive
 from hsmctl.collect.collector import LogIntegrityError, ingest, trust_roots
 from hsmctl.collect.pipeline import TrustState
-from hsmctl.device import HSM_INFO
+from hsmctl.device import AUDIT_KEY, HSM_INFO
 from hsmctl.errors import IntegrityError
 from hsmctl.handoff import make_release, write_document
 from hsmctl.handoff.signed import parse_document
@@ -25,7 +25,7 @@ from hsmctl.inventory import check_placement, load_inventory
 from hsmctl.provider import deprovision as dep
 from hsmctl.provider import health, provisioning
 from hsmctl.state.model import ApplianceState
-from hsmctl.takeover.workflow import Takeover
+from hsmctl.takeover.session import AdminSession
 from tests.provider_env import make_env
 
 pytestmark = pytest.mark.unit
@@ -153,11 +153,11 @@ def test_provisioning_refuses_a_garbage_hsm_show() -> None:
 def test_takeover_replies_are_checked(name: str) -> None:
     data = HOSTILE[name]
     reply = data.decode("utf-8", "surrogateescape") if isinstance(data, bytes) else data
-    takeover = object.__new__(Takeover)
-    takeover.bundle = SimpleNamespace(appliance="hsm-7")  # type: ignore[assignment]
-    takeover._run = lambda command, stdin=(): reply  # type: ignore[method-assign]
+    session = object.__new__(AdminSession)
+    session.bundle = SimpleNamespace(appliance="hsm-7")  # type: ignore[assignment]
+    session.run = lambda command, stdin=(): reply  # type: ignore[method-assign]
     with pytest.raises(IntegrityError, match="hsm-7: reply to 'audit key show'"):
-        takeover._reply("audit key show")
+        session.read(AUDIT_KEY)
 
 
 def test_reset_record_search_skips_what_is_no_record() -> None:

@@ -1,0 +1,222 @@
+"""The takeover's steps (SPEC §7 steps 2-8), each an action for :func:`hsmctl.steps.run`.
+
+Each step decides from the journal what is left of it, and journals a decision *before*
+the action it leads to, so that a step interrupted anywhere is finished by running it
+again: secrets are escrowed before the device hears of them, the password change is
+``pending`` before it is sent, staged host keys are journaled before they are activated,
+the audit key rotated away from is noted before the rotation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from hsmctl import steps, utc
+from hsmctl.device import AUDIT_KEY, HOST_KEYS, HSM_INFO, ROTATE_AUDIT_KEY, STAGE_HOST_KEYS
+from hsmctl.errors import ConflictError, IntegrityError
+from hsmctl.handoff.identity import TenantIdentity
+from hsmctl.secret import Secret, generate_password, generate_pin
+from hsmctl.takeover import faults
+from hsmctl.takeover.options import Options, token_label
+from hsmctl.takeover.proof import prove
+from hsmctl.takeover.receipt import write_receipt
+from hsmctl.takeover.records import PasswordState, Step, same_keys
+from hsmctl.takeover.session import AdminSession
+
+
+class TakeoverSteps:
+    """The steps of one run, over one :class:`AdminSession`."""
+
+    def __init__(self, session: AdminSession, opts: Options, identity: TenantIdentity) -> None:
+        self.session = session
+        self.opts = opts
+        self.identity = identity
+        self.state = session.state
+        self.journal = session.journal
+        self.record = session.journal.record
+        self.bundle = session.bundle
+
+    def plan(self) -> Mapping[Step, steps.Action]:
+        return {
+            Step.ESCROW: self.escrow,
+            Step.PASSWORD: self.password,
+            Step.REVOKE: self.revoke,
+            Step.HOSTKEYS: self.hostkeys,
+            Step.HSM_INIT: self.hsm_init,
+            Step.CO_PIN: self.co_pin,
+            Step.AUDIT_KEY: self.audit_key,
+            Step.COLLECTOR: self.collector,
+            Step.PROVE: self.prove,
+            Step.RECEIPT: self.receipt,
+        }
+
+    def escrow(self) -> None:
+        s = self.state
+        given = {
+            "admin-password": self.opts.new_password,
+            "so-pin": self.opts.so_pin,
+            "co-pin": self.opts.co_pin,
+        }
+        for name, value in given.items():
+            existing = s.escrowed(name)
+            if value is None:
+                if existing is None:
+                    s.escrow(
+                        name, generate_password() if name == "admin-password" else generate_pin()
+                    )
+                continue
+            if value == existing:
+                continue
+            if existing is not None and Step.ESCROW in self.record.done:
+                # Escrowed secrets are in use from here on: changing one now could lock
+                # the customer out of a half-done device.
+                raise ConflictError(
+                    f"a different {name} is already escrowed for {self.bundle.appliance} "
+                    "by this unfinished takeover; rerun without it"
+                )
+            # Nothing has used the escrow yet (this step is not done): the value given wins.
+            s.escrow(name, value)
+        if s.escrowed("audit-collector-key") is None:
+            s.escrow("audit-collector-key", _new_ssh_key())
+
+    def password(self) -> None:
+        new = self.state.escrowed("admin-password")
+        assert new is not None
+        record, session = self.record, self.session
+        if record.password is PasswordState.ONE_TIME:
+            session.admin()  # log in with the one-time password before anything changes
+            record.password = PasswordState.PENDING
+            record.first_login_at = record.first_login_at or utc.stamp()
+            self.journal.save()
+            faults.reached("pending:password", session.conn)
+        if record.password is PasswordState.PENDING:
+            conn = session.admin()
+            if record.password is PasswordState.PENDING:
+                # Still on the one-time password: make the change.
+                faults.reached("send:user-password", conn)
+                conn.run("user password", [new])
+                faults.reached("sent:user-password", conn)
+            session.drop()
+            session.conn = session.connect_with(new)  # prove it before committing
+            record.password = PasswordState.COMMITTED
+            self.journal.save()
+
+    def revoke(self) -> None:
+        self.session.run("sysconf provider-access revoke")
+        if not self.opts.keep_monitor:
+            self.session.run("user disable monitor")
+
+    def hostkeys(self) -> None:
+        keys, session = self.record.host_keys, self.session
+        session.admin()  # observes a rotation that happened before an interruption
+        if not keys.rotated:
+            info = session.read(HOST_KEYS)
+            journaled = keys.staged
+            on_device = bool(journaled) and (
+                same_keys(info.staged_keys, journaled) or same_keys(info.active_keys, journaled)
+            )
+            if not on_device:
+                # Nothing staged yet, or the device does not hold what we journaled (its
+                # stage never happened): stage, and journal the new keys before activating.
+                shown = session.read(STAGE_HOST_KEYS)
+                info = session.read(HOST_KEYS)
+                keys.staged = list(info.staged_keys)
+                keys.staged_fingerprints = list(shown.staged)
+                self.journal.save()
+            if not same_keys(info.active_keys, keys.staged):
+                session.run("sysconf hostkey activate")
+            session.drop()
+            session.await_new_host_key()
+        pins = self.state.load_pins()
+        pins.data_host_keys = list(keys.current)
+        self.state.save_pins(pins)
+
+    def hsm_init(self) -> None:
+        so = self.state.escrowed("so-pin")
+        assert so is not None
+        label = token_label(self.bundle)
+        if not self.record.hsm_init_sent:
+            self.record.hsm_init_sent = True
+            self.journal.save()
+        info = self.session.read(HSM_INFO)
+        if not (info.initialised and info.label == label):
+            self.session.run(f"hsm init --label {label}", [so])
+
+    def co_pin(self) -> None:
+        so, co = self.state.escrowed("so-pin"), self.state.escrowed("co-pin")
+        assert so is not None and co is not None
+        self.session.run("hsm co-pin set", [so, co])
+
+    def audit_key(self) -> None:
+        pins = self.state.load_pins()
+        current = self.session.read(AUDIT_KEY)
+        key_id, public_key = current.key_id, current.public_key
+        before = self.record.audit_key_before
+        if before is None or key_id == before:
+            # Not rotated yet (or the rotation never reached the device): note the key
+            # we rotate away from, then rotate.
+            self.record.audit_key_before = key_id
+            self.journal.save()
+            rotated = self.session.read(ROTATE_AUDIT_KEY)
+            key_id, public_key = rotated.key_id, rotated.public_key
+        pins.audit_keys[key_id] = public_key
+        self.state.save_pins(pins)
+        self.record.audit_key_id = key_id
+        self.journal.save()
+
+    def collector(self) -> None:
+        key = self.state.escrowed("audit-collector-key")
+        assert key is not None
+        public = _public_line(key, f"{self.bundle.tenant}-collector")
+        self.session.run("user credential set audit", [public])
+        self.session.run("user enable audit")
+        pins = self.state.load_pins()
+        pins.audit_account_key = public
+        self.state.save_pins(pins)
+
+    def prove(self) -> None:
+        proof = prove(self.session, keep_monitor=self.opts.keep_monitor)
+        self.record.checks = list(proof.checks)
+        self.record.log_head = proof.log_head
+        self.record.transfer_seq = proof.transfer_seq
+        self.record.provisioned_seq = proof.provisioned_seq
+        self.journal.save()
+        failed = [c.name for c in proof.checks if not c.ok]
+        if failed:
+            raise IntegrityError(
+                f"{self.bundle.appliance}: takeover checks failed: {', '.join(failed)}",
+                detail={"checks": [c.as_dict() for c in proof.checks]},
+            )
+
+    def receipt(self) -> None:
+        write_receipt(
+            self.state.dir,
+            self.bundle,
+            self.record,
+            self.state.load_pins(),
+            keep_monitor=self.opts.keep_monitor,
+            identity=self.identity,
+        )
+
+
+def _new_ssh_key() -> Secret:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    return Secret(pem.decode("ascii").rstrip("\n"))
+
+
+def _public_line(private: Secret, comment: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_ssh_private_key(private.reveal().encode("ascii") + b"\n", None)
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    return f"{pub.decode('ascii')} {comment}"

@@ -1,0 +1,158 @@
+"""SPEC §7 step 7: prove the takeover by observing it, never by assuming it.
+
+Everything read from the device comes over a fresh session (tenant key + escrowed
+password); the refused logins come last, so their back-off (the device slows a source
+after failures) does not delay this run. Where this tenancy starts in the log is a pure
+function of the exported records (:func:`transfer_window`), tested from data.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hsmctl import auditlog, devicejson, utc
+from hsmctl.auditlog import Head
+from hsmctl.contract import OwnerState
+from hsmctl.device import HSM_INFO, PROVIDER_ACCESS, Switch
+from hsmctl.ssh import DeviceConnection, PublicKey
+from hsmctl.takeover.options import token_label
+from hsmctl.takeover.records import Check, PasswordState
+from hsmctl.takeover.session import AdminSession
+
+
+@dataclass(frozen=True)
+class Proof:
+    checks: tuple[Check, ...]
+    log_head: Head  # the device's log head when it was proved
+    provisioned_seq: int
+    transfer_seq: int | None
+
+
+def export_log(conn: DeviceConnection, after: int = 0) -> list[bytes]:
+    sink = io.BytesIO()
+    conn.run_stream(f"audit export --after {after}", sink)
+    return sink.getvalue().splitlines()
+
+
+def _is_otp_set(record: dict[str, Any]) -> bool:
+    detail = record.get("detail") or {}
+    return (
+        record.get("event") == "result"
+        and record.get("outcome") == "ok"
+        and str(detail.get("command", "")).startswith("user otp set")
+    )
+
+
+def transfer_window(records: Sequence[dict[str, Any]], started_at: str) -> dict[str, Any]:
+    """Where this tenancy starts in the log and whether anyone else used it first. Pure.
+
+    The tenancy starts at the last successful ``user otp set`` (the one-time credential
+    of this hand-off; a re-provisioned device has earlier tenancies before it). After it
+    come the first ``ownership-transfer`` and, before that, only this takeover's own
+    admin sessions: an ``ok`` admin login or session between the two that is older than
+    the journal's start (taken before our first connection) is someone else's.
+    """
+    provisioned = max((r["seq"] for r in records if _is_otp_set(r)), default=0)
+    transfer = next(
+        (
+            r["seq"]
+            for r in records
+            if r["event"] == "ownership-transfer" and r["seq"] > provisioned
+        ),
+        None,
+    )
+    started = utc.parse(started_at)
+    early = [
+        r["seq"]
+        for r in records
+        if provisioned < r["seq"] < (transfer or r["seq"] + 1)
+        and r["actor"] == "admin"
+        and r["event"] in ("login", "session-start")
+        and r["outcome"] == "ok"
+        and utc.parse(r["time"]) < started
+    ]
+    return {"provisioned_seq": provisioned, "transfer_seq": transfer, "earlier_sessions": early}
+
+
+def prove(session: AdminSession, *, keep_monitor: bool) -> Proof:
+    """Each check and its result, in the order the receipt lists them."""
+    checks: list[Check] = []
+
+    def check(name: str, ok: bool, detail: Any = None) -> None:
+        checks.append(Check(name, bool(ok), detail))
+
+    state, bundle, record = session.state, session.bundle, session.journal.record
+    host = bundle.appliance
+    new = state.escrowed("admin-password")
+    assert new is not None
+    session.drop()
+    conn = session.admin()  # password state committed: key + escrowed password only
+    check("key-and-password-work", conn.connected and record.password is PasswordState.COMMITTED)
+    access = PROVIDER_ACCESS.on(conn, host)
+    check("provider-access-revoked", access.revoked, access.as_dict())
+    info = HSM_INFO.on(conn, host)
+    check("customer-owned", info.owner_state is OwnerState.CUSTOMER_OWNED, info.owner_state.value)
+    check(
+        "monitor",
+        (info.monitor is Switch.DISABLED) != keep_monitor,
+        {"monitor": info.monitor.value, "keep_monitor": keep_monitor},
+    )
+    check(
+        "token-initialised",
+        info.initialised and info.label == token_label(bundle),
+        {"label": info.label},
+    )
+    so, co = state.escrowed("so-pin"), state.escrowed("co-pin")
+    assert so is not None and co is not None
+    # Knowing a PIN is shown by using it: re-set the CO PIN as SO, change it to itself.
+    ok_so = conn.run("hsm co-pin set", [so, co], check=False).ok
+    ok_co = conn.run("hsm co-pin change", [co, co], check=False).ok
+    check("token-answers-new-pins", ok_so and ok_co, {"so_pin": ok_so, "co_pin": ok_co})
+
+    presented = conn.host_key().to_line()
+    current = [PublicKey.parse(k).to_line() for k in record.host_keys.current]
+    original = [PublicKey.parse(k).to_line() for k in bundle.data_host_keys]
+    check(
+        "host-keys-rotated",
+        presented in current and presented not in original,
+        {"fingerprint": conn.host_key_fingerprint()},
+    )
+    check(
+        "audit-key-rotated",
+        info.audit_key_id == record.audit_key_id and record.audit_key_id != bundle.audit_key_id,
+        {"key_id": info.audit_key_id},
+    )
+
+    lines = export_log(conn)
+    report = auditlog.verify_lines(lines, state.load_pins().audit_keys, device=host)
+    check(
+        "activity-log-verifies",
+        report.ok,
+        {"records": report.records, "violations": [str(v) for v in report.violations]},
+    )
+    records = [devicejson.loads_object(line, "exported record", host) for line in lines]
+    window = transfer_window(records, record.started_at)
+    check(
+        "log-holds-the-transfer",
+        window["transfer_seq"] is not None,
+        {"seq": window["transfer_seq"], "provisioned_seq": window["provisioned_seq"]},
+    )
+    check(
+        "no-admin-session-before-the-customer",
+        not window["earlier_sessions"],
+        {"earlier_sessions": window["earlier_sessions"]},
+    )
+    session.drop()
+
+    check("one-time-password-refused", session.refused(bundle.otp))
+    check("password-without-key-refused", session.refused(new, with_key=False))
+    check("key-without-password-refused", session.refused(None))
+    return Proof(
+        tuple(checks),
+        Head(report.head.seq, report.head.hash),
+        window["provisioned_seq"],
+        window["transfer_seq"],
+    )
