@@ -38,7 +38,7 @@ from hsmctl.appliance import (
     sshdlog,
     store,
 )
-from hsmctl.appliance.handlers import Context, Handlers, Result
+from hsmctl.appliance.handlers import Context, Handlers, Reply
 from hsmctl.appliance.logwriter import ActivityLog, LogUnavailable
 from hsmctl.appliance.roles import READ_ONLY, Interface, Role, allowed_interface, authorize
 
@@ -229,11 +229,15 @@ class Connection(socketserver.StreamRequestHandler):
             daemon.p11.serve(sock, pid, uid)
             return
         caller = identify(pid, uid)
-        session = Session(daemon, caller, sock, bool(first.get("interactive")))
+        session = ShellSession(daemon, caller, sock, bool(first.get("interactive")))
         session.run(self.rfile)
 
 
-class Session:
+class ShellSession:
+    """The daemon's side of one ``hsmsh`` session: who is calling (fixed at connect),
+    then each command approved, logged, run and answered (:class:`DaemonClient` in
+    :mod:`shell` is the other side)."""
+
     def __init__(self, daemon: Daemon, caller: Caller, sock: socket.socket, interactive: bool):
         self.daemon = daemon
         self.caller = caller
@@ -310,7 +314,7 @@ class Session:
         except LogUnavailable:
             pass
 
-    def reply(self, result: Result) -> None:
+    def reply(self, result: Reply) -> None:
         if result.stream is not None:
             path, start, end = result.stream
             protocol.send(self.sock, {"type": "stream", "length": end - start})
@@ -338,9 +342,9 @@ class Session:
                     {"line": grammar.loggable(raw), "reason": exc.reason.value},
                 )
             except LogUnavailable as log_exc:
-                self.reply(Result.failure(str(log_exc)))
+                self.reply(Reply.failure(str(log_exc)))
                 return
-            self.reply(Result(exit=protocol.EXIT_USAGE, error=str(exc)))
+            self.reply(Reply(exit=protocol.EXIT_USAGE, error=str(exc)))
             return
         if cmd.words in READ_ONLY:
             self.reply(self.execute(cmd, secrets))
@@ -349,7 +353,7 @@ class Session:
             result = self.execute(cmd, secrets)
         self.reply(result)
 
-    def execute(self, cmd: grammar.Command, secrets: list[str]) -> Result:
+    def execute(self, cmd: grammar.Command, secrets: list[str]) -> Reply:
         """Approve, log, run and log one parsed command; the caller holds the order lock
         for anything that changes state, so the approval still holds when it runs."""
         c = self.caller
@@ -367,17 +371,17 @@ class Session:
             )
         except LogUnavailable as exc:
             if not (audit_export and decision.allowed):
-                return Result.failure(f"refused: {exc}")
+                return Reply.failure(f"refused: {exc}")
         if not decision.allowed:
-            return Result(exit=protocol.EXIT_DENIED, error=decision.reason)
+            return Reply(exit=protocol.EXIT_DENIED, error=decision.reason)
         ctx = Context(caller_account=c.account, role=c.role, source=c.source, owner=owner)
         try:
             result = self.daemon.handlers.run(ctx, cmd, secrets)
         except LogUnavailable as exc:
-            result = Result.failure(f"refused: {exc}")
+            result = Reply.failure(f"refused: {exc}")
         except Exception as exc:  # a handler bug must not leak details or kill the session
             print(f"hsmd: {name}: {exc!r}", file=sys.stderr, flush=True)
-            result = Result(exit=protocol.EXIT_FAILED, error="internal error", outcome="error")
+            result = Reply(exit=protocol.EXIT_FAILED, error="internal error", outcome="error")
         try:
             self.log(
                 "result",

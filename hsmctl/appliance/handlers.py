@@ -1,6 +1,6 @@
 """What each device command does, once the daemon has parsed, authorised and logged it.
 
-A handler takes the parsed command and the stdin secrets and returns a :class:`Result`:
+A handler takes the parsed command and the stdin secrets and returns a :class:`Reply`:
 text for the caller, an exit status, an outcome for the activity log, and detail for the
 log that never holds a secret.
 """
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class Result:
+class Reply:
     exit: int = protocol.EXIT_OK
     output: str = ""
     error: str | None = None
@@ -40,11 +40,11 @@ class Result:
     stream: tuple[str, int, int] | None = None
 
     @classmethod
-    def failure(cls, message: str, exit: int = protocol.EXIT_FAILED) -> Result:
+    def failure(cls, message: str, exit: int = protocol.EXIT_FAILED) -> Reply:
         return cls(exit=exit, error=message, outcome="failed")
 
     @classmethod
-    def usage(cls, message: str) -> Result:
+    def usage(cls, message: str) -> Reply:
         return cls(exit=protocol.EXIT_USAGE, error=message, outcome="failed")
 
 
@@ -145,11 +145,11 @@ def _fingerprints(directory: Any) -> list[str]:
 class Handlers:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.table: dict[tuple[str, ...], Callable[[Context, Command, list[str]], Result]] = {
+        self.table: dict[tuple[str, ...], Callable[[Context, Command, list[str]], Reply]] = {
             ("help",): self.help,
-            ("exit",): lambda ctx, cmd, s: Result(),
+            ("exit",): lambda ctx, cmd, s: Reply(),
             ("hsm", "show"): self.hsm_show,
-            ("hsm", "policy", "show"): lambda ctx, cmd, s: Result(output=_json(p11service.POLICY)),
+            ("hsm", "policy", "show"): lambda ctx, cmd, s: Reply(output=_json(p11service.POLICY)),
             ("client", "register"): self.client_register,
             ("client", "list"): self.client_list,
             ("client", "revoke"): self.client_revoke,
@@ -158,7 +158,7 @@ class Handlers:
             ("hsm", "co-pin", "set"): self.co_pin_set,
             ("hsm", "co-pin", "change"): self.co_pin_change,
             ("user", "password"): self.user_password,
-            ("user", "list"): lambda ctx, cmd, s: Result(output=_json(accounts.listing())),
+            ("user", "list"): lambda ctx, cmd, s: Reply(output=_json(accounts.listing())),
             ("user", "enable"): self.user_enable,
             ("user", "disable"): self.user_disable,
             ("user", "credential", "set"): self.credential_set,
@@ -178,43 +178,43 @@ class Handlers:
             ("audit", "key", "rotate"): self.audit_key_rotate,
         }
 
-    def run(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def run(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         need = len(cmd.spec.stdin)
         if len(secrets) != need:
-            return Result.usage(f"{cmd.spec.name} reads {need} value(s) from stdin")
+            return Reply.usage(f"{cmd.spec.name} reads {need} value(s) from stdin")
         handler = self.table[cmd.words]
         try:
             return handler(ctx, cmd, secrets)
         except token.TokenError as exc:
             if isinstance(exc, UsageError):
-                return Result.usage(exc.message)
-            return Result(
+                return Reply.usage(exc.message)
+            return Reply(
                 exit=protocol.EXIT_FAILED,
                 error=exc.message,
                 outcome="failed",
                 log_detail={"token_error": type(exc).__name__},
             )
         except accounts.AccountError as exc:
-            return Result.usage(str(exc))
+            return Reply.usage(str(exc))
         except store.OwnershipError as exc:
-            return Result(
+            return Reply(
                 exit=protocol.EXIT_DENIED,
                 error=str(exc),
                 outcome="denied",
                 log_detail={"rule": "customer-owned"},
             )
         except HsmctlError as exc:
-            return Result.failure(exc.message)
+            return Reply.failure(exc.message)
 
     # -- general -----------------------------------------------------------------------
 
-    def help(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def help(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         state = ctx.owner.device_state()
-        return Result(output=help_text(lambda spec: authorize_spec(ctx.role, spec, state)))
+        return Reply(output=help_text(lambda spec: authorize_spec(ctx.role, spec, state)))
 
     # -- hsm ---------------------------------------------------------------------------
 
-    def hsm_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def hsm_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         device = _device()
         status = token.customer_status()
         owner = ctx.owner
@@ -247,15 +247,15 @@ class Handlers:
                     "monitor",
                 )
             }
-        return Result(output=_json(info))
+        return Reply(output=_json(info))
 
-    def hsm_init(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def hsm_init(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         label = cmd.get_str("label")
         (so_pin,) = secrets
         before = token.customer_status()
         current = so_pin if before.initialised else None
         after = token.customer_init(label, so_pin, current_so_pin=current)
-        return Result(
+        return Reply(
             output=f"token initialised: label {after.label}, serial {after.serial}",
             log_detail={
                 "label": after.label,
@@ -264,28 +264,28 @@ class Handlers:
             },
         )
 
-    def hsm_zeroize(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def hsm_zeroize(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         before = token.customer_status()
         token.customer_zeroize()
-        return Result(output="token zeroized", log_detail={"serial": before.serial})
+        return Reply(output="token zeroized", log_detail={"serial": before.serial})
 
-    def co_pin_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def co_pin_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         token.customer_set_co_pin(secrets[0], secrets[1])
-        return Result(output="crypto-officer PIN set")
+        return Reply(output="crypto-officer PIN set")
 
-    def co_pin_change(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def co_pin_change(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         token.customer_change_co_pin(secrets[0], secrets[1])
-        return Result(output="crypto-officer PIN changed")
+        return Reply(output="crypto-officer PIN changed")
 
     # -- application clients (SPEC §11) ---------------------------------------------------
 
-    def client_register(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def client_register(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         name, role = cmd.get_str("name"), cmd.get_str("role")
         if not store.customer_owned_fact():
-            return Result(exit=protocol.EXIT_DENIED, error="the device is not customer-owned",
+            return Reply(exit=protocol.EXIT_DENIED, error="the device is not customer-owned",
                           outcome="denied", log_detail={"rule": "not-customer-owned"})  # fmt: skip
         if name in p11service.load_clients():
-            return Result.usage(f"client {name} is already registered (revoke it first)")
+            return Reply.usage(f"client {name} is already registered (revoke it first)")
         fingerprint, key_type = accounts.check_client_key(secrets[0])
         accounts.create_client(name, secrets[0])
         entry = {
@@ -299,12 +299,12 @@ class Handlers:
             clients[name] = entry
             p11service.save_clients(clients)
         account = accounts.client_account(name)
-        return Result(
+        return Reply(
             output=_json({"client": name, "account": account, **entry}),
             log_detail={"client": name, "account": account, **entry},
         )
 
-    def client_list(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def client_list(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         running = self.daemon.p11.sessions()
         clients = [
             {
@@ -316,16 +316,16 @@ class Handlers:
             }
             for name, entry in sorted(p11service.load_clients().items())
         ]
-        return Result(output=_json({"clients": clients}))
+        return Reply(output=_json({"clients": clients}))
 
-    def client_revoke(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def client_revoke(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         name = cmd.get_str("name")
         entry = self.daemon.p11.forget(name)
         if entry is None:
-            return Result.usage(f"no client named {name}")
+            return Reply.usage(f"no client named {name}")
         ended = self.daemon.p11.revoke(name)
         ended += accounts.delete_client(name)
-        return Result(
+        return Reply(
             output=f"client {name} revoked; {ended} process(es) ended",
             log_detail={"client": name, "role": entry.get("role"),
                         "fingerprint": entry.get("fingerprint"), "ended": ended},
@@ -339,16 +339,16 @@ class Handlers:
 
     # -- users -------------------------------------------------------------------------
 
-    def user_password(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def user_password(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         (password,) = secrets
         accounts.check_password_policy(password)
         user = ctx.caller_account
         owner = ctx.owner
         if not (user == "admin" and not owner.device_state().otp_changed):
             accounts.set_password(user, password)
-            return Result(output="password changed")
+            return Reply(output="password changed")
         if owner.state is OwnerState.FACTORY:
-            return Result.failure("the admin account has not been provisioned yet")
+            return Reply.failure("the admin account has not been provisioned yet")
         # The first change by the admin makes the device customer-owned in the same
         # operation, in this order, so that no crash at any point leaves the provider
         # enabled once the customer's password works: (1) the one-way fact on disk,
@@ -379,7 +379,7 @@ class Handlers:
         faults.reached("user-password:changed")
         owner.otp_changed = True
         owner.save()
-        return Result(
+        return Reply(
             output="password changed; the device is now customer-owned and the "
             "provider's access is revoked",
             log_detail={"first_change": True},
@@ -407,37 +407,37 @@ class Handlers:
         if name not in ("monitor", "audit") and ctx.role is not Role.CONSOLE:
             raise accounts.AccountError(f"{name} cannot be managed this way")
 
-    def user_enable(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def user_enable(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         name = cmd.get_str("name")
         self._managed(ctx, name)
         self._provider_guard(ctx)
         if not accounts.has_key(name):
-            return Result.failure(
+            return Reply.failure(
                 f"{name} has no credential; set one first (user credential set {name})"
             )
         accounts.enable(name)
-        return Result(output=f"{name} enabled", log_detail={"account": name})
+        return Reply(output=f"{name} enabled", log_detail={"account": name})
 
-    def user_disable(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def user_disable(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         name = cmd.get_str("name")
         self._managed(ctx, name)
         self._provider_guard(ctx)
         accounts.disable(name)
         accounts.end_sessions(name)
-        return Result(output=f"{name} disabled", log_detail={"account": name})
+        return Reply(output=f"{name} disabled", log_detail={"account": name})
 
-    def credential_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def credential_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         name = cmd.get_str("name")
         self._managed(ctx, name)
         self._provider_guard(ctx)
         fingerprint = accounts.check_public_key(secrets[0])
         accounts.set_authorized_key(name, secrets[0])
-        return Result(
+        return Reply(
             output=f"{name} credential set: {fingerprint}",
             log_detail={"account": name, "fingerprint": fingerprint},
         )
 
-    def otp_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def otp_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         key, password = secrets
         self._provider_guard(ctx)
         if store.customer_owned_fact():
@@ -458,14 +458,14 @@ class Handlers:
         owner.otp_hash = store.shadow_hash("admin")
         owner.save()
         accounts.enable("admin")
-        return Result(
+        return Reply(
             output=f"admin credential set ({fingerprint}); one-time password expires in {hours} h",
             log_detail={"fingerprint": fingerprint, "expires_hours": hours},
         )
 
     # -- sysconf -----------------------------------------------------------------------
 
-    def provider_access_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def provider_access_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         owner = store.Owner.load()
         info = {
             "provider_access": owner.provider_access,
@@ -473,32 +473,32 @@ class Handlers:
             "provider_enabled": accounts.is_enabled("provider"),
             "owner_state": owner.state.value,
         }
-        return Result(output=_json(info))
+        return Reply(output=_json(info))
 
-    def provider_access_revoke(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def provider_access_revoke(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         self._lock_provider()
-        return Result(output="provider access revoked")
+        return Reply(output="provider access revoked")
 
-    def hostkey_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def hostkey_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         info = {
             "active": _fingerprints(paths.HOSTKEY_DIRS["data"]),
             "staged": _fingerprints(paths.HOSTKEY_STAGED),
             "active_keys": _key_lines(paths.HOSTKEY_DIRS["data"]),
             "staged_keys": _key_lines(paths.HOSTKEY_STAGED),
         }
-        return Result(output=_json(info))
+        return Reply(output=_json(info))
 
-    def hostkey_stage(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def hostkey_stage(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         from hsmctl.appliance.personalise import make_host_keys
 
         shutil.rmtree(paths.HOSTKEY_STAGED, ignore_errors=True)
         make_host_keys(paths.HOSTKEY_STAGED, f"{_device().get('id')}-data")
         staged = _fingerprints(paths.HOSTKEY_STAGED)
-        return Result(output=_json({"staged": staged}), log_detail={"staged": staged})
+        return Reply(output=_json({"staged": staged}), log_detail={"staged": staged})
 
-    def hostkey_activate(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def hostkey_activate(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         if not paths.HOSTKEY_STAGED.is_dir():
-            return Result.failure(
+            return Reply.failure(
                 "no staged host keys (sysconf hostkey stage)", exit=protocol.EXIT_FAILED
             )
         active = paths.HOSTKEY_DIRS["data"]
@@ -514,7 +514,7 @@ class Handlers:
         # Returns once the data interface serves the new keys from a fresh sshd, so the
         # caller's next connection needs no retry. Without a data address there is none.
         if store.read_json(paths.NETWORK, {}).get("address") and not _restart_data_sshd():
-            return Result(
+            return Reply(
                 exit=protocol.EXIT_FAILED,
                 output=_json({"active": now}),
                 error="host keys activated, but the data interface's sshd has not restarted "
@@ -522,9 +522,9 @@ class Handlers:
                 outcome="failed",
                 log_detail={"active": now, "sshd_restarted": False},
             )
-        return Result(output=_json({"active": now}), log_detail={"active": now})
+        return Reply(output=_json({"active": now}), log_detail={"active": now})
 
-    def factory_reset(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def factory_reset(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         from hsmctl.appliance.personalise import make_host_keys
 
         self._provider_guard(ctx)
@@ -551,21 +551,21 @@ class Handlers:
             accounts.enable("provider")
         _signal_boot()
         rotated = self._rotate_audit_key()
-        return Result(
+        return Reply(
             output="factory reset done",
             log_detail={"data_hostkeys": "regenerated", **rotated.log_detail},
         )
 
     # -- network -----------------------------------------------------------------------
 
-    def network_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def network_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         config = store.read_json(paths.NETWORK, {})
         addrs = subprocess.run(
             ["ip", "-br", "-4", "addr"], capture_output=True, text=True, check=False
         ).stdout
-        return Result(output=_json({"data": config, "interfaces": addrs.splitlines()}))
+        return Reply(output=_json({"data": config, "interfaces": addrs.splitlines()}))
 
-    def network_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def network_set(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         self._provider_guard(ctx)
         iface = cmd.get_interface("ip")
         gateway = cmd.get_address("gateway")
@@ -579,24 +579,24 @@ class Handlers:
         for argv in steps:
             proc = subprocess.run(argv, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
-                return Result.failure(f"{' '.join(argv[:3])}: {proc.stderr.strip()}")
+                return Reply.failure(f"{' '.join(argv[:3])}: {proc.stderr.strip()}")
         store.write_json(
             paths.NETWORK, {"address": str(iface), "gateway": str(gateway), "device": dev}
         )
         _signal_boot()
-        return Result(
+        return Reply(
             output=f"data interface {iface} via {gateway}",
             log_detail={"address": str(iface), "gateway": str(gateway)},
         )
 
     # -- audit -------------------------------------------------------------------------
 
-    def audit_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def audit_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         count = cmd.get_int("last") or 20
         lines = self.daemon.log.tail(count)
-        return Result(output="\n".join(line.decode("utf-8") for line in lines))
+        return Reply(output="\n".join(line.decode("utf-8") for line in lines))
 
-    def audit_export(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def audit_export(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         after = cmd.get_int("after") or 0
         # Export works even when the log cannot be written (SPEC §3): then without a
         # fresh checkpoint, and the collector sees the unsigned tail.
@@ -606,11 +606,11 @@ class Handlers:
         with log.lock:
             start = log.offset_after(after)
             end = log.size
-        return Result(
+        return Reply(
             stream=(str(log.path), start, end), log_detail={"after": after, "bytes": end - start}
         )
 
-    def audit_verify(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def audit_verify(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         log = self.daemon.log
         with log.lock:
             end = log.size
@@ -626,17 +626,17 @@ class Handlers:
             "last_checkpoint": report.last_checkpoint_seq,
             "violations": [str(v) for v in report.violations],
         }
-        return Result(
+        return Reply(
             exit=protocol.EXIT_OK if ok else protocol.EXIT_INTEGRITY,
             output=_json(summary),
             outcome="ok" if ok else "failed",
             log_detail={"verified": ok, "last_seq": report.last_seq},
         )
 
-    def audit_key_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def audit_key_show(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         current = self.daemon.keys.current()
         initial = str(_device().get("audit_public_key") or current.public_key_pem)
-        return Result(
+        return Reply(
             output=_json(
                 {
                     "key_id": current.key_id,
@@ -649,10 +649,10 @@ class Handlers:
             )
         )
 
-    def audit_key_rotate(self, ctx: Context, cmd: Command, secrets: list[str]) -> Result:
+    def audit_key_rotate(self, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
         return self._rotate_audit_key()
 
-    def _rotate_audit_key(self) -> Result:
+    def _rotate_audit_key(self) -> Reply:
         keys = self.daemon.keys
         old, new = keys.rotate()
         device = keys.device
@@ -660,7 +660,7 @@ class Handlers:
             lambda prev, now: auditlog.make_key_rotation(prev, old, new, device=device, time=now),
             then=lambda: keys.commit(new),
         )
-        return Result(
+        return Reply(
             output=_json(
                 {
                     "key_id": new.key_id,

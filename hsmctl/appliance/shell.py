@@ -20,7 +20,7 @@ from typing import Any
 from hsmctl.appliance import grammar, paths, protocol
 
 
-class Session:
+class DaemonClient:
     """One connection to the daemon for the whole shell session (one login, one log
     session, one checkpoint at its end)."""
 
@@ -100,14 +100,14 @@ def _secrets_for(line: bytes) -> tuple[str, ...]:
         return ()
 
 
-def run_line(session: Session, line: bytes, interactive: bool) -> int:
+def run_line(session: DaemonClient, line: bytes, interactive: bool) -> int:
     secrets = _read_secrets(_secrets_for(line), interactive)
     if secrets is None:
         return protocol.EXIT_USAGE
     return session.command(line, secrets)
 
 
-def interactive_loop(session: Session) -> int:
+def interactive_loop(session: DaemonClient) -> int:
     status = 0
     if session.info.get("must_change_password"):
         print("The one-time password must be changed before anything else.", flush=True)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print("hsmsh: usage: hsmsh [-c COMMAND]", file=sys.stderr)
             return protocol.EXIT_USAGE
         try:
-            session = Session(interactive)
+            session = DaemonClient(interactive)
         except OSError as exc:
             print(f"hsmsh: the device daemon is unavailable ({exc.strerror})", file=sys.stderr)
             return protocol.EXIT_UNAVAILABLE
