@@ -4,9 +4,9 @@ networks, read from YAML and validated strictly before anything acts on it."""
 from hsmctl.inventory.load import check_placement, inventory_files, load_inventory, parse_inventory
 from hsmctl.inventory.model import (
     Appliance,
+    Declared,
     Inventory,
     InventoryError,
-    Origin,
     Placement,
     PlacementError,
     PublicKey,
@@ -22,9 +22,9 @@ from hsmctl.inventory.model import (
 
 __all__ = [
     "Appliance",
+    "Declared",
     "Inventory",
     "InventoryError",
-    "Origin",
     "Placement",
     "PlacementError",
     "PublicKey",

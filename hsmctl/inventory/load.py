@@ -24,9 +24,9 @@ from hsmctl.inventory.model import (
     IDENTITY_KEY_TYPE,
     MAX_SUBNET_PREFIX,
     Appliance,
+    Declared,
     Inventory,
     InventoryError,
-    Origin,
     Placement,
     PlacementError,
     PublicKey,
@@ -114,8 +114,8 @@ def _type_name(value: object) -> str:
 class _Problems:
     items: list[str]
 
-    def add(self, origin: Origin | tuple[Path, str], message: str) -> None:
-        file, entry = (origin.file, origin.entry) if isinstance(origin, Origin) else origin
+    def add(self, origin: Declared | tuple[Path, str], message: str) -> None:
+        file, entry = (origin.file, origin.entry) if isinstance(origin, Declared) else origin
         self.items.append(f"{file}: {entry}: {message}" if entry else f"{file}: {message}")
 
 
@@ -285,7 +285,7 @@ def _region(r: _Reader, entry: str, raw: object) -> Region | None:
     stamps = [_stamp(r, e, v, name or "?") for e, v in r.items(entry, m, "stamps", "name")]
     if name is None:
         return None
-    return Region(name, tuple(s for s in stamps if s), Origin(r.file, entry))
+    return Region(name, tuple(s for s in stamps if s), Declared(r.file, entry))
 
 
 def _stamp(r: _Reader, entry: str, raw: object, region: str) -> Stamp | None:
@@ -309,7 +309,7 @@ def _stamp(r: _Reader, entry: str, raw: object, region: str) -> Stamp | None:
         appliances.append(a)
     if name is None:
         return None
-    return Stamp(name, region, tuple(appliances), mgmt_cidr, Origin(r.file, entry))
+    return Stamp(name, region, tuple(appliances), mgmt_cidr, Declared(r.file, entry))
 
 
 def _appliance(r: _Reader, entry: str, raw: object, region: str, stamp: str) -> Appliance | None:
@@ -327,7 +327,7 @@ def _appliance(r: _Reader, entry: str, raw: object, region: str, stamp: str) -> 
     if None in (ident, serial, model, mgmt_ip, keys):
         return None
     assert ident and serial and model and mgmt_ip and keys is not None
-    return Appliance(ident, serial, model, mgmt_ip, keys, region, stamp, Origin(r.file, entry))
+    return Appliance(ident, serial, model, mgmt_ip, keys, region, stamp, Declared(r.file, entry))
 
 
 def _host_keys(r: _Reader, entry: str, m: dict[str, Any]) -> tuple[PublicKey, ...] | None:
@@ -379,7 +379,7 @@ def _tenant(r: _Reader, entry: str, raw: object) -> Tenant | None:
     vnets = [_vnet(r, e, v) for e, v in r.items(entry, m, "vnets", "name")]
     if name is None or key is None or quota is None:
         return None
-    return Tenant(name, key, tuple(v for v in vnets if v), quota, Origin(r.file, entry))
+    return Tenant(name, key, tuple(v for v in vnets if v), quota, Declared(r.file, entry))
 
 
 def _quota(r: _Reader, entry: str, raw: object) -> Quota | None:
@@ -411,7 +411,7 @@ def _vnet(r: _Reader, entry: str, raw: object) -> Vnet | None:
         subnets.append(s)
     if name is None or cidr is None or ("region" in m and region is None):
         return None
-    return Vnet(name, cidr, region, tuple(subnets), Origin(r.file, entry))
+    return Vnet(name, cidr, region, tuple(subnets), Declared(r.file, entry))
 
 
 def _subnet(r: _Reader, entry: str, raw: object) -> Subnet | None:
@@ -430,14 +430,14 @@ def _subnet(r: _Reader, entry: str, raw: object) -> Subnet | None:
         return None
     if name is None or cidr is None or delegated is None:
         return None
-    return Subnet(name, cidr, delegated, Origin(r.file, entry))
+    return Subnet(name, cidr, delegated, Declared(r.file, entry))
 
 
 # -- rules across entries and files ------------------------------------------------------
 
 
-def _unique(p: _Problems, what: str, entries: Sequence[tuple[object, Origin]]) -> None:
-    first: dict[object, Origin] = {}
+def _unique(p: _Problems, what: str, entries: Sequence[tuple[object, Declared]]) -> None:
+    first: dict[object, Declared] = {}
     for value, origin in entries:
         if value in first:
             p.add(origin, f"duplicate {what} {value} (first at {first[value]})")
@@ -446,7 +446,7 @@ def _unique(p: _Problems, what: str, entries: Sequence[tuple[object, Origin]]) -
 
 
 def _overlaps(
-    p: _Problems, what: str, nets: Sequence[tuple[ipaddress.IPv4Network, Origin]]
+    p: _Problems, what: str, nets: Sequence[tuple[ipaddress.IPv4Network, Declared]]
 ) -> None:
     for i, (a, oa) in enumerate(nets):
         for b, ob in nets[:i]:

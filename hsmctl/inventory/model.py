@@ -1,6 +1,6 @@
 """The provider's inventory as immutable data: the fleet and the tenants' networks.
 
-Every entity remembers where it was written (:class:`Origin`: file and entry path), so a
+Every entity remembers where it was written (:class:`Declared`: file and entry path), so a
 later check — a placement request, a host-key mismatch — can point the engineer at the
 line of YAML to fix. Nothing here does I/O; :mod:`hsmctl.inventory.load` builds these.
 """
@@ -52,7 +52,7 @@ class PlacementError(InventoryError):
 
 
 @dataclass(frozen=True)
-class Origin:
+class Declared:
     """Where an entity was declared: ``file`` and an entry path like ``tenants[t1]``."""
 
     file: Path
@@ -147,7 +147,7 @@ class Appliance:
     mgmt_host_keys: tuple[PublicKey, ...]
     region: str
     stamp: str
-    origin: Origin = field(compare=False)
+    origin: Declared = field(compare=False)
 
     @property
     def mgmt_fingerprints(self) -> tuple[str, ...]:
@@ -160,14 +160,14 @@ class Stamp:
     region: str
     appliances: tuple[Appliance, ...]
     mgmt_cidr: ipaddress.IPv4Network | None
-    origin: Origin = field(compare=False)
+    origin: Declared = field(compare=False)
 
 
 @dataclass(frozen=True)
 class Region:
     name: str
     stamps: tuple[Stamp, ...]
-    origin: Origin = field(compare=False)
+    origin: Declared = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ class Subnet:
     name: str
     cidr: ipaddress.IPv4Network
     delegated: bool
-    origin: Origin = field(compare=False)
+    origin: Declared = field(compare=False)
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class Vnet:
     cidr: ipaddress.IPv4Network
     region: str | None
     subnets: tuple[Subnet, ...]
-    origin: Origin = field(compare=False)
+    origin: Declared = field(compare=False)
 
     def subnet(self, name: str) -> Subnet | None:
         return next((s for s in self.subnets if s.name == name), None)
@@ -196,7 +196,7 @@ class Tenant:
     identity_public_key: PublicKey
     vnets: tuple[Vnet, ...]
     quota: Quota
-    origin: Origin = field(compare=False)
+    origin: Declared = field(compare=False)
 
     def vnet(self, name: str) -> Vnet | None:
         return next((v for v in self.vnets if v.name == name), None)
