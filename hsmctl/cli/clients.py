@@ -109,3 +109,123 @@ def revoke(
     tctx = open_tenant_context(config_path(ctx), identity)
     result = run(tctx, appliance, name)
     emit(as_json, result, lambda p: f"{p['appliance']}: client {p['client']} revoked")
+
+
+# -- keys -----------------------------------------------------------------------------------
+
+_kit = click.option(
+    "--kit",
+    "kit_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A client kit to go through (default: hsmctl's own crypto-officer client "
+    "hsmctl-HOST, registered on first use).",
+)
+_pin_file = click.option(
+    "--pin-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The token's user PIN, in an owner-only file (default: the PIN escrowed at the takeover).",
+)
+
+
+def _key_line(k: dict[str, object]) -> str:
+    flags = ",".join(n for n in ("local", "extractable", "sensitive") if k.get(n))
+    return f"{k['label']:<32} {k['id']:<16} {k['type']}:{k['size']} {flags}"
+
+
+@click.group("key")
+def key() -> None:
+    """The customer token's keys, through the same remote PKCS#11 path as an application
+    (a client kit, p11-kit over SSH, the device's key policy) (SPEC §11)."""
+
+
+@key.command("list")
+@click.argument("appliance")
+@_kit
+@_pin_file
+@_identity
+@json_option
+@click.pass_context
+def key_list(
+    ctx: click.Context,
+    appliance: str,
+    kit_dir: Path | None,
+    pin_file: Path | None,
+    identity: str | None,
+    as_json: bool,
+) -> None:
+    """List the private and secret keys on APPLIANCE's customer token.
+
+    \b
+    Output: {"appliance", "keys": [{"label", "id", "type", "size", "local",
+    "extractable", "sensitive"}]}."""
+    from hsmctl.customer.context import open_tenant_context
+    from hsmctl.keys.workflow import list_keys
+
+    tctx = open_tenant_context(config_path(ctx), identity)
+    result = list_keys(tctx, appliance, kit_dir, pin_file)
+    emit(as_json, result, lambda p: "\n".join(_key_line(k) for k in p["keys"]) or "no keys")
+
+
+@key.command("generate")
+@click.argument("appliance")
+@click.option("--label", required=True, help="The new key's label (unique on the token).")
+@click.option("--type", "key_type", required=True, metavar="rsa:BITS|ec:CURVE|aes:BITS")
+@_kit
+@_pin_file
+@_identity
+@json_option
+@click.pass_context
+def key_generate(
+    ctx: click.Context,
+    appliance: str,
+    label: str,
+    key_type: str,
+    kit_dir: Path | None,
+    pin_file: Path | None,
+    identity: str | None,
+    as_json: bool,
+) -> None:
+    """Generate a key on APPLIANCE (sensitive, never extractable).
+
+    \b
+    Output: {"appliance", "key": {"label", "id", "type", "size", ...}}.
+    Exit 2: bad type or label, the label exists, or the device's key policy refused it
+    (the message names the rule; nothing was changed)."""
+    from hsmctl.customer.context import open_tenant_context
+    from hsmctl.keys.workflow import generate
+
+    tctx = open_tenant_context(config_path(ctx), identity)
+    result = generate(tctx, appliance, label, key_type, kit_dir, pin_file)
+    emit(as_json, result, lambda p: f"{p['appliance']}: {_key_line(p['key'])}")
+
+
+@key.command("destroy")
+@click.argument("appliance")
+@click.option("--label", required=True, help="The key to destroy (with its public half).")
+@click.option("--yes", is_flag=True, help="Confirm: a destroyed key cannot come back.")
+@_kit
+@_pin_file
+@_identity
+@json_option
+@click.pass_context
+def key_destroy(
+    ctx: click.Context,
+    appliance: str,
+    label: str,
+    yes: bool,
+    kit_dir: Path | None,
+    pin_file: Path | None,
+    identity: str | None,
+    as_json: bool,
+) -> None:
+    """Destroy the key labelled LABEL on APPLIANCE.
+
+    \b
+    Output: {"appliance", "label", "destroyed": [{"label", "id", "type", ...}]}.
+    Exit 2: no --yes, no such key, or several keys with that label."""
+    from hsmctl.customer.context import open_tenant_context
+    from hsmctl.keys.workflow import destroy
+
+    tctx = open_tenant_context(config_path(ctx), identity)
+    result = destroy(tctx, appliance, label, yes, kit_dir, pin_file)
+    emit(as_json, result, lambda p: f"{p['appliance']}: destroyed {len(p['destroyed'])} key(s)")

@@ -57,6 +57,7 @@ cli.add_command(customer_cli.takeover)
 cli.add_command(customer_cli.release)
 cli.add_command(logs_cli.logs)
 cli.add_command(clients_cli.client)
+cli.add_command(clients_cli.key)
 
 
 def _wants_json(argv: list[str]) -> bool:

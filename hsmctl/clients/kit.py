@@ -118,3 +118,26 @@ no plaintext key import; no MD5, SHA-1 signatures or raw RSA; no SO login or PIN
 management over this path. A crypto-user client may only use existing keys. Every
 session, key generated or destroyed, and refusal is in the appliance's activity log.
 """  # noqa: S608 - a README, not SQL
+
+
+CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+
+
+def remote_line(module_text: str) -> str:
+    """The ``remote:`` value of a p11-kit module file (``|COMMAND``); ValueError if there
+    is not exactly one. Pure."""
+    found = [
+        line.split(":", 1)[1].strip()
+        for line in module_text.splitlines()
+        if line.strip().startswith("remote:")
+    ]
+    if len(found) != 1 or not found[0].startswith("|"):
+        raise ValueError("expected exactly one 'remote: |COMMAND' line")
+    return found[0]
+
+
+def own_client_name(hostname: str) -> str:
+    """The client hsmctl registers for itself on this host: ``hsmctl-HOST`` within the
+    device's name rule (pure)."""
+    host = re.sub(r"[^a-z0-9-]+", "-", hostname.split(".")[0].lower()).strip("-")
+    return check_name(f"hsmctl-{host}"[:28].rstrip("-"))

@@ -1,0 +1,121 @@
+"""``hsmctl key list|generate|destroy``: which kit, which PIN, then :mod:`remote`.
+
+The kit: ``--kit DIR`` (any client's kit; ``generate`` and ``destroy`` need a
+crypto-officer's), or by default hsmctl's own client on this host, ``hsmctl-HOST``
+(crypto-officer), registered as ``admin`` on first use with its kit in the state
+directory (``appliances/ID/clients/hsmctl-HOST``) and reused afterwards; ``client list``
+shows it, ``client revoke`` removes it. The PIN: ``--pin-file`` (owner-only, SPEC §6),
+else the crypto-officer PIN this state directory escrowed at the takeover. It goes from
+here to ``C_Login`` only: never argv, never the environment, never the kit.
+
+Bad input (type, label, a PIN file readable by others, an unknown or ambiguous label)
+exits 2 before anything changes; a refusal of the device's key policy exits 2 naming
+the rule (the device changed nothing and logged it ``denied``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from hsmctl.clients import kit
+from hsmctl.customer.context import TenantContext
+from hsmctl.customer.store import ApplianceState
+from hsmctl.errors import ConflictError, UsageError
+from hsmctl.keys import spec
+from hsmctl.keys.remote import RemoteToken
+from hsmctl.secret import Secret, read_secret_file
+
+PIN_ESCROW = "co-pin"
+
+
+def _kit_dir(ctx: TenantContext, appliance: str, given: Path | None) -> Path:
+    if given is not None:
+        return given.absolute()
+    name = kit.own_client_name(socket.gethostname())
+    own = ApplianceState(ctx.state_dir, appliance).dir / "clients" / name
+    if not (own / f"{name}.module").is_file():
+        from hsmctl.clients.workflow import register
+
+        register(ctx, appliance, name, "crypto-officer")
+    return own
+
+
+def remote_of(kit_dir: Path) -> str:
+    modules = sorted(kit_dir.glob("*.module")) if kit_dir.is_dir() else []
+    if len(modules) != 1:
+        raise UsageError(f"--kit {kit_dir}: a kit directory with one *.module file expected")
+    try:
+        return kit.remote_line(modules[0].read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UsageError(f"--kit {kit_dir}: {modules[0].name}: {exc}") from exc
+
+
+def _pin(ctx: TenantContext, appliance: str, pin_file: Path | None) -> Secret:
+    if pin_file is not None:
+        return read_secret_file(pin_file, what="--pin-file")
+    pin = ApplianceState(ctx.state_dir, appliance).escrowed(PIN_ESCROW)
+    if pin is None:
+        raise ConflictError(
+            f"{appliance}: no crypto-officer PIN escrowed in {ctx.state_dir} (not taken over "
+            "from here); give --pin-file"
+        )
+    return pin
+
+
+def _token(
+    ctx: TenantContext, appliance: str, kit_dir: Path | None, pin_file: Path | None
+) -> RemoteToken:
+    ApplianceState(ctx.state_dir, appliance)  # validates the id (exit 2)
+    pin = _pin(ctx, appliance, pin_file)
+    remote = remote_of(_kit_dir(ctx, appliance, kit_dir))
+    return RemoteToken(appliance, remote, pin)
+
+
+def list_keys(
+    ctx: TenantContext, appliance: str, kit_dir: Path | None = None, pin_file: Path | None = None
+) -> dict[str, Any]:
+    with _token(ctx, appliance, kit_dir, pin_file) as token:
+        rows = token.keys()
+    return {"appliance": appliance, "keys": [r.as_dict() for r in rows]}
+
+
+def generate(
+    ctx: TenantContext,
+    appliance: str,
+    label: str,
+    key_type: str,
+    kit_dir: Path | None = None,
+    pin_file: Path | None = None,
+) -> dict[str, Any]:
+    try:
+        spec.check_label(label)
+        wanted = spec.parse_type(key_type)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    with _token(ctx, appliance, kit_dir, pin_file) as token:
+        if token.keys(label):
+            raise UsageError(f"{appliance}: a key labelled {label!r} exists; nothing changed")
+        made = token.generate(wanted, label, os.urandom(8))
+    return {"appliance": appliance, "key": made.as_dict()}
+
+
+def destroy(
+    ctx: TenantContext,
+    appliance: str,
+    label: str,
+    yes: bool,
+    kit_dir: Path | None = None,
+    pin_file: Path | None = None,
+) -> dict[str, Any]:
+    try:
+        spec.check_label(label)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if not yes:
+        raise UsageError(f"destroying {label!r} cannot be undone: add --yes")
+    with _token(ctx, appliance, kit_dir, pin_file) as token:
+        gone = token.destroy(label)
+    return {"appliance": appliance, "label": label, "destroyed": [r.as_dict() for r in gone]}
