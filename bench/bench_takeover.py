@@ -92,7 +92,7 @@ def _charge(category: str, seconds: float) -> None:
 def _instrument() -> None:
     """Wrap the transport and sleep once per process; charges go to the thread's Timing."""
     from hsmctl.ssh import client
-    from hsmctl.takeover import workflow
+    from hsmctl.takeover import session
 
     if getattr(client.DeviceConnection, "_bench_wrapped", False):
         return
@@ -132,7 +132,8 @@ def _instrument() -> None:
     client.DeviceConnection.connect = timed_connect  # type: ignore[method-assign]
     client.DeviceConnection._execute = timed_execute  # type: ignore[method-assign]
     client.DeviceConnection._bench_wrapped = True  # type: ignore[attr-defined]
-    setattr(workflow, "time", _Time())  # noqa: B010 - the module's own name for time
+    # The takeover's waits (reconnecting, the data sshd coming back) live in its session.
+    setattr(session, "time", _Time())  # noqa: B010 - the module's own name for time
 
 
 def _enter_netns(name: str) -> None:
