@@ -102,5 +102,7 @@ class AuditKeys:
         self.signer.close()
 
 
-def fingerprint(pem: str) -> str:
+def key_digest(pem: str) -> str:
+    """``SHA256:`` + hex SHA-256 of the PEM text: a digest of this file's text, not an
+    OpenSSH fingerprint (those are :func:`hsmctl.sshkeys.fingerprint`) nor a key id."""
     return "SHA256:" + hashlib.sha256(pem.encode()).hexdigest()

@@ -29,17 +29,16 @@ from hsmctl.inventory.model import (
     InventoryError,
     Placement,
     PlacementError,
-    PublicKey,
     Quota,
     Region,
     Stamp,
     Subnet,
     Tenant,
     Vnet,
-    is_fingerprint,
     is_reserved,
     usable_addresses,
 )
+from hsmctl.sshkeys import KeyFormatError, PublicKey, is_fingerprint
 
 FORMAT_VERSION = 1
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,62}$")
@@ -254,8 +253,8 @@ class _Reader:
     ) -> PublicKey | None:
         try:
             return PublicKey.parse(text, allowed)
-        except ValueError as exc:
-            self.error(entry, f"{label}: {exc}")
+        except KeyFormatError as exc:
+            self.error(entry, f"{label}: {exc.message}")
             return None
 
 

@@ -7,20 +7,15 @@ line of YAML to fix. Nothing here does I/O; :mod:`hsmctl.inventory.load` builds 
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import ipaddress
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from hsmctl.errors import UsageError
+
+# PublicKey is the one OpenSSH key type; imported from here too (state/, the package).
+from hsmctl.sshkeys import PublicKey as PublicKey
 
 # Host keys an appliance's sshd may present; the tenant identity is P-256 only (SPEC §6:
 # the same key signs receipts and opens bundles, and P-256 is what every HSM and every
@@ -35,8 +30,6 @@ HOST_KEY_TYPES = frozenset(
     }
 )
 IDENTITY_KEY_TYPE = "ecdsa-sha2-nistp256"
-FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
-MIN_RSA_BITS = 2048
 # Azure reserves the first four addresses and the last one of every subnet.
 RESERVED_AT_START = 4
 # The smallest subnet that still has a usable address after the five reserved ones.
@@ -60,60 +53,6 @@ class Declared:
 
     def __str__(self) -> str:
         return f"{self.file}: {self.entry}"
-
-
-@dataclass(frozen=True)
-class PublicKey:
-    """One OpenSSH public key line, checked, with its OpenSSH SHA256 fingerprint."""
-
-    algorithm: str
-    blob: bytes
-    comment: str = ""
-
-    @property
-    def fingerprint(self) -> str:
-        digest = hashlib.sha256(self.blob).digest()
-        return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-    @property
-    def line(self) -> str:
-        """The key without its comment: what is compared and pinned."""
-        return f"{self.algorithm} {base64.b64encode(self.blob).decode('ascii')}"
-
-    @classmethod
-    def parse(cls, text: str, allowed: frozenset[str]) -> PublicKey:
-        """Parse and really decode a key line; ``ValueError`` says what is wrong."""
-        parts = text.strip().split(None, 2)
-        if len(parts) < 2:
-            raise ValueError("not an OpenSSH public key line ('TYPE BASE64 [COMMENT]')")
-        algorithm, b64 = parts[0], parts[1]
-        if algorithm not in allowed:
-            raise ValueError(
-                f"key type {algorithm!r} is not accepted here (accepted: "
-                f"{', '.join(sorted(allowed))})"
-            )
-        try:
-            blob = base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ValueError("key data is not valid base64") from exc
-        try:
-            key = serialization.load_ssh_public_key(f"{algorithm} {b64}".encode("ascii"))
-        except (ValueError, UnsupportedAlgorithm) as exc:
-            raise ValueError(f"malformed {algorithm} key: {exc}") from exc
-        if algorithm == "ssh-rsa":
-            bits = getattr(key, "key_size", 0)
-            if bits < MIN_RSA_BITS:
-                raise ValueError(f"RSA key of {bits} bits; at least {MIN_RSA_BITS} required")
-        if algorithm == IDENTITY_KEY_TYPE and not (
-            isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
-        ):
-            raise ValueError("not a P-256 key")
-        return cls(algorithm, blob, parts[2].strip() if len(parts) > 2 else "")
-
-
-def is_fingerprint(text: str) -> bool:
-    """OpenSSH's ``SHA256:`` + 43 unpadded base64 characters."""
-    return bool(FINGERPRINT_RE.match(text))
 
 
 def is_reserved(cidr: ipaddress.IPv4Network, ip: ipaddress.IPv4Address) -> bool:

@@ -45,7 +45,7 @@ class ProviderContext:
 
     def mgmt_pins(self, appliance: str) -> PinnedHostKeys:
         inv = self.inventory.appliance(appliance)
-        return PinnedHostKeys.of(*(k.line for k in inv.mgmt_host_keys))
+        return PinnedHostKeys(inv.mgmt_host_keys)
 
     def provider_session(self, appliance: str) -> DeviceConnection:
         """A management session as ``provider`` (not yet connected)."""

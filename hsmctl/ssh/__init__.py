@@ -30,7 +30,6 @@ from hsmctl.ssh.hostkeys import (
     known_hosts_line,
     normalize_fingerprint,
     parse_known_hosts,
-    parse_public_key,
 )
 
 __all__ = [
@@ -56,6 +55,5 @@ __all__ = [
     "known_hosts_line",
     "normalize_fingerprint",
     "parse_known_hosts",
-    "parse_public_key",
     "scan_host_keys",
 ]

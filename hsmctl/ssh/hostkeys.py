@@ -1,12 +1,10 @@
-"""SSH public host keys, their OpenSSH fingerprints, and the pinned set a device must match.
+"""The pinned set of host keys a device must match, and known_hosts files.
 
+The keys themselves and their fingerprints are :mod:`hsmctl.sshkeys` (re-exported here).
 Pure: no network, no paramiko. A device is trusted only if the key it presents is in a
 :class:`PinnedHostKeys` set, built from the provider's inventory (full keys), from a
 hand-off bundle (``SHA256:`` fingerprints: that is all a bundle carries) or from a
 known_hosts file. There is deliberately no "trust on first use" anywhere in here.
-
-Fingerprints are OpenSSH's: ``SHA256:`` + unpadded base64 of SHA-256 over the key blob,
-exactly what ``ssh-keygen -l`` and sshd's logs print, so operators can compare them by eye.
 """
 
 from __future__ import annotations
@@ -16,129 +14,33 @@ import binascii
 import hashlib
 import hmac
 import re
-import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from hsmctl.errors import HostKeyMismatch, UsageError
+from hsmctl.errors import HostKeyMismatch
+from hsmctl.sshkeys import (
+    FINGERPRINT_PREFIX,
+    KeyFormatError,
+    PublicKey,
+    fingerprint,
+    normalize_fingerprint,
+)
+
+__all__ = [
+    "SSH_PORT",
+    "KeyFormatError",
+    "KnownHostsEntry",
+    "PinnedHostKeys",
+    "PublicKey",
+    "fingerprint",
+    "host_name",
+    "known_hosts_line",
+    "normalize_fingerprint",
+    "parse_known_hosts",
+]
 
 SSH_PORT = 22
-_FP_PREFIX = "SHA256:"
 _MARKERS = ("@cert-authority", "@revoked")
-
-
-class KeyFormatError(UsageError):
-    """A public key, fingerprint or known_hosts line that does not parse (exit 2)."""
-
-
-def _ssh_fields(blob: bytes) -> list[bytes]:
-    """Split an SSH wire-format blob into its length-prefixed fields; all bytes must be used.
-
-    Every public-key blob we pin (ed25519, ecdsa, rsa) is a sequence of ``string`` and
-    ``mpint`` fields, which share this encoding, so this is a cheap structural check that
-    catches truncated or padded keys.
-    """
-    fields: list[bytes] = []
-    pos = 0
-    while pos < len(blob):
-        if pos + 4 > len(blob):
-            raise KeyFormatError("truncated key blob")
-        (length,) = struct.unpack(">I", blob[pos : pos + 4])
-        pos += 4
-        if pos + length > len(blob):
-            raise KeyFormatError("truncated key blob")
-        fields.append(blob[pos : pos + length])
-        pos += length
-    return fields
-
-
-def fingerprint(blob: bytes) -> str:
-    """OpenSSH SHA256 fingerprint of a key blob, as ``ssh-keygen -l`` prints it."""
-    digest = hashlib.sha256(blob).digest()
-    return _FP_PREFIX + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-
-def normalize_fingerprint(text: str) -> str:
-    """A ``SHA256:`` fingerprint in canonical (unpadded) form; anything else is refused.
-
-    Padded base64 is accepted because some tools print it; MD5 (``MD5:aa:bb``) and bare
-    hex are refused: they are weaker and ambiguous to compare.
-    """
-    value = text.strip()
-    if not value.startswith(_FP_PREFIX):
-        raise KeyFormatError(f"not a SHA256 fingerprint: {value[:80]!r}")
-    body = value[len(_FP_PREFIX) :].rstrip("=")
-    try:
-        digest = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
-    except binascii.Error as exc:
-        raise KeyFormatError(f"not a SHA256 fingerprint: {value[:80]!r}") from exc
-    if len(digest) != 32:
-        raise KeyFormatError(f"not a SHA256 fingerprint (wrong length): {value[:80]!r}")
-    return _FP_PREFIX + base64.b64encode(digest).decode("ascii").rstrip("=")
-
-
-@dataclass(frozen=True)
-class PublicKey:
-    """One SSH public key. Equality is by type and blob; the comment is only a label."""
-
-    key_type: str
-    blob: bytes
-    comment: str = field(default="", compare=False)
-
-    @classmethod
-    def from_blob(cls, blob: bytes, comment: str = "") -> PublicKey:
-        fields = _ssh_fields(blob)
-        if len(fields) < 2:
-            raise KeyFormatError("key blob has no key material")
-        try:
-            key_type = fields[0].decode("ascii")
-        except UnicodeDecodeError as exc:
-            raise KeyFormatError("key blob has a non-ASCII type name") from exc
-        if not key_type or not re.fullmatch(r"[A-Za-z0-9@._-]+", key_type):
-            raise KeyFormatError(f"bad key type name {key_type[:60]!r}")
-        return cls(key_type, blob, comment)
-
-    @classmethod
-    def parse(cls, line: str) -> PublicKey:
-        """Parse ``TYPE BASE64 [COMMENT]`` (an ``.pub`` file or authorized_keys line
-        without options)."""
-        parts = line.strip().split(None, 2)
-        if len(parts) < 2:
-            raise KeyFormatError(f"not an SSH public key line: {line.strip()[:80]!r}")
-        key_type, b64 = parts[0], parts[1]
-        try:
-            blob = base64.b64decode(b64, validate=True)
-        except binascii.Error as exc:
-            raise KeyFormatError(f"{key_type}: key is not valid base64") from exc
-        key = cls.from_blob(blob, parts[2] if len(parts) > 2 else "")
-        if key.key_type != key_type:
-            raise KeyFormatError(
-                f"key line says {key_type!r} but the key inside is {key.key_type!r}"
-            )
-        return key
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.blob)
-
-    @property
-    def base64(self) -> str:
-        return base64.b64encode(self.blob).decode("ascii")
-
-    def to_line(self) -> str:
-        """``TYPE BASE64 [COMMENT]``: what ``ssh-keygen`` writes to a ``.pub`` file."""
-        line = f"{self.key_type} {self.base64}"
-        return f"{line} {self.comment}" if self.comment else line
-
-    def __str__(self) -> str:
-        return f"{self.key_type} {self.fingerprint}"
-
-    def __repr__(self) -> str:
-        return f"PublicKey({str(self)!r})"
-
-
-def parse_public_key(line: str) -> PublicKey:
-    return PublicKey.parse(line)
 
 
 # -- known_hosts ----------------------------------------------------------------------------
@@ -259,7 +161,7 @@ class PinnedHostKeys:
         for item in items:
             if isinstance(item, PublicKey):
                 keys.append(item)
-            elif item.strip().startswith(_FP_PREFIX):
+            elif item.strip().startswith(FINGERPRINT_PREFIX):
                 fps.append(item)
             else:
                 keys.append(PublicKey.parse(item))

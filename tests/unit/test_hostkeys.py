@@ -280,3 +280,29 @@ def test_lab_style_inventory_lines(ed: PublicKey) -> None:
     """The lab inventory lists ``TYPE BASE64 COMMENT`` lines per appliance."""
     pins = PinnedHostKeys.of(f"{ed.key_type} {ed.base64} hsm01-mgmt")
     assert pins.keys[0].comment == "hsm01-mgmt" and pins.matches(ed)
+
+
+def test_one_key_type_for_inventory_transport_and_handoff(keys: dict[str, Path]) -> None:
+    """The inventory, the SSH transport and the hand-off read a key line the same way."""
+    from hsmctl import sshkeys
+    from hsmctl.handoff.identity import check_ssh_public_key, ssh_fingerprint, ssh_key_blob
+    from hsmctl.inventory.model import HOST_KEY_TYPES
+    from hsmctl.inventory.model import PublicKey as InventoryKey
+
+    assert InventoryKey is PublicKey is sshkeys.PublicKey
+    for path in keys.values():
+        line = path.read_text()
+        key = PublicKey.parse(line)
+        assert PublicKey.parse(line, HOST_KEY_TYPES) == key
+        assert ssh_fingerprint(line) == key.fingerprint == keygen_fingerprint(path)
+        assert ssh_key_blob(line) == key.blob
+        assert check_ssh_public_key(line) == key.line
+        assert key.to_line() == line.strip() and key.algorithm == key.key_type
+
+
+def test_key_format_errors_are_usage_errors_and_value_errors(ed: PublicKey) -> None:
+    """Exit 2 where they surface; ``ValueError`` for callers that add their own context."""
+    with pytest.raises(KeyFormatError) as info:
+        PublicKey.parse(f"ssh-rsa {ed.base64}", frozenset({"ssh-ed25519"}))
+    assert isinstance(info.value, ValueError) and info.value.exit_code == 2
+    assert "not accepted" in str(info.value)
