@@ -575,7 +575,7 @@ def test_record_time_from_datetime_is_utc_with_microseconds() -> None:
 def test_block_parses_only_signed_records_and_the_unsigned_tail(
     key_a: SoftwareSigner, key_b: SoftwareSigner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import hsmctl.auditlog.verify as verify_module
+    from hsmctl.auditlog import form
 
     records = build(60, key_a)
     records.append(make_key_rotation(Head.of(records[-1]), key_a, key_b, device=DEVICE, time=T))
@@ -583,13 +583,13 @@ def test_block_parses_only_signed_records_and_the_unsigned_tail(
     append_checkpoint(records, key_b)
     append_events(records, 3)  # unsigned tail: parsed in full
     parsed: list[int] = []
-    real = verify_module._parse
+    real = form.parse_record
 
     def counting(item: Any, expected: int) -> Any:
         parsed.append(expected)
         return real(item, expected)
 
-    monkeypatch.setattr(verify_module, "_parse", counting)
+    monkeypatch.setattr(form, "parse_record", counting)
     report = verify_block(block(records), pins(key_a), device=DEVICE)
     signed = [r["seq"] for r in records if r["event"] in ("checkpoint", "key-rotation")]
     assert parsed == [*signed, *(r["seq"] for r in records[-3:])]
