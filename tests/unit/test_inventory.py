@@ -441,7 +441,7 @@ def test_example_inventory_is_valid() -> None:
 
 def test_lab_inventory_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What ``lab up`` writes must load under this schema (keys faked, layout real)."""
-    from hsmctl.lab import lab
+    from hsmctl.lab import configs, workdir
     from hsmctl.lab.plan import make_plan
 
     plan = make_plan(3, 5)
@@ -459,10 +459,10 @@ def test_lab_inventory_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             if t.index == 1
             else _line(ec.generate_private_key(ec.SECP256R1())) + f" {t.name}-identity\n"
         )
-    monkeypatch.setattr(lab, "LAB_DIR", tmp_path)
-    monkeypatch.setattr(lab, "host_key_lines", lambda ident, iface: keys[ident])
+    monkeypatch.setattr(workdir, "LAB_DIR", tmp_path)
+    monkeypatch.setattr(configs, "host_key_lines", lambda ident, iface: keys[ident])
     path = tmp_path / "inventory.yaml"
-    path.write_text(lab._inventory(plan))
+    path.write_text(configs.inventory_yaml(plan))
     inv = load_inventory(path)
     assert sorted(a.id for a in inv.appliances) == sorted(a.id for a in plan.appliances)
     p = check_placement(inv, "tenant2", "vnet1", "hsm")

@@ -1,0 +1,65 @@
+"""The firmware snapshot: the device side of the working tree (:data:`FIRMWARE_FILES`,
+all the appliance has of hsmctl), with the key-policy PKCS#11 module built from it,
+bind-mounted read-only into every appliance."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from hsmctl.errors import HsmctlError
+from hsmctl.lab import workdir
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FIRMWARE_FILES = (
+    "__init__.py",
+    "contract.py",
+    "devicejson.py",
+    "errors.py",
+    "privatefiles.py",
+    "secret.py",
+    "utc.py",
+    "appliance",
+    "auditlog",
+)
+
+
+def firmware_dir() -> Path:
+    """A snapshot of the device side of the working tree, bind-mounted read-only."""
+    dest = workdir.LAB_DIR / "firmware"
+    tmp = workdir.LAB_DIR / ".firmware.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "hsmctl").mkdir(parents=True)
+    src = REPO_ROOT / "hsmctl"
+    for name in FIRMWARE_FILES:
+        path = src / name
+        if path.is_dir():
+            shutil.copytree(
+                path, tmp / "hsmctl" / name, ignore=shutil.ignore_patterns("__pycache__")
+            )
+        else:
+            shutil.copy2(path, tmp / "hsmctl" / name)
+    _build_policy_module(tmp / "hsmctl" / "appliance" / "p11")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _build_policy_module(p11: Path) -> None:
+    """The key-policy PKCS#11 module, built from the snapshot's own ``policy.c`` on the
+    host (Debian 12, like the image), so the snapshot's source and binary always agree
+    and a change to ``policy.c`` reaches the lab at the next ``lab up`` without an image
+    rebuild. Needs gcc and libp11-kit-dev (scripts/install-deps.sh)."""
+    proc = subprocess.run(
+        ["bash", str(p11 / "build.sh"), str(p11 / "hsm-policy.so")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise HsmctlError(
+            "building the key-policy module (appliance/p11/build.sh) failed; it needs gcc "
+            f"and libp11-kit-dev:\n{proc.stderr[-2000:]}"
+        )
