@@ -1,0 +1,85 @@
+"""The customer's token: ``hsm show|init|zeroize|policy show``, the crypto-officer PIN."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from hsmctl.appliance import accounts, p11service, token
+from hsmctl.appliance.commands.common import Context, Reply, as_json, device_record
+from hsmctl.appliance.grammar import Command
+from hsmctl.appliance.roles import Role
+from hsmctl.contract import OwnerState
+
+if TYPE_CHECKING:
+    from hsmctl.appliance.daemon import Daemon
+
+
+def hsm_show(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
+    device = device_record()
+    status = token.customer_status()
+    owner = ctx.owner
+    info: dict[str, Any] = {
+        "id": device.get("id"),
+        "serial": device.get("serial"),
+        "model": device.get("model"),
+        "firmware": device.get("firmware"),
+        "label": status.label,
+        "initialised": status.initialised,
+        "objects": status.objects,
+        "co_pin_set": status.co_pin_set,
+        "owner_state": owner.state.value,
+        "provider_access": owner.provider_access and owner.state is not OwnerState.CUSTOMER_OWNED,
+        "monitor": "enabled" if accounts.is_enabled("monitor") else "disabled",
+        "audit_key_id": daemon.keys.current().key_id,
+        "policy": p11service.POLICY_NAME,
+    }
+    if ctx.role is Role.MONITOR:
+        info = {
+            k: info[k]
+            for k in (
+                "id",
+                "model",
+                "firmware",
+                "initialised",
+                "owner_state",
+                "provider_access",
+                "monitor",
+            )
+        }
+    return Reply(output=as_json(info))
+
+
+def hsm_init(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
+    label = cmd.get_str("label")
+    (so_pin,) = secrets
+    before = token.customer_status()
+    current = so_pin if before.initialised else None
+    after = token.customer_init(label, so_pin, current_so_pin=current)
+    return Reply(
+        output=f"token initialised: label {after.label}, serial {after.serial}",
+        log_detail={
+            "label": after.label,
+            "serial": after.serial,
+            "reinitialised": before.initialised,
+        },
+    )
+
+
+def hsm_zeroize(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
+    before = token.customer_status()
+    token.customer_zeroize()
+    return Reply(output="token zeroized", log_detail={"serial": before.serial})
+
+
+def co_pin_set(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
+    token.customer_set_co_pin(secrets[0], secrets[1])
+    return Reply(output="crypto-officer PIN set")
+
+
+def co_pin_change(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
+    token.customer_change_co_pin(secrets[0], secrets[1])
+    return Reply(output="crypto-officer PIN changed")
+
+
+def policy_show(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
+    return Reply(output=as_json(p11service.POLICY))
