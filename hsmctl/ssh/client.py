@@ -822,7 +822,12 @@ class DeviceConnection:
                 if idle is not None:
                     wait = min(wait, last_output + idle - now)
                 select.select([chan], [], [], min(wait, 1.0))
-            if not chan.status_event.wait(max(0.0, deadline - time.monotonic())):
+            left = max(0.0, deadline - time.monotonic())
+            if not chan.status_event.wait(left if idle is None else min(left, idle)):
+                if idle is not None and idle < left:  # output ended, no status follows
+                    raise UnreachableError(
+                        f"{where} stalled: no exit status {idle:g} s after its output ended"
+                    )
                 raise UnreachableError(f"{where} timed out after {limit:g} s")
             status = chan.exit_status
             if status == NO_EXIT_STATUS:

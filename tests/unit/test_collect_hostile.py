@@ -523,7 +523,9 @@ def child_ingest(name: str, where: str) -> None:
     _report(run)
 
 
-def child_collect(where: str, port: int, key: str, pin: str, timeout: float) -> None:
+def child_collect(
+    where: str, port: int, key: str, pin: str, timeout: float, stall: float = 2.0
+) -> None:
     """In the measured child: ``collect`` over SSH, as a timer run would."""
     signer, _, _ = _load(Path(where))
     target = Target(
@@ -536,7 +538,7 @@ def child_collect(where: str, port: int, key: str, pin: str, timeout: float) -> 
         key=Path(key),
         port=port,
     )
-    options = Options(timeout=timeout, stall_timeout=2.0, workers=0, parallel=1)
+    options = Options(timeout=timeout, stall_timeout=stall, workers=0, parallel=1)
     _report(lambda: collect(target, options))
 
 
@@ -663,6 +665,7 @@ class SshCase:
     exit_code: int
     seq: int
     timeout: float = 600.0
+    stall: float = 2.0
 
 
 def _head_file(server: Sshd, log: Log) -> str:
@@ -690,6 +693,7 @@ SSH_CASES = [
         ),
         3,
         HEAD_SEQ + 1,
+        stall=30.0,  # the device's python may take seconds to start on a loaded machine
     ),
     # stderr without end, nothing on stdout: a stall as far as the log goes (exit 4).
     SshCase(
@@ -732,7 +736,7 @@ def test_hostile_export_over_ssh(base: Base, sshd: Sshd, tmp_path: Path, case: S
     m = measured(
         "from tests.unit.test_collect_hostile import child_collect\n"
         f"child_collect({str(where)!r}, {sshd.port}, {str(sshd.key)!r}, {sshd.host_key!r},"
-        f" {case.timeout})\n",
+        f" {case.timeout}, stall={case.stall})\n",
         timeout=600,
     )
     after = archive_digest(where)
@@ -756,7 +760,9 @@ def test_stderr_flood_beside_a_good_export_is_kept_short(
     sshd.serve(f"#!/bin/sh\nhead -c 300000000 /dev/zero >&2\ncat {export}\n")
     m = measured(
         "from tests.unit.test_collect_hostile import child_collect\n"
-        f"child_collect({str(where)!r}, {sshd.port}, {str(sshd.key)!r}, {sshd.host_key!r}, 600)\n",
+        # stderr is not progress: the 300 MB must not pass for a stall on a loaded machine
+        f"child_collect({str(where)!r}, {sshd.port}, {str(sshd.key)!r}, {sshd.host_key!r},"
+        " 600, stall=60)\n",
         timeout=600,
     )
     print(f"stderr beside a good export: peak RSS {m.peak_mib:.0f} MiB, {m.seconds:.1f} s")

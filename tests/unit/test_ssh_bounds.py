@@ -13,6 +13,7 @@ plain TCP socket, the flow-control buffer, the CLI's last resort) always run.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -594,6 +595,121 @@ def _some_host_key() -> str:
     public = Ed25519PrivateKey.generate().public_key()
     line = public.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return line.decode()
+
+
+class HostileSsh:
+    """An SSH server (paramiko's server mode, on 127.0.0.1) doing what OpenSSH never does,
+    as a hostile device's own sshd could: ``exec`` runs ``behave(channel)``. Any password
+    logs in; the host key is a fresh P-256 key, pinned by the client."""
+
+    def __init__(self, behave: Callable[[Any], None]) -> None:
+        import paramiko
+
+        self.key = paramiko.ECDSAKey.generate(bits=256)
+        self.pin = f"{self.key.get_name()} {self.key.get_base64()}"
+        self.behave = behave
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.transports: list[Any] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import paramiko
+
+        server = self
+
+        class Interface(paramiko.ServerInterface):
+            def get_allowed_auths(self, username: str) -> str:
+                return "password"
+
+            def check_auth_password(self, username: str, password: str) -> int:
+                return paramiko.AUTH_SUCCESSFUL
+
+            def check_channel_request(self, kind: str, chanid: int) -> int:
+                return paramiko.OPEN_SUCCEEDED
+
+            def check_channel_exec_request(self, channel: Any, command: bytes) -> bool:
+                threading.Thread(target=server._behave, args=(channel,), daemon=True).start()
+                return True
+
+        conn, _ = self.listener.accept()
+        transport = paramiko.Transport(conn)
+        transport.add_server_key(self.key)
+        self.transports.append(transport)
+        transport.start_server(server=Interface())
+
+    def _behave(self, chan: Any) -> None:
+        with contextlib.suppress(Exception):  # the client went away mid-way: the point
+            self.behave(chan)
+
+    def connect(self, **kwargs: Any) -> DeviceConnection:
+        return DeviceConnection(
+            "127.0.0.1",
+            port=self.port,
+            username="audit",
+            pinned=PinnedHostKeys.of(self.pin),
+            password=Secret("any"),
+            **kwargs,
+        ).connect()
+
+    def close(self) -> None:
+        self.listener.close()
+        for t in self.transports:
+            t.close()
+
+
+@pytest.mark.unit
+def test_output_that_ends_without_an_exit_status_is_a_stall() -> None:
+    """EOF on the channel, then no exit status and no close, ever: with a stall limit,
+    given up that long after the output ended (not at the deadline)."""
+
+    def eof_then_nothing(chan: Any) -> None:
+        chan.sendall(b"record\n")
+        chan.shutdown_write()
+
+    server = HostileSsh(eof_then_nothing)
+    try:
+        with server.connect(timeouts=Timeouts(idle=1.0)) as dev:
+            started = time.monotonic()
+            with pytest.raises(UnreachableError, match="no exit status 1 s after its output"):
+                dev.run_stream("audit export --after 0", _Discard(), timeout=60)  # type: ignore[arg-type]
+            assert time.monotonic() - started < 4
+    finally:
+        server.close()
+
+
+@pytest.mark.unit
+def test_data_beyond_the_window_from_a_device_is_exit_3() -> None:
+    """A device that ignores SSH flow control: paramiko would buffer all of it in its own
+    thread while we are busy; the receive buffers drop what exceeds the window."""
+    from paramiko.common import cMSG_CHANNEL_DATA
+    from paramiko.message import Message
+
+    piece = b"x" * 200_000  # under the 256 KiB packet limit we granted
+
+    def flood(chan: Any) -> None:
+        for _ in range(200):  # 40 MB into a 16 MiB window, granted nothing more
+            m = Message()
+            m.add_byte(cMSG_CHANNEL_DATA)
+            m.add_int(chan.remote_chanid)
+            m.add_string(piece)
+            chan.transport._send_user_message(m)
+
+    class Stuck:
+        """A sink slower than the device, so the window fills."""
+
+        def write(self, chunk: bytes) -> int:
+            time.sleep(0.5)
+            return len(chunk)
+
+    server = HostileSsh(flood)
+    try:
+        with server.connect() as dev:
+            with pytest.raises(OutputLimitExceeded, match="beyond the SSH channel window") as info:
+                dev.run_stream("audit export --after 0", Stuck(), timeout=60)  # type: ignore[arg-type]
+            assert info.value.exit_code == 3
+    finally:
+        server.close()
 
 
 class _Chan:
