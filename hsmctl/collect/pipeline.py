@@ -29,7 +29,6 @@ once.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import threading
 from collections import deque
@@ -38,6 +37,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from hsmctl.auditlog import Head, Violation, ViolationKind, verify_block, verify_lines
+from hsmctl.devicejson import parse
 from hsmctl.errors import IntegrityError
 
 CHUNK_BYTES = 4 * 1024 * 1024
@@ -416,7 +416,7 @@ def _speculate(chunk: bytes, state: TrustState, start: Head) -> tuple[TrustState
     last = chunk[chunk.rfind(b"\n", 0, end) + 1 : end]
     head = start
     try:
-        record = json.loads(last)
+        record = parse(last)  # strict and bounded: a hostile line is a ValueError
         if type(record["seq"]) is int and type(record["hash"]) is str:
             head = Head(record["seq"], record["hash"])
     except (ValueError, KeyError, TypeError):
@@ -430,7 +430,7 @@ def _speculate(chunk: bytes, state: TrustState, start: Head) -> tuple[TrustState
         hi = chunk.find(b"\n", pos)
         hi = len(chunk) if hi < 0 else hi
         try:
-            record = json.loads(chunk[lo:hi])
+            record = parse(chunk[lo:hi])
             if record.get("event") == "key-rotation":
                 d = record["detail"]
                 trusted.pop(d["old_key_id"], None)
