@@ -51,7 +51,8 @@ def logs() -> None:
     default=3600,
     show_default=True,
     metavar="SECONDS",
-    help="Limit for one appliance's export.",
+    help="Limit for one appliance's whole run, from taking its archive lock (connection "
+    "included); a stalled export ends sooner, after 120 s without a byte.",
 )
 @click.option(
     "--connect-timeout",

@@ -31,9 +31,15 @@ class Proof:
     transfer_seq: int | None
 
 
+# The proof reads the device's log into memory: bounded, so a device that streams without
+# end is refused (exit 3) instead of exhausting the customer's host. A real log at
+# takeover time is far smaller (about 350 bytes a record).
+MAX_PROOF_EXPORT = 256 * 1024 * 1024
+
+
 def export_log(conn: DeviceConnection, after: int = 0) -> list[bytes]:
     sink = io.BytesIO()
-    conn.run_stream(f"audit export --after {after}", sink)
+    conn.run_stream(f"audit export --after {after}", sink, max_stdout=MAX_PROOF_EXPORT)
     return sink.getvalue().splitlines()
 
 
