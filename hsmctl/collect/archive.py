@@ -71,7 +71,7 @@ _CODECS = (".zst", ".gz")
 BLOCK = 4 * 1024 * 1024
 
 _SEGMENT_FILE = re.compile(r"seg-(\d{12})\.jsonl(\.zst|\.gz)?(\.tmp)?")
-_CURSOR_TMP = re.compile(r"\.cursor\.json\.\d+\.tmp")
+_CURSOR_TMP = re.compile(r"\.cursor\.json\.\d+(\.[0-9a-f]+)?\.tmp")  # privatefiles temporaries
 
 
 class ArchiveDamaged(IntegrityError):

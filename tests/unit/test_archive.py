@@ -510,6 +510,7 @@ def test_recover_drops_what_an_interrupted_run_left(
     appender.append(new, covered=len(new))
     (archive.dir / "seg-000000000099.jsonl.zst.tmp").write_bytes(b"partial")
     (archive.dir / ".cursor.json.123.tmp").write_bytes(b"{")
+    (archive.dir / ".cursor.json.123.0a1b2c3d.tmp").write_bytes(b"{")  # privatefiles' name
     assert snapshot(archive.dir) != before
     appender._finish_compression()  # let its thread end, as the process would die
     del appender  # never committed, never aborted: the process died
