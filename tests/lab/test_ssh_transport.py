@@ -370,9 +370,14 @@ def twofa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoFactorSshd]:
         f"AllowUsers {TWOFA_USER}\nPermitRootLogin no\nDisableForwarding yes\n"
         "MaxAuthTries 6\nMaxSessions 8\nPrintMotd no\n"
     )
+    # /etc is an overlay whose upper layer (on the private /run) holds the account files:
+    # a file bind-mounted over /etc/passwd is lost the moment anything on the host
+    # replaces /etc/passwd by rename (useradd does), and the user then no longer exists.
     script = (
-        f"mount --bind {d}/passwd /etc/passwd && mount --bind {d}/shadow /etc/shadow && "
-        "mount -t tmpfs -o mode=755 tmpfs /run && mkdir -m 755 /run/sshd /run/hsm-authorized && "
+        "mount -t tmpfs -o mode=755 tmpfs /run && "
+        "mkdir -m 755 /run/sshd /run/hsm-authorized /run/etc /run/etc-work && "
+        f"cp {d}/passwd /run/etc/passwd && cp -p {d}/shadow /run/etc/shadow && "
+        "mount -t overlay overlay -o lowerdir=/etc,upperdir=/run/etc,workdir=/run/etc-work /etc && "
         f"mount --bind {d}/authorized /run/hsm-authorized && "
         f"exec /usr/sbin/sshd -D -e -f {d}/sshd_config"
     )
