@@ -4,7 +4,8 @@
 :class:`~hsmctl.errors.CommandFailed` carrying the command and its output.
 :func:`connect_in` opens a TCP connection from inside a network namespace (setns in a
 short-lived thread: the socket keeps the namespace it was made in) so host-side code can
-talk to addresses only reachable there, e.g. paramiko's ``sock=``.
+talk to addresses only reachable there; :func:`socket_factory` hands it to the SSH
+transport (``DeviceConnection(connect_socket=...)``, paramiko's ``sock=``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +113,13 @@ def connect_in(netns: str, host: str, port: int, timeout: float = 5.0) -> socket
         ) from result["error"]
     sock: socket.socket = result["sock"]
     return sock
+
+
+def socket_factory(netns: str) -> Callable[[str, int, float], socket.socket]:
+    """A ``connect_socket`` for :class:`hsmctl.ssh.DeviceConnection` and
+    :func:`hsmctl.ssh.scan_host_keys` that connects from inside ``netns``."""
+
+    def connect(host: str, port: int, timeout: float) -> socket.socket:
+        return connect_in(netns, host, port, timeout=timeout)
+
+    return connect

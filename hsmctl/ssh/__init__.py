@@ -1,5 +1,8 @@
 """SSH to devices: the one transport (:mod:`.client`) and host-key pinning (:mod:`.hostkeys`).
 
+The transport by concern: :mod:`.limits`, :mod:`.errors`, :mod:`.auth`, :mod:`.channel`,
+:mod:`.client`; every name below is importable from here and from :mod:`.client`.
+
 Only this package imports paramiko or translates its errors; everything else talks to a
 device through :class:`DeviceConnection`.
 """
@@ -16,10 +19,12 @@ from hsmctl.ssh.client import (
     OutputLimitExceeded,
     PinnedKeyPolicy,
     Result,
+    SocketFactory,
     SshProtocolError,
     Timeouts,
     device_error,
     scan_host_keys,
+    tcp_connect,
 )
 from hsmctl.ssh.hostkeys import (
     KeyFormatError,
@@ -48,6 +53,7 @@ __all__ = [
     "PinnedKeyPolicy",
     "PublicKey",
     "Result",
+    "SocketFactory",
     "SshProtocolError",
     "Timeouts",
     "device_error",
@@ -56,4 +62,5 @@ __all__ = [
     "normalize_fingerprint",
     "parse_known_hosts",
     "scan_host_keys",
+    "tcp_connect",
 ]

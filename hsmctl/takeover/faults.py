@@ -16,12 +16,18 @@ occurrence can be targeted. The points are reported by :func:`reached` into
 ``time.monotonic()`` and whether a connection was open, tab-separated), so a test can
 first enumerate every point of a run (how long the command after it took, where a cut
 has something to cut), then inject a fault at each.
+
+The cut comes from outside the transport, as a network's would: :func:`cut` shuts down
+the process's socket bound to the connection's ``local_address``; the SSH transport has
+no test hook.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -48,10 +54,34 @@ def parse(wanted: str) -> tuple[str, str, float]:
     return head, action, float(delay) / 1000 if delay else 0.0
 
 
+def cut(local_address: tuple[str, int] | None) -> bool:
+    """Shut down (both ways) this process's TCP socket bound to ``local_address``: the SSH
+    session on it fails at its next read or write as if the network had dropped. Whether
+    one was found (a connection already closed has none; then nothing happens)."""
+    if local_address is None:
+        return False
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fd = os.dup(int(name))
+        except OSError:
+            continue  # the listing's own descriptor, or one closed meanwhile
+        try:
+            sock = socket.socket(fileno=fd)  # takes the duplicate; shutdown acts on the socket
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # not a socket
+            continue
+        with sock, contextlib.suppress(OSError):
+            if sock.type == socket.SOCK_STREAM and sock.getsockname()[:2] == local_address:
+                sock.shutdown(socket.SHUT_RDWR)
+                return True
+    return False
+
+
 def _act(action: str, connection: Any) -> None:
     if action == "cut":
         if connection is not None:
-            connection.cut_for_test()
+            cut(connection.local_address)
         return
     os.kill(os.getpid(), signal.SIGKILL)
 

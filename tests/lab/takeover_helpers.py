@@ -266,6 +266,7 @@ def admin_login(
     """Log in as admin over the data interface from the client namespace (pinned host
     keys); returns the command's output (or "" with no command). Raises the transport's
     errors (AuthenticationFailed, HostKeyMismatch, UnreachableError)."""
+    from hsmctl.lab.netns import socket_factory
     from hsmctl.secret import Secret
     from hsmctl.ssh import DeviceConnection, PinnedHostKeys
 
@@ -275,7 +276,7 @@ def admin_login(
         pinned=PinnedHostKeys.of(*pinned_keys),
         key=rig.identity if with_key else None,
         password=Secret(password) if password is not None else None,
-        netns=rig.netns,
+        connect_socket=socket_factory(rig.netns),
     )
     with conn:
         return conn.run(command).stdout if command else ""

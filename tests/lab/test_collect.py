@@ -30,6 +30,7 @@ import pytest
 
 from hsmctl.collect.archive import Archive
 from hsmctl.customer.store import ApplianceState
+from hsmctl.lab.netns import socket_factory
 from hsmctl.secret import Secret
 from hsmctl.ssh import DeviceConnection, PinnedHostKeys
 from tests.conftest import (
@@ -143,7 +144,7 @@ class Fleet:
             pinned=PinnedHostKeys.of(*pins["data_host_keys"]),
             key=identity,
             password=Secret(password.reveal()),
-            netns=self.netns,
+            connect_socket=socket_factory(self.netns),
         )
 
     def activity(self, app: str, sessions: int = 2) -> None:

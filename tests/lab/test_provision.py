@@ -41,6 +41,7 @@ import yaml
 
 from hsmctl.errors import IntegrityError, UnreachableError, UsageError
 from hsmctl.handoff import open_bundle, read_bundle, verify_bundle
+from hsmctl.lab.netns import socket_factory
 from hsmctl.ssh import scan_host_keys
 from hsmctl.state.model import Interface, StepStatus
 from hsmctl.state.store import DB_FILE, Store
@@ -110,7 +111,7 @@ def fingerprints(lines: list[str]) -> set[str]:
 
 def unreachable(ip: str, netns: str) -> bool:
     try:
-        scan_host_keys(ip, netns=netns, timeout=3)
+        scan_host_keys(ip, connect_socket=socket_factory(netns), timeout=3)
     except UnreachableError:
         return True
     return False
@@ -200,7 +201,7 @@ def taken_over(handed: dict[str, Any]) -> dict[str, Any]:
 def test_handoff_reaches_tenant1_only_with_the_bundles_host_keys(handed: dict[str, Any]) -> None:
     lab, out = handed["lab"], handed["out"]
     bundle = read_bundle(out["handoff"])
-    presented = scan_host_keys(T1_IP, netns=client_netns(lab, "tenant1"))
+    presented = scan_host_keys(T1_IP, connect_socket=socket_factory(client_netns(lab, "tenant1")))
     assert {k.fingerprint for k in presented} == set(bundle["data_host_key_fingerprints"])
     assert {k.fingerprint for k in presented} == fingerprints(bundle["data_host_keys"])
     assert unreachable(T1_IP, client_netns(lab, "tenant2"))
@@ -340,7 +341,7 @@ def test_deprovision_after_takeover(taken_over: dict[str, Any]) -> None:
     # Provisionable again, to the other tenant; tenant1 reaches neither address.
     again = provision(taken_over["conf"], "tenant2", "--subnet", "hsm2", "--ip", T2_IP)
     assert (again["appliance"], again["ip"]) == (HANDED, T2_IP)
-    keys = {k.fingerprint for k in scan_host_keys(T2_IP, netns=t2ns)}
+    keys = {k.fingerprint for k in scan_host_keys(T2_IP, connect_socket=socket_factory(t2ns))}
     assert keys == set(read_bundle(again["handoff"])["data_host_key_fingerprints"])
     assert not keys & set(z["before"]["data_host_keys"])
     assert unreachable(T2_IP, t1ns) and unreachable(T1_IP, t1ns)

@@ -28,6 +28,7 @@ import pytest
 
 from hsmctl.errors import ConflictError, HostKeyMismatch, HsmctlError, UnreachableError, UsageError
 from hsmctl.lab import lab as lab_mod
+from hsmctl.lab.netns import socket_factory
 from hsmctl.secret import Secret
 from hsmctl.ssh import (
     AuthenticationFailed,
@@ -268,13 +269,13 @@ def test_netns_connection_from_inside_the_management_network(
     """The socket is made in another namespace (another appliance's, a peer on the
     management network), so the device sees that namespace's address, not the host's."""
     target, peer = appliance, other(lab, appliance)
-    with provider(lab, target, netns=f"hsmlab-{peer.id}") as dev:
+    with provider(lab, target, connect_socket=socket_factory(f"hsmlab-{peer.id}")) as dev:
         assert dev.run("hsm show").ok
         assert dev.local_address is not None and dev.local_address[0] == peer.ip
 
 
 def test_tenant_network_cannot_reach_management(lab: Lab, appliance: Appliance) -> None:
-    dev = provider(lab, appliance, netns=lab.tenant_client_netns)
+    dev = provider(lab, appliance, connect_socket=socket_factory(lab.tenant_client_netns))
     with pytest.raises(UnreachableError):
         dev.connect()
 

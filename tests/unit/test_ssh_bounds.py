@@ -38,9 +38,12 @@ from hsmctl.ssh import (
     OutputLimitExceeded,
     PinnedHostKeys,
     Timeouts,
+    channel,
     scan_host_keys,
 )
 from hsmctl.ssh import client as client_mod
+from hsmctl.ssh.client import SocketFactory
+from hsmctl.takeover import faults
 from tests.unit import loopback_sshd
 from tests.unit.loopback_sshd import USER, Sshd, measured, needs_root
 from tests.unit.loopback_sshd import sshd as sshd  # the module-scoped fixture
@@ -247,8 +250,10 @@ def faulty(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FaultSocket]]:
     made: list[FaultSocket] = []
     real = client_mod._open_socket
 
-    def open_socket(host: str, port: int, netns: str | None, timeout: float) -> socket.socket:
-        plain = real(host, port, netns, timeout)
+    def open_socket(
+        host: str, port: int, connect_socket: SocketFactory, timeout: float
+    ) -> socket.socket:
+        plain = real(host, port, connect_socket, timeout)
         wrapped = FaultSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
         wrapped.setup()
         made.append(wrapped)
@@ -408,13 +413,13 @@ def test_a_command_after_the_link_died_is_unreachable_not_a_usage_bug(
     sshd: Sshd, faulty: list[FaultSocket]
 ) -> None:
     dev = _connected(sshd, faulty)
-    dev.cut_for_test()
+    assert faults.cut(dev.local_address)  # the fault tier's cut, from outside the transport
     deadline = time.monotonic() + 5
     while dev.connected and time.monotonic() < deadline:
         time.sleep(0.01)
     with pytest.raises(UnreachableError, match="the connection was lost"):
         dev.run("true")
-    dev.cut_for_test()  # twice, or after the link is gone: no error
+    faults.cut(dev.local_address)  # twice, or after the link is gone: no error
     dev.close()
     dev.close()
 
@@ -440,8 +445,8 @@ def test_a_connection_lost_during_key_exchange_is_unreachable(
 ) -> None:
     real = client_mod._open_socket
 
-    def armed(host: str, port: int, netns: str | None, timeout: float) -> socket.socket:
-        sock = real(host, port, netns, timeout)
+    def armed(host: str, port: int, connect_socket: SocketFactory, timeout: float) -> socket.socket:
+        sock = real(host, port, connect_socket, timeout)
         assert isinstance(sock, FaultSocket)
         sock.after(sends, then)
         return sock
@@ -515,8 +520,8 @@ def test_a_host_key_scan_on_a_dead_socket_is_unreachable(
     before it (settimeout on a closed socket) escaped as a raw OSError."""
     real = client_mod._open_socket
 
-    def dead(host: str, port: int, netns: str | None, timeout: float) -> socket.socket:
-        sock = real(host, port, netns, timeout)
+    def dead(host: str, port: int, connect_socket: SocketFactory, timeout: float) -> socket.socket:
+        sock = real(host, port, connect_socket, timeout)
         sock.close()
         return sock
 
@@ -722,7 +727,7 @@ class _Chan:
 @pytest.mark.unit
 def test_data_beyond_the_channel_window_is_dropped_and_reported() -> None:
     chan = _Chan()
-    flow = client_mod._FlowControl(chan, 1000)  # type: ignore[arg-type]
+    flow = channel.FlowControl(chan, 1000)  # type: ignore[arg-type]
     assert chan.in_buffer is flow.stdout and chan.in_stderr_buffer is flow.stderr
     flow.stdout.feed(b"a" * 600)
     flow.stderr.feed(b"b" * 400)  # both share the window: exactly full
@@ -736,14 +741,14 @@ def test_data_beyond_the_channel_window_is_dropped_and_reported() -> None:
 
 @pytest.mark.unit
 def test_stderr_tail_keeps_the_last_bytes_in_bounded_memory() -> None:
-    tail = client_mod._Tail(100)
+    tail = channel.Tail(100)
     for i in range(1000):
         tail.add(f"line {i:04d}\n".encode())
         assert len(tail.data) <= 200
     text = tail.text()
     assert text.endswith("line 0999\n")
     assert text.startswith("[9900 earlier bytes of stderr dropped]\n")
-    short = client_mod._Tail(100)
+    short = channel.Tail(100)
     short.add(b"why\n")
     assert short.text() == "why\n"
     short.add(b"x" * 5000 + b"because\n")  # one read longer than the tail
