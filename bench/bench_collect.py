@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from hsmctl import auditlog
-from hsmctl.collect.collector import Collector, Options
+from hsmctl.collect.collector import CollectOptions, Collector
 
 DEVICE = "bench"
 SESSION = (
@@ -276,7 +276,7 @@ def customer_state(workdir: Path, sshd: Sshd, pinned: dict[str, str]) -> Path:
 
 
 def verified_collection(state: Path, workers: int) -> None:
-    report = Collector(state, Options(workers=workers)).run([DEVICE])
+    report = Collector(state, CollectOptions(workers=workers)).run([DEVICE])
     outcome = report.appliances[0]
     if outcome.error is not None:
         raise SystemExit(f"collection failed: {outcome.error}")

@@ -94,13 +94,14 @@ def collect(
     Exit 3: the log was tampered with (the report names the records; the archive is
     unchanged); 4: unreachable; 5: the archive is busy; over several appliances the most
     severe (3, 4, 1, 5) — the others are still collected."""
-    from hsmctl.collect.collector import Collector, Options, collected_appliances, state_dir
+    from hsmctl.collect.appliances import collected_appliances, state_dir
+    from hsmctl.collect.collector import CollectOptions, Collector
 
     if all_ == bool(appliances):
         raise click.UsageError("give --appliance ID (repeatable) or --all")
     state = state_dir(config_path(ctx))
     targets = collected_appliances(state) if all_ else list(appliances)
-    options = Options(
+    options = CollectOptions(
         lock_wait=0.0 if wait is None else wait,
         timeout=timeout,
         connect_timeout=connect_timeout,
@@ -146,7 +147,8 @@ def verify(
     \b
     Output: {"appliance", "verified", "records", "last_seq", "last_checkpoint",
     "segments", "trusted_keys", "retired_keys"}."""
-    from hsmctl.collect.collector import state_dir, verify_archive
+    from hsmctl.collect.appliances import state_dir
+    from hsmctl.collect.verify import verify_archive
 
     report = verify_archive(
         state_dir(config_path(ctx)),
@@ -206,23 +208,20 @@ def export(
     \b
     With --json (needs --output or --syslog): {"appliance", "records", "first_seq",
     "last_seq", "format", "destination"}."""
-    from hsmctl.collect.archive import Archive
-    from hsmctl.collect.collector import state_dir
-    from hsmctl.collect.export import Format, open_destination
-    from hsmctl.collect.export import export as run
-    from hsmctl.customer.store import ApplianceState
-    from hsmctl.errors import UsageError
+    from hsmctl.collect.appliances import state_dir
+    from hsmctl.collect.export import Format, export_appliance
 
     if as_json and output is None and syslog is None:
         raise click.UsageError("--json prints a summary on stdout: give --output or --syslog")
-    state = state_dir(config_path(ctx))
-    if not (state / "appliances" / appliance / "pins.json").is_file():
-        raise UsageError(f"{appliance}: not taken over from this state directory ({state})")
-    archive = Archive(ApplianceState(state, appliance).dir / "archive", appliance)
-    with archive.lock(exclusive=False, wait=60.0 if wait is None else wait):
-        cursor = archive.cursor()
-        with open_destination(output, syslog) as dest:
-            result = run(archive, cursor, dest, after=after, fmt=Format(fmt))
+    result = export_appliance(
+        state_dir(config_path(ctx)),
+        appliance,
+        after=after,
+        fmt=Format(fmt),
+        output=output,
+        syslog=syslog,
+        wait=60.0 if wait is None else wait,
+    )
     if as_json or output is not None or syslog is not None:
         emit(
             as_json,

@@ -15,8 +15,8 @@ archive's cursor and the pins (:func:`plan_resume`, :func:`trust_roots`):
    verified earlier changes.
 
 A device may be hostile, so one run is bounded whatever it sends: in time by
-``Options.timeout`` (the whole run, connection included: the archive lock is never held
-longer, so the next timer run is not locked out) and ``Options.stall_timeout`` (no
+``CollectOptions.timeout`` (the whole run, connection included: the archive lock is never held
+longer, so the next timer run is not locked out) and ``CollectOptions.stall_timeout`` (no
 output); in memory and disk by the pipeline's :class:`~.pipeline.Limits` (a record's
 length, what may arrive unsigned) and the SSH transport's own bounds. A breach names the
 appliance and the record: exit 3 for a limit, 4 for time.
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from hsmctl.auditlog import GENESIS_HEAD, Head, Violation
+from hsmctl.collect.appliances import archive_of, taken_over
 from hsmctl.collect.archive import SEGMENT_BYTES, Archive, Cursor
 from hsmctl.collect.pipeline import (
     DEFAULT_LIMITS,
@@ -49,7 +50,6 @@ from hsmctl.collect.pipeline import (
     TrustState,
     VerifyPool,
 )
-from hsmctl.customer.context import load_tenant_config
 from hsmctl.customer.store import ApplianceState
 from hsmctl.errors import (
     ConflictError,
@@ -89,7 +89,9 @@ class LogIntegrityError(IntegrityError):
 
 
 @dataclass(frozen=True)
-class Options:
+class CollectOptions:
+    """How one ``logs collect`` run goes: its bounds, its parallelism, where the keys are."""
+
     lock_wait: float = 0.0
     """Seconds to wait for a busy archive before exit 5."""
     timeout: float = 3600.0
@@ -126,7 +128,9 @@ class Target:
 
 
 @dataclass
-class Outcome:
+class ApplianceReport:
+    """What collecting one appliance did (a row of the command's JSON), or its error."""
+
     appliance: str
     new_records: int = 0
     last_seq: int = 0
@@ -155,7 +159,9 @@ class Outcome:
 
 @dataclass
 class Report:
-    appliances: list[Outcome]
+    """The whole run: one :class:`ApplianceReport` per appliance, the most severe exit."""
+
+    appliances: list[ApplianceReport]
 
     @property
     def exit_code(self) -> int:
@@ -199,51 +205,20 @@ def trust_roots(
 # -- reading the customer's state ---------------------------------------------------------------
 
 
-def state_dir(config_path: str | None) -> Path:
-    """The tenant's state directory. Collection needs nothing else from the config: not
-    the tenant identity, so a collection job can run without it."""
-    path: Path = load_tenant_config(config_path).require("state_dir")
-    return path
-
-
-def collected_appliances(state: Path) -> list[str]:
-    """Appliances whose takeover installed a collector key (``--all``)."""
-    root = state / "appliances"
-    if not root.is_dir():
-        return []
-    found = []
-    for entry in sorted(os.listdir(root)):
-        pins = ApplianceState(state, entry).read("pins.json") if _is_id(root / entry) else None
-        if pins and pins.get("audit_account_key") and pins.get("data_ip"):
-            found.append(entry)
-    return found
-
-
-def _is_id(path: Path) -> bool:
-    return path.is_dir() and (path / "pins.json").is_file()
-
-
 def load_target(state: Path, appliance: str, key_dir: Path | None) -> Target:
-    if not (state / "appliances" / appliance / "pins.json").is_file():
-        raise UsageError(f"{appliance}: not taken over from this state directory ({state})")
-    st = ApplianceState(state, appliance)
-    pins = st.pins()
-    data_ip, host_keys, audit_keys = (
-        pins.get("data_ip"),
-        pins.get("data_host_keys"),
-        pins.get("audit_keys"),
-    )
-    if not (data_ip and host_keys and audit_keys):
+    st = taken_over(state, appliance)
+    pins = st.load_pins()
+    if not (pins.data_ip and pins.data_host_keys and pins.audit_keys):
         raise UsageError(f"{appliance}: pins.json lacks the data address, host keys or audit keys")
     return Target(
         appliance=appliance,
         state=st,
-        data_ip=str(data_ip),
-        host_keys=tuple(host_keys),
-        audit_keys=dict(audit_keys),
-        retired=frozenset(pins.get("retired") or ()),
+        data_ip=pins.data_ip,
+        host_keys=tuple(pins.data_host_keys),
+        audit_keys=dict(pins.audit_keys),
+        retired=frozenset(pins.retired),
         key=collector_key(st, key_dir),
-        port=int(pins.get("data_port") or 22),
+        port=int(pins.data_port or 22),
     )
 
 
@@ -278,10 +253,10 @@ class Collector:
     """Collect a set of appliances. Lifecycle: create → :meth:`run` (once) → report."""
 
     def __init__(
-        self, state: Path, options: Options | None = None, progress: Progress | None = None
+        self, state: Path, options: CollectOptions | None = None, progress: Progress | None = None
     ) -> None:
         self.state = state
-        self.options = options or Options()
+        self.options = options or CollectOptions()
         self.progress = progress or NullProgress()
 
     def run(self, appliances: Iterable[str]) -> Report:
@@ -295,18 +270,18 @@ class Collector:
                 pool.close()
         return Report(outcomes)
 
-    def _one(self, appliance: str, pool: VerifyPool | None) -> Outcome:
+    def _one(self, appliance: str, pool: VerifyPool | None) -> ApplianceReport:
         try:
             target = load_target(self.state, appliance, self.options.key_dir)
             outcome = collect(target, self.options, pool)
         except HsmctlError as exc:
             text = str(exc)
             self.progress.step(text if text.startswith(f"{appliance}:") else f"{appliance}: {text}")
-            return Outcome(appliance, error=exc)
+            return ApplianceReport(appliance, error=exc)
         except Exception as exc:
             err = HsmctlError(f"{appliance}: unexpected {type(exc).__name__}: {exc}")
             self.progress.step(str(err))
-            return Outcome(appliance, error=err)
+            return ApplianceReport(appliance, error=err)
         self.progress.step(
             f"{appliance}: {outcome.new_records} new records, verified through {outcome.last_seq}"
         )
@@ -327,7 +302,9 @@ Stream = Callable[[int, BinaryIO], None]
 :func:`collect`, bytes in tests."""
 
 
-def collect(target: Target, options: Options, pool: VerifyPool | None = None) -> Outcome:
+def collect(
+    target: Target, options: CollectOptions, pool: VerifyPool | None = None
+) -> ApplianceReport:
     """Collect one appliance over SSH (steps 1-5 of the module docstring)."""
     from hsmctl.ssh import DeviceConnection, PinnedHostKeys, Timeouts
 
@@ -353,9 +330,7 @@ def collect(target: Target, options: Options, pool: VerifyPool | None = None) ->
                 raise UnreachableError(f"{conn.label}: timed out after {options.timeout:g} s")
             conn.run_stream(export_command(after), sink, timeout=left)
 
-    archive = Archive(
-        target.state.dir / "archive", target.appliance, segment_bytes=options.segment_bytes
-    )
+    archive = archive_of(target.state, segment_bytes=options.segment_bytes)
     with archive.lock(exclusive=True, wait=options.lock_wait):
         deadline = time.monotonic() + options.timeout
         before = archive.recover()
@@ -367,7 +342,7 @@ def collect(target: Target, options: Options, pool: VerifyPool | None = None) ->
             pool,
             limits=Limits(options.record_bytes, options.unsigned_records, options.unsigned_bytes),
         )
-    return Outcome(target.appliance, after.seq - before.seq, after.seq, True)
+    return ApplianceReport(target.appliance, after.seq - before.seq, after.seq, True)
 
 
 def _within(timeouts: Timeouts, left: float) -> Timeouts:
@@ -477,98 +452,3 @@ class _Sink:
 
 
 # -- offline verification of a whole archive ----------------------------------------------------
-
-
-@dataclass
-class ArchiveReport:
-    appliance: str
-    records: int
-    last_seq: int
-    last_checkpoint: int | None
-    segments: int
-    trusted_keys: list[str]
-    retired_keys: list[str]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "appliance": self.appliance,
-            "verified": True,
-            "records": self.records,
-            "last_seq": self.last_seq,
-            "last_checkpoint": self.last_checkpoint,
-            "segments": self.segments,
-            "trusted_keys": self.trusted_keys,
-            "retired_keys": self.retired_keys,
-        }
-
-
-def verify_archive(
-    state: Path, appliance: str, *, wait: float = 60.0, workers: int | None = None
-) -> ArchiveReport:
-    """Re-verify a whole archive from record 1 with the pinned keys only (no device), and
-    check that the cursor says what the chain proves. Raises IntegrityError (exit 3)."""
-    if not (state / "appliances" / appliance / "pins.json").is_file():
-        raise UsageError(f"{appliance}: not taken over from this state directory ({state})")
-    st = ApplianceState(state, appliance)
-    pins = st.pins()
-    retired = frozenset(pins.get("retired") or ())
-    trust = TrustState(
-        {k: v for k, v in dict(pins.get("audit_keys") or {}).items() if k not in retired},
-        retired,
-    )
-    archive = Archive(st.dir / "archive", appliance)
-    n = (os.cpu_count() or 1) if workers is None else workers
-    pool = VerifyPool(n) if n > 0 else None
-    try:
-        with archive.lock(exclusive=False, wait=wait):
-            cursor = archive.cursor()
-            # An archive holds only signed records, and one collected before the unsigned
-            # bounds existed must not fail by them: only the record length applies.
-            verifier = ChunkedVerifier(
-                trust,
-                GENESIS_HEAD,
-                pool=pool,
-                limits=Limits(unsigned_records=None, unsigned_bytes=None),
-            )
-            try:
-                for block in archive.blocks(cursor):
-                    verifier.feed(block)
-            except Halted:
-                pass
-            summary = verifier.finish()
-    finally:
-        if pool is not None:
-            pool.close()
-    if summary.violations:
-        raise LogIntegrityError(appliance, summary.violations, cursor)
-    problems = []
-    if summary.head != cursor.head:
-        problems.append(
-            f"the segments end at record {summary.head.seq} but the cursor says {cursor.seq}"
-        )
-    if cursor.seq and summary.last_checkpoint_seq != cursor.seq:
-        problems.append(
-            f"records {(summary.last_checkpoint_seq or 0) + 1}..{cursor.seq} are not signed"
-        )
-    if set(summary.state.trusted) != set(cursor.trusted_keys) or summary.state.retired != set(
-        cursor.retired_keys
-    ):
-        problems.append("the cursor's audit keys are not those the chain leads to")
-    if cursor.seq and summary.state.device != cursor.device:
-        problems.append(
-            f"the cursor names device {cursor.device!r}, the chain {summary.state.device!r}"
-        )
-    if problems:
-        raise IntegrityError(
-            f"{appliance}: archive verification failed: {'; '.join(problems)}",
-            detail={"appliance": appliance, "problems": problems},
-        )
-    return ArchiveReport(
-        appliance=appliance,
-        records=cursor.records,
-        last_seq=cursor.seq,
-        last_checkpoint=summary.last_checkpoint_seq,
-        segments=len(cursor.segments),
-        trusted_keys=sorted(summary.state.trusted),
-        retired_keys=sorted(summary.state.retired),
-    )

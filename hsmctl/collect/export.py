@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import Any, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
+from hsmctl.collect.appliances import archive_of, taken_over
 from hsmctl.collect.archive import Archive, Cursor
 from hsmctl.errors import HsmctlError, UnreachableError, UsageError
 from hsmctl.privatefiles import fsync_dir
@@ -269,6 +270,26 @@ def export(
     if count:
         last = after + count
     return ExportResult(archive.appliance, count, first, last, fmt, destination.describe())
+
+
+def export_appliance(
+    state: Path,
+    appliance: str,
+    *,
+    after: int = 0,
+    fmt: Format = Format.JSONL,
+    output: Path | None = None,
+    syslog: str | None = None,
+    wait: float = 60.0,
+) -> ExportResult:
+    """``logs export``: the archive of an appliance taken over from ``state``, read under
+    its shared lock (waiting up to ``wait`` s for a collection to finish), to ``output``
+    (whole or not at all), a ``syslog`` receiver, or stdout."""
+    archive = archive_of(taken_over(state, appliance))
+    with archive.lock(exclusive=False, wait=wait):
+        cursor = archive.cursor()
+        with open_destination(output, syslog) as dest:
+            return export(archive, cursor, dest, after=after, fmt=fmt)
 
 
 class open_destination:

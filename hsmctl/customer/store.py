@@ -41,6 +41,22 @@ def _write(path: Path, data: bytes) -> None:
 class ApplianceState:
     """One appliance's corner of the customer's state directory."""
 
+    @classmethod
+    def taken_over(cls, state_dir: Path, appliance: str) -> ApplianceState | None:
+        """The appliance's state if a takeover from ``state_dir`` pinned it (its
+        ``pins.json`` exists), else None; creates nothing when there is none."""
+        if not (state_dir / "appliances" / appliance / PINS).is_file():
+            return None
+        return cls(state_dir, appliance)
+
+    @staticmethod
+    def taken_over_ids(state_dir: Path) -> list[str]:
+        """The appliances a takeover from ``state_dir`` pinned, sorted."""
+        root = state_dir / "appliances"
+        if not root.is_dir():
+            return []
+        return [e for e in sorted(os.listdir(root)) if (root / e / PINS).is_file()]
+
     def __init__(self, state_dir: Path, appliance: str) -> None:
         if not _ID.fullmatch(appliance):
             raise UsageError(f"not an appliance id: {appliance!r}")
@@ -128,6 +144,7 @@ class Pins:
     initial_audit_key_id: str | None = None
     data_ip: str | None = None
     audit_account_key: str | None = None
+    data_port: int | None = None  # only where the device's SSH is not on 22 (tests, bench)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -139,6 +156,7 @@ class Pins:
             "initial_audit_key_id": self.initial_audit_key_id,
             "data_ip": self.data_ip,
             "audit_account_key": self.audit_account_key,
+            "data_port": self.data_port,
         }
         return out | {k: v for k, v in optional.items() if v is not None}
 
@@ -151,4 +169,5 @@ class Pins:
             initial_audit_key_id=d.get("initial_audit_key_id"),
             data_ip=d.get("data_ip"),
             audit_account_key=d.get("audit_account_key"),
+            data_port=d.get("data_port"),
         )

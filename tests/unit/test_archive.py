@@ -26,7 +26,6 @@ from hsmctl.collect.collector import (
     ingest,
     plan_resume,
     trust_roots,
-    verify_archive,
 )
 from hsmctl.collect.pipeline import (
     DEFAULT_LIMITS,
@@ -36,6 +35,7 @@ from hsmctl.collect.pipeline import (
     TrustState,
     VerifyPool,
 )
+from hsmctl.collect.verify import verify_archive
 from hsmctl.errors import ConflictError, IntegrityError, UnreachableError
 
 pytestmark = pytest.mark.unit

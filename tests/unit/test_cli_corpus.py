@@ -610,7 +610,7 @@ def test_collect_all_reports_a_device_error_with_markup(
     error handling, the report, the progress line and the exit code are real."""
     device_said = f"hsm01: record 12: hash mismatch; device detail: {text}"
 
-    def transport(target: collector.Target, *_: Any) -> collector.Outcome:
+    def transport(target: collector.Target, *_: Any) -> collector.ApplianceReport:
         raise IntegrityError(device_said)
 
     monkeypatch.setattr(collector, "collect", transport)

@@ -43,7 +43,7 @@ import pytest
 from hsmctl import auditlog
 from hsmctl.auditlog import GENESIS_HEAD, Head
 from hsmctl.collect.archive import Archive
-from hsmctl.collect.collector import Options, Target, collect, ingest, trust_roots
+from hsmctl.collect.collector import CollectOptions, Target, collect, ingest, trust_roots
 from hsmctl.collect.pipeline import (
     RECORD_BYTES,
     ChunkedVerifier,
@@ -538,7 +538,7 @@ def child_collect(
         key=Path(key),
         port=port,
     )
-    options = Options(timeout=timeout, stall_timeout=stall, workers=0, parallel=1)
+    options = CollectOptions(timeout=timeout, stall_timeout=stall, workers=0, parallel=1)
     _report(lambda: collect(target, options))
 
 
@@ -652,7 +652,7 @@ def test_limits_are_what_the_docs_say() -> None:
     assert limits.record_bytes == RECORD_BYTES == 64 * 1024
     assert limits.unsigned_records == 200_000
     assert limits.unsigned_bytes == 128 * 1024 * 1024
-    assert Options().timeout == 3600 and Options().stall_timeout == 120
+    assert CollectOptions().timeout == 3600 and CollectOptions().stall_timeout == 120
 
 
 # -- over SSH to a real sshd ---------------------------------------------------------------------

@@ -775,12 +775,12 @@ def test_an_eof_or_interrupt_escaping_a_command_is_not_aborted(
     words: str,
 ) -> None:
     """click's main() turns both into Abort, which printed "aborted" and exited 1."""
-    from hsmctl.collect import collector
+    from hsmctl.collect import appliances
 
     def boom(config_path: str | None) -> Any:
         raise raised
 
-    monkeypatch.setattr(collector, "state_dir", boom)
+    monkeypatch.setattr(appliances, "state_dir", boom)
     assert cli_main.main(["logs", "collect", "--all", "--json"]) == code
     captured = capsys.readouterr()
     assert words in captured.err and "aborted" not in captured.err
@@ -792,11 +792,11 @@ def test_an_eof_or_interrupt_escaping_a_command_is_not_aborted(
 def test_a_real_abort_is_still_aborted(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from hsmctl.collect import collector
+    from hsmctl.collect import appliances
 
     def abort(config_path: str | None) -> Any:
         raise click.Abort()
 
-    monkeypatch.setattr(collector, "state_dir", abort)
+    monkeypatch.setattr(appliances, "state_dir", abort)
     assert cli_main.main(["logs", "collect", "--all"]) == 1
     assert "aborted" in capsys.readouterr().err
