@@ -27,6 +27,9 @@ before every write) truncates the active segment to its committed length and del
 unreferenced segment files, so an interrupted run neither loses nor duplicates a record.
 Nothing before the cursor's head is ever rewritten.
 
+The cursor is a typed record in :mod:`.cursor`, a segment's entry and its file I/O are in
+:mod:`.segments` (both re-exported here).
+
 Lifecycle: ``Archive(dir, appliance)`` → ``with archive.lock(exclusive=True, wait=S):`` →
 ``recover()`` → ``begin(cursor)`` → :class:`Appender` ``append()``... → ``commit()`` or
 ``abort()``. Readers: ``with archive.lock(exclusive=False, ...):`` → ``cursor()`` →
@@ -37,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import gzip
 import json
 import os
 import re
@@ -45,18 +47,41 @@ import time
 import zlib
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, BinaryIO, cast
 
 import zstandard
 
 from hsmctl import utc
-from hsmctl.auditlog import GENESIS_HEAD, Head
+from hsmctl.collect.cursor import FORMAT, Cursor
+from hsmctl.collect.segments import (
+    COMPRESSED,
+    Segment,
+    compress_segment,
+    open_segment,
+    segment_name,
+    truncate_segment,
+)
 from hsmctl.errors import ConflictError, HsmctlError, IntegrityError
 from hsmctl.privatefiles import fsync_dir, write_atomic
 
-FORMAT = "hsmctl-archive/1"
+__all__ = [
+    "BLOCK",
+    "COMPRESSED",
+    "COMPRESS_LEVEL",
+    "CURSOR",
+    "FORMAT",
+    "LOCK",
+    "SEGMENT_BYTES",
+    "Appender",
+    "Archive",
+    "ArchiveDamaged",
+    "Cursor",
+    "Segment",
+    "compress_segment",
+    "segment_name",
+]
+
 CURSOR = "cursor.json"
 LOCK = "lock"
 SEGMENT_BYTES = 64 * 1024 * 1024
@@ -65,9 +90,6 @@ COMPRESS_LEVEL = 1
 """zstd level for closed segments. On audit records level 1 compresses to 12.5% at ~800 MB/s
 a core, where gzip's fastest level gives 19% at ~150 MB/s: compression was the largest
 cost of a big collection after verification (bench/bench_collect.py)."""
-COMPRESSED = ".zst"
-"""The suffix of a segment compressed now; ``.gz`` segments (older archives) are read."""
-_CODECS = (".zst", ".gz")
 BLOCK = 4 * 1024 * 1024
 
 _SEGMENT_FILE = re.compile(r"seg-(\d{12})\.jsonl(\.zst|\.gz)?(\.tmp)?")
@@ -76,111 +98,6 @@ _CURSOR_TMP = re.compile(r"\.cursor\.json\.\d+(\.[0-9a-f]+)?\.tmp")  # privatefi
 
 class ArchiveDamaged(IntegrityError):
     """The archive on disk does not match its cursor (exit 3): restore it from backup."""
-
-
-@dataclass(frozen=True)
-class Segment:
-    name: str
-    first_seq: int
-    records: int
-    bytes: int
-    """Uncompressed length: for the active segment, how much of the file is archived."""
-    compressed: bool = False
-
-    @property
-    def last_seq(self) -> int:
-        return self.first_seq + self.records - 1
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "first_seq": self.first_seq,
-            "last_seq": self.last_seq,
-            "records": self.records,
-            "bytes": self.bytes,
-            "compressed": self.compressed,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Segment:
-        seg = cls(
-            str(d["name"]),
-            int(d["first_seq"]),
-            int(d["records"]),
-            int(d["bytes"]),
-            bool(d["compressed"]),
-        )
-        expected = segment_name(seg.first_seq, False)
-        names = [expected + c for c in _CODECS] if seg.compressed else [expected]
-        if seg.name not in names or seg.last_seq != int(d["last_seq"]) or seg.records < 1:
-            raise ValueError(f"inconsistent segment entry {dict(d)}")
-        return seg
-
-
-def segment_name(first_seq: int, compressed: bool) -> str:
-    return f"seg-{first_seq:012d}.jsonl" + (COMPRESSED if compressed else "")
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """The committed state of an archive. The head is always a verified checkpoint."""
-
-    appliance: str
-    seq: int = 0
-    hash: str = GENESIS_HEAD.hash
-    prev: str = GENESIS_HEAD.hash
-    device: str | None = None
-    trusted_keys: Mapping[str, str] = field(default_factory=dict)
-    retired_keys: tuple[str, ...] = ()
-    segments: tuple[Segment, ...] = ()
-    updated_at: str | None = None
-
-    @property
-    def head(self) -> Head:
-        return Head(self.seq, self.hash)
-
-    @property
-    def records(self) -> int:
-        return sum(s.records for s in self.segments)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "appliance": self.appliance,
-            "seq": self.seq,
-            "hash": self.hash,
-            "prev": self.prev,
-            "device": self.device,
-            "trusted_keys": dict(self.trusted_keys),
-            "retired_keys": list(self.retired_keys),
-            "segments": [s.as_dict() for s in self.segments],
-            "updated_at": self.updated_at,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Cursor:
-        if d.get("format") != FORMAT:
-            raise ValueError(f"unknown format {d.get('format')!r}")
-        segments = tuple(Segment.from_dict(s) for s in d["segments"])
-        cursor = cls(
-            appliance=str(d["appliance"]),
-            seq=int(d["seq"]),
-            hash=str(d["hash"]),
-            prev=str(d["prev"]),
-            device=None if d.get("device") is None else str(d["device"]),
-            trusted_keys={str(k): str(v) for k, v in dict(d["trusted_keys"]).items()},
-            retired_keys=tuple(str(k) for k in d["retired_keys"]),
-            segments=segments,
-            updated_at=d.get("updated_at"),
-        )
-        expected = 1
-        for s in segments:
-            if s.first_seq != expected:
-                raise ValueError(f"segment {s.name} starts at {s.first_seq}, expected {expected}")
-            expected = s.last_seq + 1
-        if expected - 1 != cursor.seq:
-            raise ValueError(f"segments end at {expected - 1} but the head is {cursor.seq}")
-        return cursor
 
 
 def _now() -> str:
@@ -276,7 +193,7 @@ class Archive:
                     f"{s.bytes} (records {s.first_seq}..{s.last_seq})"
                 )
             if size > s.bytes:
-                _truncate(path, s.bytes)
+                truncate_segment(path, s.bytes)
                 changed = True
         for entry in os.listdir(self.dir):
             if entry in named:
@@ -310,7 +227,7 @@ class Archive:
         total = lines = 0
         carry = b""
         try:
-            with _open_segment(path, seg) as fh:
+            with open_segment(path, seg) as fh:
                 while True:
                     want = min(size, seg.bytes - total) if not seg.compressed else size
                     chunk = fh.read(want) if want > 0 else b""
@@ -344,38 +261,6 @@ class Archive:
                 f"records; the cursor says {seg.bytes} bytes, records "
                 f"{seg.first_seq}..{seg.last_seq}"
             )
-
-
-def _open_segment(path: Path, seg: Segment) -> BinaryIO:
-    if seg.name.endswith(".gz"):
-        return cast(BinaryIO, gzip.open(path, "rb"))
-    if seg.compressed:
-        return cast(BinaryIO, zstandard.open(path, "rb"))
-    return open(path, "rb")
-
-
-def _truncate(path: Path, size: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def compress_segment(src: Path, dst: Path, level: int) -> None:
-    """Compress ``src`` to ``dst`` (zstd, with a checksum) via a temporary file, fsynced
-    before the rename (the directory is fsynced by the commit that names ``dst``)."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
-        with open(src, "rb") as fin, os.fdopen(os.dup(fd), "wb") as raw:
-            compressor.copy_stream(fin, raw, size=os.fstat(fin.fileno()).st_size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, dst)
 
 
 @dataclass
@@ -530,7 +415,7 @@ class Appender:
                 if o.fd is not None:
                     os.ftruncate(o.fd, o.covered_bytes)
                 else:
-                    _truncate(self.archive.dir / o.seg.name, o.covered_bytes)
+                    truncate_segment(self.archive.dir / o.seg.name, o.covered_bytes)
                 o.seg = replace(o.seg, records=o.covered_records, bytes=o.covered_bytes)
         for o in keep:
             if o.fd is not None:

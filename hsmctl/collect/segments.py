@@ -1,0 +1,96 @@
+"""An archive's segments: the typed entry the cursor lists (:class:`Segment`, with
+``as_dict``/``from_dict``), their names, and their files (opened whichever codec wrote
+them, truncated to the committed length, compressed to zstd).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import zstandard
+
+COMPRESSED = ".zst"
+"""The suffix of a segment compressed now; ``.gz`` segments (older archives) are read."""
+CODECS = (".zst", ".gz")
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    first_seq: int
+    records: int
+    bytes: int
+    """Uncompressed length: for the active segment, how much of the file is archived."""
+    compressed: bool = False
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + self.records - 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "records": self.records,
+            "bytes": self.bytes,
+            "compressed": self.compressed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Segment:
+        seg = cls(
+            str(d["name"]),
+            int(d["first_seq"]),
+            int(d["records"]),
+            int(d["bytes"]),
+            bool(d["compressed"]),
+        )
+        expected = segment_name(seg.first_seq, False)
+        names = [expected + c for c in CODECS] if seg.compressed else [expected]
+        if seg.name not in names or seg.last_seq != int(d["last_seq"]) or seg.records < 1:
+            raise ValueError(f"inconsistent segment entry {dict(d)}")
+        return seg
+
+
+def segment_name(first_seq: int, compressed: bool) -> str:
+    return f"seg-{first_seq:012d}.jsonl" + (COMPRESSED if compressed else "")
+
+
+def open_segment(path: Path, seg: Segment) -> BinaryIO:
+    """The segment's uncompressed bytes (zstd, gzip of older archives, or plain)."""
+    if seg.name.endswith(".gz"):
+        return cast(BinaryIO, gzip.open(path, "rb"))
+    if seg.compressed:
+        return cast(BinaryIO, zstandard.open(path, "rb"))
+    return open(path, "rb")
+
+
+def truncate_segment(path: Path, size: int) -> None:
+    """Cut the active segment back to its committed length, fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+    try:
+        os.ftruncate(fd, size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def compress_segment(src: Path, dst: Path, level: int) -> None:
+    """Compress ``src`` to ``dst`` (zstd, with a checksum) via a temporary file, fsynced
+    before the rename (the directory is fsynced by the commit that names ``dst``)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        with open(src, "rb") as fin, os.fdopen(os.dup(fd), "wb") as raw:
+            compressor.copy_stream(fin, raw, size=os.fstat(fin.fileno()).st_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dst)
