@@ -44,7 +44,7 @@ lint: deps
 	@$(BIN)/ruff check hsmctl tests bench
 	@$(BIN)/ruff format --check hsmctl tests bench
 	@$(BIN)/mypy
-	@shellcheck vagrant/*.sh scripts/*.sh .ci/run hsmctl/lab/*.sh
+	@shellcheck vagrant/*.sh scripts/*.sh .ci/run hsmctl/lab/*.sh hsmctl/appliance/p11/*.sh
 
 bench: image
 	@$(BIN)/python -m bench
