@@ -55,7 +55,7 @@ PROVIDER_LOGIN_ATTEMPTS = 10
 """The device restarts its sshd after a factory reset: give it a few seconds."""
 
 
-class Step(enum.StrEnum):
+class DeprovisionStep(enum.StrEnum):
     AUTHORIZE = "authorize"
     SNAPSHOT = "snapshot"
     ZEROIZE = "zeroize"
@@ -66,17 +66,17 @@ class Step(enum.StrEnum):
     DONE = "done"
 
 
-STEPS: tuple[Step, ...] = (
-    Step.SNAPSHOT,
-    Step.ZEROIZE,
-    Step.VERIFY,
-    Step.DETACH,
-    Step.ZEROIZATION,
-    Step.RELEASE,
+STEPS: tuple[DeprovisionStep, ...] = (
+    DeprovisionStep.SNAPSHOT,
+    DeprovisionStep.ZEROIZE,
+    DeprovisionStep.VERIFY,
+    DeprovisionStep.DETACH,
+    DeprovisionStep.ZEROIZATION,
+    DeprovisionStep.RELEASE,
 )
 
 
-_STEP_VALUES = frozenset(s.value for s in Step)
+_STEP_VALUES = frozenset(s.value for s in DeprovisionStep)
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Run:
 
     run_id: str
     authorization: dict[str, Any]
-    done: dict[Step, dict[str, Any]] = field(default_factory=dict)
+    done: dict[DeprovisionStep, dict[str, Any]] = field(default_factory=dict)
     finished: bool = False
 
 
@@ -101,16 +101,16 @@ def runs_from_journal(entries: Iterable[JournalEntry]) -> list[Run]:
         run_id = e.detail.get("run")
         if not isinstance(run_id, str):
             continue
-        if e.step == Step.AUTHORIZE and e.status == StepStatus.OK:
+        if e.step == DeprovisionStep.AUTHORIZE and e.status == StepStatus.OK:
             runs[run_id] = Run(run_id, dict(e.detail.get("authorization") or {}))
             continue
         run = runs.get(run_id)
         if run is None:
             continue
-        if e.step == Step.DONE and e.status == StepStatus.OK:
+        if e.step == DeprovisionStep.DONE and e.status == StepStatus.OK:
             run.finished = True
         elif e.status == StepStatus.OK and e.step in _STEP_VALUES:
-            run.done[Step(e.step)] = dict(e.detail)
+            run.done[DeprovisionStep(e.step)] = dict(e.detail)
     return list(runs.values())
 
 
@@ -128,10 +128,10 @@ def resumable(record: ApplianceRecord, run: Run | None) -> bool:
     if record.state == A.FAILED:
         return (record.failure_reason or "").startswith(f"{FAILURE_PREFIX}:")
     # Freed but not marked done: only the last bookkeeping entry is missing.
-    return record.state == A.AVAILABLE and Step.RELEASE in run.done
+    return record.state == A.AVAILABLE and DeprovisionStep.RELEASE in run.done
 
 
-def pending(run: Run) -> list[Step]:
+def pending(run: Run) -> list[DeprovisionStep]:
     return [s for s in STEPS if s not in run.done]
 
 
@@ -202,7 +202,7 @@ class _Executor:
         self.progress = progress
         self.oob = out_of_band_for(ctx.config.out_of_band)
         alloc = ctx.store.allocation(appliance)
-        self.journal: StoreJournal[Step] = StoreJournal(
+        self.journal: StoreJournal[DeprovisionStep] = StoreJournal(
             ctx.store,
             Operation.DEPROVISION,
             appliance=appliance,
@@ -229,7 +229,7 @@ class _Executor:
         return {"console": "sysconf factory-reset", "output": out}
 
     def verify(self) -> dict[str, Any]:
-        before = self.run.done.get(Step.SNAPSHOT, {})
+        before = self.run.done.get(DeprovisionStep.SNAPSHOT, {})
         hsm = self.console_fact(HSM_INFO)
         keys = self.console_fact(HOST_KEYS)
         audit = self.console_fact(AUDIT_KEY)
@@ -280,12 +280,12 @@ class _Executor:
 
     def zeroization(self) -> dict[str, Any]:
         record = self.ctx.store.get_appliance(self.appliance)
-        verified = self.run.done.get(Step.VERIFY, {})
+        verified = self.run.done.get(DeprovisionStep.VERIFY, {})
         return {
             "tenant": record.tenant,
             "ip": record.data_ip,
             "authorization": self.run.authorization,
-            "before": self.run.done.get(Step.SNAPSHOT, {}),
+            "before": self.run.done.get(DeprovisionStep.SNAPSHOT, {}),
             "after": {
                 "audit_key_id": verified.get("audit_key_id"),
                 "data_host_keys": verified.get("data_host_keys"),
@@ -302,7 +302,7 @@ class _Executor:
 
     # driver -----------------------------------------------------------------------------
 
-    def _failed(self, step: Step, exc: HsmctlError) -> None:
+    def _failed(self, step: DeprovisionStep, exc: HsmctlError) -> None:
         reason = f"{FAILURE_PREFIX}: {step.value}: {exc.message}"
         current = self.ctx.store.get_appliance(self.appliance).state
         if current in (A.DEPROVISIONING, A.FAILED):
@@ -310,12 +310,12 @@ class _Executor:
 
     def execute(self) -> None:
         actions = {
-            Step.SNAPSHOT: self.snapshot,
-            Step.ZEROIZE: self.zeroize,
-            Step.VERIFY: self.verify,
-            Step.DETACH: self.detach,
-            Step.ZEROIZATION: self.zeroization,
-            Step.RELEASE: self.release,
+            DeprovisionStep.SNAPSHOT: self.snapshot,
+            DeprovisionStep.ZEROIZE: self.zeroize,
+            DeprovisionStep.VERIFY: self.verify,
+            DeprovisionStep.DETACH: self.detach,
+            DeprovisionStep.ZEROIZATION: self.zeroization,
+            DeprovisionStep.RELEASE: self.release,
         }
         steps.run(
             {step: actions[step] for step in STEPS},
@@ -324,7 +324,7 @@ class _Executor:
             progress=self.progress,
             hooks=steps.Hooks(failed=self._failed),
         )
-        self.journal.record(Step.DONE, StepStatus.OK, {})
+        self.journal.record(DeprovisionStep.DONE, StepStatus.OK, {})
 
 
 def deprovision(
@@ -372,7 +372,7 @@ def deprovision(
             ctx.store.set_state(appliance, A.DEPROVISIONING, expect={record.state})
             run = Run(f"deprov-{uuid.uuid4()}", auth.as_detail())
             _Executor(ctx, appliance, run, progress).journal.record(
-                Step.AUTHORIZE,
+                DeprovisionStep.AUTHORIZE,
                 StepStatus.OK,
                 {
                     "authorization": run.authorization,

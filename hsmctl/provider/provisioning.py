@@ -42,7 +42,7 @@ from hsmctl.state.records import Allocation
 OTP_VALIDITY = timedelta(hours=contract.OTP_VALID_HOURS)
 
 
-class Step(enum.StrEnum):
+class ProvisionStep(enum.StrEnum):
     VERIFY = "verify"
     ATTACH = "attach"
     NETWORK = "network"
@@ -50,7 +50,7 @@ class Step(enum.StrEnum):
     HANDOFF = "handoff"
 
 
-STEPS: tuple[Step, ...] = tuple(Step)
+STEPS: tuple[ProvisionStep, ...] = tuple(ProvisionStep)
 
 
 @dataclass(frozen=True)
@@ -154,11 +154,11 @@ def step_handoff(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[s
 
 
 _STEPS = {
-    Step.VERIFY: step_verify,
-    Step.ATTACH: step_attach,
-    Step.NETWORK: step_network,
-    Step.MONITOR: step_monitor,
-    Step.HANDOFF: step_handoff,
+    ProvisionStep.VERIFY: step_verify,
+    ProvisionStep.ATTACH: step_attach,
+    ProvisionStep.NETWORK: step_network,
+    ProvisionStep.MONITOR: step_monitor,
+    ProvisionStep.HANDOFF: step_handoff,
 }
 
 
@@ -170,11 +170,11 @@ def run_step(
     lock = _appliance_lock(ctx, appliance)
     try:
         alloc = _allocation(ctx, appliance, request_id)
-        which = Step(step)
+        which = ProvisionStep(step)
         # Ansible runs one task at a time, so a plan of one step, never skipped: every
         # step is idempotent and redone on a rerun. The host keys go to the pins, not to
         # the journal.
-        journal: StoreJournal[Step] = StoreJournal(
+        journal: StoreJournal[ProvisionStep] = StoreJournal(
             ctx.store,
             Operation.PROVISION,
             appliance=appliance,
@@ -260,7 +260,7 @@ def provision(
         for a in allocations:
             outcome = outcomes[a.appliance]
             if outcome.status is adapter.HostStatus.OK:
-                handoff = outcome.results[_task_name(Step.HANDOFF)]["handoff"]
+                handoff = outcome.results[_HANDOFF_TASK]["handoff"]
                 if ctx.store.get_appliance(a.appliance).state != ApplianceState.PROVISIONED:
                     ctx.store.set_state(a.appliance, ApplianceState.PROVISIONED)
                 provisioned.append(Provisioned(a.appliance, a.ip, handoff))
@@ -282,14 +282,8 @@ def provision(
         ctx.close()
 
 
-_TASKS = {
-    Step.VERIFY: "Verify the appliance (pinned management host key, factory state)",
-    Step.HANDOFF: "Install the tenant key and a one-time password, write the hand-off bundle",
-}
-
-
-def _task_name(step: Step) -> str:
-    return _TASKS[step]
+# The playbook task whose result carries the hand-off (its title, as provision.yml names it).
+_HANDOFF_TASK = "Install the tenant key and a one-time password, write the hand-off bundle"
 
 
 def _error(code: int, message: str) -> HsmctlError:

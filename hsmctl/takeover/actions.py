@@ -20,7 +20,7 @@ from hsmctl.takeover import faults
 from hsmctl.takeover.options import Options, token_label
 from hsmctl.takeover.proof import prove
 from hsmctl.takeover.receipt import write_receipt
-from hsmctl.takeover.records import PasswordState, Step, same_keys
+from hsmctl.takeover.records import PasswordState, TakeoverStep, same_keys
 from hsmctl.takeover.session import AdminSession
 
 
@@ -36,18 +36,18 @@ class TakeoverSteps:
         self.record = session.journal.record
         self.bundle = session.bundle
 
-    def plan(self) -> Mapping[Step, steps.Action]:
+    def plan(self) -> Mapping[TakeoverStep, steps.Action]:
         return {
-            Step.ESCROW: self.escrow,
-            Step.PASSWORD: self.password,
-            Step.REVOKE: self.revoke,
-            Step.HOSTKEYS: self.hostkeys,
-            Step.HSM_INIT: self.hsm_init,
-            Step.CO_PIN: self.co_pin,
-            Step.AUDIT_KEY: self.audit_key,
-            Step.COLLECTOR: self.collector,
-            Step.PROVE: self.prove,
-            Step.RECEIPT: self.receipt,
+            TakeoverStep.ESCROW: self.escrow,
+            TakeoverStep.PASSWORD: self.password,
+            TakeoverStep.REVOKE: self.revoke,
+            TakeoverStep.HOSTKEYS: self.hostkeys,
+            TakeoverStep.HSM_INIT: self.hsm_init,
+            TakeoverStep.CO_PIN: self.co_pin,
+            TakeoverStep.AUDIT_KEY: self.audit_key,
+            TakeoverStep.COLLECTOR: self.collector,
+            TakeoverStep.PROVE: self.prove,
+            TakeoverStep.RECEIPT: self.receipt,
         }
 
     def escrow(self) -> None:
@@ -67,7 +67,7 @@ class TakeoverSteps:
                 continue
             if value == existing:
                 continue
-            if existing is not None and Step.ESCROW in self.record.done:
+            if existing is not None and TakeoverStep.ESCROW in self.record.done:
                 # Escrowed secrets are in use from here on: changing one now could lock
                 # the customer out of a half-done device.
                 raise ConflictError(

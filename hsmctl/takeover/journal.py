@@ -18,7 +18,7 @@ from hsmctl.customer.store import ApplianceState
 from hsmctl.errors import ConflictError, HsmctlError
 from hsmctl.handoff import BundleExpired, OpenedBundle
 from hsmctl.progress import Progress
-from hsmctl.takeover.records import HostKeyRotation, PasswordState, Step, TakeoverJournal
+from hsmctl.takeover.records import HostKeyRotation, PasswordState, TakeoverJournal, TakeoverStep
 
 JOURNAL = "takeover.json"
 
@@ -36,17 +36,17 @@ class FileJournal:
 
     # the step runner's Journal -----------------------------------------------------------
 
-    def is_done(self, step: Step) -> bool:
+    def is_done(self, step: TakeoverStep) -> bool:
         return step in self.record.done
 
-    def started(self, step: Step) -> None:
+    def started(self, step: TakeoverStep) -> None:
         pass
 
-    def ok(self, step: Step, detail: Mapping[str, Any]) -> None:
+    def ok(self, step: TakeoverStep, detail: Mapping[str, Any]) -> None:
         self.record.done.add(step)
         self.save()
 
-    def failed(self, step: Step, error: HsmctlError) -> None:
+    def failed(self, step: TakeoverStep, error: HsmctlError) -> None:
         pass
 
 

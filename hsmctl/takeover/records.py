@@ -19,7 +19,7 @@ from hsmctl.errors import HsmctlError
 from hsmctl.ssh import PublicKey
 
 
-class Step(enum.StrEnum):
+class TakeoverStep(enum.StrEnum):
     ESCROW = "escrow"  # the new admin password, SO PIN, CO PIN, collector key
     PASSWORD = "password"  # noqa: S105 - a step name: one-time -> escrowed password
     REVOKE = "revoke"  # provider access, monitor
@@ -32,7 +32,7 @@ class Step(enum.StrEnum):
     RECEIPT = "receipt"
 
 
-STEPS: tuple[Step, ...] = tuple(Step)
+STEPS: tuple[TakeoverStep, ...] = tuple(TakeoverStep)
 
 
 class PasswordState(enum.StrEnum):
@@ -119,7 +119,7 @@ class TakeoverJournal:
     started_at: str  # before the first connection: every admin session of ours is later
     host_keys: HostKeyRotation
     password: PasswordState = PasswordState.ONE_TIME
-    done: set[Step] = field(default_factory=set)
+    done: set[TakeoverStep] = field(default_factory=set)
     first_login_at: str | None = None
     hsm_init_sent: bool = False
     audit_key_before: str | None = None
@@ -131,7 +131,7 @@ class TakeoverJournal:
 
     @property
     def finished(self) -> bool:
-        return Step.RECEIPT in self.done
+        return TakeoverStep.RECEIPT in self.done
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -168,7 +168,7 @@ class TakeoverJournal:
                 started_at=str(d["started_at"]),
                 host_keys=HostKeyRotation.from_dict(d["host_keys"]),
                 password=PasswordState(d["password"]),
-                done={Step(s) for s in d["done"]},
+                done={TakeoverStep(s) for s in d["done"]},
                 first_login_at=d.get("first_login_at"),
                 hsm_init_sent=bool(d.get("hsm_init_sent")),
                 audit_key_before=d.get("audit_key_before"),

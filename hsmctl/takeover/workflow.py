@@ -39,7 +39,7 @@ from hsmctl.takeover.journal import JOURNAL, open_journal
 from hsmctl.takeover.options import Options, check_inputs, token_label
 from hsmctl.takeover.proof import export_log, transfer_window
 from hsmctl.takeover.receipt import RECEIPT, RECEIPT_FORMAT, verify_receipt
-from hsmctl.takeover.records import STEPS, PasswordState, Step
+from hsmctl.takeover.records import STEPS, PasswordState, TakeoverStep
 from hsmctl.takeover.session import AdminSession
 
 __all__ = [
@@ -49,8 +49,8 @@ __all__ = [
     "STEPS",
     "Options",
     "PasswordState",
-    "Step",
     "Takeover",
+    "TakeoverStep",
     "check_inputs",
     "export_log",
     "takeover",
@@ -72,7 +72,7 @@ class Takeover:
         self.progress = progress or NullProgress()
         self.identity = TenantIdentity.load(ctx.identity)
         self.session: AdminSession | None = None
-        self.ran: list[Step] = []
+        self.ran: list[TakeoverStep] = []
 
     def _open(self) -> AdminSession:
         # The signature and contents first; expiry only matters for a fresh start.
@@ -84,12 +84,12 @@ class Takeover:
         journal = open_journal(self.ctx.appliance(bundle.appliance), bundle, self.progress)
         return AdminSession(self.ctx, bundle, journal)
 
-    def _before(self, step: Step) -> None:
+    def _before(self, step: TakeoverStep) -> None:
         assert self.session is not None
         faults.reached(f"before:{step.value}", self.session.conn)
         self.ran.append(step)
 
-    def _after(self, step: Step) -> None:
+    def _after(self, step: TakeoverStep) -> None:
         assert self.session is not None
         faults.reached(f"after:{step.value}", self.session.conn)
 

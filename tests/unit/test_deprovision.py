@@ -118,7 +118,7 @@ def test_runs_resume_where_the_journal_stops() -> None:
     run = dep.unfinished_run(entries)
     assert run is not None and run.run_id == "r2"
     assert run.authorization == {"kind": "release"}
-    assert dep.pending(run)[0] is dep.Step.ZEROIZE
+    assert dep.pending(run)[0] is dep.DeprovisionStep.ZEROIZE
     assert dep.unfinished_run(entries[:3]) is None
 
 

@@ -18,7 +18,7 @@ from hsmctl.handoff import BundleExpired
 from hsmctl.progress import NullProgress
 from hsmctl.ssh import PublicKey
 from hsmctl.takeover.journal import JOURNAL, FileJournal, open_journal, read
-from hsmctl.takeover.records import STEPS, PasswordState, Step, TakeoverJournal
+from hsmctl.takeover.records import STEPS, PasswordState, TakeoverJournal, TakeoverStep
 
 pytestmark = pytest.mark.unit
 
@@ -74,7 +74,7 @@ PROVED_WITHOUT_TRANSFER = ROTATED | {
     "log_head": {"seq": 51, "hash": "d" * 64},
     "transfer_seq": None,
     "provisioned_seq": 4,
-    "done": sorted(s.value for s in STEPS if s not in (Step.PROVE, Step.RECEIPT)),
+    "done": sorted(s.value for s in STEPS if s not in (TakeoverStep.PROVE, TakeoverStep.RECEIPT)),
 }
 FINISHED = PROVED_WITHOUT_TRANSFER | {
     "checks": [dict(c, ok=True) for c in CHECKS],
@@ -104,7 +104,10 @@ def test_the_records_say_what_the_resume_needs() -> None:
     staged = TakeoverJournal.from_dict(STAGED_NOT_ACTIVATED)
     assert staged.password is PasswordState.COMMITTED
     assert staged.host_keys.pinned == OLD_KEYS + NEW_KEYS
-    assert staged.done == {Step.ESCROW, Step.PASSWORD, Step.REVOKE} and not staged.finished
+    assert (
+        staged.done == {TakeoverStep.ESCROW, TakeoverStep.PASSWORD, TakeoverStep.REVOKE}
+        and not staged.finished
+    )
     finished = TakeoverJournal.from_dict(FINISHED)
     assert finished.finished and finished.log_head is not None and finished.log_head.seq == 51
 
@@ -173,9 +176,9 @@ def test_a_new_journal_pins_the_bundle_before_anything_is_sent(tmp_path: Path) -
         OLD_KEYS,
         {"a" * 64: "PEM-A"},
     )
-    journal.ok(Step.ESCROW, {})
+    journal.ok(TakeoverStep.ESCROW, {})
     again = open_journal(state, _bundle(expired=True), NullProgress())  # expiry: fresh only
-    assert again.record == journal.record and again.is_done(Step.ESCROW)
+    assert again.record == journal.record and again.is_done(TakeoverStep.ESCROW)
 
 
 def test_another_bundle_replaces_only_a_journal_that_committed_to_nothing(
@@ -200,8 +203,8 @@ def test_another_bundle_replaces_only_a_journal_that_committed_to_nothing(
 def test_the_file_journal_is_the_runners_journal(tmp_path: Path) -> None:
     state = ApplianceState(tmp_path, "hsm09")
     journal = FileJournal(state, TakeoverJournal.from_dict(FRESH))
-    journal.started(Step.ESCROW)
-    journal.failed(Step.ESCROW, HsmctlError("x"))
+    journal.started(TakeoverStep.ESCROW)
+    journal.failed(TakeoverStep.ESCROW, HsmctlError("x"))
     assert not (state.dir / JOURNAL).exists()  # neither leaves a trace
-    journal.ok(Step.ESCROW, {})
-    assert read(state) == journal.record and journal.is_done(Step.ESCROW)
+    journal.ok(TakeoverStep.ESCROW, {})
+    assert read(state) == journal.record and journal.is_done(TakeoverStep.ESCROW)
