@@ -19,7 +19,7 @@ from typing import Any
 from hsmctl import devicejson, privatefiles
 from hsmctl.clients import kit
 from hsmctl.customer.context import TenantContext
-from hsmctl.customer.store import ApplianceState
+from hsmctl.customer.store import ApplianceDir
 from hsmctl.errors import ConflictError, UsageError
 from hsmctl.secret import Secret
 from hsmctl.ssh import DeviceConnection, PinnedHostKeys
@@ -39,7 +39,7 @@ class Appliance:
             )
         self.ctx = ctx
         self.id = appliance
-        self.state = ApplianceState(ctx.state_dir, appliance)
+        self.state = ApplianceDir(ctx.state_dir, appliance)
         pins = self.state.pins()
         journal = self.state.read("takeover.json") or {}
         password = self.state.escrowed("admin-password")

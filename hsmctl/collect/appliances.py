@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hsmctl.collect.archive import SEGMENT_BYTES, Archive
 from hsmctl.customer.context import load_tenant_config
-from hsmctl.customer.store import ApplianceState
+from hsmctl.customer.store import ApplianceDir
 from hsmctl.errors import UsageError
 
 ARCHIVE = "archive"
@@ -27,21 +27,21 @@ def state_dir(config_path: str | None) -> Path:
 def collected_appliances(state: Path) -> list[str]:
     """Appliances whose takeover installed a collector key (``--all``)."""
     found = []
-    for appliance in ApplianceState.taken_over_ids(state):
-        pins = ApplianceState(state, appliance).load_pins()
+    for appliance in ApplianceDir.taken_over_ids(state):
+        pins = ApplianceDir(state, appliance).load_pins()
         if pins.audit_account_key and pins.data_ip:
             found.append(appliance)
     return found
 
 
-def taken_over(state: Path, appliance: str) -> ApplianceState:
+def taken_over(state: Path, appliance: str) -> ApplianceDir:
     """The appliance's state, which a takeover from ``state`` pinned; else UsageError."""
-    st = ApplianceState.taken_over(state, appliance)
+    st = ApplianceDir.taken_over(state, appliance)
     if st is None:
         raise UsageError(f"{appliance}: not taken over from this state directory ({state})")
     return st
 
 
-def archive_of(st: ApplianceState, *, segment_bytes: int = SEGMENT_BYTES) -> Archive:
+def archive_of(st: ApplianceDir, *, segment_bytes: int = SEGMENT_BYTES) -> Archive:
     """The appliance's verified activity-log archive (created on first use)."""
     return Archive(st.dir / ARCHIVE, st.appliance, segment_bytes=segment_bytes)

@@ -50,7 +50,7 @@ from hsmctl.collect.pipeline import (
     TrustState,
     VerifyPool,
 )
-from hsmctl.customer.store import ApplianceState
+from hsmctl.customer.store import ApplianceDir
 from hsmctl.errors import (
     ConflictError,
     HsmctlError,
@@ -118,7 +118,7 @@ class Target:
     """Everything needed to collect one appliance, read from the customer's state."""
 
     appliance: str
-    state: ApplianceState
+    state: ApplianceDir
     data_ip: str
     host_keys: tuple[str, ...]
     audit_keys: Mapping[str, str]
@@ -222,7 +222,7 @@ def load_target(state: Path, appliance: str, key_dir: Path | None) -> Target:
     )
 
 
-def collector_key(st: ApplianceState, key_dir: Path | None) -> Path:
+def collector_key(st: ApplianceDir, key_dir: Path | None) -> Path:
     """The ``audit`` account's private key: from ``key_dir`` if it has one for this
     appliance, else the escrow. Like every secret file, refused if group/other can read."""
     candidates = []

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hsmctl import config as config_mod
-from hsmctl.customer.store import ApplianceState
+from hsmctl.customer.store import ApplianceDir
 from hsmctl.errors import UsageError
 
 
@@ -29,8 +29,8 @@ class TenantContext:
     def tenant(self) -> str | None:
         return self.config.tenant
 
-    def appliance(self, appliance: str) -> ApplianceState:
-        return ApplianceState(self.state_dir, appliance)
+    def appliance(self, appliance: str) -> ApplianceDir:
+        return ApplianceDir(self.state_dir, appliance)
 
 
 def load_tenant_config(config_path: str | None) -> config_mod.Config:

@@ -38,11 +38,11 @@ def _write(path: Path, data: bytes) -> None:
     write_atomic(path, data)
 
 
-class ApplianceState:
+class ApplianceDir:
     """One appliance's corner of the customer's state directory."""
 
     @classmethod
-    def taken_over(cls, state_dir: Path, appliance: str) -> ApplianceState | None:
+    def taken_over(cls, state_dir: Path, appliance: str) -> ApplianceDir | None:
         """The appliance's state if a takeover from ``state_dir`` pinned it (its
         ``pins.json`` exists), else None; creates nothing when there is none."""
         if not (state_dir / "appliances" / appliance / PINS).is_file():

@@ -22,7 +22,7 @@ from typing import Any
 
 from hsmctl.clients import kit
 from hsmctl.customer.context import TenantContext
-from hsmctl.customer.store import ApplianceState
+from hsmctl.customer.store import ApplianceDir
 from hsmctl.errors import ConflictError, UsageError
 from hsmctl.keys import spec
 from hsmctl.keys.remote import RemoteToken
@@ -35,7 +35,7 @@ def _kit_dir(ctx: TenantContext, appliance: str, given: Path | None) -> Path:
     if given is not None:
         return given.absolute()
     name = kit.own_client_name(socket.gethostname())
-    own = ApplianceState(ctx.state_dir, appliance).dir / "clients" / name
+    own = ApplianceDir(ctx.state_dir, appliance).dir / "clients" / name
     if not (own / f"{name}.module").is_file():
         from hsmctl.clients.workflow import register
 
@@ -56,7 +56,7 @@ def remote_of(kit_dir: Path) -> str:
 def _pin(ctx: TenantContext, appliance: str, pin_file: Path | None) -> Secret:
     if pin_file is not None:
         return read_secret_file(pin_file, what="--pin-file")
-    pin = ApplianceState(ctx.state_dir, appliance).escrowed(PIN_ESCROW)
+    pin = ApplianceDir(ctx.state_dir, appliance).escrowed(PIN_ESCROW)
     if pin is None:
         raise ConflictError(
             f"{appliance}: no crypto-officer PIN escrowed in {ctx.state_dir} (not taken over "
@@ -68,7 +68,7 @@ def _pin(ctx: TenantContext, appliance: str, pin_file: Path | None) -> Secret:
 def _token(
     ctx: TenantContext, appliance: str, kit_dir: Path | None, pin_file: Path | None
 ) -> RemoteToken:
-    ApplianceState(ctx.state_dir, appliance)  # validates the id (exit 2)
+    ApplianceDir(ctx.state_dir, appliance)  # validates the id (exit 2)
     pin = _pin(ctx, appliance, pin_file)
     remote = remote_of(_kit_dir(ctx, appliance, kit_dir))
     return RemoteToken(appliance, remote, pin)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from hsmctl import utc
-from hsmctl.customer.store import ApplianceState
+from hsmctl.customer.store import ApplianceDir
 from hsmctl.errors import ConflictError, HsmctlError
 from hsmctl.handoff import BundleExpired, OpenedBundle
 from hsmctl.progress import Progress
@@ -26,7 +26,7 @@ JOURNAL = "takeover.json"
 class FileJournal:
     """``takeover.json`` of one appliance and the record it holds (:attr:`record`)."""
 
-    def __init__(self, state: ApplianceState, record: TakeoverJournal) -> None:
+    def __init__(self, state: ApplianceDir, record: TakeoverJournal) -> None:
         self.state = state
         self.record = record
 
@@ -50,14 +50,14 @@ class FileJournal:
         pass
 
 
-def read(state: ApplianceState) -> TakeoverJournal | None:
+def read(state: ApplianceDir) -> TakeoverJournal | None:
     data = state.read(JOURNAL)
     if data is None:
         return None
     return TakeoverJournal.from_dict(data, where=str(state.dir / JOURNAL))
 
 
-def open_journal(state: ApplianceState, bundle: OpenedBundle, progress: Progress) -> FileJournal:
+def open_journal(state: ApplianceDir, bundle: OpenedBundle, progress: Progress) -> FileJournal:
     """The journal of ``bundle``'s takeover: the one on disk, or a new one.
 
     A journal of another bundle is replaced only if it committed to nothing: finished (a

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 from hsmctl.customer.context import TenantContext
-from hsmctl.customer.store import ApplianceState
+from hsmctl.customer.store import ApplianceDir
 from hsmctl.device import Fact
 from hsmctl.errors import HsmctlError, UnreachableError
 from hsmctl.handoff import OpenedBundle
@@ -48,7 +48,7 @@ class AdminSession:
         self.conn: DeviceConnection | None = None
 
     @property
-    def state(self) -> ApplianceState:
+    def state(self) -> ApplianceDir:
         return self.journal.state
 
     def pinned(self) -> PinnedHostKeys:

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from hsmctl.collect.archive import Archive
-from hsmctl.customer.store import ApplianceState
+from hsmctl.customer.store import ApplianceDir
 from hsmctl.lab.netns import socket_factory
 from hsmctl.secret import Secret
 from hsmctl.ssh import DeviceConnection, PinnedHostKeys
@@ -133,7 +133,7 @@ class Fleet:
         return self.archive(app).cursor().seq
 
     def admin(self, app: str) -> DeviceConnection:
-        st = ApplianceState(self.state, app)
+        st = ApplianceDir(self.state, app)
         pins = st.pins()
         password = st.escrowed("admin-password")
         assert password is not None

@@ -52,7 +52,7 @@ from hsmctl.collect.pipeline import (
     TrustState,
     VerifyPool,
 )
-from hsmctl.customer.store import ApplianceState
+from hsmctl.customer.store import ApplianceDir
 from hsmctl.errors import HsmctlError, UnreachableError
 from tests.unit.loopback_sshd import Sshd, measured, needs_root
 from tests.unit.loopback_sshd import sshd as sshd  # the module-scoped fixture
@@ -444,7 +444,7 @@ def _make_base(directory: Path) -> Base:
     directory.mkdir(parents=True)
     (directory / "signer.pem").write_bytes(pem)
     (directory / "log.jsonl").write_bytes(b"".join(log.lines))
-    archive = Archive(ApplianceState(directory / "state", APPLIANCE).dir / "archive", APPLIANCE)
+    archive = Archive(ApplianceDir(directory / "state", APPLIANCE).dir / "archive", APPLIANCE)
     trust = TrustState({signer.key_id: signer.public_key_pem})
     with archive.lock(exclusive=True):
         before = archive.recover()
@@ -485,7 +485,7 @@ def archive_digest(state: Path) -> str:
 def _load(where: Path) -> tuple[auditlog.SoftwareSigner, Log, Archive]:
     signer = auditlog.SoftwareSigner.from_pem((where / "signer.pem").read_bytes())
     lines = (where / "log.jsonl").read_bytes().splitlines(keepends=True)
-    archive = Archive(ApplianceState(where / "state", APPLIANCE).dir / "archive", APPLIANCE)
+    archive = Archive(ApplianceDir(where / "state", APPLIANCE).dir / "archive", APPLIANCE)
     return signer, Log(signer, lines), archive
 
 
@@ -530,7 +530,7 @@ def child_collect(
     signer, _, _ = _load(Path(where))
     target = Target(
         appliance=APPLIANCE,
-        state=ApplianceState(Path(where) / "state", APPLIANCE),
+        state=ApplianceDir(Path(where) / "state", APPLIANCE),
         data_ip="127.0.0.1",
         host_keys=(pin,),
         audit_keys={signer.key_id: signer.public_key_pem},

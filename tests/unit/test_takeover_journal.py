@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from hsmctl.customer.store import ApplianceState, Pins
+from hsmctl.customer.store import ApplianceDir, Pins
 from hsmctl.errors import ConflictError, HsmctlError
 from hsmctl.handoff import BundleExpired
 from hsmctl.progress import NullProgress
@@ -91,7 +91,7 @@ JOURNALS = {
 
 
 def _file(d: dict[str, Any]) -> str:
-    return json.dumps(d, indent=2, sort_keys=True) + "\n"  # ApplianceState.write
+    return json.dumps(d, indent=2, sort_keys=True) + "\n"  # ApplianceDir.write
 
 
 @pytest.mark.parametrize("old", list(JOURNALS.values()), ids=list(JOURNALS))
@@ -125,7 +125,7 @@ def test_a_staged_key_answering_completes_the_rotation() -> None:
     [{"password": "maybe"}, {"done": ["escrow", "dance"]}, {"host_keys": None}, {"done": 3}],
 )
 def test_a_damaged_journal_names_the_file(tmp_path: Path, damage: dict[str, Any]) -> None:
-    state = ApplianceState(tmp_path, "hsm09")
+    state = ApplianceDir(tmp_path, "hsm09")
     state.write(JOURNAL, FRESH | damage)
     with pytest.raises(HsmctlError) as err:
         read(state)
@@ -134,7 +134,7 @@ def test_a_damaged_journal_names_the_file(tmp_path: Path, damage: dict[str, Any]
 
 
 def test_pins_read_and_write_back_unchanged(tmp_path: Path) -> None:
-    state = ApplianceState(tmp_path, "hsm09")
+    state = ApplianceDir(tmp_path, "hsm09")
     assert state.load_pins() == Pins()
     pins = {
         "data_host_keys": NEW_KEYS,
@@ -166,7 +166,7 @@ def _bundle(bundle_id: str = "b" * 64, *, expired: bool = False) -> Any:
 
 
 def test_a_new_journal_pins_the_bundle_before_anything_is_sent(tmp_path: Path) -> None:
-    state = ApplianceState(tmp_path, "hsm09")
+    state = ApplianceDir(tmp_path, "hsm09")
     journal = open_journal(state, _bundle(), NullProgress())
     assert json.loads((state.dir / JOURNAL).read_text()) == journal.record.as_dict()
     assert journal.record.password is PasswordState.ONE_TIME and not journal.record.done
@@ -184,7 +184,7 @@ def test_a_new_journal_pins_the_bundle_before_anything_is_sent(tmp_path: Path) -
 def test_another_bundle_replaces_only_a_journal_that_committed_to_nothing(
     tmp_path: Path,
 ) -> None:
-    state = ApplianceState(tmp_path, "hsm09")
+    state = ApplianceDir(tmp_path, "hsm09")
     state.write(JOURNAL, STAGED_NOT_ACTIVATED)
     with pytest.raises(ConflictError, match="unfinished takeover from another hand-off bundle"):
         open_journal(state, _bundle("e" * 64), NullProgress())
@@ -201,7 +201,7 @@ def test_another_bundle_replaces_only_a_journal_that_committed_to_nothing(
 
 
 def test_the_file_journal_is_the_runners_journal(tmp_path: Path) -> None:
-    state = ApplianceState(tmp_path, "hsm09")
+    state = ApplianceDir(tmp_path, "hsm09")
     journal = FileJournal(state, TakeoverJournal.from_dict(FRESH))
     journal.started(TakeoverStep.ESCROW)
     journal.failed(TakeoverStep.ESCROW, HsmctlError("x"))
