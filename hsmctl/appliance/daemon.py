@@ -40,7 +40,7 @@ from hsmctl.appliance import (
 )
 from hsmctl.appliance.handlers import Context, Handlers, Reply
 from hsmctl.appliance.logwriter import ActivityLog, LogUnavailable
-from hsmctl.appliance.roles import READ_ONLY, Interface, Role, allowed_interface, authorize
+from hsmctl.appliance.roles import READ_ONLY, Access, Role, allowed_interface, authorize
 
 CHECKPOINT_INTERVAL = 60.0
 
@@ -55,7 +55,7 @@ KNOWN_LOGINS = frozenset({*SESSION_ROLES, "root"})
 class Caller:
     account: str
     role: Role | None
-    interface: Interface | None
+    interface: Access | None
     source: str
     pid: int
 
@@ -70,7 +70,7 @@ def identify(pid: int, uid: int) -> Caller:
     source = came.remote or "unknown"
     if uid == 0:
         if not came.via_sshd:
-            return Caller("root", Role.CONSOLE, Interface.CONSOLE, "console", pid)
+            return Caller("root", Role.CONSOLE, Access.CONSOLE, "console", pid)
         return Caller("root", None, iface, source, pid)
     # The console is root with no sshd ancestor, never an account that is named so.
     role: Role | None = SESSION_ROLES.get(account)

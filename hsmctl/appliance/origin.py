@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hsmctl.appliance import paths, store
-from hsmctl.appliance.roles import Interface
+from hsmctl.appliance.roles import Access
 
 SSHD_EXES = frozenset({"/usr/sbin/sshd", "/usr/lib/openssh/sshd-session"})
 ESTABLISHED = "01"  # the state column of /proc/net/tcp
@@ -34,7 +34,7 @@ READ_ATTEMPTS = 3
 @dataclass(frozen=True)
 class Origin:
     via_sshd: bool  # the caller descends from an sshd connection
-    interface: Interface | None  # None under sshd: unidentifiable (refuse)
+    interface: Access | None  # None under sshd: unidentifiable (refuse)
     remote: str | None  # the client's address
 
 
@@ -71,8 +71,8 @@ def established(
 
 
 def decide(
-    connections: Iterable[tuple[str, str]], addresses: Mapping[str, Interface]
-) -> tuple[Interface | None, str | None]:
+    connections: Iterable[tuple[str, str]], addresses: Mapping[str, Access]
+) -> tuple[Access | None, str | None]:
     """The interface and client of the one connection an sshd monitor holds. Pure.
 
     Anything else (no connection, several, an address that is no interface's) is no
@@ -140,11 +140,11 @@ def _connections(pid: int) -> list[tuple[str, str]]:
     return found
 
 
-def interface_addresses() -> dict[str, Interface]:
+def interface_addresses() -> dict[str, Access]:
     """The management address (personalisation) and the data address (``network set``)."""
     mgmt = str(store.read_json(paths.DEVICE, {}).get("mgmt_ip") or "")
     data = str(store.read_json(paths.NETWORK, {}).get("address") or "").split("/")[0]
-    found = {a: i for a, i in ((mgmt, Interface.MGMT), (data, Interface.DATA)) if a}
+    found = {a: i for a, i in ((mgmt, Access.MGMT), (data, Access.DATA)) if a}
     if mgmt and mgmt == data:  # one address for both: neither can be told apart
         return {}
     return found

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from hsmctl.appliance import origin, paths, protocol, store, token
 from hsmctl.appliance.logwriter import LogUnavailable
-from hsmctl.appliance.roles import Interface
+from hsmctl.appliance.roles import Access
 
 if TYPE_CHECKING:
     from hsmctl.appliance.daemon import Daemon
@@ -214,7 +214,7 @@ class P11Service:
         source = came.remote or "unknown"
         if entry is None:
             raise Refused(f"{account} is not a registered client")
-        if not came.via_sshd or came.interface is not Interface.DATA:
+        if not came.via_sshd or came.interface is not Access.DATA:
             raise Refused("the PKCS#11 service is served on the data interface only")
         if not store.customer_owned_fact():
             raise Refused("the device is not customer-owned")

@@ -32,7 +32,10 @@ class Role(enum.Enum):
     CLIENT = "client"
 
 
-class Interface(enum.Enum):
+class Access(enum.Enum):
+    """How a caller reaches the device: an SSH connection to the management or the data
+    interface, or the out-of-band console (root, no SSH)."""
+
     MGMT = "mgmt"
     DATA = "data"
     CONSOLE = "console"
@@ -172,16 +175,16 @@ READ_ONLY: frozenset[Words] = frozenset(
 )
 
 _INTERFACES = {
-    Role.PROVIDER: Interface.MGMT,
-    Role.MONITOR: Interface.MGMT,
-    Role.ADMIN: Interface.DATA,
-    Role.AUDIT: Interface.DATA,
-    Role.CONSOLE: Interface.CONSOLE,
-    Role.CLIENT: Interface.DATA,
+    Role.PROVIDER: Access.MGMT,
+    Role.MONITOR: Access.MGMT,
+    Role.ADMIN: Access.DATA,
+    Role.AUDIT: Access.DATA,
+    Role.CONSOLE: Access.CONSOLE,
+    Role.CLIENT: Access.DATA,
 }
 
 
-def allowed_interface(role: Role) -> Interface:
+def allowed_interface(role: Role) -> Access:
     """The one interface a role may log in on; customer accounts never on management."""
     return _INTERFACES[role]
 

@@ -11,7 +11,7 @@ import pytest
 
 from hsmctl.appliance import daemon, origin
 from hsmctl.appliance.origin import LOCAL, Origin, decide, established, proc_address
-from hsmctl.appliance.roles import Interface, Role
+from hsmctl.appliance.roles import Access, Role
 
 pytestmark = pytest.mark.unit
 
@@ -22,7 +22,7 @@ TCP = """\
    2: E90013C6:0016 040113C6:B202 01 00000000:00000000 02:000AFBD0 00000000     0        0 1839187 2 000000005fac5650 20 4 11 24 -1
 """  # noqa: E501
 
-ADDRESSES = {"198.18.0.13": Interface.MGMT, "198.19.0.233": Interface.DATA}
+ADDRESSES = {"198.18.0.13": Access.MGMT, "198.19.0.233": Access.DATA}
 
 
 def test_addresses_as_the_kernel_prints_them() -> None:
@@ -42,8 +42,8 @@ def test_only_the_callers_established_connection_counts() -> None:
 
 def test_the_local_address_names_the_interface() -> None:
     conns = established(TCP, {1839187}, "little")
-    assert decide(conns, ADDRESSES) == (Interface.DATA, "198.19.1.4")
-    assert decide([("198.18.0.13", "198.18.0.1")], ADDRESSES) == (Interface.MGMT, "198.18.0.1")
+    assert decide(conns, ADDRESSES) == (Access.DATA, "198.19.1.4")
+    assert decide([("198.18.0.13", "198.18.0.1")], ADDRESSES) == (Access.MGMT, "198.18.0.1")
 
 
 @pytest.mark.parametrize(
@@ -72,9 +72,9 @@ def test_an_unidentified_session_has_no_interface(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(origin, "origin_of", lambda pid: Origin(True, None, None))
     caller = daemon.identify(1234, _uid_of("nobody"))
     assert caller.interface is None and caller.source == "unknown"
-    monkeypatch.setattr(origin, "origin_of", lambda pid: Origin(True, Interface.DATA, "198.19.1.4"))
+    monkeypatch.setattr(origin, "origin_of", lambda pid: Origin(True, Access.DATA, "198.19.1.4"))
     caller = daemon.identify(1234, _uid_of("nobody"))
-    assert caller.interface is Interface.DATA and caller.source == "198.19.1.4"
+    assert caller.interface is Access.DATA and caller.source == "198.19.1.4"
 
 
 def _uid_of(name: str) -> int:
@@ -91,4 +91,4 @@ def test_a_socket_printed_twice_counts_once() -> None:
     doubled = "\n".join([*lines, row])
     conns = established(doubled, {1839187}, "little")
     assert conns == [("198.19.0.233", "198.19.1.4")]
-    assert decide(conns, ADDRESSES) == (Interface.DATA, "198.19.1.4")
+    assert decide(conns, ADDRESSES) == (Access.DATA, "198.19.1.4")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hsmctl.appliance import daemon, origin, paths, store
-from hsmctl.appliance.roles import Interface, Role
+from hsmctl.appliance.roles import Access, Role
 from hsmctl.contract import OwnerState
 
 pytestmark = pytest.mark.unit
@@ -73,4 +73,4 @@ def test_only_root_without_sshd_is_the_console(monkeypatch: pytest.MonkeyPatch) 
     caller = daemon.identify(1234, 1001)  # a non-root account named "console"
     assert caller.role is None
     root = daemon.identify(1234, 0)
-    assert root.role is Role.CONSOLE and root.interface is Interface.CONSOLE
+    assert root.role is Role.CONSOLE and root.interface is Access.CONSOLE

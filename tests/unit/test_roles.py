@@ -6,8 +6,8 @@ import pytest
 
 from hsmctl.appliance.grammar import ACCOUNT_NAMES, COMMANDS, help_text, parse
 from hsmctl.appliance.roles import (
+    Access,
     DeviceState,
-    Interface,
     Role,
     Rule,
     allowed_interface,
@@ -258,10 +258,10 @@ def test_the_owner_flag_alone_counts_as_customer_owned() -> None:
 
 def test_interfaces() -> None:
     assert {role: allowed_interface(role) for role in Role} == {
-        Role.PROVIDER: Interface.MGMT,
-        Role.MONITOR: Interface.MGMT,
-        Role.ADMIN: Interface.DATA,
-        Role.AUDIT: Interface.DATA,
-        Role.CONSOLE: Interface.CONSOLE,
-        Role.CLIENT: Interface.DATA,
+        Role.PROVIDER: Access.MGMT,
+        Role.MONITOR: Access.MGMT,
+        Role.ADMIN: Access.DATA,
+        Role.AUDIT: Access.DATA,
+        Role.CONSOLE: Access.CONSOLE,
+        Role.CLIENT: Access.DATA,
     }
