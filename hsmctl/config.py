@@ -6,7 +6,7 @@ The file is YAML: one mapping, and every value is a non-empty string.
 - ``tenant``: the tenant's name, as in the inventory.
 - paths, relative to the file's directory unless absolute: ``state_dir``, ``inventory``,
   ``provider_key``, ``monitor_key``, ``signing_key`` (provider hosts); ``state_dir``,
-  ``identity``, ``provider_public_key`` (tenant hosts); ``lab_dir`` (the lab's).
+  ``identity``, ``provider_public_key`` (tenant hosts).
 - ``database_url``: the provider's database (default: SQLite in ``state_dir``).
 - ``fabric``, ``out_of_band``: the provider's drivers, ``lab`` by default.
 
@@ -44,7 +44,6 @@ _PATH_KEYS = (
     "inventory",
     "provider_key",
     "monitor_key",
-    "lab_dir",
     "signing_key",
 )
 _STRING_KEYS = ("database_url", "fabric", "out_of_band")
@@ -67,7 +66,6 @@ class Config:
     inventory: Path | None = None
     provider_key: Path | None = None
     monitor_key: Path | None = None
-    lab_dir: Path | None = None
     signing_key: Path | None = None
     database_url: str | None = None
     fabric: str = "lab"

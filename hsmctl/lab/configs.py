@@ -80,7 +80,6 @@ def write_configs(plan: LabPlan) -> None:
                 "provider_key": provider_dir / "provider_key",
                 "monitor_key": provider_dir / "monitor_key",
                 "signing_key": provider_dir / "signing_key.pem",
-                "lab_dir": workdir.LAB_DIR,
                 "fabric": "lab",
                 "out_of_band": "lab",
             }

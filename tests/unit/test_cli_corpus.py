@@ -145,7 +145,7 @@ def check_failure(code: int, out: str, err: str, expected: int | tuple[int, ...]
 
 # -- 1. the configuration model: every key, every wrong type ----------------------------------
 
-KEYS = [f.name for f in dataclasses.fields(config_mod.Config) if f.name not in ("source", "extra")]
+KEYS = [f.name for f in dataclasses.fields(config_mod.Config) if f.name != "source"]
 PATH_KEYS = set(config_mod._PATH_KEYS)
 
 # (id, YAML text of the value, what the message says it got)
@@ -187,7 +187,7 @@ TYPE_CASES = [(key, *wrong) for key in KEYS for wrong in WRONG_TYPES]
 def test_the_model_is_what_the_lab_writes() -> None:
     """Keys the lab and the tests write must all be known (hsmctl/lab/lab.py)."""
     lab = {"role", "state_dir", "inventory", "provider_key", "monitor_key", "signing_key"}
-    lab |= {"lab_dir", "fabric", "out_of_band", "tenant", "identity", "provider_public_key"}
+    lab |= {"fabric", "out_of_band", "tenant", "identity", "provider_public_key"}
     assert lab <= set(KEYS)
     assert set(KEYS) == config_mod._KNOWN
 
