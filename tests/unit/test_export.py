@@ -27,7 +27,7 @@ from hsmctl.collect.export import (
     syslog_message,
 )
 from hsmctl.errors import UnreachableError, UsageError
-from tests.unit.test_archive import Device, collect, trust
+from tests.unit.logdevice import Device, collect, trust
 
 pytestmark = pytest.mark.unit
 
