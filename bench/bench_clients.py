@@ -203,8 +203,7 @@ def local_token(work: Path) -> Iterator[tuple[dict[str, str], str]]:
 def remote_setup(lab: dict[str, Any], work: Path) -> tuple[dict[str, str], str, str, str]:
     """hsm28 taken over by tenant1, client ``bench`` registered, its two keys made with
     ``hsmctl key generate`` (the remote path). Returns env, token label, PIN file, netns."""
-    from tests.conftest import HSMCTL, console
-    from tests.lab.takeover_helpers import Rig, escrowed, takeover_cli
+    from hsmctl.lab.rig import HSMCTL, Rig, console, escrowed, takeover_cli
 
     rig = Rig(lab, APPLIANCE, TENANT, work / "rig").provision()
     conf = rig.tenant_conf(work / "rig")
@@ -293,9 +292,9 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("bench clients: needs root and the lab (hsmctl lab up); skipped", file=sys.stderr)
         return 0
-    from tests.conftest import hsmctl
+    from hsmctl.lab.rig import HSMCTL
 
-    status = hsmctl("lab", "status", "--json")
+    status = subprocess.run([HSMCTL, "lab", "status", "--json"], capture_output=True, check=False)
     if status.returncode != 0:
         print("bench clients: no lab is up (hsmctl lab up); skipped", file=sys.stderr)
         return 0

@@ -206,7 +206,7 @@ def _one(config: Path, handoff: Path) -> list[Timing]:
 
 
 def run_scenario(scenario: str, rigs: Sequence[Any], workdir: Path) -> Run:
-    from tests.conftest import tenant_config
+    from hsmctl.lab.rig import tenant_config
 
     chosen = rigs[:1] if scenario == "1" else rigs
     _parallel(lambda r: r.reprovision(), chosen)  # fresh hand-offs, not timed
@@ -299,10 +299,9 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("bench takeover: needs root and the lab (hsmctl lab up); skipped", file=sys.stderr)
         return 0
-    from tests.conftest import hsmctl
-    from tests.lab.takeover_helpers import Rig, provision_all
+    from hsmctl.lab.rig import HSMCTL, Rig, provision_all
 
-    status = hsmctl("lab", "status", "--json")
+    status = subprocess.run([HSMCTL, "lab", "status", "--json"], capture_output=True, check=False)
     if status.returncode != 0:
         print("bench takeover: no lab is up (hsmctl lab up); skipped", file=sys.stderr)
         return 0

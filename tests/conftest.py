@@ -17,6 +17,13 @@ from typing import Any
 
 import pytest
 
+# The lab-driving helpers live in hsmctl.lab.rig (shared with the benchmarks); the tests
+# keep importing them from here.
+from hsmctl.lab.rig import client_netns as client_netns
+from hsmctl.lab.rig import factory_reset as factory_reset
+from hsmctl.lab.rig import provider_config as provider_config
+from hsmctl.lab.rig import tenant_config as tenant_config
+
 REPO = Path(__file__).resolve().parents[1]
 HSMCTL = str(Path(sys.executable).with_name("hsmctl"))
 TENANTS, APPLIANCES = 2, 28
@@ -110,52 +117,6 @@ def console(
     if check and proc.returncode != 0:
         raise AssertionError(f"console {appliance} {argv}: {proc.stderr.decode()}")
     return proc
-
-
-def factory_reset(*appliances: str) -> None:
-    """Back to factory state through the out-of-band path, data port detached."""
-    from hsmctl.lab import lab as lab_mod
-
-    fabric = lab_mod.fabric()
-    for a in appliances:
-        console(a, "hsmsh", "-c", "sysconf factory-reset")
-        fabric.detach(a)
-
-
-def provider_config(directory: Path, appliances: list[str]) -> Path:
-    import yaml
-
-    inv = yaml.safe_load((LAB_DIR / "provider" / "inventory.yaml").read_text())
-    for region in inv["regions"]:
-        for stamp in region["stamps"]:
-            stamp["appliances"] = [a for a in stamp["appliances"] if a["id"] in appliances]
-        region["stamps"] = [s for s in region["stamps"] if s["appliances"]]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "inventory.yaml").write_text(yaml.safe_dump(inv, sort_keys=False))
-    conf = yaml.safe_load(Path("/etc/hsmctl/hsmctl.yaml").read_text())
-    conf["inventory"] = str(directory / "inventory.yaml")
-    conf["state_dir"] = str(directory / "state")
-    path = directory / "provider.yaml"
-    path.write_text(yaml.safe_dump(conf))
-    return path
-
-
-def tenant_config(directory: Path, lab: dict[str, Any], tenant: str) -> Path:
-    import yaml
-
-    t = next(x for x in lab["tenants"] if x["name"] == tenant)
-    conf = yaml.safe_load(
-        (Path("/etc/netns") / t["client_netns"] / "hsmctl" / "hsmctl.yaml").read_text()
-    )
-    conf["state_dir"] = str(directory / f"{tenant}-state")
-    path = directory / f"{tenant}.yaml"
-    directory.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(conf))
-    return path
-
-
-def client_netns(lab: dict[str, Any], tenant: str) -> str:
-    return str(next(x for x in lab["tenants"] if x["name"] == tenant)["client_netns"])
 
 
 _NEXT_HOST: dict[str, int] = {}

@@ -20,15 +20,23 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import HSMCTL, client_netns, provider_config, tenant_config
+# The lab rig is shared with the benchmarks (hsmctl.lab.rig); the tests import it from here.
+from hsmctl.lab.rig import Rig as Rig
+from hsmctl.lab.rig import client_netns as client_netns
+from hsmctl.lab.rig import console as console
+from hsmctl.lab.rig import customer_state as customer_state
+from hsmctl.lab.rig import data_ip as data_ip
+from hsmctl.lab.rig import escrowed as escrowed
+from hsmctl.lab.rig import factory_reset as factory_reset
+from hsmctl.lab.rig import provision_all as provision_all
+from hsmctl.lab.rig import restart_hsmd as restart_hsmd
+from hsmctl.lab.rig import takeover_cli as takeover_cli
 
 LAB_DIR = Path("/var/lib/hsmctl-lab")
 PROVIDER_KEY = LAB_DIR / "provider" / "provider_key"
@@ -39,16 +47,6 @@ VENV_BIN = Path(sys.executable).parent
 
 
 # -- the device, out of band ------------------------------------------------------------------
-
-
-def console(appliance: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    """A root command inside the appliance (the lab's out-of-band path), in-process."""
-    from hsmctl.lab import lab as lab_mod
-
-    proc = lab_mod.console(appliance, list(argv))
-    if check and proc.returncode != 0:
-        raise AssertionError(f"console {appliance} {argv}: {proc.stderr.decode()}")
-    return proc
 
 
 def audit_records(appliance: str) -> list[dict[str, Any]]:
@@ -72,170 +70,7 @@ def admin_activity(appliance: str, after_seq: int) -> list[dict[str, Any]]:
     return [r for r in audit_records(appliance) if r["seq"] > after_seq and r["actor"] == "admin"]
 
 
-def restart_hsmd(appliance: str) -> None:
-    """Kill the device daemon by its pid; the appliance's init restarts it (about 1 s).
-    Clears its per-source back-off memory of failed logins."""
-
-    def pids() -> list[int]:
-        proc = console(appliance, "pgrep", "-f", "/usr/local/sbin/hsmd", check=False)
-        return [int(p) for p in proc.stdout.split()]
-
-    old = pids()
-    assert len(old) == 1, old
-    console(appliance, "kill", str(old[0]))
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        now = pids()
-        if now and old[0] not in now:
-            ready = console(appliance, "hsmsh", "-c", "help", check=False)
-            if ready.returncode == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"hsmd on {appliance} did not come back")
-
-
-def factory_reset(appliance: str) -> None:
-    from hsmctl.lab import lab as lab_mod
-
-    console(appliance, "hsmsh", "-c", "sysconf factory-reset")
-    lab_mod.fabric().detach(appliance)
-
-
-def data_ip(lab: dict[str, Any], appliance: str, tenant: str) -> str:
-    t = next(x for x in lab["tenants"] if x["name"] == tenant)
-    subnet = next(
-        s for v in t["vnets"] if v["name"] == "vnet1" for s in v["subnets"] if s["name"] == "hsm"
-    )
-    octets = subnet["cidr"].split("/")[0].split(".")
-    return ".".join([*octets[:3], str(200 + int(appliance.removeprefix("hsm")))])
-
-
-# -- one appliance, provisioned -------------------------------------------------------------------
-
-
-@dataclass
-class Rig:
-    """One appliance with its own provider configuration, provisioned to ``tenant``."""
-
-    lab: dict[str, Any]
-    appliance: str
-    tenant: str
-    directory: Path
-    request_id: str = ""
-    handoff: Path = field(default_factory=Path)
-
-    @property
-    def provider_conf(self) -> Path:
-        return self.directory / "provider" / "provider.yaml"
-
-    @property
-    def netns(self) -> str:
-        return client_netns(self.lab, self.tenant)
-
-    @property
-    def ip(self) -> str:
-        return data_ip(self.lab, self.appliance, self.tenant)
-
-    @property
-    def mgmt_ip(self) -> str:
-        return str(next(a for a in self.lab["appliances"] if a["id"] == self.appliance)["mgmt_ip"])
-
-    @property
-    def identity(self) -> Path:
-        t = next(x for x in self.lab["tenants"] if x["name"] == self.tenant)
-        return Path(t["identity"])
-
-    def provision(self) -> Rig:
-        """Factory state, then ``hsmctl provision --ip`` (ansible-runner, the real path)."""
-        restart_hsmd(self.appliance)
-        factory_reset(self.appliance)
-        conf = provider_config(self.directory / "provider", [self.appliance])
-        proc = subprocess.run(
-            [HSMCTL, "--config", str(conf), "provision", "--tenant", self.tenant,
-             "--vnet", "vnet1", "--subnet", "hsm", "--ip", self.ip, "--json"],
-            capture_output=True, timeout=300, check=False,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr.decode()
-        out = json.loads(proc.stdout)
-        assert out["appliance"] == self.appliance, out
-        self.handoff = Path(out["handoff"])
-        from hsmctl.provider.context import open_context
-
-        ctx = open_context(str(self.provider_conf))
-        try:
-            alloc = ctx.store.allocation(self.appliance)
-            assert alloc is not None
-            self.request_id = alloc.request_id
-        finally:
-            ctx.close()
-        return self
-
-    def reprovision(self) -> Path:
-        """A fresh hand-off on the same allocation: fresh daemon, factory reset, then the
-        provisioning steps (a new one-time password, a new signed bundle)."""
-        from hsmctl.provider import provisioning
-
-        restart_hsmd(self.appliance)
-        factory_reset(self.appliance)
-        result: dict[str, Any] = {}
-        for step in provisioning.STEPS:
-            result = provisioning.run_step(
-                str(self.provider_conf), self.appliance, self.request_id, step.value
-            )
-        self.handoff = Path(result["handoff"])
-        return self.handoff
-
-    def tenant_conf(self, directory: Path) -> Path:
-        return tenant_config(directory, self.lab, self.tenant)
-
-
-def provision_all(rigs: Sequence[Rig]) -> None:
-    """``hsmctl provision`` for several rigs at once (each its own provider database)."""
-    errors: list[BaseException] = []
-
-    def one(rig: Rig) -> None:
-        try:
-            rig.provision()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(r,)) for r in rigs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-
-
 # -- the customer side ----------------------------------------------------------------------------
-
-
-def takeover_cli(
-    netns: str,
-    tenant_conf: Path,
-    handoff: Path,
-    *extra: str,
-    env: dict[str, str] | None = None,
-    timeout: float = 300,
-) -> subprocess.CompletedProcess[bytes]:
-    """``ip netns exec CLIENT hsmctl --config C takeover --handoff B ... --json``."""
-    argv = ["ip", "netns", "exec", netns, HSMCTL, "--config", str(tenant_conf), "takeover",
-            "--handoff", str(handoff), *extra, "--json"]  # fmt: skip
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run(argv, capture_output=True, timeout=timeout, env=full_env, check=False)
-
-
-def customer_state(tenant_conf: Path, appliance: str) -> Path:
-    import yaml
-
-    conf = yaml.safe_load(tenant_conf.read_text())
-    return Path(conf["state_dir"]) / "appliances" / appliance
-
-
-def escrowed(tenant_conf: Path, appliance: str, name: str) -> str | None:
-    path = customer_state(tenant_conf, appliance) / "secrets" / name
-    return path.read_text().removesuffix("\n") if path.exists() else None
 
 
 def journal(tenant_conf: Path, appliance: str) -> dict[str, Any] | None:
