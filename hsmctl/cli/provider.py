@@ -214,7 +214,7 @@ def deprovision(
     Exit 2: missing --yes, no release or --force, wrong release file (nothing changed);
     3: a release whose signature does not verify, or a replayed one; 5: the appliance is
     available or still provisioning. Interrupted, the same command finishes the run."""
-    from hsmctl.provider.deprovision import deprovision as run
+    from hsmctl.provider.deprovisioning import deprovision as run
 
     result = run(
         config_path(ctx),

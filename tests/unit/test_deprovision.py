@@ -18,7 +18,7 @@ from hsmctl.contract import OwnerState
 from hsmctl.device import Switch
 from hsmctl.handoff import make_release, write_document
 from hsmctl.inventory import check_placement, load_inventory
-from hsmctl.provider import deprovision as dep
+from hsmctl.provider import deprovisioning as dep
 from hsmctl.state.model import ApplianceState, Operation, StepStatus
 from hsmctl.state.records import JournalEntry
 from tests.fakes import FakeConsole, FakeFabric, hsm_info

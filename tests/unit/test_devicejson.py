@@ -22,7 +22,7 @@ from hsmctl.errors import IntegrityError
 from hsmctl.handoff import make_release, write_document
 from hsmctl.handoff.signed import parse_document
 from hsmctl.inventory import check_placement, load_inventory
-from hsmctl.provider import deprovision as dep
+from hsmctl.provider import deprovisioning as dep
 from hsmctl.provider import health, provisioning
 from hsmctl.state.model import ApplianceState
 from hsmctl.takeover.session import AdminSession
