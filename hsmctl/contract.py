@@ -1,7 +1,7 @@
 """What the device and its clients agree on: the device shell's exit statuses, the owner
 states ``hsm show`` reports, and the password policy.
 
-Standard library only, and in the firmware file list (``hsmctl/lab/lab.py``), so the
+Standard library only, and in the firmware file list (``hsmctl/lab/firmware.py``), so the
 appliance and the client import the same definitions and neither imports the other.
 """
 

@@ -9,8 +9,8 @@ import click
 
 from hsmctl.cli.output import CliProgress, emit, json_option
 from hsmctl.errors import CommandFailed
+from hsmctl.lab import control as lab_mod
 from hsmctl.lab import image as image_mod
-from hsmctl.lab import lab as lab_mod
 from hsmctl.lab.plan import MAX_APPLIANCES, MAX_TENANTS
 
 

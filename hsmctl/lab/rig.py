@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from hsmctl.errors import HsmctlError
-from hsmctl.lab import lab as lab_mod
+from hsmctl.lab import control as lab_mod
 from hsmctl.lab import workdir
 
 HSMCTL = str(Path(sys.executable).with_name("hsmctl"))

@@ -37,7 +37,7 @@ class OutOfBand(Protocol):
 
 class LabOutOfBand:
     def run(self, appliance: str, line: str, stdin: bytes | None = None) -> ConsoleResult:
-        from hsmctl.lab import lab
+        from hsmctl.lab import control as lab
 
         proc = lab.console(appliance, ["hsmsh", "-c", line], input=stdin)
         return ConsoleResult(
@@ -61,7 +61,7 @@ def console_checked(oob: OutOfBand, appliance: str, line: str) -> str:
 
 def fabric_for(kind: str) -> Fabric:
     if kind == "lab":
-        from hsmctl.lab import lab
+        from hsmctl.lab import control as lab
 
         fabric: Fabric = lab.fabric()
         return fabric

@@ -24,7 +24,7 @@ from typing import Any
 
 import paramiko
 
-from hsmctl.lab import lab as lab_driver
+from hsmctl.lab import control as lab_driver
 from hsmctl.lab import netns
 
 LAB_DIR = Path("/var/lib/hsmctl-lab")

@@ -313,7 +313,7 @@ def test_ten_in_parallel_while_another_collection_runs(fleet: Fleet) -> None:
 
 
 def test_an_unreachable_appliance_is_4_and_the_others_are_collected(fleet: Fleet) -> None:
-    from hsmctl.lab import lab as lab_mod
+    from hsmctl.lab import control as lab_mod
 
     down = "hsm16"
     fabric = lab_mod.fabric()

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from hsmctl.errors import ConflictError, HostKeyMismatch, HsmctlError, UnreachableError, UsageError
-from hsmctl.lab import lab as lab_mod
+from hsmctl.lab import control as lab_mod
 from hsmctl.lab.netns import socket_factory
 from hsmctl.secret import Secret
 from hsmctl.ssh import (

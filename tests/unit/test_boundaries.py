@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hsmctl.lab.lab import FIRMWARE_FILES
+from hsmctl.lab.firmware import FIRMWARE_FILES
 
 pytestmark = pytest.mark.unit
 

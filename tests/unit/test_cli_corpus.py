@@ -185,7 +185,7 @@ TYPE_CASES = [(key, *wrong) for key in KEYS for wrong in WRONG_TYPES]
 
 
 def test_the_model_is_what_the_lab_writes() -> None:
-    """Keys the lab and the tests write must all be known (hsmctl/lab/lab.py)."""
+    """Keys the lab and the tests write must all be known (hsmctl/lab/configs.py)."""
     lab = {"role", "state_dir", "inventory", "provider_key", "monitor_key", "signing_key"}
     lab |= {"fabric", "out_of_band", "tenant", "identity", "provider_public_key"}
     assert lab <= set(KEYS)
