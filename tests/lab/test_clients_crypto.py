@@ -622,7 +622,15 @@ def test_both_ends_of_the_ssh_path_have_tcp_nodelay(app: App) -> None:
                 ["pgrep", "-f", "^sshd: p11-officer"], capture_output=True, check=False
             ).stdout.split()]  # fmt: skip
         assert nodelay([held.pid]) == [1]
-        assert server and set(nodelay(server)) == {1}, server
+        assert server, "no sshd session for the held connection"
+        # sshd sets TCP_NODELAY when the session's command starts
+        # (ssh_packet_set_interactive), a moment after the connection exists: wait for it.
+        deadline = time.monotonic() + 15
+        values = set(nodelay(server))
+        while values != {1} and time.monotonic() < deadline:
+            time.sleep(0.2)
+            values = set(nodelay(server))
+        assert values == {1}, (server, values)
     finally:
         held.kill()
         held.communicate()
