@@ -18,6 +18,7 @@ from typing import Any
 
 from hsmctl import devicejson, privatefiles
 from hsmctl.clients import kit
+from hsmctl.clients.request import check_client
 from hsmctl.customer.context import TenantContext
 from hsmctl.customer.store import ApplianceDir
 from hsmctl.errors import ConflictError, UsageError
@@ -79,7 +80,8 @@ def _public_key_line(path: Path) -> str:
     return " ".join(lines[0].split()[:3])
 
 
-def _new_key(name: str) -> tuple[Secret, str]:
+def new_key(name: str) -> tuple[Secret, str]:
+    """A new Ed25519 key for client ``name``: (private key, public key line)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -97,6 +99,57 @@ def _new_key(name: str) -> tuple[Secret, str]:
     return Secret(private), f"{public} {kit.ACCOUNT_PREFIX}{name}"
 
 
+def kit_dir(state: ApplianceDir, name: str) -> Path:
+    """Where client ``name``'s kit goes unless the customer says otherwise."""
+    return (state.dir / "clients" / name).absolute()
+
+
+def start_kit(directory: Path, name: str, line: str, private: Secret | None) -> None:
+    """The kit's keys in ``directory`` (new, 0700), which is not yet the kit's place: the
+    private key (0600) is written and fsynced before the device hears of the public one."""
+    directory.mkdir(parents=True, mode=0o700)
+    if private is not None:
+        privatefiles.write_atomic(kit.key_path(directory, name), private.reveal().encode())
+    privatefiles.write_atomic(
+        kit.key_path(directory, name).with_suffix(".pub"), (line + "\n").encode(), mode=0o644
+    )
+
+
+def kit_public_key(directory: Path, name: str) -> str | None:
+    """The public key line a kit (finished or not) holds, if any."""
+    try:
+        return kit.key_path(directory, name).with_suffix(".pub").read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def finish_kit(
+    directory: Path,
+    final: Path,
+    *,
+    name: str,
+    role: str,
+    appliance: str,
+    data_ip: str,
+    host_keys: list[str],
+    label: str | None,
+) -> None:
+    """The rest of the kit (the client is registered by now), naming the paths of its
+    final place; then ``directory`` renamed to ``final`` (absent or empty), durably."""
+    files = {
+        "known_hosts": kit.known_hosts(data_ip, host_keys),
+        f"{name}.module": kit.module_file(final, name, data_ip),
+        "README": kit.readme(final, name, role, appliance, label),
+    }
+    for file_name, text in files.items():
+        privatefiles.write_atomic(directory / file_name, text.encode(), mode=0o644)
+    if final.exists():
+        final.rmdir()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(directory, final)
+    privatefiles.fsync_dir(final.parent)
+
+
 def register(
     ctx: TenantContext,
     appliance: str,
@@ -105,45 +158,34 @@ def register(
     public_key: Path | None = None,
     output: Path | None = None,
 ) -> dict[str, Any]:
-    try:
-        kit.check_name(name)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    if role not in kit.ROLES:
-        raise UsageError(f"--role must be one of {', '.join(kit.ROLES)}")
+    check_client(name, role)
     given = _public_key_line(public_key) if public_key is not None else None
     target = Appliance(ctx, appliance)
-    final = (output or target.state.dir / "clients" / name).absolute()
+    final = output.absolute() if output is not None else kit_dir(target.state, name)
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise UsageError(f"--output {final}: exists and is not empty")
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True, mode=0o700)
     try:
         if given is None:
-            private, line = _new_key(name)
-            privatefiles.write_atomic(kit.key_path(tmp, name), private.reveal().encode())
+            private, line = new_key(name)
+            start_kit(tmp, name, line, private)
         else:
             line = given
-        privatefiles.write_atomic(
-            kit.key_path(tmp, name).with_suffix(".pub"), (line + "\n").encode(), mode=0o644
-        )
+            start_kit(tmp, name, line, None)
         with target.connect() as conn:
             label = target.reply(conn, "hsm show").get("label")
             reply = target.reply(conn, f"client register {name} --role {role}", [line])
-        # The paths inside the kit are those of its final place.
-        files = {
-            "known_hosts": kit.known_hosts(target.data_ip, target.host_keys),
-            f"{name}.module": kit.module_file(final, name, target.data_ip),
-            "README": kit.readme(final, name, role, appliance, str(label) if label else None),
-        }
-        for file_name, text in files.items():
-            privatefiles.write_atomic(tmp / file_name, text.encode(), mode=0o644)
-        if final.exists():
-            final.rmdir()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, final)
-        privatefiles.fsync_dir(final.parent)
+        finish_kit(
+            tmp,
+            final,
+            name=name,
+            role=role,
+            appliance=appliance,
+            data_ip=target.data_ip,
+            host_keys=target.host_keys,
+            label=str(label) if label else None,
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
