@@ -10,6 +10,7 @@ points) and hand the output to :meth:`Fact.process`.
 from hsmctl.device.fact import Fact, Fields
 from hsmctl.device.facts import (
     AUDIT_KEY,
+    CLIENTS,
     HOST_KEYS,
     HSM_INFO,
     PROVIDER_ACCESS,
@@ -17,15 +18,19 @@ from hsmctl.device.facts import (
     STAGE_HOST_KEYS,
     AuditKey,
     AuditKeyRotation,
+    Client,
+    Clients,
     HostKeys,
     HsmInfo,
     ProviderAccess,
     StagedHostKeys,
     Switch,
+    register_client,
 )
 
 __all__ = [
     "AUDIT_KEY",
+    "CLIENTS",
     "HOST_KEYS",
     "HSM_INFO",
     "PROVIDER_ACCESS",
@@ -33,6 +38,8 @@ __all__ = [
     "STAGE_HOST_KEYS",
     "AuditKey",
     "AuditKeyRotation",
+    "Client",
+    "Clients",
     "Fact",
     "Fields",
     "HostKeys",
@@ -40,4 +47,5 @@ __all__ = [
     "ProviderAccess",
     "StagedHostKeys",
     "Switch",
+    "register_client",
 ]

@@ -38,13 +38,15 @@ class Fields:
     than the device contract says is the device's fault, so it is an IntegrityError like
     malformed JSON; extra fields are ignored (a newer firmware may add some)."""
 
-    def __init__(self, obj: Mapping[str, Any], what: str, host: str | None) -> None:
+    def __init__(self, obj: Mapping[str, Any], what: str, host: str | None, at: str = "") -> None:
         self._obj = obj
         self.what = what
         self.host = host
+        self.at = at  # where in the reply this object is ("clients[2]"), for the message
 
     def error(self, problem: str) -> IntegrityError:
         where = f"{self.host}: " if self.host else ""
+        problem = f"{self.at}: {problem}" if self.at else problem
         detail: dict[str, object] = {"what": self.what}
         if self.host:
             detail = {"appliance": self.host, **detail}
@@ -90,6 +92,17 @@ class Fields:
         if not all(isinstance(item, str) for item in items):
             raise self.error(f"{key!r} is not a list of strings")
         return tuple(items)
+
+    def objects(self, key: str) -> tuple[Fields, ...]:
+        """A list of objects, each read field by field like the reply itself."""
+        items: list[Any] = self._get(key, list, "a list", False)
+        if not all(isinstance(item, dict) for item in items):
+            raise self.error(f"{key!r} is not a list of objects")
+        prefix = f"{self.at}." if self.at else ""
+        return tuple(
+            Fields(item, self.what, self.host, f"{prefix}{key}[{n}]")
+            for n, item in enumerate(items)
+        )
 
     def choice(self, key: str, cls: type[E]) -> E:
         value = self.text(key)

@@ -16,6 +16,7 @@ from typing import Any
 from hsmctl.contract import OwnerState
 from hsmctl.device.fact import Fact, Fields
 from hsmctl.ssh.hostkeys import KeyFormatError, PublicKey
+from hsmctl.sshkeys import is_fingerprint
 
 
 class Switch(enum.StrEnum):
@@ -172,9 +173,72 @@ class ProviderAccess:
         )
 
 
+def _fingerprint(f: Fields, key: str) -> str:
+    value = f.text(key)
+    if not is_fingerprint(value):
+        raise f.error(f"{key!r} is no SHA256 key fingerprint")
+    return value
+
+
+@dataclass(frozen=True)
+class Client:
+    """An application client (SPEC §11) as ``client list`` shows it; ``client register``
+    answers the same fields with the name as ``client``."""
+
+    name: str
+    role: str
+    fingerprint: str  # of its SSH key, as ssh-keygen -l prints it
+    registered: str
+
+    def as_dict(self) -> dict[str, str]:
+        """What the receipt records of it (no secret: the public key's fingerprint)."""
+        return {"client": self.name, "role": self.role, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def parse(cls, f: Fields) -> Client:
+        return cls._parse(f, "name")
+
+    @classmethod
+    def parse_registered(cls, f: Fields) -> Client:
+        return cls._parse(f, "client")
+
+    @classmethod
+    def _parse(cls, f: Fields, name_key: str) -> Client:
+        return cls(
+            name=f.text(name_key),
+            role=f.text("role"),
+            fingerprint=_fingerprint(f, "fingerprint"),
+            registered=f.text("registered"),
+        )
+
+
+@dataclass(frozen=True)
+class Clients:
+    """``client list``."""
+
+    clients: tuple[Client, ...]
+
+    def named(self, name: str) -> Client | None:
+        return next((c for c in self.clients if c.name == name), None)
+
+    @classmethod
+    def parse(cls, f: Fields) -> Clients:
+        clients = tuple(Client.parse(item) for item in f.objects("clients"))
+        names = [c.name for c in clients]
+        if len(set(names)) != len(names):
+            raise f.error("a client is listed twice")
+        return cls(clients)
+
+
+def register_client(name: str, role: str) -> Fact[Client]:
+    """``client register NAME --role ROLE`` (the public key on stdin)."""
+    return Fact(f"client register {name} --role {role}", Client.parse_registered)
+
+
 HSM_INFO = Fact("hsm show", HsmInfo.parse)
 HOST_KEYS = Fact("sysconf hostkey show", HostKeys.parse)
 STAGE_HOST_KEYS = Fact("sysconf hostkey stage", StagedHostKeys.parse)
 AUDIT_KEY = Fact("audit key show", AuditKey.parse)
 ROTATE_AUDIT_KEY = Fact("audit key rotate", AuditKeyRotation.parse)
 PROVIDER_ACCESS = Fact("sysconf provider-access show", ProviderAccess.parse)
+CLIENTS = Fact("client list", Clients.parse)

@@ -29,6 +29,7 @@ FACTS: dict[str, Fact[Any]] = {
         device.AUDIT_KEY,
         device.ROTATE_AUDIT_KEY,
         device.PROVIDER_ACCESS,
+        device.CLIENTS,
     )
 }
 CASES = sorted(DATA.glob("*.json"))
@@ -83,6 +84,17 @@ def _with(command: str, **changes: Any) -> str:
             del reply[key]
         else:
             reply[key] = value
+    return json.dumps(reply)
+
+
+def _with_client(**changes: Any) -> str:
+    reply = _recorded("client list")
+    first = reply["clients"][0]
+    for key, value in changes.items():
+        if value is ...:
+            del first[key]
+        else:
+            first[key] = value
     return json.dumps(reply)
 
 
@@ -153,6 +165,32 @@ HOSTILE: dict[str, tuple[Fact[Any], str | bytes, str]] = {
         _with("sysconf provider-access show", provider_enabled=...),
         "no 'provider_enabled'",
     ),
+    "clients not a list": (device.CLIENTS, '{"clients": {}}', "'clients' is not a list"),
+    "a client that is no object": (
+        device.CLIENTS,
+        '{"clients": ["app1"]}',
+        "'clients' is not a list of objects",
+    ),
+    "a client without a fingerprint": (
+        device.CLIENTS,
+        _with_client(fingerprint=...),
+        "clients[0]: no 'fingerprint'",
+    ),
+    "a fingerprint that is none": (
+        device.CLIENTS,
+        _with_client(fingerprint="MD5:00:11"),
+        "clients[0]: 'fingerprint' is no SHA256 key fingerprint",
+    ),
+    "a client listed twice": (
+        device.CLIENTS,
+        json.dumps({"clients": [_recorded("client list")["clients"][0]] * 2}),
+        "a client is listed twice",
+    ),
+    "register answers no name": (
+        device.register_client("app1", "crypto-user"),
+        json.dumps({"role": "crypto-user", "fingerprint": "SHA256:" + "A" * 43, "registered": "t"}),
+        "no 'client'",
+    ),
 }
 
 
@@ -173,6 +211,25 @@ def test_the_path_a_reply_came_by_is_named() -> None:
     with pytest.raises(IntegrityError) as err:
         device.HSM_INFO.process("{}", "hsm-7", via="console reply")
     assert str(err.value) == "hsm-7: console reply to 'hsm show': no 'id'"
+
+
+def test_clients_read_as_the_takeover_needs_them() -> None:
+    listed = device.CLIENTS.process(json.dumps(_recorded("client list")), "hsm12")
+    app1 = listed.named("app1")
+    assert app1 is not None and app1.role == "crypto-officer"
+    assert app1.as_dict() == {
+        "client": "app1",
+        "role": "crypto-officer",
+        "fingerprint": _recorded("client list")["clients"][0]["fingerprint"],
+    }
+    assert listed.named("app3") is None
+    assert device.CLIENTS.process('{"clients": []}').clients == ()
+    # client register answers the same fields, the name as "client" (the firmware's reply).
+    reply = {"client": "app1", "account": "p11-app1", "key_type": "ED25519 256"}
+    reply |= {k: v for k, v in _recorded("client list")["clients"][0].items() if k != "name"}
+    fact = device.register_client("app1", "crypto-officer")
+    assert fact.command == "client register app1 --role crypto-officer"
+    assert fact.process(json.dumps(reply)) == app1
 
 
 def test_extra_fields_are_ignored() -> None:
