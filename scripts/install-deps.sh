@@ -5,7 +5,8 @@ set -euo pipefail
 
 packages=(
   openssh-server openssh-client sshpass netcat-openbsd
-  softhsm2 opensc p11-kit libp11-kit-dev gcc libc6-dev iproute2 util-linux procps
+  softhsm2 opensc p11-kit libp11-kit-dev libengine-pkcs11-openssl
+  gcc libc6-dev iproute2 util-linux procps
   debootstrap debian-archive-keyring
   python3 python3-venv python3-dev
   shellcheck vagrant systemd strace

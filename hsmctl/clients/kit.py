@@ -90,19 +90,31 @@ pkcs11-tool (package opensc):
       --keypairgen --key-type EC:prime256v1 --label app-key --id 01
   openssl dgst -sha256 -binary data.bin > digest.bin
   pkcs11-tool --module {PROXY} --token-label {token} --login \\
-      --sign --mechanism ECDSA --label app-key --input-file digest.bin \\
+      --sign --mechanism ECDSA --id 01 --input-file digest.bin \\
       --output-file sig.bin --signature-format openssl
   pkcs11-tool --module {PROXY} --token-label {token} \\
-      --read-object --type pubkey --label app-key --output-file pub.der
+      --read-object --type pubkey --id 01 --output-file pub.der
   openssl dgst -sha256 -verify pub.der -keyform DER -signature sig.bin data.bin
-(pkcs11-tool asks for the PIN; --pin reads it from the command line, visible in ps.)
+(pkcs11-tool asks for the PIN; --pin reads it from the command line, visible in ps.
+ Choose the key by --id: pkcs11-tool 0.23 ignores --label when it signs and takes the
+ first private key it finds.)
 
-OpenSSL 3 (Debian 12: the pkcs11 engine, package libengine-pkcs11-openssl):
-  OPENSSL_CONF pointing at a file with
-    [pkcs11_section] engine_id = pkcs11
-    MODULE_PATH = {PROXY}
-  openssl pkeyutl -engine pkcs11 -keyform engine \\
-      -inkey "pkcs11:token={token};object=app-key;type=private" -sign -in digest.bin
+OpenSSL 3 (Debian 12: the pkcs11 engine, package libengine-pkcs11-openssl), with
+OPENSSL_CONF naming a file that holds:
+  openssl_conf = openssl_init
+  [openssl_init]
+  engines = engine_section
+  [engine_section]
+  pkcs11 = pkcs11_section
+  [pkcs11_section]
+  engine_id = pkcs11
+  MODULE_PATH = {PROXY}
+  init = 0
+and the PIN in a file only the application's user can read:
+  openssl pkeyutl -engine pkcs11 -keyform engine -passin file:PINFILE \\
+      -inkey "pkcs11:token={token};id=%01;type=private" -sign -in digest.bin -out sig.der
+  openssl dgst -sha256 -engine pkcs11 -keyform engine -passin file:PINFILE \\
+      -sign "pkcs11:token={token};id=%02;type=private" -out sig.bin data.bin   (RSA)
 
 python-pkcs11:
   import pkcs11

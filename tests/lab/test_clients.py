@@ -11,104 +11,39 @@ from __future__ import annotations
 import json
 import os
 import pwd
-import shutil
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import APPLIANCE_SETS, HSMCTL, client_netns, ensure_lab
+from tests.conftest import APPLIANCE_SETS, client_netns, ensure_lab
+from tests.lab.p11_helpers import AppHost, app_host
 from tests.lab.takeover_helpers import (
     LAB_DIR,
-    Rig,
     audit_records,
     console,
-    escrowed,
-    takeover_cli,
 )
 
 pytestmark = pytest.mark.lab
 
 TENANT, OTHER_TENANT = "tenant1", "tenant2"
 APP_USER = "hsmtest-app"
-PROXY = "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so"
 
 
-@dataclass
-class Owned:
-    rig: Rig
-    conf: Path
-    label: str
-    pin: str
-    home: Path
-
-    def hsmctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        argv = ["ip", "netns", "exec", self.rig.netns, HSMCTL, "--config", str(self.conf),
-                *args]  # fmt: skip
-        proc = subprocess.run(argv, capture_output=True, timeout=120, check=False)
-        if check:
-            assert proc.returncode == 0, proc.stderr.decode()
-        return proc
-
-    def register(self, name: str, role: str) -> dict[str, Any]:
-        kit = self.home / f"kit-{name}"
-        out = self.hsmctl("client", "register", self.rig.appliance, "--name", name,
-                          "--role", role, "--output", str(kit), "--json")  # fmt: skip
-        result = dict(json.loads(out.stdout))
-        # The application's host: the kit belongs to the application's user.
-        subprocess.run(["chown", "-R", f"{APP_USER}:", str(kit)], check=True)
-        return result
-
-    def use(self, name: str) -> None:
-        """Install ``name``'s module file where p11-kit reads it for the application's user
-        (only one client's module at a time)."""
-        modules = self.home / ".config" / "pkcs11" / "modules"
-        shutil.rmtree(modules, ignore_errors=True)
-        modules.mkdir(parents=True)
-        shutil.copy(self.home / f"kit-{name}" / f"{name}.module", modules / f"{name}.module")
-        subprocess.run(["chown", "-R", f"{APP_USER}:", str(self.home / ".config")], check=True)
-
-    def app(
-        self, *argv: str, netns: str | None = None, timeout: float = 60
-    ) -> subprocess.CompletedProcess[bytes]:
-        """A command as the application's (non-root) user in a tenant's client namespace,
-        with a clean environment: nothing of this host's PKCS#11 setup but p11-kit's."""
-        env = ["env", "-i", f"HOME={self.home}", "PATH=/usr/bin:/bin", "LANG=C.UTF-8"]
-        full = ["ip", "netns", "exec", netns or self.rig.netns, "runuser", "-u", APP_USER,
-                "--", *env, *argv]  # fmt: skip
-        return subprocess.run(full, capture_output=True, timeout=timeout, check=False)
-
-    def tool(self, *args: str, login: bool = True) -> subprocess.CompletedProcess[bytes]:
-        pin = ("--login", "--pin", self.pin) if login else ()
-        return self.app("pkcs11-tool", "--module", PROXY, "--token-label", self.label, *pin,
-                        *args)  # fmt: skip
+Owned = AppHost
 
 
 @pytest.fixture(scope="module")
 def owned(_lab_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Owned]:
     """hsm27 provisioned to tenant1 and taken over with ``hsmctl takeover``; a non-root
     application user with a home of its own on this host."""
-    lab = ensure_lab()
     base = tmp_path_factory.mktemp("clients")
-    rig = Rig(lab, APPLIANCE_SETS["clients"][0], TENANT, base).provision()
-    conf = rig.tenant_conf(base)
-    proc = takeover_cli(rig.netns, conf, rig.handoff)
-    assert proc.returncode == 0, proc.stderr.decode()
-    pin = escrowed(conf, rig.appliance, "co-pin")
-    assert pin is not None
-    shown = json.loads(console(rig.appliance, "hsmsh", "-c", "hsm show").stdout)
-    home = Path("/home") / APP_USER
-    subprocess.run(["userdel", "-r", APP_USER], capture_output=True, check=False)
-    subprocess.run(["useradd", "--create-home", "--home-dir", str(home), APP_USER], check=True)
-    try:
-        yield Owned(rig, conf, str(shown["label"]), pin, home)
-    finally:
-        subprocess.run(["userdel", "-r", APP_USER], capture_output=True, check=False)
+    with app_host(ensure_lab(), APPLIANCE_SETS["clients"][0], TENANT, base, APP_USER) as host:
+        yield host
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +52,11 @@ def officer(owned: Owned) -> dict[str, Any]:
 
 
 def _records(owned: Owned, after: int = 0) -> list[dict[str, Any]]:
-    return [r for r in audit_records(owned.rig.appliance) if r["seq"] > after]
+    return owned.records(after)
 
 
 def _last_seq(owned: Owned) -> int:
-    return int(audit_records(owned.rig.appliance)[-1]["seq"])
+    return owned.last_seq()
 
 
 # -- registration and the kit ------------------------------------------------------------------
@@ -189,27 +124,34 @@ def test_bad_input_exits_2_and_wrong_state_5_with_nothing_changed(
 # -- an application, through p11-kit, with only the kit ----------------------------------------
 
 
-def test_officer_generates_p256_signs_and_openssl_verifies(
-    owned: Owned, officer: dict[str, Any]
-) -> None:
+@pytest.fixture(scope="module")
+def officer_key(owned: Owned, officer: dict[str, Any]) -> int:
+    """The officer's P-256 key pair (label e2e-p256, id a1), made by pkcs11-tool through
+    its kit; the log position before it was made."""
     owned.use("app-officer")
     seq = _last_seq(owned)
     gen = owned.tool("--keypairgen", "--key-type", "EC:prime256v1", "--label", "e2e-p256",
                      "--id", "a1")  # fmt: skip
     assert gen.returncode == 0, gen.stderr.decode()
+    return seq
+
+
+def test_officer_generates_p256_signs_and_openssl_verifies(owned: Owned, officer_key: int) -> None:
+    owned.use("app-officer")
+    seq = officer_key
     work = owned.home / "work"
     work.mkdir(exist_ok=True)
     (work / "data.bin").write_bytes(os.urandom(1000))
     subprocess.run(["chown", "-R", f"{APP_USER}:", str(work)], check=True)
-    digest = owned.app("openssl", "dgst", "-sha256", "-binary", "-out",
+    digest = owned.run("openssl", "dgst", "-sha256", "-binary", "-out",
                        str(work / "digest.bin"), str(work / "data.bin"))  # fmt: skip
     assert digest.returncode == 0, digest.stderr.decode()
-    sign = owned.tool("--sign", "--mechanism", "ECDSA", "--label", "e2e-p256",
+    sign = owned.tool("--sign", "--mechanism", "ECDSA", "--id", "a1",
                       "--input-file", str(work / "digest.bin"),
                       "--output-file", str(work / "sig.bin"),
                       "--signature-format", "openssl")  # fmt: skip
     assert sign.returncode == 0, sign.stderr.decode()
-    pub = owned.tool("--read-object", "--type", "pubkey", "--label", "e2e-p256",
+    pub = owned.tool("--read-object", "--type", "pubkey", "--id", "a1",
                      "--output-file", str(work / "pub.der"), login=False)  # fmt: skip
     assert pub.returncode == 0, pub.stderr.decode()
     verify = subprocess.run(
@@ -259,7 +201,9 @@ def test_rsa_1024_is_refused_and_logged_denied_with_the_rule(
     assert b"weak-rsa" not in listed.stdout
 
 
-def test_a_crypto_user_signs_but_cannot_generate(owned: Owned, officer: dict[str, Any]) -> None:
+def test_a_crypto_user_signs_but_cannot_generate_import_or_destroy(
+    owned: Owned, officer_key: int
+) -> None:
     owned.register("app-user", "crypto-user")
     owned.use("app-user")
     seq = _last_seq(owned)
@@ -271,16 +215,30 @@ def test_a_crypto_user_signs_but_cannot_generate(owned: Owned, officer: dict[str
     work.mkdir(exist_ok=True)
     (work / "d32.bin").write_bytes(os.urandom(32))
     subprocess.run(["chown", "-R", f"{APP_USER}:", str(work)], check=True)
-    sign = owned.tool("--sign", "--mechanism", "ECDSA", "--label", "e2e-p256",
+    sign = owned.tool("--sign", "--mechanism", "ECDSA", "--id", "a1",
                       "--input-file", str(work / "d32.bin"),
                       "--output-file", str(work / "u.sig"))  # fmt: skip
-    if b"e2e-p256" not in owned.tool("--list-objects").stdout:
-        pytest.skip("needs the officer's key (run with the officer test)")
     assert sign.returncode == 0, sign.stderr.decode()
+    gone = owned.tool("--delete-object", "--type", "privkey", "--id", "a1")
+    assert gone.returncode != 0 and b"(0x1b)" in gone.stderr, gone.stderr.decode()
+    # Import: a public key file is the one object pkcs11-tool writes that the policy lets
+    # an officer create (C_CreateObject); the crypto-user may create nothing.
+    pub = owned.tool("--read-object", "--type", "pubkey", "--id", "a1", "--output-file",
+                     str(work / "u.pub.der"), login=False)  # fmt: skip
+    assert pub.returncode == 0, pub.stderr.decode()
+    put = owned.tool("--write-object", str(work / "u.pub.der"), "--type", "pubkey",
+                     "--label", "user-import", "--id", "b1")  # fmt: skip
+    assert put.returncode != 0 and b"(0x1b)" in put.stderr, put.stderr.decode()
     denied = [r for r in _records(owned, seq) if r["outcome"] == "denied"
               and r["actor"] == "p11-app-user"]  # fmt: skip
-    assert [r["detail"]["rule"] for r in denied] == ["role-crypto-user"]
+    assert [(r["detail"]["rule"], r["detail"]["function"]) for r in denied] == [
+        ("role-crypto-user", "C_GenerateKeyPair"),
+        ("role-crypto-user", "C_DestroyObject"),
+        ("role-crypto-user", "C_CreateObject"),
+    ]
     assert all(r["role"] == "crypto-user" for r in denied)
+    still = owned.tool("--list-objects", "--type", "privkey").stdout
+    assert b"e2e-p256" in still
 
 
 # -- isolation ----------------------------------------------------------------------------------
