@@ -596,7 +596,8 @@ def test_crypto_user_signs_but_cannot_make_import_or_destroy(lab: Lab) -> None:
         out["create"] = ckr(se.createObject, [(P.CKA_CLASS, P.CKO_DATA), (P.CKA_LABEL, "d")])
         out["destroy"] = ckr(se.destroyObject, priv)
         out["unwrap"] = ckr(se.unwrapKey, priv, bytes(40),
-                            [(P.CKA_CLASS, P.CKO_SECRET_KEY), (P.CKA_KEY_TYPE, P.CKK_AES)],
+                            [(P.CKA_CLASS, P.CKO_SECRET_KEY), (P.CKA_KEY_TYPE, P.CKK_AES),
+                             (P.CKA_TOKEN, True)],
                             P.Mechanism(P.CKM_AES_KEY_WRAP))
         out["set"] = ckr(se.setAttributeValue, priv, [(P.CKA_LABEL, "renamed")])
         out["still_there"] = len(find("shared", P.CKO_PRIVATE_KEY))
@@ -618,6 +619,52 @@ def test_crypto_user_signs_but_cannot_make_import_or_destroy(lab: Lab) -> None:
     ]
     assert {e["rule"] for e in denied} == {"role-crypto-user"}
     assert {e["role"] for e in lab.events()} == {"crypto-user"}
+
+
+def test_crypto_user_unwraps_a_session_key_to_use_it_but_imports_nothing(lab: Lab) -> None:
+    """SPEC §11: a crypto-user may unwrap with keys whose attributes allow it; importing
+    a key (a token object) is the officer's. The session key it unwraps is as protected
+    as any key the device makes, and it is gone when its session ends."""
+    pub_out = lab.run(
+        """
+        pub, priv = rsa_pair("user-kek")
+        n, e = se.getAttributeValue(pub, [P.CKA_MODULUS, P.CKA_PUBLIC_EXPONENT], True)
+        out["n"], out["e"] = bytes(n).hex(), bytes(e).hex()
+        """
+    )
+    kek = rsa.RSAPublicNumbers(int(pub_out["e"], 16), int(pub_out["n"], 16)).public_key()
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+    wrapped = kek.encrypt(bytes(range(32)), oaep).hex()
+    lab.clear()
+    out = lab.run(
+        """
+        (kek,) = find("user-kek", P.CKO_PRIVATE_KEY)
+        oaep = P.RSAOAEPMechanism(P.CKM_SHA_1, P.CKG_MGF1_SHA1)
+        tmpl = [(P.CKA_CLASS, P.CKO_SECRET_KEY), (P.CKA_KEY_TYPE, P.CKK_AES),
+                (P.CKA_ENCRYPT, True), (P.CKA_DECRYPT, True), (P.CKA_LABEL, "dek")]
+        blob = bytes.fromhex(req["data"])
+        out["token"] = ckr(se.unwrapKey, kek, blob, tmpl + [(P.CKA_TOKEN, True)], oaep)
+        key = se.unwrapKey(kek, blob, tmpl + [(P.CKA_TOKEN, False)], oaep)
+        out["prot"] = protection(key)
+        out["on_token"] = bool(se.getAttributeValue(key, [P.CKA_TOKEN])[0])
+        ct = se.encrypt(key, bytes(16), P.Mechanism(P.CKM_AES_ECB))
+        out["ct"] = bytes(ct).hex()
+        out["extractable"] = ckr(se.unwrapKey, kek, blob, tmpl + [(P.CKA_EXTRACTABLE, True)],
+                                 oaep)
+        """,
+        role="crypto-user",
+        data=wrapped,
+    )
+    assert out["token"] == "CKR_ACTION_PROHIBITED"
+    assert out["prot"] == [True, False] and out["on_token"] is False
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    enc = Cipher(algorithms.AES(bytes(range(32))), modes.ECB()).encryptor()
+    assert out["ct"] == (enc.update(bytes(16)) + enc.finalize()).hex()
+    assert out["extractable"] == "CKR_TEMPLATE_INCONSISTENT"
+    rules = [(e["function"], e["rule"]) for e in lab.events("denied")]
+    assert rules == [("C_UnwrapKey", "role-crypto-user"), ("C_UnwrapKey", "extractable")]
+    assert lab.run('out["left"] = len(find("dek", P.CKO_SECRET_KEY))')["left"] == 0
 
 
 @pytest.mark.parametrize("role", [None, "", "crypto-admin", "CRYPTO-OFFICER"])

@@ -1892,7 +1892,16 @@ static CK_RV w_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 	struct keyinfo ki;
 	CK_RV rv;
 	NEED_REAL();
-	if (not_officer(h, fn, &rv))
+	if ((rv = tmpl_in(h, fn, t, n)) != CKR_OK)
+		return rv;
+	/* Importing a key (a token object) is the officer's; a crypto-user may unwrap a
+	 * session key (CKA_TOKEN absent or false: gone when its session ends) to use it. */
+	CK_ATTRIBUTE_PTR tok = attr_find(t, n, CKA_TOKEN);
+	CK_BBOOL on_token = CK_FALSE;
+	if (tok && !attr_bool(tok, &on_token))
+		return deny(h, fn, "malformed", CKR_ATTRIBUTE_VALUE_INVALID, "attribute",
+			    "CKA_TOKEN");
+	if ((on_token || role != ROLE_USER) && not_officer(h, fn, &rv))
 		return rv;
 	if ((rv = check_mech(h, fn, m, 0)) != CKR_OK)
 		return rv;
