@@ -40,6 +40,20 @@ from hsmctl.cli.output import CliProgress, config_path, emit, json_option
 @click.option(
     "--keep-monitor", is_flag=True, help="Keep the provider's health monitoring account enabled."
 )
+@click.option(
+    "--client",
+    "clients",
+    multiple=True,
+    metavar="NAME:ROLE",
+    help="Also register application client NAME with ROLE (crypto-officer or crypto-user) "
+    "on the token's PKCS#11 service, as `hsmctl client register --name NAME --role ROLE` "
+    "does: a new Ed25519 key pair and the kit in the state directory "
+    "(appliances/ID/clients/NAME: NAME_key 0600, NAME.module, known_hosts, README). "
+    "Repeatable; NAME: 1 to 28 of a-z 0-9 -, a letter first, not ending with '-'; each "
+    "name once. Default: no clients. Journaled like every step: an interrupted run "
+    "registers nothing twice. A rerun must give the same set once the step has started "
+    "(else exit 2); a name the device lists with another key exits 3.",
+)
 @json_option
 @click.pass_context
 def takeover(
@@ -50,6 +64,7 @@ def takeover(
     so_pin_file: str | None,
     co_pin_file: str | None,
     keep_monitor: bool,
+    clients: tuple[str, ...],
     as_json: bool,
 ) -> None:
     """Take an appliance over from the provider (SPEC §7): lockout-safe and resumable.
@@ -59,27 +74,38 @@ def takeover(
     password (the device is customer-owned from that instant), revokes the provider's
     access, disables monitoring (unless --keep-monitor), rotates the data-interface host
     keys, initialises the token with your SO PIN and sets the crypto-officer PIN, rotates
-    the audit key, installs the log collector's key, proves all of it and writes a
-    receipt signed with your identity.
+    the audit key, installs the log collector's key, registers the application clients
+    of --client (none by default), proves all of it and writes a receipt signed with
+    your identity.
 
     Secrets not given are generated; every secret is escrowed (0600, fsynced) in your
     state directory before it is used. Interrupted at any point, the same command
     finishes the job.
 
     \b
-    Output: {"appliance", "state": "customer-owned", "receipt"}.
-    Exit 3: tampered or expired bundle, host key mismatch; 2: bad input (weak password,
-    PIN out of range, readable secret file, another tenant's identity); 5: another
+    Example, with two application clients (their kits under the state directory):
+      hsmctl takeover --handoff hsm09-REQUEST.json --json \\
+          --client app1:crypto-officer --client app2:crypto-user
+
+    \b
+    Output: {"appliance", "state": "customer-owned", "receipt",
+             "clients": [{"client", "role", "kit"}]}.
+    Exit 3: tampered or expired bundle, host key mismatch, a --client name the device
+    lists with another key; 2: bad input (weak password, PIN out of range, readable
+    secret file, another tenant's identity, malformed or duplicate --client, a --client
+    set other than the interrupted run's, a kit directory already there); 5: another
     unfinished takeover of the same appliance."""
     if ctx.invoked_subcommand is not None:
         return
     if handoff is None:
         raise click.UsageError("--handoff FILE is required (or use: takeover verify RECEIPT)")
+    from hsmctl.clients.request import parse_clients
     from hsmctl.customer.context import open_tenant_context
     from hsmctl.secret import read_secret_file
     from hsmctl.takeover.workflow import Options
     from hsmctl.takeover.workflow import takeover as run
 
+    requested = parse_clients(clients)  # exit 2 on bad input, before anything else
     opts = Options(
         handoff=handoff,
         new_password=read_secret_file(new_password_file, what="--new-password-file")
@@ -88,6 +114,7 @@ def takeover(
         so_pin=read_secret_file(so_pin_file, what="--so-pin-file") if so_pin_file else None,
         co_pin=read_secret_file(co_pin_file, what="--co-pin-file") if co_pin_file else None,
         keep_monitor=keep_monitor,
+        clients=requested,
     )
     tctx = open_tenant_context(config_path(ctx), identity)
     result = run(tctx, opts, CliProgress())

@@ -4,23 +4,40 @@ Each step decides from the journal what is left of it, and journals a decision *
 the action it leads to, so that a step interrupted anywhere is finished by running it
 again: secrets are escrowed before the device hears of them, the password change is
 ``pending`` before it is sent, staged host keys are journaled before they are activated,
-the audit key rotated away from is noted before the rotation.
+the audit key rotated away from is noted before the rotation, a client's key pair is
+written and journaled before it is registered.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from hsmctl import steps, utc
-from hsmctl.device import AUDIT_KEY, HOST_KEYS, HSM_INFO, ROTATE_AUDIT_KEY, STAGE_HOST_KEYS
-from hsmctl.errors import ConflictError, IntegrityError
+from hsmctl.clients.kit import key_path
+from hsmctl.clients.request import ClientRequest
+from hsmctl.clients.workflow import finish_kit, kit_dir, kit_public_key, new_key, start_kit
+from hsmctl.customer.store import ApplianceDir
+from hsmctl.device import (
+    AUDIT_KEY,
+    CLIENTS,
+    HOST_KEYS,
+    HSM_INFO,
+    ROTATE_AUDIT_KEY,
+    STAGE_HOST_KEYS,
+    Clients,
+    register_client,
+)
+from hsmctl.errors import ConflictError, HsmctlError, IntegrityError, UsageError
 from hsmctl.handoff.identity import TenantIdentity
 from hsmctl.secret import Secret, generate_password, generate_pin
+from hsmctl.sshkeys import KeyFormatError, PublicKey
 from hsmctl.takeover import faults
 from hsmctl.takeover.options import Options, token_label
 from hsmctl.takeover.proof import prove
 from hsmctl.takeover.receipt import write_receipt
-from hsmctl.takeover.records import PasswordState, TakeoverStep, same_keys
+from hsmctl.takeover.records import ClientKit, PasswordState, TakeoverStep, same_keys
 from hsmctl.takeover.session import AdminSession
 
 
@@ -46,6 +63,7 @@ class TakeoverSteps:
             TakeoverStep.CO_PIN: self.co_pin,
             TakeoverStep.AUDIT_KEY: self.audit_key,
             TakeoverStep.COLLECTOR: self.collector,
+            TakeoverStep.CLIENTS: self.clients,
             TakeoverStep.PROVE: self.prove,
             TakeoverStep.RECEIPT: self.receipt,
         }
@@ -174,6 +192,87 @@ class TakeoverSteps:
         pins.audit_account_key = public
         self.state.save_pins(pins)
 
+    def clients(self) -> None:
+        record = self.record
+        if record.clients is None:
+            # The set is committed before the first key is made: a rerun must ask for the
+            # same (options.client_set_change).
+            record.clients = [ClientKit(c.name, c.role) for c in self.opts.clients]
+            self.journal.save()
+        todo = [c for c in record.clients if c.kit is None]
+        if not todo:
+            return  # no --client: no client accounts
+        listed = self.session.read(CLIENTS)
+        for client in todo:
+            self._client(client, listed)
+
+    def _client(self, client: ClientKit, listed: Clients) -> None:
+        """One client, as ``hsmctl client register`` makes it: key pair and kit in a
+        directory beside the kit's place, the device told, the kit renamed into place."""
+        host, name = self.bundle.appliance, client.name
+        final = kit_dir(self.state, name)
+        staging = final.with_name(f".{final.name}.takeover")
+        on_device = listed.named(name)
+        if on_device is not None and (
+            on_device.fingerprint != client.fingerprint or on_device.role != client.role
+        ):
+            # Not the key (or role) this takeover chose: never overwrite a registration.
+            raise IntegrityError(
+                f"{host}: the device lists client {name} ({on_device.role}, key "
+                f"{on_device.fingerprint}), which is not the {client.role} client with key "
+                f"{client.fingerprint or '(none made yet)'} this takeover registers; "
+                "nothing was changed on the device for it"
+            )
+        here = self._kit_keys(client, (staging, final), registered=on_device is not None)
+        assert client.public_key is not None
+        if on_device is None:
+            fact = register_client(name, client.role)
+            out = self.session.run(fact.command, [client.public_key])
+            shown = fact.process(out, host)
+            if shown.fingerprint != client.fingerprint or shown.name != name:
+                raise IntegrityError(
+                    f"{host}: client register {name} answered for {shown.name} with key "
+                    f"{shown.fingerprint}, not {client.fingerprint}"
+                )
+        if here == staging:
+            finish_kit(
+                staging,
+                final,
+                name=name,
+                role=client.role,
+                appliance=host,
+                data_ip=self.bundle.data_ip,
+                host_keys=self.state.load_pins().data_host_keys,
+                label=token_label(self.bundle),
+            )
+            faults.reached(f"kit:{name}", self.session.conn)
+        client.kit = str(final)
+        self.journal.save()
+
+    def _kit_keys(self, client: ClientKit, places: tuple[Path, Path], *, registered: bool) -> Path:
+        """Where the client's key pair is (the staging directory or, renamed, the kit):
+        the journaled one, or a new one written and journaled before anyone uses it."""
+        staging = places[0]
+        if client.public_key is not None:
+            for place in places:
+                line = kit_public_key(place, client.name)
+                if _same_key(line, client.public_key) and key_path(place, client.name).is_file():
+                    return place
+            if registered:
+                raise HsmctlError(
+                    f"{self.bundle.appliance}: client {client.name} is registered with the "
+                    f"key this takeover journaled, but its private key is in neither {staging} "
+                    "nor its kit; restore it (or revoke the client, drop it from --client and "
+                    "register it afresh once the takeover is done)"
+                )
+            # Lost before the device heard of it: a new key is as good.
+        shutil.rmtree(staging, ignore_errors=True)
+        private, line = new_key(client.name)
+        start_kit(staging, client.name, line, private)  # written and fsynced
+        client.public_key = line
+        self.journal.save()
+        return staging
+
     def prove(self) -> None:
         proof = prove(self.session, keep_monitor=self.opts.keep_monitor)
         self.record.checks = list(proof.checks)
@@ -197,6 +296,38 @@ class TakeoverSteps:
             keep_monitor=self.opts.keep_monitor,
             identity=self.identity,
         )
+
+
+def check_client_kits(
+    state: ApplianceDir, requested: Sequence[ClientRequest], journaled: Sequence[ClientKit] | None
+) -> None:
+    """Before anything is sent: each client's kit goes where ``hsmctl client register``
+    puts it, so that place must be free, or hold this takeover's own kit (exit 2)."""
+    mine = {c.name: c for c in journaled or ()}
+    for request in requested:
+        client = mine.get(request.name)
+        if client is not None and client.kit is not None:
+            continue  # done by an earlier run
+        final = kit_dir(state, request.name)
+        if not final.exists() or (final.is_dir() and not any(final.iterdir())):
+            continue
+        held = kit_public_key(final, request.name)
+        if client is not None and _same_key(held, client.public_key):
+            continue  # ours, renamed into place before an interruption
+        raise UsageError(
+            f"--client {request}: {final} exists and is not empty (the kit of an earlier "
+            "registration?); move it away or choose another name"
+        )
+
+
+def _same_key(line: str | None, journaled: str | None) -> bool:
+    """Whether a kit's public key line is the journaled one (a damaged line is not)."""
+    if line is None or journaled is None:
+        return False
+    try:
+        return PublicKey.parse(line) == PublicKey.parse(journaled)  # type and blob
+    except KeyFormatError:
+        return False
 
 
 def _new_ssh_key() -> Secret:

@@ -8,7 +8,8 @@ that many milliseconds, so that it lands while the next remote command is in fli
 
 Points: ``before:STEP`` and ``after:STEP`` (the journal marked it done) around every step,
 ``send:CMD`` and ``sent:CMD`` around every device command (CMD: its words, dashed, without
-option values), and ``pending:password`` (journaled, the change not yet sent).
+option values), ``pending:password`` (journaled, the change not yet sent) and, with
+``--client``, ``kit:NAME`` (the client's kit renamed into place, not yet journaled).
 
 A point reached a second time in one run is named ``POINT#2`` (and so on), so every
 occurrence can be targeted. The points are reported by :func:`reached` into

@@ -16,7 +16,7 @@ from typing import Any
 from hsmctl import auditlog, devicejson, utc
 from hsmctl.auditlog import Head
 from hsmctl.contract import OwnerState
-from hsmctl.device import HSM_INFO, PROVIDER_ACCESS, Switch
+from hsmctl.device import CLIENTS, HSM_INFO, PROVIDER_ACCESS, Switch
 from hsmctl.ssh import DeviceConnection, PublicKey
 from hsmctl.takeover.options import token_label
 from hsmctl.takeover.records import Check, PasswordState
@@ -117,6 +117,12 @@ def prove(session: AdminSession, *, keep_monitor: bool) -> Proof:
     ok_so = conn.run("hsm co-pin set", [so, co], check=False).ok
     ok_co = conn.run("hsm co-pin change", [co, co], check=False).ok
     check("token-answers-new-pins", ok_so and ok_co, {"so_pin": ok_so, "co_pin": ok_co})
+    # Exactly the clients of --client, with the keys of their kits: none by default (so
+    # also no account someone else left on the token's service).
+    listed = CLIENTS.on(conn, host)
+    wanted = sorted((c.name, c.role, c.fingerprint) for c in record.clients or ())
+    shown = sorted((c.name, c.role, c.fingerprint) for c in listed.clients)
+    check("clients-registered", shown == wanted, [c.as_dict() for c in listed.clients])
 
     presented = conn.host_key().to_line()
     current = [PublicKey.parse(k).to_line() for k in record.host_keys.current]

@@ -45,6 +45,11 @@ def receipt_document(
         "host_key_fingerprints": [PublicKey.parse(k).fingerprint for k in keys],
         "audit_key": {"initial": pins.initial_audit_key_id, "current": journal.audit_key_id},
         "keep_monitor": keep_monitor,
+        # The clients registered by the takeover (public key fingerprints, never a key).
+        "clients": [
+            {"client": c.name, "role": c.role, "fingerprint": c.fingerprint}
+            for c in journal.clients or ()
+        ],
         "checks": [c.as_dict() for c in journal.checks],
         "log": {
             "provisioned_seq": journal.provisioned_seq,
@@ -85,4 +90,5 @@ def verify_receipt(path: Path, identity: Path) -> dict[str, Any]:
         "time": doc["time"],
         "host_key_fingerprints": doc["host_key_fingerprints"],
         "audit_key": doc["audit_key"],
+        "clients": doc.get("clients", []),  # absent from receipts of earlier releases
     }

@@ -28,6 +28,7 @@ class TakeoverStep(enum.StrEnum):
     CO_PIN = "co-pin"  # crypto-officer PIN
     AUDIT_KEY = "audit-key"  # rotate, pin the new public key
     COLLECTOR = "collector"  # the audit account's key for log collection
+    CLIENTS = "clients"  # --client NAME:ROLE: key pair, registration, kit (none by default)
     PROVE = "prove"  # the checks of the receipt
     RECEIPT = "receipt"
 
@@ -110,6 +111,37 @@ class Check:
 
 
 @dataclass
+class ClientKit:
+    """One application client the takeover registers (``--client NAME:ROLE``). Its key
+    pair is made, written and journaled (``public_key``) before the device hears of it;
+    ``kit`` is set once the kit is in place, and the client is then done."""
+
+    name: str
+    role: str
+    public_key: str | None = None  # "TYPE BASE64 COMMENT"
+    kit: str | None = None  # the kit directory, once complete
+
+    @property
+    def fingerprint(self) -> str | None:
+        return None if self.public_key is None else PublicKey.parse(self.public_key).fingerprint
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "role": self.role}
+        optional = {"public_key": self.public_key, "kit": self.kit}
+        return out | {k: v for k, v in optional.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ClientKit:
+        key, kit = d.get("public_key"), d.get("kit")
+        return cls(
+            name=str(d["name"]),
+            role=str(d["role"]),
+            public_key=None if key is None else str(key),
+            kit=None if kit is None else str(kit),
+        )
+
+
+@dataclass
 class TakeoverJournal:
     """One takeover of one appliance, keyed by the hand-off bundle."""
 
@@ -128,10 +160,22 @@ class TakeoverJournal:
     log_head: Head | None = None
     provisioned_seq: int | None = None
     transfer_seq: int | None = None
+    clients: list[ClientKit] | None = None  # set when the clients step starts
 
     @property
     def finished(self) -> bool:
         return TakeoverStep.RECEIPT in self.done
+
+    @property
+    def client_set(self) -> list[ClientKit] | None:
+        """The clients this takeover is committed to, or None while any set may be asked
+        for: the clients step journals its set when it starts; a journal that went past
+        it without one (an earlier release's) is committed to none."""
+        if self.clients is not None:
+            return self.clients
+        if self.done & {TakeoverStep.CLIENTS, TakeoverStep.PROVE, TakeoverStep.RECEIPT}:
+            return []
+        return None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -151,6 +195,7 @@ class TakeoverJournal:
             "checks": None if self.checks is None else [c.as_dict() for c in self.checks],
             "log_head": None if self.log_head is None else self.log_head.as_dict(),
             "provisioned_seq": self.provisioned_seq,
+            "clients": None if self.clients is None else [c.as_dict() for c in self.clients],
         }
         out |= {k: v for k, v in optional.items() if v is not None}
         if self.log_head is not None:  # written together by the proof, null or not
@@ -160,7 +205,7 @@ class TakeoverJournal:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "takeover journal") -> TakeoverJournal:
         try:
-            head, checks = d.get("log_head"), d.get("checks")
+            head, checks, clients = d.get("log_head"), d.get("checks"), d.get("clients")
             return cls(
                 bundle_id=str(d["bundle_id"]),
                 appliance=str(d["appliance"]),
@@ -177,6 +222,7 @@ class TakeoverJournal:
                 log_head=None if head is None else Head(int(head["seq"]), str(head["hash"])),
                 provisioned_seq=d.get("provisioned_seq"),
                 transfer_seq=d.get("transfer_seq"),
+                clients=None if clients is None else [ClientKit.from_dict(c) for c in clients],
             )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise HsmctlError(

@@ -16,6 +16,10 @@ it anywhere (kill -9, a cut connection) and the same command finishes the job:
 * host keys are staged, journaled, then activated; while a rotation is in flight both
   the old and the staged keys are accepted, and only those, until a connection shows
   the device serving a staged key;
+* a client (``--client NAME:ROLE``) gets its key pair written and journaled before the
+  device hears of it; a client the device already lists with that key is not registered
+  again, one it lists with another key stops the run (exit 3); the set of clients is
+  fixed once the step starts (another set on a rerun: exit 2, nothing sent);
 * a journal whose password change was never sent (``one-time``) is not a commitment: a
   new bundle for the same appliance (the device re-provisioned, or the first bundle
   refused for a host-key mismatch) replaces it; otherwise another bundle exits 5.
@@ -34,9 +38,9 @@ from hsmctl.handoff import open_bundle
 from hsmctl.handoff.identity import TenantIdentity
 from hsmctl.progress import NullProgress, Progress
 from hsmctl.takeover import faults
-from hsmctl.takeover.actions import TakeoverSteps
+from hsmctl.takeover.actions import TakeoverSteps, check_client_kits
 from hsmctl.takeover.journal import JOURNAL, open_journal
-from hsmctl.takeover.options import Options, check_inputs, token_label
+from hsmctl.takeover.options import Options, check_client_set, check_inputs, token_label
 from hsmctl.takeover.proof import export_log, transfer_window
 from hsmctl.takeover.receipt import RECEIPT, RECEIPT_FORMAT, verify_receipt
 from hsmctl.takeover.records import STEPS, PasswordState, TakeoverStep
@@ -96,6 +100,11 @@ class Takeover:
     def run(self) -> dict[str, Any]:
         check_inputs(self.opts)
         session = self.session = self._open()
+        record = session.journal.record
+        # Nothing is sent yet: a --client set other than the journaled one, or a kit
+        # directory taken, stops here (exit 2).
+        check_client_set(session.bundle.appliance, self.opts.clients, record.client_set)
+        check_client_kits(session.state, self.opts.clients, record.clients)
         try:
             steps.run(
                 TakeoverSteps(session, self.opts, self.identity).plan(),
@@ -110,6 +119,9 @@ class Takeover:
             "appliance": session.bundle.appliance,
             "state": "customer-owned",
             "receipt": str(session.state.dir / RECEIPT),
+            "clients": [
+                {"client": c.name, "role": c.role, "kit": c.kit} for c in record.clients or ()
+            ],
         }
 
 

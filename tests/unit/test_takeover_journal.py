@@ -208,3 +208,52 @@ def test_the_file_journal_is_the_runners_journal(tmp_path: Path) -> None:
     assert not (state.dir / JOURNAL).exists()  # neither leaves a trace
     journal.ok(TakeoverStep.ESCROW, {})
     assert read(state) == journal.record and journal.is_done(TakeoverStep.ESCROW)
+
+
+KIT_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIICoLTZNEKwWTYl1eyWtK2wCTeafZOYJz66mBQFkNOg p11-app1"
+)
+WITH_CLIENTS = FINISHED | {
+    "clients": [
+        {
+            "name": "app1",
+            "role": "crypto-officer",
+            "public_key": KIT_KEY,
+            "kit": "/state/appliances/hsm09/clients/app1",
+        },
+        {"name": "app2", "role": "crypto-user"},  # set journaled, key not made yet
+    ],
+}
+
+
+def test_the_clients_step_comes_after_the_pins_and_before_the_proof() -> None:
+    order = list(STEPS)
+    assert (
+        order.index(TakeoverStep.HSM_INIT)
+        < order.index(TakeoverStep.CO_PIN)
+        < order.index(TakeoverStep.CLIENTS)
+        < order.index(TakeoverStep.PROVE)
+        < order.index(TakeoverStep.RECEIPT)
+    )
+
+
+def test_journaled_clients_read_and_write_back() -> None:
+    record = TakeoverJournal.from_dict(json.loads(_file(WITH_CLIENTS)))
+    assert _file(record.as_dict()) == _file(WITH_CLIENTS)
+    assert record.clients is not None
+    app1, app2 = record.clients
+    assert app1.fingerprint == PublicKey.parse(KIT_KEY).fingerprint
+    assert (app2.public_key, app2.kit, app2.fingerprint) == (None, None, None)
+    assert record.client_set == record.clients
+
+
+def test_which_client_set_a_journal_is_committed_to() -> None:
+    # Before the clients step: none yet (any --client set is taken).
+    assert TakeoverJournal.from_dict(ROTATED).client_set is None
+    # An earlier release's journal that went past the step's place: committed to none.
+    assert TakeoverJournal.from_dict(PROVED_WITHOUT_TRANSFER).client_set == []
+    old_finished = FINISHED | {
+        "done": sorted(s.value for s in STEPS if s is not TakeoverStep.CLIENTS)
+    }
+    assert TakeoverJournal.from_dict(old_finished).client_set == []
+    assert "clients" not in TakeoverJournal.from_dict(old_finished).as_dict()
