@@ -492,6 +492,170 @@ def test_given_secrets_are_the_ones_used(rigs: dict[str, Rig], tmp_path: Path) -
     admin_login(rig, j["host_keys"]["current"], files["--new-password-file"].read_text().strip())
 
 
+# -- application clients registered by the takeover (issue 11, item 5) -----------------------
+
+CLIENTS = {"app1": "crypto-officer", "app2": "crypto-user"}
+CLIENT_FLAGS = [x for name, role in CLIENTS.items() for x in ("--client", f"{name}:{role}")]
+
+
+def client_list(tenant_conf: Path, rig: Rig) -> list[dict[str, Any]]:
+    proc = hsmctl(
+        "--config", str(tenant_conf), "client", "list", rig.appliance, "--json", netns=rig.netns
+    )
+    assert proc.returncode == 0, proc.stderr
+    return list(json.loads(proc.stdout)["clients"])
+
+
+def check_kits(tenant_conf: Path, rig: Rig, result: dict[str, Any]) -> dict[str, str]:
+    """The takeover's clients are exactly CLIENTS on the device, each with a kit as
+    ``hsmctl client register`` writes it whose key is the one registered; returns each
+    client's fingerprint."""
+    from hsmctl.ssh import PublicKey
+
+    state = customer_state(tenant_conf, rig.appliance)
+    assert result["clients"] == [
+        {"client": n, "role": r, "kit": str(state / "clients" / n)} for n, r in CLIENTS.items()
+    ]
+    listed = client_list(tenant_conf, rig)
+    assert sorted((c["name"], c["role"]) for c in listed) == sorted(CLIENTS.items()), listed
+    fingerprints = {}
+    for c in listed:
+        kit = Path(next(k["kit"] for k in result["clients"] if k["client"] == c["name"]))
+        name = c["name"]
+        assert sorted(p.name for p in kit.iterdir()) == sorted(
+            [f"{name}_key", f"{name}_key.pub", "known_hosts", f"{name}.module", "README"]
+        )
+        assert (kit / f"{name}_key").stat().st_mode & 0o777 == 0o600
+        public = PublicKey.parse((kit / f"{name}_key.pub").read_text())
+        assert public.fingerprint == c["fingerprint"]
+        module = (kit / f"{name}.module").read_text()
+        assert f"-i {kit / f'{name}_key'} " in module and f"p11-{name}@{rig.ip}" in module
+        fingerprints[name] = c["fingerprint"]
+    # No kit being made is left beside them.
+    assert sorted(p.name for p in (state / "clients").iterdir()) == sorted(CLIENTS)
+    return fingerprints
+
+
+def test_a_takeover_without_client_registers_none(owned: Owned) -> None:
+    assert owned.result["clients"] == []
+    assert client_list(owned.tenant_conf, owned.rig) == []
+    doc = json.loads(Path(owned.result["receipt"]).read_text())
+    assert doc["clients"] == []
+    check = next(c for c in doc["checks"] if c["name"] == "clients-registered")
+    assert check == {"name": "clients-registered", "ok": True, "detail": []}
+    assert not (owned.state / "clients").exists()
+
+
+def test_a_takeover_with_clients_registers_exactly_them(
+    rigs: dict[str, Rig], tmp_path: Path
+) -> None:
+    """``--client app1:crypto-officer --client app2:crypto-user``: the device lists those
+    two with those roles and the keys of their kits, the receipt names them (no secret),
+    a rerun changes nothing, and a rerun with another set exits 2 before anything is sent."""
+    rig = rigs["hsm12"]
+    rig.reprovision()
+    conf = rig.tenant_conf(tmp_path)
+    proc = takeover_cli(rig.netns, conf, rig.handoff, *CLIENT_FLAGS)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["state"] == "customer-owned"
+    fingerprints = check_kits(conf, rig, result)
+
+    receipt = Path(result["receipt"])
+    shown = verify_receipt(receipt, rig.identity)
+    expected = [
+        {"client": n, "role": r, "fingerprint": fingerprints[n]} for n, r in CLIENTS.items()
+    ]
+    assert shown["clients"] == expected
+    doc = json.loads(receipt.read_text())
+    assert doc["clients"] == expected
+    check = next(c for c in doc["checks"] if c["name"] == "clients-registered")
+    assert check["ok"] is True and sorted(check["detail"], key=str) == sorted(expected, key=str)
+    text = receipt.read_text()
+    for name in CLIENTS:
+        key = (customer_state(conf, rig.appliance) / "clients" / name / f"{name}_key").read_text()
+        assert key.split("\n")[1] not in text
+
+    seq = last_seq(rig.appliance)
+    again = takeover_cli(rig.netns, conf, rig.handoff, *CLIENT_FLAGS)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == result
+    other = takeover_cli(rig.netns, conf, rig.handoff, "--client", "app1:crypto-officer")
+    assert other.returncode == EXIT_USAGE, other.stderr
+    assert b"app2:crypto-user" in other.stderr, other.stderr
+    assert admin_activity(rig.appliance, seq) == []
+
+
+def test_a_resumed_client_step_keeps_its_set_and_never_overwrites_a_registration(
+    rigs: dict[str, Rig], tmp_path: Path
+) -> None:
+    """Killed inside the clients step: a rerun with another --client set exits 2 before
+    anything is sent; a client registered meanwhile under the same name with another key
+    stops the rerun (exit 3) and stays as it was; once it is revoked, the rerun finishes."""
+    rig = rigs["hsm12"]
+    rig.reprovision()
+    conf = rig.tenant_conf(tmp_path)
+    first = takeover_cli(rig.netns, conf, rig.handoff, *CLIENT_FLAGS, env={ENV: "send:client-list"})
+    assert first.returncode == -9, first.stderr
+    j = journal(conf, rig.appliance)
+    assert j is not None and [(c["name"], c["role"]) for c in j["clients"]] == list(CLIENTS.items())
+
+    seq = last_seq(rig.appliance)
+    other = takeover_cli(rig.netns, conf, rig.handoff, "--client", "app1:crypto-officer")
+    assert other.returncode == EXIT_USAGE, other.stderr
+    assert b"left out: app2:crypto-user" in other.stderr, other.stderr
+    assert admin_activity(rig.appliance, seq) == []
+
+    # Someone registers app1 with a key of their own before the rerun.
+    foreign = hsmctl(
+        "--config", str(conf), "client", "register", rig.appliance, "--name", "app1",
+        "--role", "crypto-officer", "--output", str(tmp_path / "foreign"), "--json",
+        netns=rig.netns,
+    )  # fmt: skip
+    assert foreign.returncode == 0, foreign.stderr
+    theirs = json.loads(foreign.stdout)["fingerprint"]
+    stopped = takeover_cli(rig.netns, conf, rig.handoff, *CLIENT_FLAGS)
+    assert stopped.returncode == EXIT_INTEGRITY, stopped.stderr
+    assert b"client app1" in stopped.stderr and theirs.encode() in stopped.stderr
+    listed = client_list(conf, rig)
+    assert [(c["name"], c["fingerprint"]) for c in listed] == [("app1", theirs)]
+
+    revoked = hsmctl(
+        "--config", str(conf), "client", "revoke", rig.appliance, "--name", "app1",
+        netns=rig.netns,
+    )  # fmt: skip
+    assert revoked.returncode == 0, revoked.stderr
+    done = takeover_cli(rig.netns, conf, rig.handoff, *CLIENT_FLAGS)
+    assert done.returncode == 0, done.stderr
+    fingerprints = check_kits(conf, rig, json.loads(done.stdout))
+    assert theirs not in fingerprints.values()
+    verify_receipt(Path(json.loads(done.stdout)["receipt"]), rig.identity)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--client", "app1"], b"expected NAME:ROLE"),
+        (["--client", "app1:admin"], b"unknown role 'admin'"),
+        (["--client", "App_1:crypto-user"], b"bad NAME"),
+        (["--client", "app1-:crypto-user"], b"bad NAME"),
+        (["--client", "a" * 29 + ":crypto-user"], b"bad NAME"),
+        (["--client", "app1:crypto-user", "--client", "app1:crypto-officer"], b"more than once"),
+    ],
+)
+def test_bad_client_input_exits_2_before_anything_is_sent(
+    rigs: dict[str, Rig], tmp_path: Path, args: list[str], message: bytes
+) -> None:
+    rig = rigs["hsm12"]
+    seq = last_seq(rig.appliance)
+    conf = rig.tenant_conf(tmp_path)
+    proc = takeover_cli(rig.netns, conf, rig.handoff, *args)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert admin_activity(rig.appliance, seq) == []
+    assert not (customer_state(conf, rig.appliance) / "takeover.json").exists()
+
+
 # -- 5. the playbook over five appliances, and 4. the secrets scan ------------------------------
 
 
