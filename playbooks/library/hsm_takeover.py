@@ -43,6 +43,14 @@ options:
     description: Keep the provider's health monitoring account enabled.
     type: bool
     default: false
+  clients:
+    description:
+      - Application clients to register as part of the takeover, each C(NAME:ROLE) with
+        ROLE crypto-officer or crypto-user (hsmctl takeover --client). Their kits go to
+        the state directory. Default none.
+    type: list
+    elements: str
+    default: []
 """
 
 RETURN = r"""
@@ -50,6 +58,7 @@ appliance: {description: Appliance id, type: str, returned: always}
 state: {description: customer-owned, type: str, returned: success}
 receipt: {description: Path of the signed receipt, type: str, returned: success}
 steps: {description: The steps this run did (none when already finished), type: list}
+clients: {description: "The clients registered: client, role, kit", type: list, returned: success}
 exit_code: {description: hsmctl exit code of the failure (SPEC §6), type: int, returned: failure}
 """
 
@@ -68,10 +77,12 @@ def main() -> None:
             "so_pin_file": {"type": "path"},
             "co_pin_file": {"type": "path"},
             "keep_monitor": {"type": "bool", "default": False},
+            "clients": {"type": "list", "elements": "str", "default": []},
         },
         supports_check_mode=False,
     )
     try:
+        from hsmctl.clients.request import parse_clients
         from hsmctl.customer.context import open_tenant_context
         from hsmctl.errors import HsmctlError
         from hsmctl.secret import read_secret_file
@@ -91,6 +102,7 @@ def main() -> None:
             so_pin=files["so_pin_file"],
             co_pin=files["co_pin_file"],
             keep_monitor=p["keep_monitor"],
+            clients=parse_clients(p["clients"]),
         )
         run = Takeover(open_tenant_context(p["config"], p["identity"]), opts)
         result = run.run()

@@ -659,6 +659,14 @@ def test_bad_client_input_exits_2_before_anything_is_sent(
 # -- 5. the playbook over five appliances, and 4. the secrets scan ------------------------------
 
 
+PLAYBOOK_CLIENTS = {"hsm10": ["app1:crypto-user"]}  # hsm_clients: the module's clients
+
+
+def _host_vars(rig: Rig, handoff: Path) -> dict[str, Any]:
+    clients = PLAYBOOK_CLIENTS.get(rig.appliance)
+    return {"hsm_handoff": str(handoff)} | ({"hsm_clients": clients} if clients else {})
+
+
 @dataclass
 class PlaybookRun:
     rigs: list[Rig]
@@ -693,7 +701,7 @@ def playbook_run(rigs: dict[str, Rig], tmp_path_factory: pytest.TempPathFactory)
         data_host_keys=read_bundle(rigs["hsm14"].handoff)["data_host_keys"],
     )
     conf = chosen[0].tenant_conf(base)
-    hosts = {r.appliance: {"hsm_handoff": str(wrong if r is broken else r.handoff)} for r in chosen}
+    hosts = {r.appliance: _host_vars(r, wrong if r is broken else r.handoff) for r in chosen}
     inventory = write_inventory(base / "hosts.yml", hosts)
     sampler = ProcSampler(base / "procs.json").start()
     started = time.monotonic()
@@ -732,6 +740,11 @@ def test_playbook_takes_five_over_in_parallel_and_one_failure_stays_alone(
         assert outcome["status"] == "runner_on_ok", outcome
         assert outcome["state"] == "customer-owned"
         assert outcome["steps"] == [s.value for s in STEPS]
+        clients = [c.split(":") for c in PLAYBOOK_CLIENTS.get(rig.appliance, [])]
+        state = customer_state(run.tenant_conf, rig.appliance)
+        assert outcome["clients"] == [
+            {"client": n, "role": r, "kit": str(state / "clients" / n)} for n, r in clients
+        ]
         verify_receipt(Path(outcome["receipt"]), rig.identity)
         j = journal(run.tenant_conf, rig.appliance)
         assert j is not None and "receipt" in j["done"]
@@ -752,7 +765,7 @@ def test_playbook_rerun_resumes_and_changes_nothing_done(playbook_run: PlaybookR
     seqs = {r.appliance: last_seq(r.appliance) for r in done}
     inventory = write_inventory(
         run.private_dir.parent / "done.yml",
-        {r.appliance: {"hsm_handoff": str(r.handoff)} for r in done},
+        {r.appliance: _host_vars(r, r.handoff) for r in done},
     )
     proc = ansible_runner_cli(
         done[0].netns,
