@@ -82,6 +82,15 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
+def _syscalls(pid: int) -> int:
+    """read(2)-like plus write(2)-like calls so far (/proc/PID/io)."""
+    try:
+        fields = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    except (OSError, ValueError):
+        return 0
+    return int(fields.get("syscr", 0)) + int(fields.get("syscw", 0))
+
+
 def _procs() -> dict[str, list[int]]:
     """The processes of the remote path, by part (found by their command lines)."""
     parts: dict[str, list[int]] = {"ssh": [], "sshd": [], "p11-kit remote": []}
@@ -96,7 +105,18 @@ def _procs() -> dict[str, list[int]]:
             parts["ssh"].append(int(entry.name))
         elif cmd.startswith(f"sshd: p11-{CLIENT}"):
             parts["sshd"].append(int(entry.name))
-        elif "p11-kit remote" in cmd and "hsm-policy.so" in cmd:
+        elif (
+            cmd.startswith(
+                (
+                    "remote --provider",
+                    "p11-kit remote",
+                    "/usr/bin/p11-kit remote",
+                    "/usr/libexec/p11-kit/p11-kit-remote",
+                )
+            )
+            and "hsm-policy.so" in cmd
+        ):
+            # p11-kit runs its remote tool with argv[0] "remote"
             parts["p11-kit remote"].append(int(entry.name))
     return parts
 
@@ -120,6 +140,7 @@ def run_once(
                 raise RuntimeError(f"a worker did not start: {line!r}")
         parts = _procs() if netns else {}
         before = {k: sum(_cpu(p) for p in v) for k, v in parts.items()}
+        io_before = {k: sum(_syscalls(p) for p in v) for k, v in parts.items()}
         workers_before = sum(_cpu(p.pid) for p in procs)
         for p in procs:
             assert p.stdin is not None
@@ -133,8 +154,10 @@ def run_once(
         cpu["client (python-pkcs11, p11-kit rpc)"] = (
             sum(_cpu(p.pid) for p in procs) - workers_before
         )
+        io: dict[str, int] = {}
         for k, v in parts.items():
             cpu[k] = sum(_cpu(p) for p in v) - before[k]
+            io[k] = sum(_syscalls(p) for p in v) - io_before[k]
         for p in procs:
             p.communicate(timeout=30)
     finally:
@@ -144,7 +167,7 @@ def run_once(
                 p.wait()
     total = sum(r["signatures"] for r in results)
     wall = max(r["seconds"] for r in results)
-    return {"rate": total / wall, "signatures": total, "cpu": cpu}
+    return {"rate": total / wall, "signatures": total, "cpu": cpu, "io": io}
 
 
 # -- set-up (not timed) -------------------------------------------------------------------------
@@ -263,7 +286,8 @@ def remote_setup(lab: dict[str, Any], work: Path) -> tuple[dict[str, str], str, 
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [
         f"{'scenario':<22} {'local/s':>9} {'remote/s':>9} {'ratio':>6}   remote CPU ms "
-        "per 1,000 signatures (client | ssh | sshd | p11-kit remote)"
+        "per 1,000 signatures (client | ssh | sshd | p11-kit remote)   "
+        "read/write calls per signature (ssh | sshd | p11-kit remote)"
     ]
     for name, r in results.items():
         cpu = r["remote_cpu_ms_per_1000"]
@@ -271,8 +295,11 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"{cpu.get(k, 0):.0f}"
             for k in ("client (python-pkcs11, p11-kit rpc)", "ssh", "sshd", "p11-kit remote")
         )
+        io = r["remote_io_calls_per_signature"]
+        calls = " | ".join(f"{io.get(k, 0):.1f}" for k in ("ssh", "sshd", "p11-kit remote"))
         lines.append(
             f"{name:<22} {r['local']:>9.0f} {r['remote']:>9.0f} {r['ratio']:>6.2f}   {parts}"
+            f"   {calls}"
         )
     return "\n".join(lines)
 
@@ -310,6 +337,7 @@ def main(argv: list[str]) -> int:
             for key in args.keys.split(","):
                 for n in (int(s) for s in args.sessions.split(",")):
                     local, remote, cpus = [], [], []
+                    ios: list[dict[str, float]] = []
                     for i in range(args.runs):
                         loc = run_once(
                             [*me, "--worker", SOFTHSM, "bench-local", key, lpin], n, lenv, None
@@ -320,6 +348,7 @@ def main(argv: list[str]) -> int:
                         local.append(loc["rate"])
                         remote.append(rem["rate"])
                         cpus.append({k: 1e6 * v / rem["signatures"] for k, v in rem["cpu"].items()})
+                        ios.append({k: v / rem["signatures"] for k, v in rem["io"].items()})
                         print(
                             f"  {key} x{n} run {i + 1}: local {loc['rate']:.0f}/s, "
                             f"remote {rem['rate']:.0f}/s",
@@ -335,6 +364,9 @@ def main(argv: list[str]) -> int:
                         "runs_remote": remote,
                         "remote_cpu_ms_per_1000": {
                             k: statistics.median(c[k] for c in cpus) for k in cpus[0]
+                        },
+                        "remote_io_calls_per_signature": {
+                            k: statistics.median(c[k] for c in ios) for k in ios[0]
                         },
                     }
         print(table(results))
