@@ -3,6 +3,8 @@ hsmctl's own client name, and what a PKCS#11 refusal becomes (rule, exit code)."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pkcs11
 import pytest
 
@@ -63,6 +65,16 @@ def test_remote_line_of_a_module_file() -> None:
     for bad in ("", "module: /x.so\n", "remote: unix:path=/x\n", "remote: |a\nremote: |b\n"):
         with pytest.raises(ValueError):
             kit.remote_line(bad)
+
+
+def test_the_kit_ssh_pins_everything_and_negotiates_aes_gcm_only(tmp_path: Path) -> None:
+    argv = kit.ssh_command(tmp_path, "app", "198.19.0.2")
+    opts = {argv[i + 1].split("=", 1)[0]: argv[i + 1].split("=", 1)[1]
+            for i, a in enumerate(argv) if a == "-o"}  # fmt: skip
+    assert opts["Ciphers"] == "aes256-gcm@openssh.com,aes128-gcm@openssh.com"
+    assert opts["StrictHostKeyChecking"] == "yes" and opts["IdentitiesOnly"] == "yes"
+    assert opts["UserKnownHostsFile"] == str(tmp_path / "known_hosts")
+    assert argv[-1] == "p11-app@198.19.0.2" and "-T" in argv
 
 
 @pytest.mark.parametrize(
