@@ -222,6 +222,17 @@ def load_target(state: Path, appliance: str, key_dir: Path | None) -> Target:
     )
 
 
+def is_credential(path: Path) -> bool:
+    """A file systemd put in this service's own credentials directory. Its mode is not
+    the administrator's: systemd grants the service user read access with an ACL where it
+    can, and then the mode shows the ACL mask as group bits (0440). Only that user (and
+    root) can enter the directory, so the file is private however its mode reads."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not creds:
+        return False
+    return path.parent.resolve() == Path(creds).resolve()
+
+
 def collector_key(st: ApplianceDir, key_dir: Path | None) -> Path:
     """The ``audit`` account's private key: from ``key_dir`` if it has one for this
     appliance, else the escrow. Like every secret file, refused if group/other can read."""
@@ -234,7 +245,7 @@ def collector_key(st: ApplianceDir, key_dir: Path | None) -> Path:
             mode = path.stat().st_mode
         except FileNotFoundError:
             continue
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        if mode & (stat.S_IRWXG | stat.S_IRWXO) and not is_credential(path):
             raise UsageError(
                 f"{st.appliance}: collector key {path} is accessible by group or others "
                 f"({stat.S_IMODE(mode):04o}); chmod 600"

@@ -510,3 +510,49 @@ def test_a_last_line_without_newline_is_checked_but_not_stored(
     dev.lines[-1] = _edit(dev.lines[-1]).replace(b'"outcome":"ok"', b'"outcome":"ko"')
     with pytest.raises(LogIntegrityError):
         collect(archive, cut_short, trust(key_a))
+
+
+# -- the collector key: --key-dir, systemd credentials, the escrow ------------------------------
+
+
+def test_collector_key_from_systemd_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key systemd handed over as a credential reads 0440 where systemd used an ACL (the
+    mask shows as group bits): accepted in $CREDENTIALS_DIRECTORY only. The same mode in
+    any other directory, or a directory whose name merely begins like it, is refused;
+    the escrow stays the fallback and keys still need no credential (plain --key-dir)."""
+    from hsmctl.collect.collector import CREDENTIAL_PREFIX, collector_key
+    from hsmctl.customer.store import ApplianceDir
+    from hsmctl.errors import UsageError
+
+    st = ApplianceDir(tmp_path / "state", "hsm01")
+    (st.dir / "secrets").mkdir()
+    escrow = st.dir / "secrets" / "audit-collector-key"
+    escrow.write_text("escrowed")
+    escrow.chmod(0o600)
+    creds, other = tmp_path / "creds", tmp_path / "creds-other"
+    for d in (creds, other):
+        d.mkdir()
+        (d / f"{CREDENTIAL_PREFIX}hsm01").write_text("key")
+        (d / f"{CREDENTIAL_PREFIX}hsm01").chmod(0o440)
+
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    assert collector_key(st, None) == escrow
+    assert collector_key(st, tmp_path / "empty") == escrow
+    with pytest.raises(UsageError, match="accessible by group or others"):
+        collector_key(st, creds)  # not a credential: an administrator's file, too open
+
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert collector_key(st, creds) == creds / f"{CREDENTIAL_PREFIX}hsm01"
+    for wrong in (other, creds / ".." / "creds-other"):
+        with pytest.raises(UsageError, match="accessible by group or others"):
+            collector_key(st, wrong)
+    (creds / f"{CREDENTIAL_PREFIX}hsm01").unlink()
+    assert collector_key(st, creds) == escrow  # no key for it there: the escrow
+
+    plain = tmp_path / "keys"
+    plain.mkdir()
+    (plain / "hsm01").write_text("key")
+    (plain / "hsm01").chmod(0o600)
+    assert collector_key(st, plain) == plain / "hsm01"  # the old layout still works
