@@ -9,7 +9,7 @@ packages=(
   gcc libc6-dev iproute2 util-linux procps
   debootstrap debian-archive-keyring
   python3 python3-venv python3-dev
-  shellcheck vagrant systemd strace
+  shellcheck vagrant systemd strace logrotate
   postgresql
 )
 
