@@ -289,56 +289,8 @@ def test_cli_verify(config: Path, capfdbinary: pytest.CaptureFixture[bytes]) -> 
 
 # -- scheduling files ------------------------------------------------------------------------------
 
+# The systemd units, sysusers.d, tmpfiles.d, cron and logrotate files: test_deploy.py.
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-
-
-def test_systemd_units_verify(tmp_path: Path) -> None:
-    """``systemd-analyze verify`` on the shipped units, the ExecStart binary pointed at
-    this checkout's (the unit's /opt path does not exist here). Warnings count."""
-    import shutil
-    import subprocess
-    import sys
-
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed")
-    service = (DEPLOY / "systemd" / "hsmctl-collect.service").read_text()
-    timer = (DEPLOY / "systemd" / "hsmctl-collect.timer").read_text()
-    assert "/opt/hsmctl/.venv/bin/hsmctl" in service
-    here = str(Path(sys.executable).with_name("hsmctl"))
-    (tmp_path / "hsmctl-collect.service").write_text(
-        service.replace("/opt/hsmctl/.venv/bin/hsmctl", here)
-    )
-    (tmp_path / "hsmctl-collect.timer").write_text(timer)
-    proc = subprocess.run(
-        ["systemd-analyze", "verify", "hsmctl-collect.service", "hsmctl-collect.timer"],
-        cwd=tmp_path, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "hsmctl-collect" not in proc.stderr, proc.stderr  # no warning about our units
-    for needle in ("RandomizedDelaySec=", "Persistent=true", "OnCalendar="):
-        assert needle in timer
-    for needle in ("LoadCredential=hsmctl.yaml:", "LoadCredential=collector-key:", "%d"):
-        assert needle in service
-    # A broken unit does warn: the check above can fail.
-    (tmp_path / "hsmctl-collect.timer").write_text(timer.replace("Persistent=", "Persistant="))
-    bad = subprocess.run(
-        ["systemd-analyze", "verify", "hsmctl-collect.timer"],
-        cwd=tmp_path, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert "Persistant" in bad.stderr
-
-
-def test_cron_example_is_a_cron_d_line() -> None:
-    lines = [
-        line
-        for line in (DEPLOY / "cron" / "hsmctl-collect").read_text().splitlines()
-        if line and not line.startswith("#") and "=" not in line.split()[0]
-    ]
-    assert len(lines) == 1
-    fields = lines[0].split(maxsplit=6)
-    assert fields[:5] == ["*/5", "*", "*", "*", "*"] and fields[5] == "hsmctl"
-    assert "logs collect --all --json" in fields[6]
-    assert "%" not in fields[6].replace("\\%", "")  # cron would cut the command there
 
 
 def test_the_collect_playbook_parses() -> None:
