@@ -220,8 +220,9 @@ class TakeoverSteps:
             raise IntegrityError(
                 f"{host}: the device lists client {name} ({on_device.role}, key "
                 f"{on_device.fingerprint}), which is not the {client.role} client with key "
-                f"{client.fingerprint or '(none made yet)'} this takeover registers; "
-                "nothing was changed on the device for it"
+                f"{client.fingerprint or '(none made yet)'} this takeover registers; it is "
+                f"left as it is: revoke it (hsmctl client revoke {host} --name {name}) and "
+                "rerun to register this takeover's"
             )
         here = self._kit_keys(client, (staging, final), registered=on_device is not None)
         assert client.public_key is not None
@@ -262,8 +263,9 @@ class TakeoverSteps:
                 raise HsmctlError(
                     f"{self.bundle.appliance}: client {client.name} is registered with the "
                     f"key this takeover journaled, but its private key is in neither {staging} "
-                    "nor its kit; restore it (or revoke the client, drop it from --client and "
-                    "register it afresh once the takeover is done)"
+                    f"nor its kit; restore it, or revoke the client (hsmctl client revoke "
+                    f"{self.bundle.appliance} --name {client.name}) and rerun: a new key is "
+                    "then made"
                 )
             # Lost before the device heard of it: a new key is as good.
         shutil.rmtree(staging, ignore_errors=True)
