@@ -11,9 +11,7 @@ encrypted to the tenant in the bundle within the same call; the provider keeps n
 from __future__ import annotations
 
 import enum
-import fcntl
 import ipaddress
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -167,39 +165,26 @@ def run_step(
 ) -> dict[str, Any]:
     """One step for one appliance (what the ``hsm_provision`` module calls)."""
     ctx = open_context(config_path)
-    lock = _appliance_lock(ctx, appliance)
     try:
-        alloc = _allocation(ctx, appliance, request_id)
-        which = ProvisionStep(step)
-        # Ansible runs one task at a time, so a plan of one step, never skipped: every
-        # step is idempotent and redone on a rerun. The host keys go to the pins, not to
-        # the journal.
-        journal: StoreJournal[ProvisionStep] = StoreJournal(
-            ctx.store,
-            Operation.PROVISION,
-            appliance=appliance,
-            request_id=request_id,
-            unjournaled=("data_host_keys",),
-        )
-        plan = {which: lambda: _STEPS[which](ctx, alloc, check)}
-        return dict(steps.run(plan, journal, subject=appliance)[which])
+        # One step at a time per appliance, across hosts when the store is PostgreSQL
+        # (hsmctl.state.locks); held for the whole step, journal entries included.
+        with ctx.store.appliance_lock(appliance, lock_dir=ctx.state_dir / "locks"):
+            alloc = _allocation(ctx, appliance, request_id)
+            which = ProvisionStep(step)
+            # Ansible runs one task at a time, so a plan of one step, never skipped: every
+            # step is idempotent and redone on a rerun. The host keys go to the pins, not
+            # to the journal.
+            journal: StoreJournal[ProvisionStep] = StoreJournal(
+                ctx.store,
+                Operation.PROVISION,
+                appliance=appliance,
+                request_id=request_id,
+                unjournaled=("data_host_keys",),
+            )
+            plan = {which: lambda: _STEPS[which](ctx, alloc, check)}
+            return dict(steps.run(plan, journal, subject=appliance)[which])
     finally:
-        os.close(lock)
         ctx.close()
-
-
-def _appliance_lock(ctx: ProviderContext, appliance: str) -> int:
-    """One step at a time per appliance. A killed ``hsmctl provision`` can leave its
-    ansible-playbook running (ansible-runner starts it in a session of its own); a resumed
-    run then waits for the orphan's step instead of interleaving with it, and as each step
-    is idempotent and holds the lock for its whole body (the one-time password and the
-    bundle that carries it are written together), the last one to run leaves device and
-    bundle consistent."""
-    directory = ctx.state_dir / "locks"
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(directory / f"{appliance}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
 
 
 @dataclass

@@ -9,6 +9,12 @@ Concurrency, which is the point of this module:
 * PostgreSQL (several operators, several hosts): transactions run SERIALIZABLE, so two
   allocations that read the same free appliances or quota counts cannot both commit;
   the loser gets a serialization failure and is retried from scratch.
+* Read-only (the Ansible inventory plugin): :meth:`Database.open` with ``read_only``
+  never creates, migrates or writes. SQLite opens ``mode=ro`` (and ``query_only``): it
+  may create the ``-wal``/``-shm`` files WAL readers need beside the database, never
+  touches the database file; on a read-only filesystem, where no writer can exist, it
+  reads the file as ``immutable``. PostgreSQL sessions are
+  ``default_transaction_read_only``.
 * On both, the UNIQUE/PRIMARY KEY constraints (see :mod:`hsmctl.state.schema`) are the
   last line of defence; a violation caused by a race is retried like a serialization
   failure, and if retries run out it becomes :class:`ConflictError` (exit 5), never a
@@ -25,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -39,6 +46,14 @@ DB_FILE = "hsmctl.db"
 BUSY_TIMEOUT_MS = 30_000
 MAX_ATTEMPTS = 25
 CONNECT_TIMEOUT_S = 10
+# libpq's TCP keepalives: a dead connection is noticed in about 10 s, idle or not.
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 4,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
 _MIGRATION_LOCK = 0x6873_6D63_746C_0001  # "hsmctl" + 1: one advisory lock id for migrations
 
 
@@ -53,15 +68,19 @@ class Database:
     :meth:`run` as often as needed → :meth:`close`. Never carry one across ``fork``.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, read_only: bool = False) -> None:
         self.engine = engine
         self.sqlite = engine.dialect.name == "sqlite"
+        self.read_only = read_only
 
     @classmethod
-    def open(cls, target: str | os.PathLike[str]) -> Database:
+    def open(cls, target: str | os.PathLike[str], *, read_only: bool = False) -> Database:
         """A PostgreSQL URL, a SQLite URL, a SQLite file, or a directory holding
-        ``hsmctl.db``."""
-        return cls(_make_engine(url_for(target)))
+        ``hsmctl.db``. ``read_only``: the database must exist; nothing is ever written
+        (ConfigError naming the file if a SQLite database is missing)."""
+        url = url_for(target)
+        engine = _read_only_engine(url) if read_only else _make_engine(url)
+        return cls(engine, read_only=read_only)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -92,7 +111,7 @@ class Database:
                 pass
             except sa.exc.DBAPIError as exc:
                 if not is_race(exc):
-                    raise self._translate(exc) from exc
+                    raise self.translate(exc) from exc
                 if attempt == MAX_ATTEMPTS:
                     raise ConflictError(
                         f"state store {self.url}: still contended after {MAX_ATTEMPTS} "
@@ -104,7 +123,8 @@ class Database:
             delay = min(delay * 2, 0.25)
         raise ConflictError(f"state store {self.url}: busy; nothing was changed, try again")
 
-    def _translate(self, exc: sa.exc.DBAPIError) -> HsmctlError:
+    def translate(self, exc: sa.exc.DBAPIError) -> HsmctlError:
+        """A driver error as hsmctl's: unreachable (no SQLSTATE: never connected) or failed."""
         first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else repr(exc)
         if isinstance(exc, sa.exc.OperationalError) and not self.sqlite and not _sqlstate(exc):
             # psycopg: no SQLSTATE means the server was never reached (refused, timeout).
@@ -114,6 +134,8 @@ class Database:
     def migrate(self, on_applied: Callable[[Connection, int], None]) -> None:
         """Apply pending migrations, once, however many processes open a new database;
         ``on_applied`` records each version applied, in the same transaction."""
+        if self.read_only:
+            raise RuntimeError("a read-only database is never migrated")
 
         def step(conn: Connection) -> None:
             if not self.sqlite:
@@ -134,7 +156,7 @@ class Database:
                     return
             except sa.exc.DBAPIError as exc:
                 if not is_race(exc) or attempt == MAX_ATTEMPTS:
-                    raise self._translate(exc) from exc
+                    raise self.translate(exc) from exc
                 time.sleep(random.uniform(0, 0.05))  # noqa: S311
 
 
@@ -195,8 +217,51 @@ def _make_engine(url: URL) -> Engine:
         url,
         isolation_level="SERIALIZABLE",
         pool_pre_ping=True,
-        connect_args={"connect_timeout": CONNECT_TIMEOUT_S},
+        connect_args={"connect_timeout": CONNECT_TIMEOUT_S, **KEEPALIVES},
     )
+
+
+def _read_only_engine(url: URL) -> Engine:
+    if url.get_backend_name() != "sqlite":
+        return sa.create_engine(
+            url,
+            isolation_level="REPEATABLE READ",
+            connect_args={
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "options": "-c default_transaction_read_only=on",
+                **KEEPALIVES,
+            },
+        )
+    assert url.database
+    path = Path(url.database)
+    if not path.is_file():
+        raise ConfigError(
+            f"state store {path} does not exist: hsmctl creates it on the first provider "
+            "command (e.g. hsmctl fleet list)"
+        )
+    query = {"uri": "true", "mode": "ro"}
+    try:
+        if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+            # Nobody can write here, and a WAL reader could not create its -shm file.
+            query["immutable"] = "1"
+    except OSError:
+        pass
+    engine = sa.create_engine(
+        URL.create("sqlite+pysqlite", database=f"file:{quote(str(path.resolve()))}", query=query),
+        connect_args={"timeout": BUSY_TIMEOUT_MS / 1000},
+    )
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:
+        dbapi_conn.isolation_level = None
+        dbapi_conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        dbapi_conn.execute("PRAGMA query_only = ON")
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    return engine
 
 
 def _sqlite_engine(url: URL) -> Engine:

@@ -196,6 +196,14 @@ def current_version(conn: Connection) -> int:
     return int(value or 0)
 
 
+def installed_version(conn: Connection) -> int:
+    """:func:`current_version` without creating anything: 0 for a database no hsmctl
+    has migrated (no ``schema_version`` table)."""
+    if not sa.inspect(conn).has_table(schema_version.name):
+        return 0
+    return current_version(conn)
+
+
 def migrate(conn: Connection) -> list[int]:
     """Apply the pending migrations inside the caller's transaction; return them.
 

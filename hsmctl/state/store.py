@@ -1,7 +1,8 @@
 """The provider's state store: appliances, allocations, requests, journal, host keys.
 
 Lifecycle: ``Store.open(path_or_url)`` (or :meth:`Store.for_config`) creates the
-engine and applies pending migrations; every method then runs in its own short
+engine and applies pending migrations (:meth:`Store.open_read_only` neither: it reads an
+existing store and never writes); every method then runs in its own short
 transaction; ``close()`` (or leaving the ``with`` block) disposes of the connections.
 Open one Store per process: never carry one across ``fork``.
 
@@ -10,8 +11,8 @@ per call. Where things live: transactions, isolation and the retry of a lost rac
 :mod:`~hsmctl.state.engine`; the choice of appliances and addresses (pure) in
 :mod:`~hsmctl.state.allocation`, its claim in :mod:`~hsmctl.state.claim`; state moves
 in :mod:`~hsmctl.state.appliances`; the journal (which refuses secrets) in
-:mod:`~hsmctl.state.journal`; host keys in :mod:`~hsmctl.state.pins`; what is returned
-in :mod:`~hsmctl.state.records`.
+:mod:`~hsmctl.state.journal`; host keys in :mod:`~hsmctl.state.pins`; the per-appliance
+lock in :mod:`~hsmctl.state.locks`; what is returned in :mod:`~hsmctl.state.records`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Self
 
@@ -26,8 +28,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from hsmctl.config import Config
+from hsmctl.errors import ConfigError
 from hsmctl.inventory.model import Inventory, Placement, PublicKey
-from hsmctl.state import appliances, claim, journal, pins, schema
+from hsmctl.state import appliances, claim, journal, locks, pins, schema
 from hsmctl.state.allocation import check_request
 from hsmctl.state.engine import DB_FILE, Database
 from hsmctl.state.model import ApplianceState, Interface, Operation, RequestStatus, StepStatus
@@ -41,7 +44,7 @@ from hsmctl.state.records import (
     plain,
 )
 
-__all__ = ["DB_FILE", "Store"]
+__all__ = ["DB_FILE", "Store", "database_target"]
 
 
 class Store:
@@ -65,11 +68,35 @@ class Store:
         return store
 
     @classmethod
+    def open_read_only(cls, target: str | os.PathLike[str]) -> Store:
+        """Open an existing database at the schema this hsmctl knows, for reading only:
+        nothing is created, migrated or written (the inventory plugin's way in). A
+        missing database, or one that is not migrated or migrated further, is a
+        ConfigError naming it; an unreachable server an UnreachableError."""
+        store = cls(Database.open(target, read_only=True))
+        try:
+            found = store._db.run(schema.installed_version, write=False)
+            if found != schema.LATEST:
+                what = (
+                    "is not an hsmctl state store (no schema)"
+                    if found == 0
+                    else f"has schema version {found}; this hsmctl reads {schema.LATEST}"
+                )
+                hint = (
+                    "upgrade hsmctl"
+                    if found > schema.LATEST
+                    else "run an hsmctl provider command (e.g. hsmctl fleet list) to migrate it"
+                )
+                raise ConfigError(f"state store {store.url} {what}: {hint}")
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
     def for_config(cls, config: Config) -> Store:
         """The provider's database: ``database_url`` if set, else SQLite in state_dir."""
-        if config.database_url:
-            return cls.open(config.database_url)
-        return cls.open(Path(config.require("state_dir")) / DB_FILE)
+        return cls.open(database_target(config))
 
     def close(self) -> None:
         self._db.close()
@@ -253,6 +280,15 @@ class Store:
     def host_keys(self, appliance: str, interface: Interface) -> list[PinnedHostKey]:
         return self._db.run(lambda c: pins.pinned(c, appliance, Interface(interface)), write=False)
 
+    # locks --------------------------------------------------------------------------
+
+    def appliance_lock(self, appliance: str, *, lock_dir: Path) -> AbstractContextManager[None]:
+        """One holder at a time per appliance: a file lock in ``lock_dir`` with SQLite, a
+        PostgreSQL advisory lock (seen by every host on the database) otherwise; see
+        :mod:`~hsmctl.state.locks` for what happens when the holder or its connection
+        dies."""
+        return locks.appliance_lock(self._db, appliance, lock_dir=lock_dir)
+
     # inspection ---------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, list[dict[str, object]]]:
@@ -267,6 +303,14 @@ class Store:
             return out
 
         return self._db.run(tx, write=False)
+
+
+def database_target(config: Config) -> str | Path:
+    """Where a provider configuration keeps its store: ``database_url``, else
+    ``state_dir/hsmctl.db``."""
+    if config.database_url:
+        return config.database_url
+    return Path(config.require("state_dir")) / DB_FILE
 
 
 def _journal_migration(conn: Connection, version: int) -> None:
