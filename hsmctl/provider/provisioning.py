@@ -236,7 +236,7 @@ def provision(
         spec = adapter.build_run(
             "provision.yml",
             {a.appliance: {"hsm_request_id": rid} for a in allocations},
-            {"hsmctl_config": str(ctx.config.source)},
+            {"hsm_config": str(ctx.config.source)},
             forks=count,
         )
         outcomes = adapter.run(spec, progress)

@@ -179,7 +179,7 @@ def test_provisioning_extravars_hold_only_references(
     assert sorted(outcome.failures) == ["unit01", "unit03"]  # stamp anti-affinity
     (spec,) = seen
     assert spec.playbook == PLAYBOOKS / "provision.yml"
-    assert spec.extravars == {"hsmctl_config": str(env.config)}
+    assert spec.extravars == {"hsm_config": str(env.config)}
     assert spec.inventory == {
         "all": {
             "hosts": {
@@ -201,7 +201,7 @@ def test_the_playbook_passes_references_only() -> None:
     (play,) = yaml.safe_load((PLAYBOOKS / "provision.yml").read_text())
     assert play["module_defaults"] == {
         "hsm_provision": {
-            "config": "{{ hsmctl_config }}",
+            "config": "{{ hsm_config }}",
             "appliance": "{{ inventory_hostname }}",
             "request_id": "{{ hsm_request_id }}",
         }
@@ -271,21 +271,21 @@ def test_dynamic_inventory_lists_the_state_store(tmp_path: Path) -> None:
     assert groups["state_available"] == ["unit04"]
     hv = data["_meta"]["hostvars"]
     assert hv["unit02"] == {
-        "ansible_host": "127.0.0.12",
-        "mgmt_ip": "127.0.0.12",
-        "data_ip": "10.20.1.9",
-        "tenant": "t2",
-        "stamp": "s1",
-        "region": "r1",
-        "state": "provisioning",
+        "ansible_host": "127.0.0.12",  # compose in playbooks/inventory/hsmctl.yml
+        "hsm_mgmt_ip": "127.0.0.12",
+        "hsm_data_ip": "10.20.1.9",
+        "hsm_tenant": "t2",
+        "hsm_stamp": "s1",
+        "hsm_region": "r1",
+        "hsm_state": "provisioning",
         "hsm_serial": "UNIT0002",
         "hsm_model": "unit-test",
-        "vnet": "v1",
-        "subnet": "hsm",
+        "hsm_vnet": "v1",
+        "hsm_subnet": "hsm",
         "hsm_request_id": "req-c",
-        "hsmctl_config": str(env.config),
+        "hsm_config": str(env.config),
     }
-    assert hv["unit04"]["tenant"] is None and hv["unit04"]["data_ip"] is None
+    assert hv["unit04"]["hsm_tenant"] is None and hv["unit04"]["hsm_data_ip"] is None
     assert "hsm_request_id" not in hv["unit04"]
 
 
