@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
+from hsmctl.cli.complete import complete_appliance
 from hsmctl.cli.output import config_path, emit, json_option
+from hsmctl.cli.render import Col, table
 
 _identity = click.option(
     "--identity",
@@ -23,7 +26,7 @@ def client() -> None:
 
 
 @client.command("register")
-@click.argument("appliance")
+@click.argument("appliance", shell_complete=complete_appliance)
 @click.option("--name", required=True, help="The application's name (a-z 0-9 -).")
 @click.option(
     "--role",
@@ -70,7 +73,7 @@ def register(
 
 
 @client.command("list")
-@click.argument("appliance")
+@click.argument("appliance", shell_complete=complete_appliance)
 @_identity
 @json_option
 @click.pass_context
@@ -84,13 +87,20 @@ def list_(ctx: click.Context, appliance: str, identity: str | None, as_json: boo
 
     tctx = open_tenant_context(config_path(ctx), identity)
     result = list_clients(tctx, appliance)
-    emit(as_json, result, lambda p: "\n".join(
-        f"{c['name']:<28} {c['role']:<15} {c['fingerprint']} {c['registered']}"
-        for c in p["clients"]) or "no clients")  # fmt: skip
+    emit(as_json, result, _clients_text)
+
+
+def _clients_text(p: dict[str, Any]) -> str:
+    if not p["clients"]:
+        return "no clients"
+    return table(
+        ["NAME", "ROLE", "FINGERPRINT", "REGISTERED"],
+        ([c["name"], c["role"], c["fingerprint"], c["registered"]] for c in p["clients"]),
+    )
 
 
 @client.command("revoke")
-@click.argument("appliance")
+@click.argument("appliance", shell_complete=complete_appliance)
 @click.option("--name", required=True, help="The application to remove.")
 @_identity
 @json_option
@@ -127,9 +137,23 @@ _pin_file = click.option(
 )
 
 
-def _key_line(k: dict[str, object]) -> str:
-    flags = ",".join(n for n in ("local", "extractable", "sensitive") if k.get(n))
-    return f"{k['label']:<32} {k['id']:<16} {k['type']}:{k['size']} {flags}"
+_KEY_COLUMNS: list[Col | str] = [
+    "LABEL",
+    "ID",
+    "TYPE",
+    Col("SIZE", "right"),
+    "LOCAL",
+    "EXTRACTABLE",
+    "SENSITIVE",
+]
+
+
+def _key_row(k: dict[str, Any]) -> list[object]:
+    return [k.get(n) for n in ("label", "id", "type", "size", "local", "extractable", "sensitive")]
+
+
+def _keys_text(p: dict[str, Any]) -> str:
+    return table(_KEY_COLUMNS, map(_key_row, p["keys"])) if p["keys"] else "no keys"
 
 
 @click.group("key")
@@ -139,7 +163,7 @@ def key() -> None:
 
 
 @key.command("list")
-@click.argument("appliance")
+@click.argument("appliance", shell_complete=complete_appliance)
 @_kit
 @_pin_file
 @_identity
@@ -163,11 +187,11 @@ def key_list(
 
     tctx = open_tenant_context(config_path(ctx), identity)
     result = list_keys(tctx, appliance, kit_dir, pin_file)
-    emit(as_json, result, lambda p: "\n".join(_key_line(k) for k in p["keys"]) or "no keys")
+    emit(as_json, result, _keys_text)
 
 
 @key.command("generate")
-@click.argument("appliance")
+@click.argument("appliance", shell_complete=complete_appliance)
 @click.option("--label", required=True, help="The new key's label (unique on the token).")
 @click.option("--type", "key_type", required=True, metavar="rsa:BITS|ec:CURVE|aes:BITS")
 @_kit
@@ -196,11 +220,12 @@ def key_generate(
 
     tctx = open_tenant_context(config_path(ctx), identity)
     result = generate(tctx, appliance, label, key_type, kit_dir, pin_file)
-    emit(as_json, result, lambda p: f"{p['appliance']}: {_key_line(p['key'])}")
+    emit(as_json, result, lambda p: f"{p['appliance']}: generated\n" + table(
+        _KEY_COLUMNS, [_key_row(p["key"])]))  # fmt: skip
 
 
 @key.command("destroy")
-@click.argument("appliance")
+@click.argument("appliance", shell_complete=complete_appliance)
 @click.option("--label", required=True, help="The key to destroy (with its public half).")
 @click.option("--yes", is_flag=True, help="Confirm: a destroyed key cannot come back.")
 @_kit

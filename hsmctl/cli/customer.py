@@ -7,7 +7,9 @@ from typing import Any
 
 import click
 
-from hsmctl.cli.output import CliProgress, config_path, emit, json_option
+from hsmctl.cli.complete import complete_appliance
+from hsmctl.cli.output import config_path, emit, json_option
+from hsmctl.cli.progress import CliProgress
 
 
 @click.group(invoke_without_command=True)
@@ -117,7 +119,8 @@ def takeover(
         clients=requested,
     )
     tctx = open_tenant_context(config_path(ctx), identity)
-    result = run(tctx, opts, CliProgress())
+    with CliProgress() as progress:
+        result = run(tctx, opts, progress)
     emit(as_json, result, lambda p: f"{p['appliance']}: {p['state']}; receipt {p['receipt']}")
 
 
@@ -142,7 +145,7 @@ def takeover_verify(ctx: click.Context, receipt: Path, identity: str | None, as_
 
 
 @click.command()
-@click.argument("appliance")
+@click.argument("appliance", shell_complete=complete_appliance)
 @click.option("--reason", help="Why the appliance is released (recorded).")
 @click.option(
     "--identity",

@@ -7,7 +7,9 @@ from typing import Any
 
 import click
 
-from hsmctl.cli.output import CliProgress, emit, json_option
+from hsmctl.cli.output import emit, json_option
+from hsmctl.cli.progress import CliProgress
+from hsmctl.cli.render import table
 from hsmctl.errors import CommandFailed
 from hsmctl.lab import control as lab_mod
 from hsmctl.lab import image as image_mod
@@ -24,21 +26,30 @@ def lab() -> None:
 
 
 def _fleet_table(payload: dict[str, Any]) -> str:
-    lines = [f"{'APPLIANCE':<10} {'STAMP':<8} MGMT_IP"]
-    for a in payload["appliances"]:
-        lines.append(f"{a['id']:<10} {a['stamp']:<8} {a['mgmt_ip']}")
-    lines.append("")
-    lines.append(f"{'TENANT':<10} {'CLIENT_NETNS':<20} {'CLIENT_IP':<15} SUBNETS")
-    for t in payload["tenants"]:
-        subnets = ", ".join(
-            f"{s['name']}={s['cidr']}{'*' if s['delegated'] else ''}"
-            for v in t["vnets"]
-            for s in v["subnets"]
-        )
-        lines.append(f"{t['name']:<10} {t['client_netns']:<20} {t['client_ip']:<15} {subnets}")
-    lines.append("(* delegated to the HSM service)")
-    lines.append(f"provider key: {payload['provider_key']}")
-    return "\n".join(lines)
+    appliances = table(
+        ["APPLIANCE", "STAMP", "MGMT_IP"],
+        ([a["id"], a["stamp"], a["mgmt_ip"]] for a in payload["appliances"]),
+    )
+    tenants = table(
+        ["TENANT", "CLIENT_NETNS", "CLIENT_IP", "SUBNETS"],
+        (
+            [
+                t["name"],
+                t["client_netns"],
+                t["client_ip"],
+                [
+                    f"{s['name']}={s['cidr']}{'*' if s['delegated'] else ''}"
+                    for v in t["vnets"]
+                    for s in v["subnets"]
+                ],
+            ]
+            for t in payload["tenants"]
+        ),
+    )
+    return (
+        f"{appliances}\n\n{tenants}\n(* delegated to the HSM service)\n"
+        f"provider key: {payload['provider_key']}"
+    )
 
 
 @lab.command()
@@ -64,7 +75,8 @@ def up(tenants: int, appliances: int, as_json: bool) -> None:
     /var/cache/hsmctl/images), then the provider management network, the tenants'
     networks and the appliances. Writes /etc/hsmctl/hsmctl.yaml for the provider and
     /etc/netns/CLIENT_NETNS/hsmctl/hsmctl.yaml for each tenant."""
-    payload = lab_mod.up(tenants, appliances, CliProgress())
+    with CliProgress() as progress:
+        payload = lab_mod.up(tenants, appliances, progress)
     emit(as_json, payload, _fleet_table)
 
 
@@ -73,7 +85,8 @@ def up(tenants: int, appliances: int, as_json: bool) -> None:
 def down(as_json: bool) -> None:
     """Remove everything the lab made: processes, namespaces, veths, the blackhole
     route, configuration and state files. Safe to run at any time."""
-    payload = lab_mod.down(CliProgress())
+    with CliProgress() as progress:
+        payload = lab_mod.down(progress)
     emit(as_json, payload, lambda p: f"lab down ({len(p['removed_namespaces'])} namespaces)")
 
 
@@ -89,7 +102,8 @@ def status(as_json: bool) -> None:
 @json_option
 def image(as_json: bool) -> None:
     """Build (or find cached) the golden appliance image."""
-    path = image_mod.build(CliProgress())
+    with CliProgress() as progress:
+        path = image_mod.build(progress)
     emit(as_json, {"image": str(path)}, lambda p: p["image"])
 
 

@@ -7,7 +7,10 @@ from typing import Any
 
 import click
 
-from hsmctl.cli.output import CliProgress, config_path, emit, json_option
+from hsmctl.cli.complete import complete_appliance
+from hsmctl.cli.output import config_path, emit, json_option
+from hsmctl.cli.progress import CliProgress
+from hsmctl.cli.render import Col, table
 from hsmctl.errors import PartialFailure
 
 _wait_option = click.option(
@@ -28,7 +31,12 @@ def logs() -> None:
 
 @logs.command("collect")
 @click.option(
-    "--appliance", "appliances", multiple=True, metavar="ID", help="Appliance to collect."
+    "--appliance",
+    "appliances",
+    multiple=True,
+    metavar="ID",
+    help="Appliance to collect.",
+    shell_complete=complete_appliance,
 )
 @click.option("--all", "all_", is_flag=True, help="Every appliance taken over from here.")
 @click.option(
@@ -109,7 +117,8 @@ def collect(
         key_dir=key_dir,
         **({} if workers is None else {"workers": workers}),
     )
-    report = Collector(state, options, CliProgress(quiet=as_json)).run(targets)
+    with CliProgress(quiet=as_json) as progress:
+        report = Collector(state, options, progress).run(targets)
     payload = report.as_dict()
     if report.exit_code:
         bad = [o for o in report.appliances if o.error is not None]
@@ -120,20 +129,20 @@ def collect(
             detail=payload,
         )
 
-    def text(p: dict[str, Any]) -> str:
-        rows = [f"{'ID':<10} {'NEW':>8} {'LAST SEQ':>10}  VERIFIED"]
-        for a in p["appliances"]:
-            rows.append(
-                f"{a['appliance']:<10} {a['new_records']:>8} {a['last_seq']:>10}  "
-                f"{'yes' if a['verified'] else 'no'}"
-            )
-        return "\n".join(rows) if p["appliances"] else "no appliances to collect"
+    emit(as_json, payload, _collected_text)
 
-    emit(as_json, payload, text)
+
+def _collected_text(p: dict[str, Any]) -> str:
+    if not p["appliances"]:
+        return "no appliances to collect"
+    return table(
+        ["ID", Col("NEW", "right"), Col("LAST_SEQ", "right"), "VERIFIED"],
+        ([a["appliance"], a["new_records"], a["last_seq"], a["verified"]] for a in p["appliances"]),
+    )
 
 
 @logs.command("verify")
-@click.argument("appliance")
+@click.argument("appliance", shell_complete=complete_appliance)
 @_wait_option
 @click.option("--workers", type=click.IntRange(0, 64), default=None)
 @json_option
@@ -167,7 +176,7 @@ def verify(
 
 
 @logs.command("export")
-@click.argument("appliance")
+@click.argument("appliance", shell_complete=complete_appliance)
 @click.option(
     "--after", type=click.IntRange(min=0), default=0, metavar="SEQ", help="Records after SEQ."
 )

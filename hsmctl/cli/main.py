@@ -93,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             return lost.exit_code
         error("aborted")
         return 1
+    except click.exceptions.NoArgsIsHelpError as exc:
+        # `hsmctl` or `hsmctl fleet` alone: the help once, on stderr, exit 2 (a usage
+        # error, as click's own standalone mode does) — not "error: <help>" + usage again.
+        if _wants_json(args):
+            _fail(args, 2, f"{exc.ctx.command_path}: a command is required", {})
+        click.echo(exc.format_message(), err=True)
+        return 2
     except click.ClickException as exc:
         code = exc.exit_code if exc.exit_code else 2
         _fail(args, code, exc.format_message(), {})

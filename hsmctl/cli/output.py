@@ -1,5 +1,6 @@
-"""Printing for the CLI: one JSON object on stdout with ``--json``; human text otherwise;
-progress and logs always on stderr (a live line on a terminal, plain lines otherwise).
+"""Printing for the CLI: one JSON object on stdout with ``--json``; human text otherwise
+(tables: ``render.py``); progress and logs always on stderr (``progress.py``: live lines on
+a terminal, plain lines otherwise).
 
 Every message printed here may carry text from a user, a configuration file or a device
 (an error a device sent back, a tenant name, a path). None of it is ever read as rich
@@ -12,7 +13,6 @@ device message could recolour or rewrite the operator's screen): rich gets
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -22,7 +22,6 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.text import Text
 
 
 class _ProgressConsole(Console):
@@ -57,43 +56,6 @@ def plain(text: str) -> str:
 def _escape(match: re.Match[str]) -> str:
     code = ord(match.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-class CliProgress:
-    """The library's Progress, drawn on stderr."""
-
-    def __init__(self, quiet: bool = False) -> None:
-        self.quiet = quiet
-        self.tty = sys.stderr.isatty()
-
-    def step(self, message: str) -> None:
-        if self.quiet:
-            return
-        if self.tty:
-            line = Text.assemble(("·", "dim"), " ", plain(message))
-            _progress(lambda: _err.print(line, soft_wrap=True))
-        else:
-            _progress(lambda: print(f"- {plain(message)}", file=sys.stderr, flush=True))
-
-    def advance(self, done: int, total: int, message: str = "") -> None:
-        if self.quiet:
-            return
-        width = 24
-        filled = int(width * done / total) if total else width
-        if self.tty:
-            bar = "█" * filled + "░" * (width - filled)
-            line = Text(f"  {bar} {done}/{total} {plain(message)}")
-            _progress(lambda: _err.print(line, soft_wrap=True))
-        else:
-            text = f"- [{done}/{total}] {plain(message)}"
-            _progress(lambda: print(text, file=sys.stderr, flush=True))
-
-
-def _progress(write: Callable[[], None]) -> None:
-    """Progress is advisory: a stderr nobody reads any more (a closed pipe) must not stop
-    the operation half-way, least of all from inside the library's error handling."""
-    with contextlib.suppress(OSError):
-        write()
 
 
 def emit(as_json: bool, payload: dict[str, Any], human: Callable[[dict[str, Any]], str]) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import click
 
-from hsmctl.cli.output import CliProgress, config_path, emit, json_option
-from hsmctl.errors import PartialFailure
+from hsmctl.cli.complete import complete_appliance
+from hsmctl.cli.output import config_path, emit, json_option
+from hsmctl.cli.progress import CliProgress
+from hsmctl.cli.render import key_values, table
+from hsmctl.errors import ConflictError, HsmctlError, PartialFailure, UsageError
 
 
 @click.command()
@@ -23,9 +27,9 @@ from hsmctl.errors import PartialFailure
 @click.option(
     "--count",
     type=int,
-    default=1,
-    show_default=True,
-    help="Provision this many appliances in parallel.",
+    default=None,
+    help="Provision this many appliances in parallel; the output is then always the "
+    "list form, --count 1 included.",
 )
 @json_option
 @click.pass_context
@@ -37,7 +41,7 @@ def provision(
     ip: str | None,
     stamp: str | None,
     request_id: str | None,
-    count: int,
+    count: int | None,
     as_json: bool,
 ) -> None:
     """Provision appliances into a tenant subnet and write their hand-off bundles.
@@ -51,33 +55,61 @@ def provision(
     the tenant's identity).
 
     \b
-    Output: {"appliance", "ip", "handoff"}; with --count, {"appliances": [...]}.
-    Exit 5 when no appliance is free or a quota would be exceeded (nothing changes);
-    a failed appliance is left 'failed' with the reason; rerun with the same
-    --request-id to resume."""
+    Output: {"appliance", "ip", "handoff"} without --count; with --count N (1 included)
+    always {"appliances": [{"appliance", "ip", "handoff"}, ...]}. Every error's JSON
+    carries "request_id" ({"error": {..., "request_id"}}): rerun with --request-id
+    REQUEST_ID to resume. Exit 5 when no appliance is free or a quota would be exceeded
+    (nothing changes); a failed appliance is left 'failed' with the reason."""
     from hsmctl.provider.provisioning import provision as run
 
-    outcome = run(
-        config_path(ctx),
-        tenant=tenant,
-        vnet=vnet,
-        subnet=subnet,
-        ip=ip,
-        stamp=stamp,
-        request_id=request_id,
-        count=count,
-        progress=CliProgress(),
-    )
-    items = [p.as_dict() for p in outcome.provisioned]
-    payload: dict[str, Any] = {"appliances": items} if count > 1 else (items[0] if items else {})
+    # The request's id is chosen here when not given, so that every error can name it:
+    # the store would make the same kind of id itself (a UUID) for a new request.
+    rid = request_id if request_id is not None else str(uuid.uuid4())
+    try:
+        with CliProgress() as progress:
+            outcome = run(
+                config_path(ctx),
+                tenant=tenant,
+                vnet=vnet,
+                subnet=subnet,
+                ip=ip,
+                stamp=stamp,
+                request_id=rid,
+                count=1 if count is None else count,
+                progress=progress,
+            )
+    except HsmctlError as exc:
+        exc.detail.setdefault("request_id", rid)
+        if exc.exit_code not in (UsageError.exit_code, ConflictError.exit_code):
+            # Something may have been done: say how to pick the request up again.
+            exc.message = _resumable(exc.message, rid)
+            exc.args = (exc.message, *exc.args[1:])
+        raise
+    payload = provisioned_payload([p.as_dict() for p in outcome.provisioned], listed=count)
     if outcome.failures:
         first = next(iter(outcome.failures.values()))
         raise PartialFailure(
-            f"{len(outcome.failures)} appliance(s) failed: {first}",
+            _resumable(f"{len(outcome.failures)} appliance(s) failed: {first}", rid),
             results={k: v.exit_code for k, v in outcome.failures.items()},
-            detail={**payload, "failed": {k: str(v) for k, v in outcome.failures.items()}},
+            detail={
+                **payload,
+                "failed": {k: str(v) for k, v in outcome.failures.items()},
+                "request_id": rid,
+            },
         )
     emit(as_json, payload, _provisioned_text)
+
+
+def provisioned_payload(items: list[dict[str, Any]], *, listed: int | None) -> dict[str, Any]:
+    """SPEC §6's two shapes, chosen by whether --count was given (``listed``), never by
+    how many appliances there are: automation that passes --count parses one form."""
+    if listed is not None:
+        return {"appliances": items}
+    return items[0] if items else {}
+
+
+def _resumable(message: str, request_id: str) -> str:
+    return f"{message} (request {request_id}: rerun with --request-id {request_id} to resume)"
 
 
 def _provisioned_text(p: dict[str, Any]) -> str:
@@ -116,20 +148,18 @@ def fleet_list(ctx: click.Context, as_json: bool) -> None:
     finally:
         pctx.close()
 
-    def text(p: dict[str, Any]) -> str:
-        lines = [f"{'ID':<8} {'STAMP':<8} {'STATE':<15} {'TENANT':<10} IP"]
-        for a in p["appliances"]:
-            lines.append(
-                f"{a['id']:<8} {a['stamp']:<8} {a['state']:<15} "
-                f"{a['tenant'] or '-':<10} {a['ip'] or '-'}"
-            )
-        return "\n".join(lines)
+    emit(as_json, {"appliances": rows}, _fleet_text)
 
-    emit(as_json, {"appliances": rows}, text)
+
+def _fleet_text(p: dict[str, Any]) -> str:
+    return table(
+        ["ID", "STAMP", "STATE", "TENANT", "IP"],
+        ([a["id"], a["stamp"], a["state"], a["tenant"], a["ip"]] for a in p["appliances"]),
+    )
 
 
 @fleet.command("show")
-@click.argument("appliance")
+@click.argument("appliance", shell_complete=complete_appliance)
 @json_option
 @click.pass_context
 def fleet_show(ctx: click.Context, appliance: str, as_json: bool) -> None:
@@ -173,11 +203,24 @@ def fleet_show(ctx: click.Context, appliance: str, as_json: bool) -> None:
         }
     finally:
         pctx.close()
-    emit(as_json, payload, lambda p: "\n".join(f"{k}: {v}" for k, v in p.items()))
+    emit(as_json, payload, _show_text)
+
+
+def _show_text(p: dict[str, Any]) -> str:
+    """``fleet show``: the record as aligned ``key  value`` lines, then the journal as a
+    table (never a Python repr: nothing is ``None`` or ``{...}`` on screen)."""
+    journal = p.get("journal") or []
+    if not journal:
+        return key_values(p)  # "journal  -"
+    text = key_values(p, omit=("journal",))
+    rows = ([e["time"], e["operation"], e["step"], e["status"]] for e in journal)
+    return f"{text}\n\njournal (last {len(journal)}):\n" + table(
+        ["TIME", "OPERATION", "STEP", "STATUS"], rows
+    )
 
 
 @click.command()
-@click.argument("appliance")
+@click.argument("appliance", shell_complete=complete_appliance)
 @click.option("--yes", is_flag=True, help="Confirm: the appliance is zeroized for good.")
 @click.option(
     "--release",
@@ -216,20 +259,21 @@ def deprovision(
     available or still provisioning. Interrupted, the same command finishes the run."""
     from hsmctl.provider.deprovisioning import deprovision as run
 
-    result = run(
-        config_path(ctx),
-        appliance,
-        yes=yes,
-        release=release_file,
-        force=force,
-        reason=reason,
-        progress=CliProgress(),
-    )
+    with CliProgress() as progress:
+        result = run(
+            config_path(ctx),
+            appliance,
+            yes=yes,
+            release=release_file,
+            force=force,
+            reason=reason,
+            progress=progress,
+        )
     emit(as_json, dict(result), lambda p: f"{p['appliance']}: {p['state']}")
 
 
 @click.command()
-@click.argument("appliance", required=False)
+@click.argument("appliance", required=False, shell_complete=complete_appliance)
 @click.option("--all", "all_", is_flag=True, help="Every appliance in the inventory (default).")
 @json_option
 @click.pass_context
@@ -252,7 +296,8 @@ def health(ctx: click.Context, appliance: str | None, all_: bool, as_json: bool)
 
     if appliance and all_:
         raise click.UsageError("give an appliance id or --all, not both")
-    report = run(config_path(ctx), [appliance] if appliance else None, progress=CliProgress())
+    with CliProgress() as progress:
+        report = run(config_path(ctx), [appliance] if appliance else None, progress=progress)
     payload = report.as_dict()
     if report.exit_code:
         bad = [a for a in report.appliances if a.exit_code]
@@ -263,14 +308,24 @@ def health(ctx: click.Context, appliance: str | None, all_: bool, as_json: bool)
             detail=payload,
         )
 
-    def text(p: dict[str, Any]) -> str:
-        lines = [f"{'ID':<8} {'REACHABLE':<10} {'OWNER':<15} {'PROVIDER KEY':<13} MONITOR"]
-        for a in p["appliances"]:
-            key = {True: "accepted", False: "refused", None: "-"}[a["provider_key_accepted"]]
-            lines.append(
-                f"{a['appliance']:<8} {('yes' if a['reachable'] else 'no'):<10} "
-                f"{a['owner_state'] or '-':<15} {key:<13} {a['monitor']}"
-            )
-        return "\n".join(lines)
+    emit(as_json, payload, _health_text)
 
-    emit(as_json, payload, text)
+
+def _health_text(p: dict[str, Any]) -> str:
+    def key(accepted: bool | None) -> str | None:
+        return None if accepted is None else ("accepted" if accepted else "refused")
+
+    return table(
+        ["ID", "REACHABLE", "OWNER", "PROVIDER_KEY", "MONITOR", "STATE"],
+        (
+            [
+                a["appliance"],
+                a["reachable"],
+                a["owner_state"],
+                key(a["provider_key_accepted"]),
+                a["monitor"],
+                a.get("state"),
+            ]
+            for a in p["appliances"]
+        ),
+    )

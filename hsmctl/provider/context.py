@@ -3,6 +3,7 @@ way to open pinned management sessions."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +32,8 @@ class ProviderContext:
             # SQLite's directory: a state_dir that cannot be one is an exit 2, not a
             # driver error from deep inside the store.
             config_mod.ensure_state_dir(self.config)
+        else:
+            require_driver(self.config.database_url)
         store = Store.for_config(self.config)
         store.sync_inventory(self.inventory)
         return store
@@ -81,3 +84,21 @@ class ProviderContext:
 def open_context(config_path: str | None) -> ProviderContext:
     config = config_mod.load_for(config_path, "provider", "the lab writes one")
     return ProviderContext(config)
+
+
+def require_driver(database_url: str) -> None:
+    """PostgreSQL's driver is the optional extra ``hsmctl[postgres]`` (SQLite needs
+    nothing): without it, a ``postgresql`` URL is a configuration error that says what to
+    install, not an import error from deep inside SQLAlchemy. The URL is never quoted (it
+    may hold a password)."""
+    if not database_url.split("://", 1)[0].startswith("postgresql"):
+        return
+    try:
+        found = importlib.util.find_spec("psycopg") is not None
+    except ImportError:
+        found = False
+    if not found:
+        raise ConfigError(
+            "database_url names a PostgreSQL database, and its driver (psycopg) is not "
+            "installed: pip install 'hsmctl[postgres]'"
+        )

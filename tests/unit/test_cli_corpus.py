@@ -16,8 +16,10 @@ transport would be, since no device runs here.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -36,11 +38,13 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     PublicFormat,
 )
+from rich.console import Console
 
 from hsmctl import config as config_mod
 from hsmctl.cli import output
 from hsmctl.cli.main import main
-from hsmctl.cli.output import CliProgress, plain
+from hsmctl.cli.output import plain
+from hsmctl.cli.progress import CliProgress
 from hsmctl.collect import collector
 from hsmctl.errors import CommandFailed, HsmctlError, IntegrityError, UsageError
 from hsmctl.inventory import check_placement, load_inventory
@@ -555,20 +559,108 @@ def test_error_report_prints_device_text_verbatim(
             assert text in err
 
 
-@pytest.mark.parametrize("tty", [True, False], ids=["terminal", "pipe"])
 @pytest.mark.parametrize("text", MARKUP, ids=MARKUP_IDS)
-def test_progress_prints_device_text_verbatim(
-    capsys: pytest.CaptureFixture[str], text: str, tty: bool
+def test_progress_prints_device_text_verbatim_in_a_pipe(
+    capsys: pytest.CaptureFixture[str], text: str
 ) -> None:
     progress = CliProgress()
-    progress.tty = tty
+    progress.tty = False
     message = f"hsm01: {text} [dim]x[/dim] :warning: \x1b]8;;http://x\x1b\\ \udcff"
     progress.step(message)
     progress.advance(1, 2, message)
     _, err = capsys.readouterr()
     assert "\x1b" not in err and "\udcff" not in err
-    assert err.count(plain(message)) == 2, err
+    assert err == f"- {plain(message)}\n- [1/2] {plain(message)}\n"
     assert ":warning:" in err  # no emoji substitution either
+
+
+def _live_console(width: int = 400) -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, force_terminal=True, width=width, color_system=None), buffer
+
+
+def _last_frame(out: str) -> list[str]:
+    """The live display's final state: what stays on the operator's screen."""
+    frame = out.rsplit("\x1b[2K", 1)[-1]
+    return [line.rstrip() for line in frame.replace("\x1b[?25h", "").splitlines() if line]
+
+
+@pytest.mark.parametrize("text", MARKUP, ids=MARKUP_IDS)
+def test_progress_prints_device_text_verbatim_on_a_terminal(text: str) -> None:
+    """rich draws the live lines; the device's text is text in them, never markup, an
+    emoji code or an escape sequence of its own (rich's cursor moves are CSI only)."""
+    console, buffer = _live_console()
+    message = f"hsm01: {text} [dim]x[/dim] :warning: \x1b]8;;http://x\x1b\\ \udcff"
+    with CliProgress(console=console) as progress:
+        assert progress.tty
+        progress.step(message)
+        progress.advance(1, 2, message)
+    out = buffer.getvalue()
+    assert "\x1b]" not in out and "\x1b\\" not in out and "\udcff" not in out
+    step_line, bar_line = _last_frame(out)
+    assert plain(message.removeprefix("hsm01: ")) in step_line
+    assert step_line.split()[1] == "hsm01:"
+    assert plain(message) in bar_line and "1/2" in bar_line
+    assert ":warning:" in out
+
+
+def test_progress_on_a_terminal_is_one_live_line_per_appliance() -> None:
+    """Steps of one appliance replace each other on its line; a line per appliance
+    (ids of 3 to 40 characters, aligned), one for messages about no appliance."""
+    console, buffer = _live_console(width=160)
+    ids = ["abc", "hsm01", "a" * 40]
+    with CliProgress(console=console) as progress:
+        progress.step("request r1: 3 appliances")
+        for step in ("verify", "attach", "network"):
+            for ident in ids:
+                progress.step(f"{ident}: {step}: ok")
+    lines = _last_frame(buffer.getvalue())
+    assert len(lines) == 1 + len(ids), lines
+    assert "request r1: 3 appliances" in lines[0]
+    for ident, line in zip(ids, lines[1:], strict=True):
+        assert line.split()[1] == f"{ident}:" and "network: ok" in line
+        assert "verify" not in line and "attach" not in line
+    starts = {line.index("network: ok") for line in lines[1:]}
+    assert len(starts) == 1, lines  # the step column is aligned whatever the id's length
+
+
+def test_progress_on_a_terminal_is_cut_to_the_width_never_wrapped() -> None:
+    console, buffer = _live_console(width=60)
+    with CliProgress(console=console) as progress:
+        progress.step("hsm01: " + "a long step " * 20)
+        progress.step("b" * 40 + ": " + "another long step " * 10)
+    lines = _last_frame(buffer.getvalue())
+    assert len(lines) == 2 and all(len(line) <= 60 for line in lines), lines
+    assert lines[0].startswith("hsm01:") and lines[1].startswith("bbbb"), lines
+
+
+def test_progress_in_a_pipe_has_no_control_characters(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stderr not a terminal (a pipe, a file, journald): plain lines, one per message,
+    printable but for the newline."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    with CliProgress() as progress:
+        assert not progress.tty
+        for ident in ("abc", "hsm01"):
+            progress.step(f"{ident}: verify: ok")
+        progress.advance(1, 2, "appliance abc up")
+        progress.step("hsm01: \x1b[2Kdevice\x07 text\r")
+    _, err = capsys.readouterr()
+    assert err.splitlines() == [
+        "- abc: verify: ok",
+        "- hsm01: verify: ok",
+        "- [1/2] appliance abc up",
+        "- hsm01: \\x1b[2Kdevice\\x07 text\\x0d",
+    ]
+    assert all(c == "\n" or c.isprintable() for c in err), repr(err)
+
+
+def test_progress_stays_quiet_under_json(capsys: pytest.CaptureFixture[str]) -> None:
+    with CliProgress(quiet=True) as progress:
+        progress.step("hsm01: verify")
+        progress.advance(1, 1, "x")
+    assert capsys.readouterr() == ("", "")
 
 
 def test_progress_survives_a_closed_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -585,10 +677,14 @@ def test_progress_survives_a_closed_stderr(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(sys, "stderr", Closed())
     monkeypatch.setattr(output._err, "quiet", False)  # it goes quiet for good: undo after
     for tty in (True, False):
-        progress = CliProgress()
-        progress.tty = tty
-        progress.step("hsm01: collected")
-        progress.advance(1, 1, "hsm01")
+        with CliProgress() as progress:
+            progress.tty = tty
+            progress.step("hsm01: collected")
+            progress.advance(1, 1, "hsm01")
+
+
+# What rich's live display writes on a terminal: cursor hide/show, erase line, cursor up.
+RICH_CONTROLS = re.compile(r"\x1b\[(?:\?25[lh]|2K|\d*A)")
 
 
 def _terminal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -623,8 +719,14 @@ def test_collect_all_reports_a_device_error_with_markup(
         report = json.loads(out)["error"]["appliances"]
         assert [a["error"]["message"] for a in report] == [device_said]
     else:
-        assert code == 3 and out == "" and "Traceback" not in err and "\x1b" not in err
-        assert err.count(plain(device_said)) == 2, err  # the progress line and the report
+        assert code == 3 and out == "" and "Traceback" not in err
+        # On a terminal rich moves the cursor (CSI sequences of its own); nothing else.
+        screen = RICH_CONTROLS.sub("", err)
+        assert "\x1b" not in screen, err
+        # The report in full; the progress line (rich's, cut to the width) before it.
+        progress, report = screen.split("hsmctl: error: ")
+        assert report.endswith(f": {plain(device_said)}\n"), err
+        assert "hsm01:" in progress and plain(device_said)[7:40] in progress, err
 
 
 def test_collect_all_reports_a_user_path_with_markup_on_a_terminal(
