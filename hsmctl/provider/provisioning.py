@@ -1,5 +1,6 @@
-"""Provisioning (SPEC §6, issue 4): allocate in the store, then run
-``playbooks/provision.yml`` through ansible-runner; each of its tasks is one step here.
+"""Provisioning (SPEC §6, issue 4): allocate in the store, then run the collection's
+``provision.yml`` (hsmctl.fleet, shipped in this package) through ansible-runner; each
+of its tasks is one step here.
 
 The workflow is a list of steps (plain data); each step is idempotent, so a request that
 was interrupted anywhere is finished by running it again with the same ``--request-id``:
@@ -49,6 +50,7 @@ class ProvisionStep(enum.StrEnum):
 
 
 STEPS: tuple[ProvisionStep, ...] = tuple(ProvisionStep)
+PLAYBOOK = "provision.yml"
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,9 @@ def provision(
             if done is not None and done.status == RequestStatus.SUCCEEDED:
                 progress.step(f"request {request_id} already completed")
                 return ProvisionOutcome([Provisioned(**r) for r in done.result["appliances"]], {})
+        # The installed playbook and its modules, before anything is allocated: a broken
+        # installation must not leave appliances stuck in `provisioning`.
+        adapter.check_playbook(PLAYBOOK)
         allocations = ctx.store.allocate(request_id, placement, count=count)
         rid = allocations[0].request_id
         progress.step(
@@ -234,7 +239,7 @@ def provision(
                 ctx.store.set_state(a.appliance, ApplianceState.PROVISIONING)
         ctx.store.update_request(rid, RequestStatus.RUNNING)
         spec = adapter.build_run(
-            "provision.yml",
+            PLAYBOOK,
             {a.appliance: {"hsm_request_id": rid} for a in allocations},
             {"hsm_config": str(ctx.config.source)},
             forks=count,

@@ -26,7 +26,14 @@ from hsmctl.errors import HsmctlError
 from hsmctl.progress import NullProgress, Progress
 from hsmctl.runner.guard import PARENT_ENV
 
-PLAYBOOKS = Path(__file__).resolve().parents[2] / "playbooks"
+# The Ansible content ships inside this package as the collection hsmctl.fleet: this
+# package's directory is the collections path of every run (never the caller's cwd or a
+# checkout), so an installed hsmctl runs its own playbooks and modules.
+COLLECTION_NAME = "hsmctl.fleet"
+COLLECTIONS_PATH = Path(__file__).resolve().parents[1]
+COLLECTION = COLLECTIONS_PATH / "ansible_collections" / "hsmctl" / "fleet"
+PLAYBOOKS = COLLECTION / "playbooks"
+MODULES = COLLECTION / "plugins" / "modules"
 
 
 class HostStatus(enum.Enum):
@@ -82,6 +89,62 @@ def build_run(
         extravars=dict(sorted(extravars.items())),
         forks=max(1, min(forks, len(host_vars) or 1)),
     )
+
+
+def _modules_in(tasks: Any) -> set[str]:
+    """The hsmctl.fleet modules a list of tasks (blocks included) calls."""
+    found: set[str] = set()
+    for task in tasks if isinstance(tasks, list) else []:
+        if not isinstance(task, dict):
+            continue
+        found.update(
+            k.removeprefix(f"{COLLECTION_NAME}.")
+            for k in task
+            if isinstance(k, str) and k.startswith(f"{COLLECTION_NAME}.")
+        )
+        for key in ("block", "rescue", "always"):
+            found |= _modules_in(task.get(key))
+    return found
+
+
+def required_modules(plays: Any) -> set[str]:
+    """The hsmctl.fleet modules a parsed playbook needs (tasks, handlers, module_defaults)."""
+    found: set[str] = set()
+    for play in plays if isinstance(plays, list) else []:
+        if not isinstance(play, dict):
+            continue
+        for key in ("pre_tasks", "tasks", "post_tasks", "handlers"):
+            found |= _modules_in(play.get(key))
+        defaults = play.get("module_defaults")
+        if isinstance(defaults, dict):
+            found |= _modules_in([defaults])
+    return found
+
+
+def check_playbook(playbook: str) -> Path:
+    """The installed playbook's path, once it and every module it calls are there.
+
+    Called before anything is allocated or changed: a broken installation must fail
+    first, not leave appliances half-provisioned."""
+    import yaml
+
+    path = PLAYBOOKS / playbook
+    try:
+        plays = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise HsmctlError(
+            f"hsmctl's playbook {playbook} is missing from the installation ({path}): "
+            "reinstall hsmctl"
+        ) from exc
+    except yaml.YAMLError as exc:
+        raise HsmctlError(f"hsmctl's playbook {path} is not valid YAML: {exc}") from exc
+    missing = sorted(m for m in required_modules(plays) if not (MODULES / f"{m}.py").is_file())
+    if missing:
+        raise HsmctlError(
+            f"{playbook} needs module(s) {', '.join(missing)} missing from the installation "
+            f"({MODULES}): reinstall hsmctl"
+        )
+    return path
 
 
 class _Events:
@@ -163,6 +226,10 @@ def run(spec: RunSpec, progress: Progress | None = None) -> dict[str, HostOutcom
             envvars={
                 "ANSIBLE_NOCOLOR": "1",
                 "ANSIBLE_RETRY_FILES_ENABLED": "0",
+                # This package's collection only: not a different hsmctl.fleet installed
+                # elsewhere (~/.ansible/collections), nor ansible_collections on sys.path.
+                "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS_PATH),
+                "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "0",
                 PARENT_ENV: str(os.getpid()),
                 "PATH": path,  # the run's only: this process's PATH is left alone
             },

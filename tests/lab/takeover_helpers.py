@@ -234,7 +234,14 @@ def ansible_runner_cli(
     argv = ["ip", "netns", "exec", netns, str(VENV_BIN / "ansible-runner"), "run",
             str(private_dir), "-p", str(REPO / "playbooks" / "takeover.yml"),
             "--forks", str(forks)]  # fmt: skip
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # The playbook calls hsmctl.fleet.hsm_takeover: the collection inside the package.
+    from hsmctl.runner.adapter import COLLECTIONS_PATH
+
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS_PATH),
+    }
     return subprocess.run(argv, capture_output=True, timeout=timeout, env=env, check=False)
 
 

@@ -28,7 +28,8 @@ from tests.store.conftest import reset_postgres
 pytestmark = pytest.mark.store
 
 REPO = Path(__file__).resolve().parents[2]
-PLUGINS = REPO / "playbooks" / "inventory_plugins"
+COLLECTIONS = REPO / "hsmctl"  # holds ansible_collections/hsmctl/fleet
+PLUGINS = COLLECTIONS / "ansible_collections/hsmctl/fleet/plugins/inventory"
 BIN = Path(sys.executable).parent
 
 
@@ -71,7 +72,7 @@ def listing(proc: subprocess.CompletedProcess[str]) -> tuple[dict[str, list[str]
 
 def source(tmp: Path, name: str, **options: Any) -> Path:
     path = tmp / name
-    path.write_text(yaml.safe_dump({"plugin": "hsmctl_state", **options}))
+    path.write_text(yaml.safe_dump({"plugin": "hsmctl.fleet.hsmctl_state", **options}))
     return path
 
 
@@ -244,7 +245,7 @@ def test_claims_only_its_file_names(env: ProviderEnv, tmp_path: Path) -> None:
     other = source(tmp_path, "inventory.yml")
     proc = inventory(other, tmp_path, env={"HSMCTL_CONFIG": str(env.config)})
     assert proc.returncode != 0
-    assert "could not be verified by inventory plugin 'hsmctl_state'" in proc.stderr
+    assert "could not be verified by inventory plugin 'hsmctl.fleet.hsmctl_state'" in proc.stderr
     # playbooks/inventory/hsmctl.yml is claimed (and sets ansible_host through compose).
     proc = inventory(
         REPO / "playbooks/inventory/hsmctl.yml", tmp_path, env={"HSMCTL_CONFIG": str(env.config)}
@@ -404,9 +405,13 @@ def test_reads_a_store_on_a_read_only_filesystem(env: ProviderEnv, tmp_path: Pat
 
 def test_ansible_doc_renders_the_plugin(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [str(BIN / "ansible-doc"), "-t", "inventory", "-M", str(PLUGINS), "hsmctl_state"],
-        env={"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": str(tmp_path)},
-        cwd=tmp_path,  # no project ansible.cfg: the plugin is found through -M alone
+        [str(BIN / "ansible-doc"), "-t", "inventory", "hsmctl.fleet.hsmctl_state"],
+        env={
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "HOME": str(tmp_path),
+            "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS),
+        },
+        cwd=tmp_path,  # no project ansible.cfg: found through the collections path alone
         capture_output=True,
         text=True,
         check=False,

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from hsmctl.errors import HsmctlError
 from hsmctl.inventory import check_placement, load_inventory
 from hsmctl.provider import provisioning
 from hsmctl.runner import adapter
@@ -66,7 +67,9 @@ def test_build_run_exact_output() -> None:
     # Sorted, so the same request always produces the same files.
     assert list(spec.inventory["all"]["hosts"]) == ["hsm01", "hsm02"]
     assert list(spec.extravars) == ["dry", "hsmctl_config", "n"]
-    assert PLAYBOOKS == REPO / "playbooks" and spec.playbook.is_file()
+    # Inside the package (the collection hsmctl.fleet), whatever the working directory.
+    assert PLAYBOOKS == REPO / "hsmctl/ansible_collections/hsmctl/fleet/playbooks"
+    assert spec.playbook.is_file()
 
 
 @pytest.mark.parametrize(
@@ -195,12 +198,56 @@ def test_provisioning_extravars_hold_only_references(
     assert rec.failure_reason == "Verify: stopped by the test"
 
 
+# -- the installed content is checked before anything is allocated ---------------------------
+
+
+def test_required_modules_of_the_shipped_playbooks() -> None:
+    def needs(name: str) -> set[str]:
+        return adapter.required_modules(yaml.safe_load((PLAYBOOKS / name).read_text()))
+
+    assert needs("provision.yml") == {"hsm_provision"}
+    assert needs("takeover.yml") == {"hsm_takeover"}
+    assert needs("collect_logs.yml") == set()
+    for name in ("provision.yml", "takeover.yml", "collect_logs.yml"):
+        assert adapter.check_playbook(name) == PLAYBOOKS / name
+    nested = [{"hosts": "all", "pre_tasks": [{"block": [{"hsmctl.fleet.x": {}}]}],
+               "handlers": [{"hsmctl.fleet.y": {}}], "module_defaults": {"hsmctl.fleet.z": {}},
+               "tasks": [{"rescue": [{"ansible.builtin.debug": {}}]}]}]  # fmt: skip
+    assert adapter.required_modules(nested) == {"x", "y", "z"}
+
+
+@pytest.mark.parametrize("missing", ["playbook", "module"])
+def test_provision_checks_the_installation_before_allocating(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, missing: str
+) -> None:
+    """A missing playbook or module fails the request before the store changes (it used
+    to leave the appliance in `provisioning`), and no run starts."""
+    env = make_env(tmp_path / "env")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(adapter, "PLAYBOOKS" if missing == "playbook" else "MODULES", empty)
+    runs: list[RunSpec] = []
+    monkeypatch.setattr(adapter, "run", lambda spec, progress=None: runs.append(spec) or {})
+    before = env.snapshot()
+    with pytest.raises(HsmctlError, match="reinstall hsmctl") as info:
+        provisioning.provision(
+            str(env.config), tenant="t1", vnet="v1", subnet="hsm", request_id="req-x"
+        )
+    assert type(info.value) is HsmctlError and info.value.exit_code == 1
+    assert ("provision.yml" if missing == "playbook" else "hsm_provision") in str(info.value)
+    assert env.snapshot() == before
+    assert runs == []
+    with env.store() as store:
+        assert store.get_request("req-x") is None
+        assert {a.state for a in store.list_appliances()} == {ApplianceState.AVAILABLE}
+
+
 def test_the_playbook_passes_references_only() -> None:
     """Every task of provision.yml calls hsm_provision with a step name; the module's
     other arguments are the config path, the appliance and the request id."""
     (play,) = yaml.safe_load((PLAYBOOKS / "provision.yml").read_text())
     assert play["module_defaults"] == {
-        "hsm_provision": {
+        "hsmctl.fleet.hsm_provision": {
             "config": "{{ hsm_config }}",
             "appliance": "{{ inventory_hostname }}",
             "request_id": "{{ hsm_request_id }}",
@@ -208,7 +255,7 @@ def test_the_playbook_passes_references_only() -> None:
     }
     steps = []
     for task in play["tasks"]:
-        args = task["hsm_provision"]
+        args = task["hsmctl.fleet.hsm_provision"]
         assert set(args) == {"step"}, task
         steps.append(args["step"])
     assert steps == [s.value for s in provisioning.STEPS]

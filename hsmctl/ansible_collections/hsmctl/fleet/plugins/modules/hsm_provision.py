@@ -31,7 +31,7 @@ options:
     type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402 - Ansible wants DOCUMENTATION first
 
 
 def main() -> None:

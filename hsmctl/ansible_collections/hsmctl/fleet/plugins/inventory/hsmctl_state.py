@@ -48,7 +48,7 @@ options:
   plugin:
     description: Marks the file as this plugin's configuration.
     required: true
-    choices: [hsmctl_state]
+    choices: [hsmctl.fleet.hsmctl_state]
   config:
     description:
       - The hsmctl provider configuration file; the store is its C(database_url), else
@@ -71,7 +71,7 @@ options:
 
 EXAMPLES = r"""
 # playbooks/inventory/hsmctl.yml: the store of $HSMCTL_CONFIG
-plugin: hsmctl_state
+plugin: hsmctl.fleet.hsmctl_state
 compose:
   ansible_host: hsm_mgmt_ip
 keyed_groups:
@@ -82,7 +82,7 @@ groups:
 
 # prod.hsmctl.yml: one PostgreSQL store for several orchestrator hosts; the URL comes
 # from $HSMCTL_DATABASE_URL. Cached for 5 minutes in a directory.
-plugin: hsmctl_state
+plugin: hsmctl.fleet.hsmctl_state
 cache: true
 cache_plugin: ansible.builtin.jsonfile
 cache_connection: /var/cache/hsmctl-inventory
@@ -146,7 +146,7 @@ def read_store(target: str, config_file: str | None) -> list[dict[str, Any]]:
 
 
 class InventoryModule(BaseInventoryPlugin, Constructable, Cacheable):  # type: ignore[misc]
-    NAME = "hsmctl_state"
+    NAME = "hsmctl.fleet.hsmctl_state"
 
     def verify_file(self, path: str) -> bool:
         return bool(super().verify_file(path)) and claims(path)
