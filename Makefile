@@ -19,7 +19,7 @@ venv: $(BIN)/.installed
 
 $(BIN)/.installed: pyproject.toml $(STAMPS)/apt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,postgres,appliance]'
 	@touch $@
 
 image: deps
