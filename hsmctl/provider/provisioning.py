@@ -250,7 +250,7 @@ def provision(
         for a in allocations:
             outcome = outcomes[a.appliance]
             if outcome.status is adapter.HostStatus.OK:
-                handoff = outcome.results[_HANDOFF_TASK]["handoff"]
+                handoff = step_result(outcome, ProvisionStep.HANDOFF)["handoff"]
                 if ctx.store.get_appliance(a.appliance).state != ApplianceState.PROVISIONED:
                     ctx.store.set_state(a.appliance, ApplianceState.PROVISIONED)
                 provisioned.append(Provisioned(a.appliance, a.ip, handoff))
@@ -272,8 +272,13 @@ def provision(
         ctx.close()
 
 
-# The playbook task whose result carries the hand-off (its title, as provision.yml names it).
-_HANDOFF_TASK = "Install the tenant key and a one-time password, write the hand-off bundle"
+def step_result(outcome: adapter.HostOutcome, step: ProvisionStep) -> dict[str, Any]:
+    """The result of ``step`` in a host's run, found by the ``step`` field hsm_provision
+    returns (never by a task's title, which the playbook is free to reword)."""
+    for result in outcome.results.values():
+        if result.get("step") == step.value:
+            return dict(result)
+    raise HsmctlError(f"{outcome.host}: the playbook run reported no {step.value} step")
 
 
 def _error(code: int, message: str) -> HsmctlError:

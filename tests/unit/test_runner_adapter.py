@@ -342,3 +342,16 @@ def test_dynamic_inventory_fails_loudly_without_a_config(tmp_path: Path) -> None
     proc = _ansible_inventory(env, "--list")
     assert proc.returncode != 0
     assert f"configuration file {env.config} does not exist" in proc.stderr
+
+
+def test_results_are_found_by_the_step_the_module_returns() -> None:
+    """Not by the task's title: a reworded playbook still yields its hand-off."""
+    outcome = HostOutcome("hsm01")
+    outcome.results = {
+        "any title": {"step": "verify", "changed": False},
+        "Write the bundle, reworded": {"step": "handoff", "handoff": "/x/hsm01-r.json"},
+    }
+    handoff = provisioning.step_result(outcome, provisioning.ProvisionStep.HANDOFF)
+    assert handoff["handoff"] == "/x/hsm01-r.json"
+    with pytest.raises(HsmctlError, match="hsm01: the playbook run reported no monitor step"):
+        provisioning.step_result(outcome, provisioning.ProvisionStep.MONITOR)

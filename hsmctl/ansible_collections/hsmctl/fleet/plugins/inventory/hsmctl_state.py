@@ -41,6 +41,9 @@ description:
   - A missing or unmigrated store, an unreachable database or a bad configuration fails
     the inventory source with the reason.
   - Runs with the interpreter that runs Ansible, which must have hsmctl installed.
+author:
+  - hsmctl maintainers
+version_added: "0.1.0"
 extends_documentation_fragment:
   - constructed
   - inventory_cache

@@ -11,24 +11,111 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: hsm_provision
 short_description: Run one hsmctl provisioning step for one appliance
+description:
+  - Runs one step of hsmctl's journaled provisioning (SPEC section 6) for an appliance
+    the provider's state store has allocated to a request - C(verify) (pinned management
+    host key, the device's identity and factory state), C(attach) (the data port onto the
+    tenant subnet, through the network fabric), C(network) (the data interface address),
+    C(monitor) (health monitoring with the provider's monitoring key) or C(handoff) (the
+    tenant key and a one-time password on the device, the signed hand-off bundle).
+  - Runs on the controller with the Python that runs Ansible, which must have hsmctl
+    installed; its arguments are references only. The one-time password never leaves the
+    hsmctl library except encrypted to the tenant inside the bundle.
+  - Every step is journaled in the state store and idempotent; C(hsmctl provision)
+    allocates the appliance and runs C(hsmctl.fleet.provision) with this module.
+author:
+  - hsmctl maintainers
+version_added: "0.1.0"
 options:
   step:
-    description: verify, attach, network, monitor or handoff
+    description: The provisioning step to run.
     required: true
     type: str
     choices: [verify, attach, network, monitor, handoff]
   config:
-    description: Path of the hsmctl configuration file (provider side).
+    description: Path of the hsmctl provider configuration file.
     required: true
     type: path
   appliance:
-    description: Appliance id.
+    description: Appliance id (the inventory host name).
     required: true
     type: str
   request_id:
     description: The provisioning request the appliance is allocated to.
     required: true
     type: str
+attributes:
+  check_mode:
+    support: partial
+    description: Steps that would change the device or the fabric report so and do not.
+notes:
+  - Use with C(connection=local) and C(ansible_python_interpreter) set to
+    C({{ ansible_playbook_python }}), as C(hsmctl.fleet.provision) does.
+"""
+
+EXAMPLES = r"""
+- name: Verify the appliance (pinned management host key, factory state)
+  hsmctl.fleet.hsm_provision:
+    step: verify
+    config: /etc/hsmctl/hsmctl.yaml
+    appliance: "{{ inventory_hostname }}"
+    request_id: "{{ hsm_request_id }}"
+
+- name: Write the hand-off bundle
+  hsmctl.fleet.hsm_provision:
+    step: handoff
+    config: "{{ hsm_config }}"
+    appliance: "{{ inventory_hostname }}"
+    request_id: "{{ hsm_request_id }}"
+  register: hsm_handoff
+"""
+
+RETURN = r"""
+step:
+  description: The step that ran.
+  type: str
+  returned: success
+  sample: handoff
+owner_state:
+  description: The device's owner state as C(verify) found it.
+  type: str
+  returned: step is verify
+  sample: factory
+attached:
+  description: The tenant/vnet/subnet the data port was attached to.
+  type: str
+  returned: step is attach and not in check mode
+  sample: tenant1/vnet1/hsm
+address:
+  description: The data interface address (CIDR) set on the device.
+  type: str
+  returned: step is network
+  sample: 198.19.0.229/24
+gateway:
+  description: The data interface's gateway (the subnet's first address).
+  type: str
+  returned: step is network and not in check mode
+  sample: 198.19.0.1
+handoff:
+  description: Path of the signed hand-off bundle.
+  type: str
+  returned: step is handoff and not in check mode
+  sample: /var/lib/hsmctl/handoff/tenant1/hsm29-7f3c.json
+data_host_keys:
+  description: The data interface's host keys, pinned in the store and in the bundle.
+  type: list
+  elements: str
+  returned: step is handoff and not in check mode
+exit_code:
+  description: hsmctl's exit code for the failure (SPEC section 6).
+  type: int
+  returned: failure
+  sample: 5
+error:
+  description: The hsmctl error class of the failure.
+  type: str
+  returned: failure
+  sample: ConflictError
 """
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402 - Ansible wants DOCUMENTATION first
@@ -62,7 +149,7 @@ def main() -> None:
     except HsmctlError as exc:
         module.fail_json(msg=str(exc), exit_code=exc.exit_code, error=type(exc).__name__)
         return
-    module.exit_json(**result)
+    module.exit_json(step=p["step"], **result)
 
 
 if __name__ == "__main__":

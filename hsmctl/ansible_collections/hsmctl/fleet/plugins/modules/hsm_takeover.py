@@ -19,6 +19,19 @@ description:
     (password change, provider access revoked, host keys rotated, token initialised,
     audit key rotated, collector key installed, proofs, signed receipt).
   - Idempotent and resumable; a finished takeover returns its receipt unchanged.
+  - Runs on the controller (inside the tenant network) with the Python that runs Ansible,
+    which must have hsmctl installed. Only references go in (files); secrets not given
+    are generated and escrowed in the tenant's state directory, never returned.
+author:
+  - hsmctl maintainers
+version_added: "0.1.0"
+attributes:
+  check_mode:
+    support: none
+    description: A takeover cannot be previewed without logging in to the device.
+notes:
+  - Use with C(connection=local) and C(ansible_python_interpreter) set to
+    C({{ ansible_playbook_python }}), as C(hsmctl.fleet.takeover) does.
 options:
   handoff:
     description: The hand-off bundle from the provider.
@@ -53,13 +66,55 @@ options:
     default: []
 """
 
+EXAMPLES = r"""
+- name: Take the appliance over with generated secrets
+  hsmctl.fleet.hsm_takeover:
+    handoff: /home/ops/handoff/hsm29-7f3c.json
+
+- name: Take it over with a chosen admin password and register an application client
+  hsmctl.fleet.hsm_takeover:
+    handoff: "{{ hsm_handoff }}"
+    config: /etc/hsmctl/hsmctl.yaml
+    new_password_file: /root/secrets/hsm29-admin
+    clients:
+      - app1:crypto-user
+  register: hsm_takeover_result
+"""
+
 RETURN = r"""
-appliance: {description: Appliance id, type: str, returned: always}
-state: {description: customer-owned, type: str, returned: success}
-receipt: {description: Path of the signed receipt, type: str, returned: success}
-steps: {description: The steps this run did (none when already finished), type: list}
-clients: {description: "The clients registered: client, role, kit", type: list, returned: success}
-exit_code: {description: hsmctl exit code of the failure (SPEC §6), type: int, returned: failure}
+appliance:
+  description: Appliance id.
+  type: str
+  returned: success
+  sample: hsm29
+state:
+  description: The owner state after the takeover.
+  type: str
+  returned: success
+  sample: customer-owned
+receipt:
+  description: Path of the signed takeover receipt.
+  type: str
+  returned: success
+steps:
+  description: The steps this run did (empty when the takeover had already finished).
+  type: list
+  elements: str
+  returned: success
+clients:
+  description: The application clients registered (client, role, kit).
+  type: list
+  elements: dict
+  returned: success
+exit_code:
+  description: hsmctl's exit code for the failure (SPEC section 6).
+  type: int
+  returned: failure
+  sample: 3
+error:
+  description: The hsmctl error class of the failure.
+  type: str
+  returned: failure
 """
 
 from pathlib import Path  # noqa: E402 - Ansible wants DOCUMENTATION first
@@ -73,9 +128,9 @@ def main() -> None:
             "handoff": {"type": "path", "required": True},
             "config": {"type": "path"},
             "identity": {"type": "path"},
-            "new_password_file": {"type": "path"},
-            "so_pin_file": {"type": "path"},
-            "co_pin_file": {"type": "path"},
+            "new_password_file": {"type": "path", "no_log": False},  # a path, not the secret
+            "so_pin_file": {"type": "path", "no_log": False},  # a path, not the secret
+            "co_pin_file": {"type": "path", "no_log": False},  # a path, not the secret
             "keep_monitor": {"type": "bool", "default": False},
             "clients": {"type": "list", "elements": "str", "default": []},
         },
