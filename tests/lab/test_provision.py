@@ -58,8 +58,11 @@ from tests.conftest import (
     takeover,
     tenant_config,
 )
+from tests.postgres import postgres_url, reset_postgres
 
 pytestmark = pytest.mark.lab
+
+__all__ = ["postgres_url"]  # a fixture (tests/postgres.py): one PostgreSQL for two hosts
 
 MINE = APPLIANCE_SETS["provision"]
 HANDED, KILLED = "hsm07", "hsm06"
@@ -384,6 +387,60 @@ def test_concurrent_processes_never_share_an_appliance_or_address(
     assert sorted(r["appliance"] for r in snap["allocations"]) == RACERS
     assert len({r["ip"] for r in snap["address_assignments"]}) == 2
     assert len(snap["requests"]) == 2  # the losers left no request behind
+
+
+def test_two_orchestrator_hosts_on_one_postgresql_never_share_or_interleave(
+    mine: dict[str, Any], tmp_path: Path, postgres_url: str
+) -> None:
+    """SPEC §13: two orchestrator hosts (own configuration, state and working directory,
+    so no file lock is shared) provisioning from one PostgreSQL at once, two processes
+    each, for two appliances: each appliance and address is given once, the two losers
+    leave nothing behind, and no step of one appliance starts while another is open
+    (the per-appliance lock is PostgreSQL's advisory lock)."""
+    factory_reset(*RACERS)
+    reset_postgres(postgres_url)
+    confs = []
+    for host in ("host-a", "host-b"):
+        conf = provider_config(tmp_path / host, RACERS)
+        body = yaml.safe_load(conf.read_text())
+        body["database_url"] = postgres_url
+        conf.write_text(yaml.safe_dump(body))
+        confs.append(conf)
+    procs = [
+        subprocess.Popen(
+            _provision_argv(conf), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=conf.parent
+        )
+        for conf in (*confs, *confs)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    codes = sorted(r.returncode for r in results)
+    assert codes == [0, 0, 5, 5], [r.stderr.decode()[-400:] for r in results]
+    won = [one_json(r) for r in results if r.returncode == 0]
+    assert sorted(w["appliance"] for w in won) == RACERS
+    assert len({w["ip"] for w in won}) == 2
+    with Store.open(postgres_url) as store:
+        snap = store.snapshot()
+    assert sorted(r["appliance"] for r in snap["allocations"]) == RACERS
+    assert len({r["ip"] for r in snap["address_assignments"]}) == 2
+    assert len(snap["requests"]) == 2
+    for appliance in RACERS:
+        rows = sorted((r for r in snap["journal"] if r["appliance"] == appliance),
+                      key=lambda r: r["id"])  # fmt: skip
+        assert len({r["request_id"] for r in rows if r["request_id"]}) == 1, appliance
+        open_step: str | None = None
+        for r in rows:
+            if r["status"] == StepStatus.STARTED:
+                assert open_step is None, (appliance, open_step, r["step"])
+                open_step = r["step"]
+            elif r["status"] in (StepStatus.OK, StepStatus.FAILED) and open_step is not None:
+                assert r["step"] == open_step, (appliance, open_step, r["step"])
+                open_step = None
+        assert open_step is None
+    for conf in confs:  # each host's own view, through its own configuration
+        assert {a: fleet(conf)[a]["state"] for a in RACERS} == dict.fromkeys(RACERS, "provisioned")
 
 
 def test_count_two_provisions_in_parallel_across_stamps(

@@ -22,8 +22,8 @@ import yaml
 from hsmctl.inventory import check_placement, load_inventory
 from hsmctl.state import ApplianceState, Store
 from hsmctl.state.schema import LATEST
+from tests.postgres import reset_postgres
 from tests.provider_env import ProviderEnv, make_env
-from tests.store.conftest import reset_postgres
 
 pytestmark = pytest.mark.store
 

@@ -22,8 +22,8 @@ import sqlalchemy as sa
 from hsmctl.inventory import check_placement, load_inventory
 from hsmctl.state import Operation, Store
 from hsmctl.state.locks import advisory_key
+from tests.postgres import reset_postgres
 from tests.provider_env import make_env
-from tests.store.conftest import reset_postgres
 
 pytestmark = pytest.mark.store
 
