@@ -104,6 +104,12 @@ class Fields:
             for n, item in enumerate(items)
         )
 
+    def object(self, key: str) -> Fields:
+        """A nested object, read field by field like the reply itself."""
+        value: dict[str, Any] = self._get(key, dict, "an object", False)
+        prefix = f"{self.at}." if self.at else ""
+        return Fields(value, self.what, self.host, f"{prefix}{key}")
+
     def choice(self, key: str, cls: type[E]) -> E:
         value = self.text(key)
         try:

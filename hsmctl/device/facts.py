@@ -230,6 +230,33 @@ class Clients:
         return cls(clients)
 
 
+@dataclass(frozen=True)
+class NetworkConfig:
+    """``network show``: the data interface's configured address and gateway (none at
+    the factory) and the live IPv4 addresses (``ip -br -4 addr`` lines)."""
+
+    address: str | None
+    gateway: str | None
+    interfaces: tuple[str, ...]
+
+    def is_live(self, address: str) -> bool:
+        """Whether ``address`` (A.B.C.D/PREFIX) is on the data interface right now."""
+        return any(
+            line.split()[0].split("@")[0] == "data0" and address in line.split()[2:]
+            for line in self.interfaces
+            if len(line.split()) > 2
+        )
+
+    @classmethod
+    def parse(cls, f: Fields) -> NetworkConfig:
+        data = f.object("data")
+        return cls(
+            address=data.optional_text("address"),
+            gateway=data.optional_text("gateway"),
+            interfaces=f.texts("interfaces"),
+        )
+
+
 def register_client(name: str, role: str) -> Fact[Client]:
     """``client register NAME --role ROLE`` (the public key on stdin)."""
     return Fact(f"client register {name} --role {role}", Client.parse_registered)
@@ -242,3 +269,4 @@ AUDIT_KEY = Fact("audit key show", AuditKey.parse)
 ROTATE_AUDIT_KEY = Fact("audit key rotate", AuditKeyRotation.parse)
 PROVIDER_ACCESS = Fact("sysconf provider-access show", ProviderAccess.parse)
 CLIENTS = Fact("client list", Clients.parse)
+NETWORK = Fact("network show", NetworkConfig.parse)

@@ -23,8 +23,21 @@ class ConsoleResult:
     stderr: str
 
 
+class Placement(Protocol):
+    """Where a data port is plugged in (all None: detached)."""
+
+    @property
+    def tenant(self) -> str | None: ...
+    @property
+    def vnet(self) -> str | None: ...
+    @property
+    def subnet(self) -> str | None: ...
+
+
 class Fabric(Protocol):
     def attach(self, appliance: str, tenant: str, vnet: str, subnet: str) -> object: ...
+
+    def attachment(self, appliance: str) -> Placement: ...
 
     def detach(self, appliance: str) -> object: ...
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from hsmctl import contract, steps
 from hsmctl.contract import OwnerState
-from hsmctl.device import AUDIT_KEY, HOST_KEYS, HSM_INFO
+from hsmctl.device import AUDIT_KEY, HOST_KEYS, HSM_INFO, NETWORK, Switch
 from hsmctl.errors import ConflictError, HsmctlError, UsageError, most_severe
 from hsmctl.handoff import make_bundle, write_bundle
 from hsmctl.inventory.load import check_placement
@@ -35,6 +35,7 @@ from hsmctl.state.model import (
     Interface,
     Operation,
     RequestStatus,
+    StepStatus,
 )
 from hsmctl.state.records import Allocation
 
@@ -79,13 +80,60 @@ def _gateway(ctx: ProviderContext, alloc: Allocation) -> tuple[ipaddress.IPv4Net
     return subnet.cidr, str(subnet.cidr.network_address + 1)
 
 
+def handoff_file(ctx: ProviderContext, alloc: Allocation) -> Path:
+    """Where the request's bundle is (or will be) written; nothing is created here."""
+    return ctx.state_dir / "handoff" / alloc.tenant / f"{alloc.appliance}-{alloc.request_id}.json"
+
+
 def handoff_path(ctx: ProviderContext, alloc: Allocation) -> Path:
-    directory = ctx.state_dir / "handoff" / alloc.tenant
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return directory / f"{alloc.appliance}-{alloc.request_id}.json"
+    path = handoff_file(ctx, alloc)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
 
 
-def step_verify(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StepOptions:
+    """How a step runs: ``check`` (report what would change, change nothing, journal
+    nothing) and ``reissue_otp`` (make a new one-time password even when the appliance
+    already holds one and its bundle exists)."""
+
+    check: bool = False
+    reissue_otp: bool = False
+
+
+class HandoffAction(enum.Enum):
+    KEEP = "keep"  # the device holds this request's one-time password, the bundle exists
+    ISSUE = "issue"
+    REFUSE = "refuse"  # handed off before, the bundle is gone: a new OTP needs consent
+
+
+def decide_handoff(
+    owner: OwnerState, bundle_exists: bool, handed_off: bool, reissue: bool
+) -> HandoffAction:
+    """Never re-issue a one-time password a tenant may already hold, unless told to."""
+    if reissue or owner is not OwnerState.PROVISIONED:
+        return HandoffAction.ISSUE
+    if bundle_exists:
+        return HandoffAction.KEEP
+    # The device holds a one-time password: an interrupted hand-off (never journaled ok)
+    # is finished; a finished one whose bundle went missing is not silently replaced.
+    return HandoffAction.REFUSE if handed_off else HandoffAction.ISSUE
+
+
+def _journaled_ok(ctx: ProviderContext, alloc: Allocation, step: ProvisionStep) -> bool:
+    return any(
+        e.step == step.value and e.status is StepStatus.OK
+        for e in ctx.store.journal(
+            appliance=alloc.appliance, request_id=alloc.request_id, operation=Operation.PROVISION
+        )
+    )
+
+
+def _diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    return {"before": before, "after": after}
+
+
+def step_verify(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
     with ctx.provider_session(alloc.appliance) as conn:
         info = HSM_INFO.on(conn, alloc.appliance)
     if info.id != alloc.appliance:
@@ -95,36 +143,73 @@ def step_verify(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[st
     return {"changed": False, "owner_state": info.owner_state.value}
 
 
-def step_attach(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
-    if check:
-        return {"changed": True}
-    fabric_for(ctx.config.fabric).attach(alloc.appliance, alloc.tenant, alloc.vnet, alloc.subnet)
-    return {"changed": True, "attached": f"{alloc.tenant}/{alloc.vnet}/{alloc.subnet}"}
+def step_attach(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
+    fabric = fabric_for(ctx.config.fabric)
+    want = f"{alloc.tenant}/{alloc.vnet}/{alloc.subnet}"
+    now = fabric.attachment(alloc.appliance)
+    before = f"{now.tenant}/{now.vnet}/{now.subnet}" if now.tenant else None
+    changed = before != want
+    if changed and not opts.check:
+        fabric.attach(alloc.appliance, alloc.tenant, alloc.vnet, alloc.subnet)
+    return {
+        "changed": changed,
+        "attached": want,
+        "diff": _diff({"attached": before}, {"attached": want}),
+    }
 
 
-def step_network(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
+def step_network(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
     cidr, gateway = _gateway(ctx, alloc)
-    address = f"{alloc.ip}/{cidr.prefixlen}"
-    if check:
-        return {"changed": True, "address": address}
+    want = {"address": f"{alloc.ip}/{cidr.prefixlen}", "gateway": gateway}
     with ctx.provider_session(alloc.appliance) as conn:
-        conn.run(f"network set --ip {address} --gateway {gateway}")
-    return {"changed": True, "address": address, "gateway": gateway}
+        now = NETWORK.on(conn, alloc.appliance)
+        before = {"address": now.address, "gateway": now.gateway}
+        changed = before != want or not now.is_live(want["address"])
+        if changed and not opts.check:
+            conn.run(f"network set --ip {want['address']} --gateway {gateway}")
+    return {"changed": changed, **want, "diff": _diff(before, want)}
 
 
-def step_monitor(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
-    if check:
-        return {"changed": True}
-    key = ctx.monitor_public_key()
+def step_monitor(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
+    """The device shows whether ``monitor`` is enabled, not which key it holds: the key is
+    the provider's when this request installed it (journaled) and the account is still
+    enabled; otherwise it is installed again."""
+    ours = _journaled_ok(ctx, alloc, ProvisionStep.MONITOR)
     with ctx.provider_session(alloc.appliance) as conn:
-        conn.run("user credential set monitor", [key])
-        conn.run("user enable monitor")
-    return {"changed": True}
+        info = HSM_INFO.on(conn, alloc.appliance)
+        before = {
+            "monitor": info.monitor.value,
+            "key": "provider" if ours and info.monitor is Switch.ENABLED else "not the provider's",
+        }
+        want = {"monitor": Switch.ENABLED.value, "key": "provider"}
+        changed = before != want
+        if changed and not opts.check:
+            conn.run("user credential set monitor", [ctx.monitor_public_key()])
+            conn.run("user enable monitor")
+    return {"changed": changed, "diff": _diff(before, want)}
 
 
-def step_handoff(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[str, Any]:
-    if check:
-        return {"changed": True}
+def step_handoff(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
+    target = handoff_file(ctx, alloc)
+    with ctx.provider_session(alloc.appliance) as conn:
+        owner = HSM_INFO.on(conn, alloc.appliance).owner_state
+    action = decide_handoff(
+        owner,
+        target.exists(),
+        _journaled_ok(ctx, alloc, ProvisionStep.HANDOFF),
+        opts.reissue_otp,
+    )
+    if action is HandoffAction.KEEP:
+        return {"changed": False, "handoff": str(target), "reissued": False}
+    if action is HandoffAction.REFUSE:
+        raise ConflictError(
+            f"{alloc.appliance} was handed off for request {alloc.request_id} and its bundle "
+            f"{target} is gone; a new one-time password needs hsm_reissue_otp: true "
+            "(reissue_otp in hsm_provision)"
+        )
+    reissued = owner is OwnerState.PROVISIONED
+    if opts.check:
+        return {"changed": True, "handoff": str(target), "reissued": reissued}
     tenant = ctx.inventory.tenant(alloc.tenant)
     tenant_key = tenant.identity_public_key.line
     otp = generate_password()
@@ -150,7 +235,12 @@ def step_handoff(ctx: ProviderContext, alloc: Allocation, check: bool) -> dict[s
         mgmt_ip=alloc.mgmt_ip,
     )
     path = write_bundle(handoff_path(ctx, alloc), bundle)
-    return {"changed": True, "handoff": str(path), "data_host_keys": data_keys}
+    return {
+        "changed": True,
+        "handoff": str(path),
+        "reissued": reissued,
+        "data_host_keys": data_keys,
+    }
 
 
 _STEPS = {
@@ -163,9 +253,17 @@ _STEPS = {
 
 
 def run_step(
-    config_path: str, appliance: str, request_id: str, step: str, *, check: bool = False
+    config_path: str,
+    appliance: str,
+    request_id: str,
+    step: str,
+    *,
+    check: bool = False,
+    reissue_otp: bool = False,
 ) -> dict[str, Any]:
-    """One step for one appliance (what the ``hsm_provision`` module calls)."""
+    """One step for one appliance (what the ``hsm_provision`` module calls). In check
+    mode the step only reads (device, fabric, store) and nothing is journaled."""
+    opts = StepOptions(check=check, reissue_otp=reissue_otp)
     ctx = open_context(config_path)
     try:
         # One step at a time per appliance, across hosts when the store is PostgreSQL
@@ -173,9 +271,12 @@ def run_step(
         with ctx.store.appliance_lock(appliance, lock_dir=ctx.state_dir / "locks"):
             alloc = _allocation(ctx, appliance, request_id)
             which = ProvisionStep(step)
+            if check:
+                return _STEPS[which](ctx, alloc, opts)
             # Ansible runs one task at a time, so a plan of one step, never skipped: every
-            # step is idempotent and redone on a rerun. The host keys go to the pins, not
-            # to the journal.
+            # step decides from the device (and the journal) what is left, and reports
+            # `changed` only when it changed something. The host keys go to the pins,
+            # not to the journal.
             journal: StoreJournal[ProvisionStep] = StoreJournal(
                 ctx.store,
                 Operation.PROVISION,
@@ -183,7 +284,7 @@ def run_step(
                 request_id=request_id,
                 unjournaled=("data_host_keys",),
             )
-            plan = {which: lambda: _STEPS[which](ctx, alloc, check)}
+            plan = {which: lambda: _STEPS[which](ctx, alloc, opts)}
             return dict(steps.run(plan, journal, subject=appliance)[which])
     finally:
         ctx.close()

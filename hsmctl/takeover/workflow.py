@@ -33,6 +33,7 @@ from typing import Any
 
 from hsmctl import steps
 from hsmctl.customer.context import TenantContext
+from hsmctl.customer.store import ApplianceDir
 from hsmctl.errors import UsageError
 from hsmctl.handoff import open_bundle
 from hsmctl.handoff.identity import TenantIdentity
@@ -40,6 +41,7 @@ from hsmctl.progress import NullProgress, Progress
 from hsmctl.takeover import faults
 from hsmctl.takeover.actions import TakeoverSteps, check_client_kits
 from hsmctl.takeover.journal import JOURNAL, open_journal
+from hsmctl.takeover.journal import read as read_journal
 from hsmctl.takeover.options import Options, check_client_set, check_inputs, token_label
 from hsmctl.takeover.proof import export_log, transfer_window
 from hsmctl.takeover.receipt import RECEIPT, RECEIPT_FORMAT, verify_receipt
@@ -57,6 +59,7 @@ __all__ = [
     "TakeoverStep",
     "check_inputs",
     "export_log",
+    "preview",
     "takeover",
     "token_label",
     "transfer_window",
@@ -123,6 +126,28 @@ class Takeover:
                 {"client": c.name, "role": c.role, "kit": c.kit} for c in record.clients or ()
             ],
         }
+
+
+def preview(ctx: TenantContext, opts: Options) -> dict[str, Any]:
+    """What :meth:`Takeover.run` would do, reading only (Ansible's check mode): no
+    connection, no journal, no directory made. ``changed`` is False only when this
+    bundle's takeover already finished (its receipt is then returned)."""
+    check_inputs(opts)
+    identity = TenantIdentity.load(ctx.identity)
+    bundle = open_bundle(opts.handoff, ctx.provider_public_key, identity, allow_expired=True)
+    if ctx.tenant and bundle.tenant != ctx.tenant:
+        raise UsageError(f"the bundle is for tenant {bundle.tenant}, not {ctx.tenant}")
+    state = ApplianceDir.taken_over(ctx.state_dir, bundle.appliance)
+    journal = read_journal(state) if state is not None else None
+    if journal is not None and journal.bundle_id == bundle.bundle_id and journal.finished:
+        assert state is not None
+        return {
+            "changed": False,
+            "appliance": bundle.appliance,
+            "state": "customer-owned",
+            "receipt": str(state.dir / RECEIPT),
+        }
+    return {"changed": True, "appliance": bundle.appliance}
 
 
 def takeover(ctx: TenantContext, opts: Options, progress: Progress | None = None) -> dict[str, Any]:

@@ -30,6 +30,7 @@ FACTS: dict[str, Fact[Any]] = {
         device.ROTATE_AUDIT_KEY,
         device.PROVIDER_ACCESS,
         device.CLIENTS,
+        device.NETWORK,
     )
 }
 CASES = sorted(DATA.glob("*.json"))
@@ -246,3 +247,22 @@ class _Conn:
 
 def test_a_fact_runs_its_command_on_a_connection() -> None:
     assert device.AUDIT_KEY.on(_Conn(), "hsm01").key_id == _recorded("audit key show")["key_id"]
+
+
+def test_the_network_is_read_as_provisioning_needs_it() -> None:
+    configured = device.NETWORK.process(_recorded_text("network show"), "hsm29")
+    assert (configured.address, configured.gateway) == ("198.19.0.229/24", "198.19.0.1")
+    assert configured.is_live("198.19.0.229/24")
+    assert not configured.is_live("198.19.0.230/24") and not configured.is_live("198.18.0.29/24")
+    factory = device.NETWORK.process(_recorded_text("network show", "factory"), "hsm29")
+    assert (factory.address, factory.gateway) == (None, None)
+    assert not factory.is_live("198.19.0.229/24")
+    with pytest.raises(IntegrityError, match=r"hsm29: .*'data' is not an object"):
+        device.NETWORK.process('{"data": [], "interfaces": []}', "hsm29")
+    with pytest.raises(IntegrityError, match=r"data: 'address' is not a string"):
+        device.NETWORK.process('{"data": {"address": 7}, "interfaces": []}', "hsm29")
+
+
+def _recorded_text(command: str, state: str = "") -> str:
+    name = command.replace(" ", "-") + (f".{state}" if state else "") + ".json"
+    return str(json.loads((DATA / name).read_text())["output"])

@@ -44,10 +44,24 @@ options:
     description: The provisioning request the appliance is allocated to.
     required: true
     type: str
+  reissue_otp:
+    description:
+      - For O(step=handoff) - make a new one-time password and bundle even when the
+        appliance already holds this request's one-time password and its bundle exists.
+      - Without it such a hand-off is left as it is (C(changed=false)), and one whose
+        bundle went missing fails instead of silently replacing a password the tenant
+        may hold.
+    type: bool
+    default: false
 attributes:
   check_mode:
-    support: partial
-    description: Steps that would change the device or the fabric report so and do not.
+    support: full
+    description:
+      - Reads the device, the fabric and the state store, reports what would change, and
+        changes nothing; nothing is journaled.
+  diff_mode:
+    support: full
+    description: The data port's attachment, the network settings and the monitoring account.
 notes:
   - Use with C(connection=local) and C(ansible_python_interpreter) set to
     C({{ ansible_playbook_python }}), as C(hsmctl.fleet.provision) does.
@@ -61,12 +75,13 @@ EXAMPLES = r"""
     appliance: "{{ inventory_hostname }}"
     request_id: "{{ hsm_request_id }}"
 
-- name: Write the hand-off bundle
+- name: Write the hand-off bundle (a new one-time password only if asked)
   hsmctl.fleet.hsm_provision:
     step: handoff
     config: "{{ hsm_config }}"
     appliance: "{{ inventory_hostname }}"
     request_id: "{{ hsm_request_id }}"
+    reissue_otp: "{{ hsm_reissue_otp | default(false) }}"
   register: hsm_handoff
 """
 
@@ -82,9 +97,9 @@ owner_state:
   returned: step is verify
   sample: factory
 attached:
-  description: The tenant/vnet/subnet the data port was attached to.
+  description: The tenant/vnet/subnet the data port is (or in check mode would be) on.
   type: str
-  returned: step is attach and not in check mode
+  returned: step is attach
   sample: tenant1/vnet1/hsm
 address:
   description: The data interface address (CIDR) set on the device.
@@ -94,18 +109,26 @@ address:
 gateway:
   description: The data interface's gateway (the subnet's first address).
   type: str
-  returned: step is network and not in check mode
+  returned: step is network
   sample: 198.19.0.1
+diff:
+  description: Before and after, for attach, network and monitor (shown with --diff).
+  type: dict
+  returned: step is attach, network or monitor and diff mode is on
 handoff:
-  description: Path of the signed hand-off bundle.
+  description: Path of the signed hand-off bundle (in check mode, where it would be).
   type: str
-  returned: step is handoff and not in check mode
+  returned: step is handoff
   sample: /var/lib/hsmctl/handoff/tenant1/hsm29-7f3c.json
+reissued:
+  description: Whether this replaced a one-time password the device already held.
+  type: bool
+  returned: step is handoff
 data_host_keys:
   description: The data interface's host keys, pinned in the store and in the bundle.
   type: list
   elements: str
-  returned: step is handoff and not in check mode
+  returned: step is handoff and a bundle was written
 exit_code:
   description: hsmctl's exit code for the failure (SPEC section 6).
   type: int
@@ -132,6 +155,7 @@ def main() -> None:
             "config": {"type": "path", "required": True},
             "appliance": {"type": "str", "required": True},
             "request_id": {"type": "str", "required": True},
+            "reissue_otp": {"type": "bool", "default": False},
         },
         supports_check_mode=True,
     )
@@ -144,11 +168,18 @@ def main() -> None:
     p = module.params
     try:
         result = provisioning.run_step(
-            p["config"], p["appliance"], p["request_id"], p["step"], check=module.check_mode
+            p["config"],
+            p["appliance"],
+            p["request_id"],
+            p["step"],
+            check=module.check_mode,
+            reissue_otp=p["reissue_otp"],
         )
     except HsmctlError as exc:
         module.fail_json(msg=str(exc), exit_code=exc.exit_code, error=type(exc).__name__)
         return
+    if not module._diff:
+        result.pop("diff", None)
     module.exit_json(step=p["step"], **result)
 
 

@@ -27,8 +27,13 @@ author:
 version_added: "0.1.0"
 attributes:
   check_mode:
+    support: full
+    description:
+      - Opens and verifies the bundle and reads the tenant's journal; no connection to the
+        device, nothing written. C(changed=false) only when this bundle's takeover
+        already finished.
+  diff_mode:
     support: none
-    description: A takeover cannot be previewed without logging in to the device.
 notes:
   - Use with C(connection=local) and C(ansible_python_interpreter) set to
     C({{ ansible_playbook_python }}), as C(hsmctl.fleet.takeover) does.
@@ -90,14 +95,15 @@ appliance:
 state:
   description: The owner state after the takeover.
   type: str
-  returned: success
+  returned: success (in check mode only when the takeover had already finished)
   sample: customer-owned
 receipt:
   description: Path of the signed takeover receipt.
   type: str
-  returned: success
+  returned: success (in check mode only when the takeover had already finished)
 steps:
-  description: The steps this run did (empty when the takeover had already finished).
+  description: The steps this run did (empty when the takeover had already finished, and
+    in check mode).
   type: list
   elements: str
   returned: success
@@ -105,7 +111,7 @@ clients:
   description: The application clients registered (client, role, kit).
   type: list
   elements: dict
-  returned: success
+  returned: success and not in check mode
 exit_code:
   description: hsmctl's exit code for the failure (SPEC section 6).
   type: int
@@ -134,14 +140,14 @@ def main() -> None:
             "keep_monitor": {"type": "bool", "default": False},
             "clients": {"type": "list", "elements": "str", "default": []},
         },
-        supports_check_mode=False,
+        supports_check_mode=True,
     )
     try:
         from hsmctl.clients.request import parse_clients
         from hsmctl.customer.context import open_tenant_context
         from hsmctl.errors import HsmctlError
         from hsmctl.secret import read_secret_file
-        from hsmctl.takeover.workflow import Options, Takeover
+        from hsmctl.takeover.workflow import Options, Takeover, preview
     except ImportError as exc:  # the interpreter is not hsmctl's virtualenv
         module.fail_json(msg=f"hsmctl is not importable: {exc}")
         return
@@ -159,7 +165,11 @@ def main() -> None:
             keep_monitor=p["keep_monitor"],
             clients=parse_clients(p["clients"]),
         )
-        run = Takeover(open_tenant_context(p["config"], p["identity"]), opts)
+        ctx = open_tenant_context(p["config"], p["identity"])
+        if module.check_mode:
+            module.exit_json(steps=[], **preview(ctx, opts))
+            return
+        run = Takeover(ctx, opts)
         result = run.run()
     except HsmctlError as exc:
         module.fail_json(msg=str(exc), exit_code=exc.exit_code, error=type(exc).__name__)
