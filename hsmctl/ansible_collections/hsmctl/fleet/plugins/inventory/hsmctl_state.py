@@ -12,14 +12,6 @@ every AWX inventory update).
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
-from typing import Any
-
-from ansible.errors import AnsibleParserError
-from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable
-
 DOCUMENTATION = r"""
 name: hsmctl_state
 short_description: Appliances from the hsmctl provider state store
@@ -42,7 +34,7 @@ description:
     the inventory source with the reason.
   - Runs with the interpreter that runs Ansible, which must have hsmctl installed.
 author:
-  - hsmctl maintainers
+  - hsmctl maintainers (!UNKNOWN)
 version_added: "0.1.0"
 extends_documentation_fragment:
   - constructed
@@ -95,6 +87,15 @@ keyed_groups:
     prefix: customer
     default_value: none
 """
+
+# Ansible wants the documentation before any import (ansible-test validate-modules).
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+from typing import Any  # noqa: E402
+
+from ansible.errors import AnsibleParserError  # noqa: E402
+from ansible.plugins.inventory import BaseInventoryPlugin, Cacheable, Constructable  # noqa: E402
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_]")
 _FILE_NAMES = ("hsmctl.yml", "hsmctl.yaml")

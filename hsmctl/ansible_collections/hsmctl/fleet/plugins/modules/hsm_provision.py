@@ -24,7 +24,7 @@ description:
   - Every step is journaled in the state store and idempotent; C(hsmctl provision)
     allocates the appliance and runs C(hsmctl.fleet.provision) with this module.
 author:
-  - hsmctl maintainers
+  - hsmctl maintainers (!UNKNOWN)
 version_added: "0.1.0"
 options:
   step:

@@ -23,7 +23,7 @@ description:
     which must have hsmctl installed. Only references go in (files); secrets not given
     are generated and escrowed in the tenant's state directory, never returned.
 author:
-  - hsmctl maintainers
+  - hsmctl maintainers (!UNKNOWN)
 version_added: "0.1.0"
 attributes:
   check_mode:
@@ -34,6 +34,7 @@ attributes:
         already finished.
   diff_mode:
     support: none
+    description: Nothing a takeover changes is shown as a diff (secrets and keys).
 notes:
   - Use with C(connection=local) and C(ansible_python_interpreter) set to
     C({{ ansible_playbook_python }}), as C(hsmctl.fleet.takeover) does.
