@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMPS := .stamps
 PYTEST_ARGS ?=
 
-.PHONY: deps venv image demo test test-faults test-unit lint bench clean lab-down
+.PHONY: deps venv image demo test test-faults test-unit lint bench clean lab-down ee-context
 
 deps: $(STAMPS)/apt venv
 
@@ -51,6 +51,11 @@ lint: deps
 	@# ansible-test sanity on the built collection (about a minute); its log on failure.
 	@mkdir -p $(STAMPS)
 	@bash scripts/ansible-sanity.sh >$(STAMPS)/ansible-sanity.log 2>&1 || { cat $(STAMPS)/ansible-sanity.log; exit 1; }
+
+# The execution environment's build context (execution-environment.yml) in build/ee;
+# building the image itself needs quay.io (not reachable from this machine).
+ee-context: venv
+	@bash scripts/ee-context.sh build/ee
 
 bench: image
 	@$(BIN)/python -m bench
