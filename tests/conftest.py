@@ -26,7 +26,7 @@ from hsmctl.lab.rig import tenant_config as tenant_config
 
 REPO = Path(__file__).resolve().parents[1]
 HSMCTL = str(Path(sys.executable).with_name("hsmctl"))
-TENANTS, APPLIANCES = 2, 28
+TENANTS, APPLIANCES = 2, 30
 
 
 def hsmctl(
@@ -107,6 +107,7 @@ APPLIANCE_SETS = {
     "collect": [f"hsm{i:02d}" for i in range(15, 25)],
     "hardening": ["hsm25", "hsm26"],
     "clients": ["hsm27", "hsm28"],
+    "distribution": ["hsm29", "hsm30"],
 }
 
 

@@ -102,31 +102,35 @@ class StepOptions:
 
 
 class HandoffAction(enum.Enum):
-    KEEP = "keep"  # the device holds this request's one-time password, the bundle exists
+    KEEP = "keep"  # the device holds the one-time password of this request's hand-off
     ISSUE = "issue"
-    REFUSE = "refuse"  # handed off before, the bundle is gone: a new OTP needs consent
 
 
-def decide_handoff(
-    owner: OwnerState, bundle_exists: bool, handed_off: bool, reissue: bool
-) -> HandoffAction:
-    """Never re-issue a one-time password a tenant may already hold, unless told to."""
-    if reissue or owner is not OwnerState.PROVISIONED:
+def decide_handoff(owner: OwnerState, handed_off: bool, reissue: bool) -> HandoffAction:
+    """Never re-issue a one-time password a tenant may already hold, unless told to.
+
+    ``handed_off``: the journal holds this request's hand-off as done (its bundle may be
+    on another orchestrator host: the journal, not a local file, is what all hosts share).
+    A device that holds no one-time password (factory state) or a hand-off that never
+    finished (the password set, the bundle not journaled) is issued (again)."""
+    if reissue or owner is not OwnerState.PROVISIONED or not handed_off:
         return HandoffAction.ISSUE
-    if bundle_exists:
-        return HandoffAction.KEEP
-    # The device holds a one-time password: an interrupted hand-off (never journaled ok)
-    # is finished; a finished one whose bundle went missing is not silently replaced.
-    return HandoffAction.REFUSE if handed_off else HandoffAction.ISSUE
+    return HandoffAction.KEEP
 
 
 def _journaled_ok(ctx: ProviderContext, alloc: Allocation, step: ProvisionStep) -> bool:
-    return any(
-        e.step == step.value and e.status is StepStatus.OK
-        for e in ctx.store.journal(
-            appliance=alloc.appliance, request_id=alloc.request_id, operation=Operation.PROVISION
-        )
-    )
+    return _last_ok(ctx, alloc, step) is not None
+
+
+def _last_ok(ctx: ProviderContext, alloc: Allocation, step: ProvisionStep) -> dict[str, Any] | None:
+    """The detail of the last ``ok`` entry of ``step`` for this request, if any."""
+    found: dict[str, Any] | None = None
+    for e in ctx.store.journal(
+        appliance=alloc.appliance, request_id=alloc.request_id, operation=Operation.PROVISION
+    ):
+        if e.step == step.value and e.status is StepStatus.OK:
+            found = dict(e.detail)
+    return found
 
 
 def _diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -190,26 +194,15 @@ def step_monitor(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> 
 
 
 def step_handoff(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
-    target = handoff_file(ctx, alloc)
     with ctx.provider_session(alloc.appliance) as conn:
         owner = HSM_INFO.on(conn, alloc.appliance).owner_state
-    action = decide_handoff(
-        owner,
-        target.exists(),
-        _journaled_ok(ctx, alloc, ProvisionStep.HANDOFF),
-        opts.reissue_otp,
-    )
-    if action is HandoffAction.KEEP:
-        return {"changed": False, "handoff": str(target), "reissued": False}
-    if action is HandoffAction.REFUSE:
-        raise ConflictError(
-            f"{alloc.appliance} was handed off for request {alloc.request_id} and its bundle "
-            f"{target} is gone; a new one-time password needs hsm_reissue_otp: true "
-            "(reissue_otp in hsm_provision)"
-        )
+    done = _last_ok(ctx, alloc, ProvisionStep.HANDOFF)
+    action = decide_handoff(owner, done is not None, opts.reissue_otp)
+    if action is HandoffAction.KEEP and done is not None:
+        return {"changed": False, "handoff": str(done.get("handoff", "")), "reissued": False}
     reissued = owner is OwnerState.PROVISIONED
     if opts.check:
-        return {"changed": True, "handoff": str(target), "reissued": reissued}
+        return {"changed": True, "handoff": str(handoff_file(ctx, alloc)), "reissued": reissued}
     tenant = ctx.inventory.tenant(alloc.tenant)
     tenant_key = tenant.identity_public_key.line
     otp = generate_password()

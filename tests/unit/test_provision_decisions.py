@@ -10,24 +10,22 @@ from hsmctl.provider.provisioning import HandoffAction, decide_handoff
 
 pytestmark = pytest.mark.unit
 
-ISSUE, KEEP, REFUSE = HandoffAction.ISSUE, HandoffAction.KEEP, HandoffAction.REFUSE
+ISSUE, KEEP = HandoffAction.ISSUE, HandoffAction.KEEP
 P, F = OwnerState.PROVISIONED, OwnerState.FACTORY
 
 
 @pytest.mark.parametrize(
-    ("owner", "bundle", "handed_off", "reissue", "expect"),
+    ("owner", "handed_off", "reissue", "expect"),
     [
-        (F, False, False, False, ISSUE),  # first hand-off
-        (F, True, True, False, ISSUE),  # the device was reset since: its OTP is gone
-        (P, True, True, False, KEEP),  # a rerun: the tenant may hold this bundle
-        (P, True, False, False, KEEP),
-        (P, False, False, False, ISSUE),  # interrupted after `otp set`, before the bundle
-        (P, False, True, False, REFUSE),  # handed off, bundle gone: not silently replaced
-        (P, True, True, True, ISSUE),  # told to
-        (P, False, True, True, ISSUE),
+        (F, False, False, ISSUE),  # first hand-off
+        (F, True, False, ISSUE),  # the device was reset since: its OTP is gone
+        (P, True, False, KEEP),  # a rerun (any host): the tenant may hold this bundle
+        (P, False, False, ISSUE),  # interrupted after `otp set`, before the journal's ok
+        (P, True, True, ISSUE),  # told to
+        (F, False, True, ISSUE),
     ],
 )
 def test_decide_handoff(
-    owner: OwnerState, bundle: bool, handed_off: bool, reissue: bool, expect: HandoffAction
+    owner: OwnerState, handed_off: bool, reissue: bool, expect: HandoffAction
 ) -> None:
-    assert decide_handoff(owner, bundle, handed_off, reissue) is expect
+    assert decide_handoff(owner, handed_off, reissue) is expect

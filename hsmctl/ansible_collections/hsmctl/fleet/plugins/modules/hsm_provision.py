@@ -47,10 +47,11 @@ options:
   reissue_otp:
     description:
       - For O(step=handoff) - make a new one-time password and bundle even when the
-        appliance already holds this request's one-time password and its bundle exists.
-      - Without it such a hand-off is left as it is (C(changed=false)), and one whose
-        bundle went missing fails instead of silently replacing a password the tenant
-        may hold.
+        appliance already holds the one-time password of this request's finished
+        hand-off.
+      - Without it such a hand-off is left as it is (C(changed=false), the journaled
+        bundle path returned) - a password the tenant may hold is never silently
+        replaced.
     type: bool
     default: false
 attributes:
