@@ -435,12 +435,51 @@ def test_two_orchestrator_hosts_on_one_postgresql_never_share_or_interleave(
             if r["status"] == StepStatus.STARTED:
                 assert open_step is None, (appliance, open_step, r["step"])
                 open_step = r["step"]
-            elif r["status"] in (StepStatus.OK, StepStatus.FAILED) and open_step is not None:
-                assert r["step"] == open_step, (appliance, open_step, r["step"])
-                open_step = None
+            elif r["status"] in (StepStatus.OK, StepStatus.FAILED) and r["step"] == open_step:
+                open_step = None  # (entries a step writes inside itself, e.g. "pin", pass)
         assert open_step is None
     for conf in confs:  # each host's own view, through its own configuration
         assert {a: fleet(conf)[a]["state"] for a in RACERS} == dict.fromkeys(RACERS, "provisioned")
+    # The same request resumed on both hosts at once (an operator's rerun on host B while
+    # host A's run is still going): the steps of its appliance run one at a time across
+    # the hosts — only the database's lock can see both.
+    factory_reset(RACERS[0])
+    reset_postgres(postgres_url)
+    rid = f"both-{uuid.uuid4()}"
+    procs = [
+        subprocess.Popen(
+            [*_provision_argv(conf), "--request-id", rid],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=conf.parent,
+        )
+        for conf in confs
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    # One host finishes the request. The other runs each step after it, under the lock:
+    # it finds the request done (0), or reaches the hand-off and refuses to make a second
+    # one-time password, since the first bundle is on the other host and the tenant may
+    # hold it (5, nothing re-issued) — which, depends on when it starts.
+    codes = sorted(r.returncode for r in results)
+    assert codes in ([0, 0], [0, 5]), [r.stderr[-300:] for r in results]
+    for r in results:
+        assert r.returncode == 0 or b"hsm_reissue_otp" in r.stderr, r.stderr[-300:]
+    with Store.open(postgres_url) as store:
+        snap = store.snapshot()
+    rows = sorted((r for r in snap["journal"] if r["request_id"] == rid), key=lambda r: r["id"])
+    open_step = None
+    started = 0
+    for r in rows:
+        if r["status"] == StepStatus.STARTED:
+            assert open_step is None, (open_step, r["step"], rows)  # never two at once
+            open_step, started = r["step"], started + 1
+        elif r["status"] in (StepStatus.OK, StepStatus.FAILED) and r["step"] == open_step:
+            open_step = None
+    assert started >= 5  # the appliance's steps, never two at once whichever host ran them
+    assert fleet(confs[0])[RACERS[0]]["state"] == "provisioned"
 
 
 def test_count_two_provisions_in_parallel_across_stamps(
