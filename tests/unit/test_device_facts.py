@@ -253,7 +253,7 @@ def test_the_network_is_read_as_provisioning_needs_it() -> None:
     configured = device.NETWORK.process(_recorded_text("network show"), "hsm29")
     assert (configured.address, configured.gateway) == ("198.19.0.229/24", "198.19.0.1")
     assert configured.is_live("198.19.0.229/24")
-    assert not configured.is_live("198.19.0.230/24") and not configured.is_live("198.18.0.29/24")
+    assert not configured.is_live("198.19.0.230/24") and not configured.is_live("198.18.0.39/24")
     factory = device.NETWORK.process(_recorded_text("network show", "factory"), "hsm29")
     assert (factory.address, factory.gateway) == (None, None)
     assert not factory.is_live("198.19.0.229/24")
