@@ -193,12 +193,23 @@ def step_monitor(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> 
     return {"changed": changed, "diff": _diff(before, want)}
 
 
+def _handed_over(ctx: ProviderContext, alloc: Allocation) -> None:
+    """The hand-off is the last step: the appliance is ``provisioned`` once its bundle is
+    written, whoever runs the playbook (``hsmctl provision``, AWX, plain
+    ansible-playbook). Only from ``provisioning``: a retry of a failed request goes
+    through ``hsmctl provision``, which says so first."""
+    if ctx.store.get_appliance(alloc.appliance).state == ApplianceState.PROVISIONING:
+        ctx.store.set_state(alloc.appliance, ApplianceState.PROVISIONED)
+
+
 def step_handoff(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
     with ctx.provider_session(alloc.appliance) as conn:
         owner = HSM_INFO.on(conn, alloc.appliance).owner_state
     done = _last_ok(ctx, alloc, ProvisionStep.HANDOFF)
     action = decide_handoff(owner, done is not None, opts.reissue_otp)
     if action is HandoffAction.KEEP and done is not None:
+        if not opts.check:
+            _handed_over(ctx, alloc)  # a run cut between the bundle and the state: finish it
         return {"changed": False, "handoff": str(done.get("handoff", "")), "reissued": False}
     reissued = owner is OwnerState.PROVISIONED
     if opts.check:
@@ -228,6 +239,7 @@ def step_handoff(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> 
         mgmt_ip=alloc.mgmt_ip,
     )
     path = write_bundle(handoff_path(ctx, alloc), bundle)
+    _handed_over(ctx, alloc)
     return {
         "changed": True,
         "handoff": str(path),

@@ -54,7 +54,31 @@ def audit_records(appliance: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines()]
 
 
+def settle_logins(appliance: str, timeout: float = 20.0) -> None:
+    """Wait until the device has logged every login sshd has written so far. hsmd reads
+    sshd's log files every 0.2 s (hsmctl.appliance.sshdlog.Tailer), so under load a
+    login can reach the activity log well after the client's command returned: a test
+    that takes "the log's end" must take it after that, or the login shows up later as
+    if it were new activity."""
+    probe = (
+        "for f in mgmt data; do stat -c %s /var/log/hsm/sshd-$f.log 2>/dev/null || echo 0;"
+        " done; cat /var/lib/hsm/state/sshd-offsets.json 2>/dev/null || echo '{}'"
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        out = console(appliance, "sh", "-c", probe).stdout.decode().split("\n", 2)
+        sizes = {"mgmt": int(out[0]), "data": int(out[1])}
+        offsets = json.loads(out[2] or "{}")
+        if all(offsets.get(iface, 0) >= size for iface, size in sizes.items()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{appliance}: sshd log not caught up: {sizes} {offsets}")
+        time.sleep(0.1)
+
+
 def last_seq(appliance: str) -> int:
+    """The activity log's last sequence number, once every login so far is in it."""
+    settle_logins(appliance)
     records = audit_records(appliance)
     return int(records[-1]["seq"]) if records else 0
 

@@ -35,7 +35,7 @@ import yaml
 
 from hsmctl.inventory import check_placement, load_inventory
 from hsmctl.lab.rig import data_ip
-from hsmctl.state.model import Operation, StepStatus
+from hsmctl.state.model import ApplianceState, Operation, StepStatus
 from hsmctl.state.store import DB_FILE, Store
 from tests.checkout_copy import copy_checkout
 from tests.conftest import (
@@ -273,7 +273,7 @@ def test_the_collection_provisions_and_takes_over_truthfully_with_plain_ansible_
 
     def provision(*args: str) -> dict[str, int]:
         proc = plain_playbook(installed, collection, tmp_path, "provision.yml",
-                              "-i", str(source), "-l", "state_provisioning", *args)  # fmt: skip
+                              "-i", str(source), "-l", BY_PLAYBOOK, *args)  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "[WARNING]" not in proc.stderr, proc.stderr
         return recap(proc.stdout, BY_PLAYBOOK)
@@ -298,6 +298,8 @@ def test_the_collection_provisions_and_takes_over_truthfully_with_plain_ansible_
     handed = bundle.read_bytes()
     device = device_picture(BY_PLAYBOOK)
     assert device["owner_state"] == "provisioned" and device["monitor"] == "enabled"
+    with Store.open(state_dir / DB_FILE) as store:  # the playbook alone finished it
+        assert store.get_appliance(BY_PLAYBOOK).state == ApplianceState.PROVISIONED
 
     second = provision("--diff")
     assert second["changed"] == 0 and second["failed"] == 0, second

@@ -35,12 +35,17 @@ def audit_export(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str])
     after = cmd.get_int("after") or 0
     # Export works even when the log cannot be written (SPEC §3): then without a
     # fresh checkpoint, and the collector sees the unsigned tail.
+    checkpoint = None
     with contextlib.suppress(LogUnavailable):
-        daemon.checkpoint(force=True)
+        checkpoint = daemon.checkpoint(force=True)
     log = daemon.log
     with log.lock:
         start = log.offset_after(after)
-        end = log.size
+        # Up to the fresh checkpoint, not to whatever was appended since (a login the
+        # sshd-log reader writes a moment later): an export ends signed; the next one
+        # carries the rest.
+        end = log.size if checkpoint is None else log.offset_after(int(checkpoint["seq"]))
+        end = max(end, start)
     return Reply(
         stream=(str(log.path), start, end), log_detail={"after": after, "bytes": end - start}
     )
