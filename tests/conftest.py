@@ -26,7 +26,7 @@ from hsmctl.lab.rig import tenant_config as tenant_config
 
 REPO = Path(__file__).resolve().parents[1]
 HSMCTL = str(Path(sys.executable).with_name("hsmctl"))
-TENANTS, APPLIANCES = 2, 30
+TENANTS, APPLIANCES = 2, 100
 
 
 def hsmctl(
@@ -108,6 +108,13 @@ APPLIANCE_SETS = {
     "hardening": ["hsm25", "hsm26"],
     "clients": ["hsm27", "hsm28"],
     "distribution": ["hsm29", "hsm30"],
+    "health": [f"hsm{i:02d}" for i in range(31, 35)],
+    "fleet": [f"hsm{i:02d}" for i in range(35, 41)],
+    "retention": [f"hsm{i:02d}" for i in range(41, 45)],
+    "keys": [f"hsm{i:02d}" for i in range(45, 51)],
+    # The 100-appliance test provisions, takes over and collects these; its health poll
+    # reads every appliance of the lab (monitor only: nothing changes on them).
+    "scale": [f"hsm{i}" for i in range(51, 101)],
 }
 
 
