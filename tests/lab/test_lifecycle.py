@@ -112,7 +112,7 @@ def test_up_twice_with_the_same_sizes_equals_once(no_lab: None) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--appliances", "0"], b"--appliances must be between 1 and 64"),
+        (["--appliances", "0"], b"--appliances must be between 1 and 128"),
         (["--tenants", "300"], b"--tenants must be between 1 and 32"),
         (["--tenants", "0"], b"--tenants must be between 1 and 32"),
         (["--appliances", "many"], b"is not a valid integer"),
