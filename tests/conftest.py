@@ -1,7 +1,7 @@
 """Shared fixtures: the hsmctl command as a user runs it, and the lab.
 
 The lab is one per machine (fixed names, one blackhole route): tests that need it share
-a session-wide lab of 2 tenants and 4 appliances; tests that take it down bring it back
+a session-wide lab of 2 tenants and 100 appliances; tests that take it down bring it back
 through :func:`ensure_lab`. The session ends with ``hsmctl lab down``.
 """
 

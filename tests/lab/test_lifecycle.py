@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import APPLIANCES, TENANTS, ensure_lab, hsmctl, requires_root
+from tests.conftest import TENANTS, hsmctl, requires_root
 
 pytestmark = pytest.mark.lab
 
@@ -70,10 +70,21 @@ def no_lab() -> None:
     hsmctl("lab", "down")
 
 
+# These tests take the lab down anyway: a small one shows the same (the next module's
+# ensure_lab() brings the full-size lab back once).
+SMALL = ("--tenants", str(TENANTS), "--appliances", "4")
+
+
+def small_lab() -> dict[str, Any]:
+    proc = hsmctl("lab", "up", *SMALL, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
 def test_down_leaves_nothing_behind(no_lab: None) -> None:
     before = host_snapshot()
     assert lab_traces(before) == []
-    ensure_lab()
+    small_lab()
     assert lab_traces(host_snapshot())
     proc = hsmctl("lab", "down", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -89,17 +100,15 @@ def test_down_leaves_nothing_behind(no_lab: None) -> None:
 def test_fresh_lab_provider_key_logs_in_everywhere(no_lab: None) -> None:
     from tests.lab.test_lab import provider_logs_in
 
-    lab = ensure_lab()
+    lab = small_lab()
     provider_logs_in(lab, [a["id"] for a in lab["appliances"]])
 
 
 def test_up_twice_with_the_same_sizes_equals_once(no_lab: None) -> None:
-    first = ensure_lab()
+    first = small_lab()
     state = json.loads(Path("/var/lib/hsmctl-lab/lab.json").read_text())
     keys = Path("/var/lib/hsmctl-lab/provider/known_hosts").read_text()
-    again = hsmctl(
-        "lab", "up", "--tenants", str(TENANTS), "--appliances", str(APPLIANCES), "--json"
-    )
+    again = hsmctl("lab", "up", *SMALL, "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout) == first
     assert json.loads(Path("/var/lib/hsmctl-lab/lab.json").read_text()) == state
