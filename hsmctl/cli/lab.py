@@ -139,3 +139,33 @@ def console(appliance: str, command: tuple[str, ...], as_json: bool) -> None:
             argv=list(command),
             status=proc.returncode,
         )
+
+
+@lab.command()
+@click.argument("appliance")
+@click.argument("kind", type=click.Choice(["psu1", "psu2", "temp", "fan", "off", "clear"]))
+@json_option
+def fault(appliance: str, kind: str, as_json: bool) -> None:
+    """Inject a hardware fault on a lab appliance (lab only; root), or clear them all.
+
+    \b
+    psu1, psu2  that power supply fails
+    temp        the temperature rises past its limit
+    fan         a fan stops
+    off         the appliance stops answering (its management and data links go down;
+                the out-of-band sensors still answer and say power off)
+    clear       every fault ends; links that 'off' took down come back up
+
+    The faults are sensor readings only the out-of-band path sees (hsmctl health reads
+    them); nothing on the device's accounts changes.
+
+    \b
+    Output: {"appliance", "fault", "sensors": {...the new readings}}."""
+    from hsmctl.lab import faults
+
+    payload = faults.inject(appliance, kind)
+    emit(
+        as_json,
+        payload,
+        lambda p: f"{p['appliance']}: {p['fault']}: faults={p['sensors']['faults']}",
+    )
