@@ -12,6 +12,7 @@ from hsmctl.appliance.tokenlib import (
     check_customer_label,
     reveal_pin,
 )
+from hsmctl.secret import Secret
 
 
 def customer_status(*, lib_path: str = DEFAULT_LIB) -> TokenStatus:
@@ -58,6 +59,17 @@ def customer_check_co_pin(pin: PinLike, *, lib_path: str = DEFAULT_LIB) -> bool:
     """Whether ``pin`` is the crypto-officer PIN (a login and logout)."""
     result = call_helper("customer_check_co_pin", {"pin": reveal_pin(pin, "CO PIN")}, lib_path)
     return bool(result["match"])
+
+
+def customer_domain_set(
+    so_pin: PinLike, domain_secret: PinLike, *, lib_path: str = DEFAULT_LIB
+) -> dict[str, object]:
+    """Put the token into the cloning domain of ``domain_secret`` (the SO makes the
+    domain key): ``{"domain": fingerprint, "created": bool}``; the same domain again
+    changes nothing, another one is TokenStateError."""
+    secret = domain_secret.reveal() if isinstance(domain_secret, Secret) else domain_secret
+    args = {"so_pin": reveal_pin(so_pin, "SO PIN"), "domain_secret": secret}
+    return dict(call_helper("customer_domain_set", args, lib_path))
 
 
 def customer_zeroize(*, lib_path: str = DEFAULT_LIB) -> TokenStatus:

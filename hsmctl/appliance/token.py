@@ -65,6 +65,7 @@ from hsmctl.appliance.audittoken import (
 from hsmctl.appliance.customertoken import (
     customer_change_co_pin,
     customer_check_co_pin,
+    customer_domain_set,
     customer_init,
     customer_set_co_pin,
     customer_status,
@@ -140,6 +141,7 @@ __all__ = [
     "close_session",
     "customer_change_co_pin",
     "customer_check_co_pin",
+    "customer_domain_set",
     "customer_init",
     "customer_set_co_pin",
     "customer_status",

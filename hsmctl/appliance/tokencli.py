@@ -18,6 +18,7 @@ from typing import Any
 
 import PyKCS11
 
+from hsmctl.appliance import domainkey
 from hsmctl.appliance import token as t
 from hsmctl.errors import CommandFailed, HsmctlError, UsageError
 
@@ -44,8 +45,88 @@ def _status(lib: Any, slot: t.Slot) -> t.TokenStatus:
         finally:
             t.close_session(session)
     return t.TokenStatus(
-        slot.label, slot.serial, slot.initialised, objects, slot.user_pin_set, slot.firmware
+        slot.label,
+        slot.serial,
+        slot.initialised,
+        objects,
+        slot.user_pin_set,
+        slot.firmware,
+        _domain_fingerprint(lib, slot) if slot.initialised else None,
     )
+
+
+def _domain_objects(session: Any) -> list[Any]:
+    """The domain key (public: visible without login): a trusted AES key by its label."""
+    return list(
+        session.findObjects(
+            [
+                (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+                (PyKCS11.CKA_TRUSTED, True),
+                (PyKCS11.CKA_LABEL, domainkey.LABEL),
+            ]
+        )
+    )
+
+
+def _domain_fingerprint(lib: Any, slot: t.Slot) -> str | None:
+    session = t.open_session(lib, slot, "reading the cloning domain")
+    try:
+        with t.pkcs11_errors("reading the cloning domain"):
+            found = _domain_objects(session)
+            if not found:
+                return None
+            (ident,) = session.getAttributeValue(found[0], [PyKCS11.CKA_ID], True)
+    finally:
+        t.close_session(session)
+    return bytes(ident).hex()
+
+
+def _customer_domain_set(lib: Any, args: Mapping[str, Any]) -> object:
+    """Make the domain key as SO; the same domain again changes nothing, another one is
+    refused (a token belongs to one domain: zeroize and init to change it)."""
+    so_pin = t.reveal_pin(args["so_pin"], "SO PIN")
+    try:
+        value, fingerprint = domainkey.derive(str(args["domain_secret"]))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    slot = _customer(lib)
+    current = _domain_fingerprint(lib, slot)
+    if current == fingerprint:
+        return {"domain": fingerprint, "created": False}
+    if current is not None:
+        raise t.TokenStateError(
+            f"the token is in another cloning domain ({current[:16]}...): "
+            "zeroize and init it to change domains"
+        )
+    session = t.open_session(lib, slot, "setting the cloning domain")
+    try:
+        with t.pkcs11_errors("setting the cloning domain"):
+            session.login(so_pin, PyKCS11.CKU_SO)
+            template = [
+                (PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY),
+                (PyKCS11.CKA_KEY_TYPE, PyKCS11.CKK_AES),
+                (PyKCS11.CKA_TOKEN, True),
+                (PyKCS11.CKA_PRIVATE, False),  # SoftHSM's SO makes public objects only
+                (PyKCS11.CKA_SENSITIVE, True),
+                (PyKCS11.CKA_EXTRACTABLE, False),
+                (PyKCS11.CKA_TRUSTED, True),
+                (PyKCS11.CKA_WRAP, True),
+                (PyKCS11.CKA_UNWRAP, True),
+                (PyKCS11.CKA_ENCRYPT, False),
+                (PyKCS11.CKA_DECRYPT, False),
+                (PyKCS11.CKA_SIGN, False),
+                (PyKCS11.CKA_VERIFY, False),
+                (PyKCS11.CKA_DERIVE, False),
+                (PyKCS11.CKA_MODIFIABLE, False),
+                (PyKCS11.CKA_LABEL, domainkey.LABEL),
+                (PyKCS11.CKA_ID, bytes.fromhex(fingerprint)),
+                (PyKCS11.CKA_VALUE, value),
+            ]
+            session.createObject(template)
+            session.logout()
+    finally:
+        t.close_session(session)
+    return {"domain": fingerprint, "created": True}
 
 
 def _refresh(lib: Any, slot: t.Slot) -> t.Slot:
@@ -318,6 +399,7 @@ OPS: dict[str, Op] = {
     "customer_set_co_pin": _customer_set_co_pin,
     "customer_change_co_pin": _customer_change_co_pin,
     "customer_check_co_pin": _customer_check_co_pin,
+    "customer_domain_set": _customer_domain_set,
     "audit_ensure": _audit_ensure,
     "audit_generate": _audit_generate,
     "audit_list": _audit_list,

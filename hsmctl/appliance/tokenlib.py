@@ -55,6 +55,7 @@ class TokenStatus:
     objects: int  # objects visible without login (public ones)
     co_pin_set: bool  # CKF_USER_PIN_INITIALIZED
     firmware: str  # SoftHSM version, e.g. "2.6"
+    domain: str | None = None  # the cloning domain's fingerprint (hex), None when unset
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -68,6 +69,7 @@ class TokenStatus:
             objects=int(data["objects"]),
             co_pin_set=bool(data["co_pin_set"]),
             firmware=str(data["firmware"]),
+            domain=str(data["domain"]) if data.get("domain") else None,
         )
 
 

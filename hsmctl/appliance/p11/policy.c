@@ -563,11 +563,15 @@ static CK_RV check_key_template(CK_SESSION_HANDLE h, const char *fn, CK_ATTRIBUT
 }
 
 /*
- * Copy a private/secret key template into OUT (room for n + 2) with CKA_SENSITIVE=true
- * and CKA_EXTRACTABLE=false; a template asking for anything else is refused.
+ * Copy a private/secret key template into OUT (room for n + 3) with CKA_SENSITIVE=true
+ * and CKA_EXTRACTABLE=false; a template asking for anything else is refused. A CLONEABLE
+ * key (made in a cloning domain, SPEC §12) gets CKA_EXTRACTABLE=true (whatever the
+ * template said: the domain's policy, as on a Luna partition that allows cloning) and
+ * CKA_WRAP_WITH_TRUSTED=true, so it leaves only under the trusted domain key; a template
+ * asking CKA_WRAP_WITH_TRUSTED=false there is refused.
  */
 static CK_RV force_protected(CK_SESSION_HANDLE h, const char *fn, CK_ATTRIBUTE_PTR t,
-			     CK_ULONG n, CK_ATTRIBUTE *out, CK_ULONG *outn)
+			     CK_ULONG n, CK_ATTRIBUTE *out, CK_ULONG *outn, int cloneable)
 {
 	CK_ATTRIBUTE_PTR a;
 	CK_BBOOL v;
@@ -587,10 +591,25 @@ static CK_RV force_protected(CK_SESSION_HANDLE h, const char *fn, CK_ATTRIBUTE_P
 		if (!attr_bool(a, &v))
 			return deny(h, fn, "malformed", CKR_ATTRIBUTE_VALUE_INVALID, "attribute",
 				    "CKA_EXTRACTABLE");
-		if (v)
+		if (v && !cloneable)
 			return deny(h, fn, "extractable", CKR_TEMPLATE_INCONSISTENT, NULL, NULL);
+		if (cloneable)
+			out[a - t].pValue = &ck_true;
 	} else {
-		out[k++] = (CK_ATTRIBUTE){CKA_EXTRACTABLE, &ck_false, sizeof ck_false};
+		out[k++] = (CK_ATTRIBUTE){CKA_EXTRACTABLE, cloneable ? &ck_true : &ck_false,
+					  sizeof ck_false};
+	}
+	if (cloneable) {
+		if ((a = attr_find(t, n, CKA_WRAP_WITH_TRUSTED))) {
+			if (!attr_bool(a, &v))
+				return deny(h, fn, "malformed", CKR_ATTRIBUTE_VALUE_INVALID,
+					    "attribute", "CKA_WRAP_WITH_TRUSTED");
+			if (!v)
+				return deny(h, fn, "extractable", CKR_TEMPLATE_INCONSISTENT,
+					    "attribute", "CKA_WRAP_WITH_TRUSTED");
+		} else {
+			out[k++] = (CK_ATTRIBUTE){CKA_WRAP_WITH_TRUSTED, &ck_true, sizeof ck_true};
+		}
 	}
 	*outn = k;
 	return CKR_OK;
@@ -607,6 +626,8 @@ struct keyinfo {
 	unsigned char ec_params[16];
 	CK_ULONG ec_params_len;
 	CK_BBOOL sensitive, extractable;
+	int have_wwt, have_trusted;
+	CK_BBOOL wwt, trusted; /* CKA_WRAP_WITH_TRUSTED, CKA_TRUSTED */
 	unsigned char label[LABEL_CAP];
 	CK_ULONG label_len;
 	unsigned char id[ID_CAP];
@@ -669,6 +690,8 @@ static void describe(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, struct keyinfo *ki
 	ki->have_kt = get_fixed(h, o, CKA_KEY_TYPE, &ki->kt, sizeof ki->kt);
 	ki->have_sens = get_fixed(h, o, CKA_SENSITIVE, &ki->sensitive, sizeof ki->sensitive);
 	ki->have_ext = get_fixed(h, o, CKA_EXTRACTABLE, &ki->extractable, sizeof ki->extractable);
+	ki->have_wwt = get_fixed(h, o, CKA_WRAP_WITH_TRUSTED, &ki->wwt, sizeof ki->wwt);
+	ki->have_trusted = get_fixed(h, o, CKA_TRUSTED, &ki->trusted, sizeof ki->trusted);
 	get_var(h, o, CKA_LABEL, ki->label, sizeof ki->label, &ki->label_len);
 	get_var(h, o, CKA_ID, ki->id, sizeof ki->id, &ki->id_len);
 	if (!ki->have_kt)
@@ -731,9 +754,12 @@ static const char *key_verdict(const struct keyinfo *ki, CK_RV *rv)
 	}
 	if (ki->cls == CKO_PUBLIC_KEY)
 		return NULL;
+	if (ki->have_trusted && ki->trusted)
+		return "domain-key"; /* only the SO makes one, in hsmsh: never a client */
 	if (!ki->have_sens || !ki->sensitive)
 		return "sensitive";
-	if (!ki->have_ext || ki->extractable)
+	/* Extractable only when cloneable: wrapped by a trusted (domain) key alone. */
+	if (!ki->have_ext || (ki->extractable && !(ki->have_wwt && ki->wwt)))
 		return "extractable";
 	return NULL;
 }
@@ -759,6 +785,67 @@ static CK_RV post_check(CK_SESSION_HANDLE h, const char *fn, CK_OBJECT_HANDLE o,
 			struct keyinfo *ki)
 {
 	return post_check_sized(h, fn, o, ki, 0);
+}
+
+/* ---- the cloning domain (SPEC §12) ------------------------------------------------ */
+
+/* The domain key: a secret key with CKA_TRUSTED=true (SoftHSM lets only the SO set it;
+ * hsmsh's `hsm domain set` makes it, and SO login is refused on this path). */
+static int is_domain_key(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
+{
+	CK_OBJECT_CLASS cls;
+	CK_BBOOL trusted;
+	return get_fixed(h, o, CKA_CLASS, &cls, sizeof cls) && cls == CKO_SECRET_KEY &&
+	       get_fixed(h, o, CKA_TRUSTED, &trusted, sizeof trusted) && trusted;
+}
+
+/* 1 when the key may leave under the domain key (CKA_WRAP_WITH_TRUSTED=true). */
+static int is_cloneable(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
+{
+	CK_BBOOL wwt;
+	return get_fixed(h, o, CKA_WRAP_WITH_TRUSTED, &wwt, sizeof wwt) && wwt;
+}
+
+/* Whether the token is in a cloning domain: a search in a session of our own, so the
+ * caller's search (if one is active) is not disturbed. Any failure: no domain (keys
+ * made then stay unextractable, the safe side). */
+static int domain_present(CK_SESSION_HANDLE h)
+{
+	CK_SESSION_INFO info;
+	CK_SESSION_HANDLE own;
+	CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+	CK_ATTRIBUTE q[2] = {
+		{CKA_CLASS, &cls, sizeof cls},
+		{CKA_TRUSTED, &ck_true, sizeof ck_true},
+	};
+	CK_OBJECT_HANDLE o;
+	CK_ULONG found = 0;
+	if (real->C_GetSessionInfo(h, &info) != CKR_OK)
+		return 0;
+	if (real->C_OpenSession(info.slotID, CKF_SERIAL_SESSION, NULL, NULL, &own) != CKR_OK)
+		return 0;
+	if (real->C_FindObjectsInit(own, q, 2) == CKR_OK) {
+		if (real->C_FindObjects(own, &o, 1, &found) != CKR_OK)
+			found = 0;
+		real->C_FindObjectsFinal(own);
+	}
+	real->C_CloseSession(own);
+	return found > 0;
+}
+
+/* Refuse any use of the domain key but wrapping and unwrapping cloneable keys. */
+static int domain_guard(CK_SESSION_HANDLE h, const char *fn, CK_OBJECT_HANDLE k, CK_RV code,
+			CK_RV *rv)
+{
+	if (k == CK_INVALID_HANDLE || !is_domain_key(h, k))
+		return 0;
+	*rv = deny(h, fn, "domain-key", code, "detail", "the cloning domain's key");
+	return 1;
+}
+
+static int domain_mech_ok(CK_MECHANISM_TYPE m)
+{
+	return m == CKM_AES_KEY_WRAP_PAD || m == CKM_AES_KEY_WRAP;
 }
 
 static void emit_key(CK_SESSION_HANDLE h, const char *event, const char *fn,
@@ -1293,6 +1380,8 @@ static CK_RV w_CopyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_
 		return rv;
 	if (probe_guard(h, fn, o, &rv))
 		return rv;
+	if (domain_guard(h, fn, o, CKR_ACTION_PROHIBITED, &rv))
+		return rv;
 	if ((rv = tmpl_in(h, fn, t, n)) != CKR_OK)
 		return rv;
 	if ((rv = check_changes(h, fn, o, t, n)) != CKR_OK)
@@ -1315,6 +1404,8 @@ static CK_RV w_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
 	struct keyinfo ki;
 	NEED_REAL();
 	if (not_officer(h, fn, &rv))
+		return rv;
+	if (domain_guard(h, fn, o, CKR_ACTION_PROHIBITED, &rv))
 		return rv;
 	describe(h, o, &ki);
 	rv = real->C_DestroyObject(h, o);
@@ -1392,6 +1483,8 @@ static CK_RV w_SetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATT
 		return rv;
 	if ((rv = tmpl_in(h, fn, t, n)) != CKR_OK)
 		return rv;
+	if (domain_guard(h, fn, o, CKR_ACTION_PROHIBITED, &rv))
+		return rv;
 	if ((rv = check_changes(h, fn, o, t, n)) != CKR_OK)
 		return rv;
 	return real->C_SetAttributeValue(h, o, t, n);
@@ -1429,6 +1522,8 @@ static CK_RV w_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HA
 	NEED_REAL();
 	if ((rv = check_mech(h, "C_EncryptInit", m, 0)) != CKR_OK)
 		return rv;
+	if (domain_guard(h, "C_EncryptInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
 	return real->C_EncryptInit(h, m, k);
 }
 
@@ -1463,6 +1558,8 @@ static CK_RV w_DecryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HA
 	CK_RV rv;
 	NEED_REAL();
 	if ((rv = check_mech(h, "C_DecryptInit", m, 0)) != CKR_OK)
+		return rv;
+	if (domain_guard(h, "C_DecryptInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
 	return real->C_DecryptInit(h, m, k);
 }
@@ -1524,6 +1621,8 @@ static CK_RV w_DigestKey(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE k)
 	NEED_REAL();
 	if (probe_guard(h, "C_DigestKey", k, &rv))
 		return rv;
+	if (domain_guard(h, "C_DigestKey", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
 	return real->C_DigestKey(h, k);
 }
 
@@ -1541,6 +1640,8 @@ static CK_RV w_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDL
 	CK_RV rv;
 	NEED_REAL();
 	if ((rv = check_mech(h, "C_SignInit", m, 1)) != CKR_OK)
+		return rv;
+	if (domain_guard(h, "C_SignInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
 	rv = real->C_SignInit(h, m, k);
 	if (rv == CKR_OK) {
@@ -1617,6 +1718,8 @@ static CK_RV w_SignRecoverInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJEC
 	NEED_REAL();
 	if ((rv = check_mech(h, "C_SignRecoverInit", m, 1)) != CKR_OK)
 		return rv;
+	if (domain_guard(h, "C_SignRecoverInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
 	return real->C_SignRecoverInit(h, m, k);
 }
 
@@ -1635,6 +1738,8 @@ static CK_RV w_VerifyInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAN
 	CK_RV rv;
 	NEED_REAL();
 	if ((rv = check_mech(h, "C_VerifyInit", m, 1)) != CKR_OK)
+		return rv;
+	if (domain_guard(h, "C_VerifyInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
 	return real->C_VerifyInit(h, m, k);
 }
@@ -1669,6 +1774,8 @@ static CK_RV w_VerifyRecoverInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJ
 	CK_RV rv;
 	NEED_REAL();
 	if ((rv = check_mech(h, "C_VerifyRecoverInit", m, 1)) != CKR_OK)
+		return rv;
+	if (domain_guard(h, "C_VerifyRecoverInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
 	return real->C_VerifyRecoverInit(h, m, k);
 }
@@ -1717,7 +1824,7 @@ static CK_RV w_GenerateKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE
 			   CK_ULONG n, CK_OBJECT_HANDLE_PTR out)
 {
 	static const char fn[] = "C_GenerateKey";
-	CK_ATTRIBUTE forced[MAX_ATTRS + 2];
+	CK_ATTRIBUTE forced[MAX_ATTRS + 3];
 	CK_ULONG fn_count;
 	struct keyinfo ki;
 	CK_RV rv;
@@ -1732,7 +1839,7 @@ static CK_RV w_GenerateKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE
 		return rv;
 	if ((rv = check_key_template(h, fn, t, n)) != CKR_OK)
 		return rv;
-	if ((rv = force_protected(h, fn, t, n, forced, &fn_count)) != CKR_OK)
+	if ((rv = force_protected(h, fn, t, n, forced, &fn_count, domain_present(h))) != CKR_OK)
 		return rv;
 	if (!out)
 		return CKR_ARGUMENTS_BAD;
@@ -1753,7 +1860,7 @@ static CK_RV w_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRI
 			       CK_OBJECT_HANDLE_PTR pub, CK_OBJECT_HANDLE_PTR priv)
 {
 	static const char fn[] = "C_GenerateKeyPair";
-	CK_ATTRIBUTE forced[MAX_ATTRS + 2];
+	CK_ATTRIBUTE forced[MAX_ATTRS + 3];
 	CK_ULONG fcount;
 	struct keyinfo pki, ski;
 	CK_RV rv;
@@ -1769,7 +1876,7 @@ static CK_RV w_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRI
 	if ((rv = check_key_template(h, fn, pt, pn)) != CKR_OK ||
 	    (rv = check_key_template(h, fn, st, sn)) != CKR_OK)
 		return rv;
-	if ((rv = force_protected(h, fn, st, sn, forced, &fcount)) != CKR_OK)
+	if ((rv = force_protected(h, fn, st, sn, forced, &fcount, domain_present(h))) != CKR_OK)
 		return rv;
 	if (!pub || !priv)
 		return CKR_ARGUMENTS_BAD;
@@ -1805,6 +1912,18 @@ static CK_RV w_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE
 		return rv;
 	if (probe_guard(h, fn, k, &rv))
 		return rv;
+	/* The domain key wraps cloneable keys only, and only it wraps them. */
+	if (is_domain_key(h, wk)) {
+		if (!domain_mech_ok(m->mechanism))
+			return deny_num(h, fn, "domain-key", CKR_MECHANISM_INVALID, "mechanism",
+					m->mechanism);
+		if (is_domain_key(h, k) || !is_cloneable(h, k))
+			return deny(h, fn, "domain-wrap", CKR_KEY_NOT_WRAPPABLE, "detail",
+				    "the domain key wraps cloneable keys only");
+	} else if (is_cloneable(h, k)) {
+		return deny(h, fn, "domain-wrap", CKR_KEY_NOT_WRAPPABLE, "detail",
+			    "a cloneable key leaves under the domain key only");
+	}
 	if ((rv = real->C_GetAttributeValue(h, k, &ea, 1)) != CKR_OK)
 		return rv;
 	if (ea.ulValueLen != sizeof ext || !ext)
@@ -1817,7 +1936,7 @@ static CK_RV w_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE
 
 /* Shared by C_UnwrapKey and C_DeriveKey: both make a key from something else. */
 static CK_RV prepare_made_key(CK_SESSION_HANDLE h, const char *fn, CK_ATTRIBUTE_PTR t,
-			      CK_ULONG n, CK_ATTRIBUTE *forced, CK_ULONG *fcount)
+			      CK_ULONG n, CK_ATTRIBUTE *forced, CK_ULONG *fcount, int cloneable)
 {
 	CK_RV rv;
 	CK_ATTRIBUTE_PTR a;
@@ -1830,7 +1949,7 @@ static CK_RV prepare_made_key(CK_SESSION_HANDLE h, const char *fn, CK_ATTRIBUTE_
 		return deny_num(h, fn, "key-type", CKR_TEMPLATE_INCONSISTENT, "class", cls);
 	if ((rv = check_key_template(h, fn, t, n)) != CKR_OK)
 		return rv;
-	return force_protected(h, fn, t, n, forced, fcount);
+	return force_protected(h, fn, t, n, forced, fcount, cloneable);
 }
 
 /*
@@ -1887,11 +2006,22 @@ static CK_RV w_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 			 CK_OBJECT_HANDLE_PTR out)
 {
 	static const char fn[] = "C_UnwrapKey";
-	CK_ATTRIBUTE forced[MAX_ATTRS + 2];
+	CK_ATTRIBUTE forced[MAX_ATTRS + 3];
 	CK_ULONG fcount;
 	struct keyinfo ki;
 	CK_RV rv;
 	NEED_REAL();
+	/*
+	 * BYOK (docs/keys.md): p11-kit 0.24.1's RPC does not carry CKM_AES_KEY_WRAP_PAD
+	 * (rpc-message.c lists it in neither mechanism table, so the client refuses it with
+	 * CKR_MECHANISM_INVALID before sending). hsmctl sends CKM_KEY_WRAP_LYNKS instead: a
+	 * parameterless mechanism 0.24.1 does carry and SoftHSM does not implement, which
+	 * this layer turns into CKM_AES_KEY_WRAP_PAD (RFC 5649, default IV) for SoftHSM.
+	 * Unwrap only; every rule below then judges the real mechanism.
+	 */
+	CK_MECHANISM kwp = {CKM_AES_KEY_WRAP_PAD, NULL, 0};
+	if (m && m->mechanism == CKM_KEY_WRAP_LYNKS && m->ulParameterLen == 0)
+		m = &kwp;
 	if ((rv = tmpl_in(h, fn, t, n)) != CKR_OK)
 		return rv;
 	/* Importing a key (a token object) is the officer's; a crypto-user may unwrap a
@@ -1905,7 +2035,12 @@ static CK_RV w_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 		return rv;
 	if ((rv = check_mech(h, fn, m, 0)) != CKR_OK)
 		return rv;
-	if ((rv = prepare_made_key(h, fn, t, n, forced, &fcount)) != CKR_OK)
+	/* What the domain key unwraps stays cloneable (a copy of a cloneable key). */
+	int from_domain = is_domain_key(h, uk);
+	if (from_domain && !domain_mech_ok(m->mechanism))
+		return deny_num(h, fn, "domain-key", CKR_MECHANISM_INVALID, "mechanism",
+				m->mechanism);
+	if ((rv = prepare_made_key(h, fn, t, n, forced, &fcount, from_domain)) != CKR_OK)
 		return rv;
 	if (!out)
 		return CKR_ARGUMENTS_BAD;
@@ -1939,7 +2074,7 @@ static CK_RV w_DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 			 CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR out)
 {
 	static const char fn[] = "C_DeriveKey";
-	CK_ATTRIBUTE forced[MAX_ATTRS + 2];
+	CK_ATTRIBUTE forced[MAX_ATTRS + 3];
 	CK_ULONG fcount;
 	struct keyinfo ki;
 	CK_RV rv;
@@ -1948,7 +2083,9 @@ static CK_RV w_DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 		return rv;
 	if ((rv = check_mech(h, fn, m, 0)) != CKR_OK)
 		return rv;
-	if ((rv = prepare_made_key(h, fn, t, n, forced, &fcount)) != CKR_OK)
+	if (domain_guard(h, fn, base, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
+	if ((rv = prepare_made_key(h, fn, t, n, forced, &fcount, 0)) != CKR_OK)
 		return rv;
 	if (!out)
 		return CKR_ARGUMENTS_BAD;
