@@ -11,6 +11,7 @@ import click
 from hsmctl import __version__
 from hsmctl.cli import clients as clients_cli
 from hsmctl.cli import customer as customer_cli
+from hsmctl.cli import fleet as fleet_cli  # noqa: F401  (fleet capacity, fleet reconcile)
 from hsmctl.cli import lab as lab_cli
 from hsmctl.cli import logs as logs_cli
 from hsmctl.cli import provider as provider_cli

@@ -31,6 +31,11 @@ from hsmctl.errors import ConflictError, HsmctlError, PartialFailure, UsageError
     help="Provision this many appliances in parallel; the output is then always the "
     "list form, --count 1 included.",
 )
+@click.option(
+    "--use-spares",
+    is_flag=True,
+    help="Also take the spares each stamp holds back (the inventory's 'spares').",
+)
 @json_option
 @click.pass_context
 def provision(
@@ -42,6 +47,7 @@ def provision(
     stamp: str | None,
     request_id: str | None,
     count: int | None,
+    use_spares: bool,
     as_json: bool,
 ) -> None:
     """Provision appliances into a tenant subnet and write their hand-off bundles.
@@ -59,7 +65,11 @@ def provision(
     always {"appliances": [{"appliance", "ip", "handoff"}, ...]}. Every error's JSON
     carries "request_id" ({"error": {..., "request_id"}}): rerun with --request-id
     REQUEST_ID to resume. Exit 5 when no appliance is free or a quota would be exceeded
-    (nothing changes); a failed appliance is left 'failed' with the reason."""
+    (nothing changes); a failed appliance is left 'failed' with the reason.
+
+    Spares: each stamp holds back the number of available appliances its inventory
+    entry names ('spares: N'); they are left alone, and a request only they could serve
+    exits 5 saying so, unless --use-spares is given."""
     from hsmctl.provider.provisioning import provision as run
 
     # The request's id is chosen here when not given, so that every error can name it:
@@ -77,6 +87,7 @@ def provision(
                 request_id=rid,
                 count=1 if count is None else count,
                 progress=progress,
+                use_spares=use_spares,
             )
     except HsmctlError as exc:
         exc.detail.setdefault("request_id", rid)

@@ -27,7 +27,7 @@ SERIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 _TOP = (set[str](), {"version", "regions", "tenants"})
 _REGION = ({"name", "stamps"}, set[str]())
-_STAMP = ({"name", "appliances"}, {"mgmt_cidr"})
+_STAMP = ({"name", "appliances"}, {"mgmt_cidr", "spares"})
 _APPLIANCE = (
     {"id", "serial", "model", "mgmt_ip", "mgmt_host_keys"},
     {"mgmt_host_key_fingerprints"},
@@ -83,9 +83,17 @@ def _stamp(r: Reader, entry: str, raw: object, region: str) -> Stamp | None:
                     e, f"mgmt_ip {a.mgmt_ip} is the network or broadcast address of {mgmt_cidr}"
                 )
         appliances.append(a)
-    if name is None:
+    spares = r.integer(entry, m, "spares", 0) if "spares" in m else 0
+    if spares is not None and spares > len(appliances):
+        r.error(
+            entry,
+            f"spares: {spares} is more than the stamp's {len(appliances)} appliance(s); "
+            "a stamp can hold back at most the appliances it has",
+        )
+        spares = None
+    if name is None or spares is None:
         return None
-    return Stamp(name, region, tuple(appliances), mgmt_cidr, Declared(r.file, entry))
+    return Stamp(name, region, tuple(appliances), mgmt_cidr, Declared(r.file, entry), spares)
 
 
 def _appliance(r: Reader, entry: str, raw: object, region: str, stamp: str) -> Appliance | None:

@@ -8,7 +8,7 @@ line of YAML to fix. Nothing here does I/O; :mod:`hsmctl.inventory.load` builds 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,6 +100,9 @@ class Stamp:
     appliances: tuple[Appliance, ...]
     mgmt_cidr: ipaddress.IPv4Network | None
     origin: Declared = field(compare=False)
+    # Appliances held back for replacements (Azure keeps spares in every stamp):
+    # provisioning leaves this many available ones alone unless told to use spares.
+    spares: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,8 @@ class Placement:
     stamp: str | None = None
     region: str | None = None
     quota: Quota = field(default_factory=Quota)
+    # Available appliances each stamp holds back (stamp -> count); empty with --use-spares.
+    spares: Mapping[str, int] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,17 @@ def check_placement(
     subnet: str,
     ip: str | ipaddress.IPv4Address | None = None,
     stamp: str | None = None,
+    *,
+    use_spares: bool = False,
 ) -> Placement:
     """Check a provisioning target before anything is touched; raise ``PlacementError``.
 
     The subnet must be delegated to the HSM service: a missing delegation is the most
     common dedicated-HSM deployment failure on Azure, and it is cheap to catch here.
     This only checks the target against the inventory; which appliances it gets
-    (anti-affinity, quotas) is :func:`hsmctl.state.allocation.choose_appliances`.
+    (anti-affinity, quotas, spares held back) is
+    :func:`hsmctl.state.allocation.choose_appliances`. ``use_spares``: the stamps'
+    spares may be taken too (the placement then holds none back).
     """
     t = inventory.tenant(tenant)
     v = t.vnet(vnet)
@@ -78,4 +82,5 @@ def check_placement(
         stamp=stamp,
         region=v.region,
         quota=t.quota,
+        spares={} if use_spares else {st.name: st.spares for st in inventory.stamps if st.spares},
     )

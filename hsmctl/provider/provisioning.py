@@ -316,6 +316,7 @@ def provision(
     request_id: str | None = None,
     count: int = 1,
     progress: Progress | None = None,
+    use_spares: bool = False,
 ) -> ProvisionOutcome:
     progress = progress or NullProgress()
     if count < 1 or count > 64:
@@ -324,7 +325,9 @@ def provision(
         raise UsageError("--ip names one address; it cannot be combined with --count")
     ctx = open_context(config_path)
     try:
-        placement = check_placement(ctx.inventory, tenant, vnet, subnet, ip=ip, stamp=stamp)
+        placement = check_placement(
+            ctx.inventory, tenant, vnet, subnet, ip=ip, stamp=stamp, use_spares=use_spares
+        )
         if request_id is not None:
             done = ctx.store.get_request(request_id)
             if done is not None and done.status == RequestStatus.SUCCEEDED:

@@ -69,6 +69,23 @@ class _Tally:
     stamp_region: dict[str, str]
     held_stamp: Counter[str]
     held_region: Counter[str]
+    spares: dict[str, int] = field(default_factory=dict)  # held back per stamp
+
+
+def hold_back_spares(
+    free: Mapping[str, Sequence[FreeAppliance]], spares: Mapping[str, int]
+) -> tuple[dict[str, list[FreeAppliance]], dict[str, int]]:
+    """Split each stamp's free appliances (in hand-out order) into those provisioning
+    may take and the spares it holds back: the last ``spares[stamp]`` of them, so the
+    first ones keep going out first. Returns (usable per stamp, held back per stamp)."""
+    usable: dict[str, list[FreeAppliance]] = {}
+    held: dict[str, int] = {}
+    for stamp, items in free.items():
+        keep = min(max(spares.get(stamp, 0), 0), len(items))
+        usable[stamp] = list(items[: len(items) - keep])
+        if keep:
+            held[stamp] = keep
+    return usable, held
 
 
 def choose_appliances(pool: Pool, placement: Placement, count: int) -> list[FreeAppliance]:
@@ -77,7 +94,9 @@ def choose_appliances(pool: Pool, placement: Placement, count: int) -> list[Free
     Only appliances in the placement's stamp and region (when set) qualify. Stamp
     anti-affinity: each pick goes to the stamp where the tenant holds the fewest, then
     the one with most free appliances, then by name; a stamp or region at its quota is
-    skipped. All or nothing: ``count`` picks or an error.
+    skipped. Each stamp's spares (``placement.spares``) are held back: a request that
+    only spares could serve is refused (exit 5) with how to use them. All or nothing:
+    ``count`` picks or an error.
     """
     p = placement
     tally = _Tally({}, {}, Counter(pool.held_by_stamp), Counter(pool.held_by_region))
@@ -86,6 +105,7 @@ def choose_appliances(pool: Pool, placement: Placement, count: int) -> list[Free
             continue
         tally.free.setdefault(a.stamp, []).append(a)
         tally.stamp_region[a.stamp] = a.region
+    tally.free, tally.spares = hold_back_spares(tally.free, p.spares)
     chosen: list[FreeAppliance] = []
     for _ in range(count):
         options = [
@@ -109,6 +129,7 @@ def _no_capacity(p: Placement, count: int, placed: int, tally: _Tally) -> Confli
         [f" in stamp {p.stamp}" if p.stamp else "", f" in region {p.region}" if p.region else ""]
     )
     free_total = sum(len(v) for v in tally.free.values()) + placed
+    spares = sum(tally.spares.values())
     detail: dict[str, object] = {
         "tenant": p.tenant,
         "requested": count,
@@ -117,6 +138,17 @@ def _no_capacity(p: Placement, count: int, placed: int, tally: _Tally) -> Confli
         "held_by_region": dict(tally.held_region),
         "quota": {"per_stamp": p.quota.per_stamp, "per_region": p.quota.per_region},
     }
+    if spares:
+        detail["spares_held_back"] = dict(tally.spares)
+    if free_total < count and spares:
+        held = ", ".join(f"stamp {s} holds back {n}" for s, n in sorted(tally.spares.items()))
+        what = "only spares remain" if free_total == 0 else f"only {free_total} free appliance(s)"
+        return ConflictError(
+            f"{what}{scope} for {count} requested by tenant {p.tenant}: spares are held "
+            f"back ({held}; the inventory's 'spares' per stamp); nothing was changed. "
+            "To provision from the spares, rerun with --use-spares",
+            detail=detail,
+        )
     if free_total == 0:
         return ConflictError(
             f"no free appliance{scope} for tenant {p.tenant}; nothing was changed",

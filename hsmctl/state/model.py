@@ -49,6 +49,7 @@ class Operation(enum.StrEnum):
     HEALTH = "health"
     DEPROVISION = "deprovision"
     RELEASE = "release"
+    RECONCILE = "reconcile"  # a fix made by `fleet reconcile --apply`
 
 
 class StepStatus(enum.StrEnum):
