@@ -9,6 +9,10 @@ The file is YAML: one mapping, and every value is a non-empty string.
   ``identity``, ``provider_public_key`` (tenant hosts).
 - ``database_url``: the provider's database (default: SQLite in ``state_dir``).
 - ``fabric``, ``out_of_band``: the provider's drivers, ``lab`` by default.
+- health alerts (provider hosts, docs/health.md): ``health_syslog`` (``udp://HOST:PORT``
+  or ``tcp://HOST:PORT``, where alerts go), ``health_alert_polls`` and
+  ``health_alert_window_minutes`` (positive integers: an alert is raised after that many
+  bad polls within that window; 3 and 60 by default, like Azure's).
 
 Strict, like the inventory, because a typo must never silently become a default and a
 traceback is not an answer: an unknown key, a key given twice (PyYAML would keep the last
@@ -46,9 +50,10 @@ _PATH_KEYS = (
     "monitor_key",
     "signing_key",
 )
-_STRING_KEYS = ("database_url", "fabric", "out_of_band")
+_STRING_KEYS = ("database_url", "fabric", "out_of_band", "health_syslog")
+_INT_KEYS = ("health_alert_polls", "health_alert_window_minutes")
 _ROLES = ("provider", "tenant")
-_KNOWN = {"role", "tenant", *_STRING_KEYS, *_PATH_KEYS}
+_KNOWN = {"role", "tenant", *_STRING_KEYS, *_PATH_KEYS, *_INT_KEYS}
 # The inventory's name rule (hsmctl.inventory.load.NAME_RE): a tenant name that breaks it
 # could never match a tenant of the inventory.
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,62}")
@@ -70,6 +75,9 @@ class Config:
     database_url: str | None = None
     fabric: str = "lab"
     out_of_band: str = "lab"
+    health_syslog: str | None = None
+    health_alert_polls: int = 3
+    health_alert_window_minutes: int = 60
 
     def require(self, name: str) -> Any:
         value = getattr(self, name)
@@ -277,7 +285,12 @@ def _build(path: Path, raw: object, lines: dict[str, int]) -> Config:
     problems: list[str] = []
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        if not isinstance(value, str):
+        if key in _INT_KEYS:
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                values[key] = value
+            else:
+                problems.append(f"{at(key)}{key}: expected a positive integer, got {value!r}")
+        elif not isinstance(value, str):
             what = "a path" if key in _PATH_KEYS else "a string"
             problems.append(f"{at(key)}{key}: expected {what}, got {_kind(value)}")
         elif not value.strip():

@@ -12,6 +12,7 @@ from hsmctl import __version__
 from hsmctl.cli import clients as clients_cli
 from hsmctl.cli import customer as customer_cli
 from hsmctl.cli import fleet as fleet_cli  # noqa: F401  (fleet capacity, fleet reconcile)
+from hsmctl.cli import health as health_cli
 from hsmctl.cli import lab as lab_cli
 from hsmctl.cli import logs as logs_cli
 from hsmctl.cli import provider as provider_cli
@@ -53,7 +54,7 @@ cli.add_command(lab_cli.lab)
 cli.add_command(provider_cli.provision)
 cli.add_command(provider_cli.fleet)
 cli.add_command(provider_cli.deprovision)
-cli.add_command(provider_cli.health)
+cli.add_command(health_cli.health)
 cli.add_command(customer_cli.takeover)
 cli.add_command(customer_cli.release)
 cli.add_command(logs_cli.logs)

@@ -1,4 +1,4 @@
-"""Provider-side commands: provision, deprovision, fleet, health."""
+"""Provider-side commands: provision, deprovision, fleet (health: hsmctl.cli.health)."""
 
 from __future__ import annotations
 
@@ -281,62 +281,3 @@ def deprovision(
             progress=progress,
         )
     emit(as_json, dict(result), lambda p: f"{p['appliance']}: {p['state']}")
-
-
-@click.command()
-@click.argument("appliance", required=False, shell_complete=complete_appliance)
-@click.option("--all", "all_", is_flag=True, help="Every appliance in the inventory (default).")
-@json_option
-@click.pass_context
-def health(ctx: click.Context, appliance: str | None, all_: bool, as_json: bool) -> None:
-    """Probe appliances the way the provider may: through the monitoring account
-    (hsm show, no secrets) and a provider-key login on the management interface.
-
-    Reports whether each appliance is reachable, its owner state, whether the provider
-    key is still accepted and how the monitor login went (ok, refused, unreachable,
-    host-key-mismatch, failed). Updates the store: a provisioned appliance that the
-    device reports customer-owned, or that refuses the provider key, becomes
-    customer-owned.
-
-    \b
-    Output: {"appliances": [{"appliance", "reachable", "owner_state",
-             "provider_key_accepted", "monitor", "state"}]}.
-    Exit code: the most severe over the appliances (3 host key mismatch, 4 unreachable,
-    1 failed)."""
-    from hsmctl.provider.health import health as run
-
-    if appliance and all_:
-        raise click.UsageError("give an appliance id or --all, not both")
-    with CliProgress() as progress:
-        report = run(config_path(ctx), [appliance] if appliance else None, progress=progress)
-    payload = report.as_dict()
-    if report.exit_code:
-        bad = [a for a in report.appliances if a.exit_code]
-        raise PartialFailure(
-            f"{len(bad)} appliance(s) unhealthy: "
-            + "; ".join(f"{a.appliance}: {', '.join(a.errors) or 'failed'}" for a in bad),
-            results={a.appliance: a.exit_code for a in report.appliances},
-            detail=payload,
-        )
-
-    emit(as_json, payload, _health_text)
-
-
-def _health_text(p: dict[str, Any]) -> str:
-    def key(accepted: bool | None) -> str | None:
-        return None if accepted is None else ("accepted" if accepted else "refused")
-
-    return table(
-        ["ID", "REACHABLE", "OWNER", "PROVIDER_KEY", "MONITOR", "STATE"],
-        (
-            [
-                a["appliance"],
-                a["reachable"],
-                a["owner_state"],
-                key(a["provider_key_accepted"]),
-                a["monitor"],
-                a.get("state"),
-            ]
-            for a in p["appliances"]
-        ),
-    )

@@ -1,10 +1,19 @@
-"""Fleet health (SPEC §6): what a provider may still see of each appliance.
+"""Fleet health (SPEC §6, issue 15): what a provider may still see of each appliance,
+stored poll by poll, with alerts.
 
-Two logins per appliance over the management interface, both pinned to the management
-host keys: ``monitor`` (the provider's monitoring key) runs ``hsm show``, which answers
-without secrets; ``provider`` only logs in (and runs ``hsm show`` if that is still
-allowed). Nothing else: after a takeover the customer may have disabled ``monitor`` and
-the provider key is refused, and that is exactly what is reported.
+Per appliance, cheapest first, every login pinned to the management host keys:
+``monitor`` (the provider's monitoring key) runs ``hsm show``, which answers without
+secrets and says whether provider access is still on; only when ``monitor`` does not
+answer does ``provider`` log in — authentication only, no session, unless the store
+expects the device in the provider's hands and the owner state is needed. Then the
+hardware sensors, out of band (the lab's BMC: :class:`hsmctl.lab.faults.LabSensors`),
+unless the customer disabled ``monitor``: that device reports "no telemetry (customer
+choice)" and raises no sensor alert. A device whose ``monitor`` is locked and whose
+provider key works is in the factory state (SPEC §3: provisioning enables ``monitor``,
+the first password change locks the provider).
+
+Each poll is stored (``health_polls``) and judged by :mod:`hsmctl.provider.alerts` in the
+same transaction; alerts that were raised or cleared go to syslog.
 
 A login that gets as far as a verified host key reached the device, even when the device
 then closed the connection (sshd disconnects a locked account after its key was offered):
@@ -18,13 +27,16 @@ disagreements are reported and journaled, never "fixed" from a health probe.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 from hsmctl.contract import OwnerState
 from hsmctl.device import HSM_INFO, Fact, HsmInfo
+from hsmctl.device.fact import Fields
 from hsmctl.errors import (
     HostKeyMismatch,
     HsmctlError,
@@ -34,11 +46,17 @@ from hsmctl.errors import (
     most_severe,
 )
 from hsmctl.progress import NullProgress, Progress
+from hsmctl.provider import alerts as al
 from hsmctl.provider.context import ProviderContext, open_context
 from hsmctl.ssh import AuthenticationFailed, DeviceConnection
+from hsmctl.state.healthlog import AlertRow, PollRow
 from hsmctl.state.model import ApplianceState, Operation, StepStatus
 
-MAX_PARALLEL = 16
+MAX_PARALLEL = 32
+"""Polls in flight at once. A poll mostly waits (handshakes, the device's reply), so
+more than the cores; the devices' own CPU is the limit in the lab."""
+
+SENSOR_KINDS = frozenset({"power-off", "psu1", "psu2", "temperature", "fan"})
 
 
 class Login(enum.StrEnum):
@@ -49,6 +67,39 @@ class Login(enum.StrEnum):
     UNREACHABLE = "unreachable"
     HOST_KEY_MISMATCH = "host-key-mismatch"
     FAILED = "failed"
+    SKIPPED = "skipped"  # not needed: the monitor's hsm show already said it
+
+
+@dataclass(frozen=True)
+class LogDisk:
+    """``hsm show``'s ``log_disk`` (device log retention), when the firmware has it."""
+
+    used_bytes: int | None
+    limit_bytes: int | None
+    high_water_bytes: int | None
+    warning: bool
+
+    @classmethod
+    def parse(cls, f: Fields) -> LogDisk | None:
+        try:
+            d = f.object("log_disk")
+        except IntegrityError:
+            return None  # older firmware: no retention report
+        return cls(
+            d.optional_number("used_bytes"),
+            d.optional_number("limit_bytes"),
+            d.optional_number("high_water_bytes"),
+            bool(d.optional_flag("warning")),
+        )
+
+
+@dataclass(frozen=True)
+class MonitorView:
+    info: HsmInfo
+    log_disk: LogDisk | None
+
+
+MONITOR_VIEW = Fact("hsm show", lambda f: MonitorView(HsmInfo.parse(f), LogDisk.parse(f)))
 
 
 @dataclass(frozen=True)
@@ -57,6 +108,7 @@ class Attempt:
     info: HsmInfo | None = None
     error: str | None = None
     exit_code: int = 0
+    log_disk: LogDisk | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +116,8 @@ class Probe:
     appliance: str
     monitor: Attempt
     provider: Attempt
+    sensors: Mapping[str, Any] | None = None  # out-of-band readings; None: not read
+    sensors_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,10 +134,19 @@ class Assessment:
     exit_code: int
     errors: tuple[str, ...] = ()
     drift: str | None = None
+    telemetry: str = "unavailable"
+    problems: frozenset[str] = frozenset()
+    observed: frozenset[str] = frozenset()
+    sensors: Mapping[str, Any] | None = None
+    log_disk: LogDisk | None = None
 
     @property
     def owner_name(self) -> str | None:
         return self.owner_state.value if self.owner_state else None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.exit_code
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -104,7 +167,9 @@ class Assessment:
 # -- probing (I/O) -----------------------------------------------------------------------
 
 
-def attempt(conn: DeviceConnection, fact: Fact[HsmInfo] | None, host: str | None = None) -> Attempt:
+def attempt(
+    conn: DeviceConnection, fact: Fact[HsmInfo] | Fact[MonitorView] | None, host: str | None = None
+) -> Attempt:
     """Log in (and read ``fact``); classify how it ended. Never raises HsmctlError."""
     try:
         conn.connect()
@@ -127,6 +192,8 @@ def attempt(conn: DeviceConnection, fact: Fact[HsmInfo] | None, host: str | None
             info = fact.process(out, host)
         except IntegrityError as exc:  # the device answers garbage: an integrity verdict
             return Attempt(Login.FAILED, error=exc.message, exit_code=exc.exit_code)
+        if isinstance(info, MonitorView):
+            return Attempt(Login.OK, info=info.info, log_disk=info.log_disk)
         return Attempt(Login.OK, info=info)
     except HsmctlError as exc:
         return Attempt(Login.FAILED, error=exc.message, exit_code=exc.exit_code)
@@ -142,10 +209,59 @@ def _host_key_verified(conn: DeviceConnection) -> bool:
     return True
 
 
-def probe(ctx: ProviderContext, appliance: str) -> Probe:
-    monitor = attempt(ctx.monitor_session(appliance), HSM_INFO, appliance)
-    provider = attempt(ctx.provider_session(appliance), HSM_INFO, appliance)
-    return Probe(appliance, monitor, provider)
+class SensorReader(Protocol):
+    def read(self, appliance: str) -> Mapping[str, Any]: ...
+
+
+def sensors_for(kind: str) -> SensorReader | None:
+    """The out-of-band sensor driver (lab: the emulated BMC); None where there is none."""
+    if kind == "lab":
+        from hsmctl.lab.faults import LabSensors
+
+        return LabSensors()
+    return None
+
+
+def probe(
+    ctx: ProviderContext,
+    appliance: str,
+    expected: ApplianceState | None = None,
+    reader: SensorReader | None = None,
+) -> Probe:
+    """The cheapest logins that answer the questions (see the module docstring)."""
+    monitor = attempt(ctx.monitor_session(appliance), MONITOR_VIEW, appliance)
+    if monitor.login is Login.OK:
+        provider = Attempt(Login.SKIPPED)
+    else:
+        # The owner state only where the provider should still hold the device and the
+        # store does not already know it is factory-fresh.
+        need_info = expected not in (None, ApplianceState.AVAILABLE)
+        provider = attempt(
+            ctx.provider_session(appliance), HSM_INFO if need_info else None, appliance
+        )
+    customer_choice = monitor.login is Login.REFUSED and provider.login is Login.REFUSED
+    if reader is None or customer_choice:
+        return Probe(appliance, monitor, provider)
+    try:
+        return Probe(appliance, monitor, provider, sensors=reader.read(appliance))
+    except HsmctlError as exc:
+        return Probe(appliance, monitor, provider, sensors_error=exc.message)
+
+
+def sensor_problems(readings: Mapping[str, Any]) -> frozenset[str]:
+    """Problem kinds in out-of-band sensor readings (pure)."""
+    found = set()
+    if readings.get("power") == "off":
+        found.add("power-off")
+    for psu, state in (readings.get("psu") or {}).items():
+        if state != "ok":
+            found.add(str(psu))
+    temp, limit = readings.get("temperature_c"), readings.get("temperature_limit_c")
+    if isinstance(temp, int | float) and isinstance(limit, int | float) and temp > limit:
+        found.add("temperature")
+    if any(rpm == 0 for rpm in (readings.get("fans") or {}).values()):
+        found.add("fan")
+    return frozenset(found)
 
 
 # -- judging (pure) ----------------------------------------------------------------------
@@ -161,10 +277,20 @@ def assess(p: Probe, state: ApplianceState) -> Assessment:
         accepted = False
     else:
         accepted = None
+    if v.login is Login.SKIPPED and m.info is not None:
+        accepted = m.info.provider_access
     owner = next((a.info.owner_state for a in (m, v) if a.login is Login.OK and a.info), None)
     if owner is None and accepted is False:
         # Only a customer locks the provider out (first password change, or revoke).
         owner = OwnerState.CUSTOMER_OWNED
+    if (
+        owner is None
+        and accepted is True
+        and m.login is Login.REFUSED
+        and (state == ApplianceState.AVAILABLE)
+    ):
+        # monitor still locked, provider key working: nothing since the factory.
+        owner = OwnerState.FACTORY
     new_state = None
     drift = None
     if owner is OwnerState.CUSTOMER_OWNED and state == ApplianceState.PROVISIONED:
@@ -177,6 +303,25 @@ def assess(p: Probe, state: ApplianceState) -> Assessment:
         for who, a in (("monitor", m), ("provider", v))
         if a.error and a.login is not Login.REFUSED
     )
+    problems: set[str] = set()
+    observed = {"unreachable", "host-key-mismatch"}
+    if not reachable:
+        problems.add("unreachable")
+    if Login.HOST_KEY_MISMATCH in (m.login, v.login):
+        problems.add("host-key-mismatch")
+    if m.login is Login.REFUSED and accepted is False:
+        telemetry = al.NO_TELEMETRY
+        observed |= SENSOR_KINDS | {"log-disk-high-water"}  # no telemetry: nothing to alert
+    elif p.sensors is not None:
+        telemetry = "ok"
+        problems |= sensor_problems(p.sensors)
+        observed |= SENSOR_KINDS
+    else:
+        telemetry = "unavailable"
+    if m.login is Login.OK:
+        observed.add("log-disk-high-water")
+        if m.log_disk is not None and m.log_disk.warning:
+            problems.add("log-disk-high-water")
     return Assessment(
         appliance=p.appliance,
         reachable=reachable,
@@ -188,6 +333,11 @@ def assess(p: Probe, state: ApplianceState) -> Assessment:
         exit_code=most_severe(codes),
         errors=errors,
         drift=drift,
+        telemetry=telemetry,
+        problems=frozenset(problems),
+        observed=frozenset(observed),
+        sensors=p.sensors,
+        log_disk=m.log_disk,
     )
 
 
@@ -205,15 +355,64 @@ def _consistent(owner: OwnerState, state: ApplianceState) -> bool:
 
 
 @dataclass(frozen=True)
+class Row:
+    """One appliance in the report: the assessment and its alerts after this poll."""
+
+    assessment: Assessment
+    alerts: tuple[AlertRow, ...] = ()
+    last_ok: datetime | None = None
+    region: str | None = None
+    stamp: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        a = self.assessment
+        return {
+            "id": a.appliance,
+            "state": (a.new_state or a.state).value,
+            "reachable": a.reachable,
+            "alerts": [x.as_dict() for x in self.alerts],
+            "last_ok": _iso(self.last_ok) if self.last_ok else None,
+            "telemetry": a.telemetry,
+            "problems": sorted(a.problems),
+            "sensors": dict(a.sensors) if a.sensors is not None else None,
+            **a.as_dict(),
+        }
+
+
+@dataclass(frozen=True)
 class HealthReport:
-    appliances: list[Assessment]
+    rows: list[Row]
+    raised: list[al.Event] = field(default_factory=list)
+    cleared: list[al.Event] = field(default_factory=list)
+    notify_error: str | None = None
+    # (region, stamp, state) -> appliances in the store: the fleet's capacity
+    capacity: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+
+    @property
+    def appliances(self) -> list[Assessment]:
+        return [r.assessment for r in self.rows]
 
     @property
     def exit_code(self) -> int:
-        return most_severe(a.exit_code for a in self.appliances)
+        codes = [a.exit_code for a in self.appliances]
+        if self.notify_error:
+            codes.append(UnreachableError.exit_code)
+        return most_severe(codes)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"appliances": [a.as_dict() for a in self.appliances]}
+        return {"appliances": [r.as_dict() for r in self.rows]}
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rule_of(ctx: ProviderContext, polls: int | None, window_minutes: int | None) -> al.AlertRule:
+    """The alert rule: flags over the configuration over the defaults (3 within 60 min)."""
+    return al.AlertRule(
+        polls=polls or ctx.config.health_alert_polls,
+        window=timedelta(minutes=window_minutes or ctx.config.health_alert_window_minutes),
+    )
 
 
 def health(
@@ -221,9 +420,14 @@ def health(
     appliances: Sequence[str] | None,
     *,
     progress: Progress | None = None,
-    prober: Callable[[ProviderContext, str], Probe] = probe,
+    prober: Callable[..., Probe] = probe,
+    alert_polls: int | None = None,
+    alert_window_minutes: int | None = None,
+    syslog: str | None = None,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> HealthReport:
-    """Probe ``appliances`` (None: every appliance of the inventory) and update the store."""
+    """Probe ``appliances`` (None: every appliance of the inventory), store the poll,
+    raise and clear alerts, send them to syslog, and update the store's states."""
     progress = progress or NullProgress()
     ctx = open_context(config_path)
     try:
@@ -238,30 +442,103 @@ def health(
                     f"{', '.join(repr(a) for a in unknown)} (appliances: {', '.join(known)})"
                 )
             targets = list(appliances)
-        states = {r.id: r.state for r in ctx.store.list_appliances()}
+        rule = rule_of(ctx, alert_polls, alert_window_minutes)
+        destination = syslog or ctx.config.health_syslog
+        records = {r.id: r for r in ctx.store.list_appliances()}
+        states = {k: r.state for k, r in records.items()}
         # Configuration problems (no monitoring key) surface once, before any login.
         ctx.config.require("monitor_key")
         ctx.config.require("provider_key")
+        reader = sensors_for(ctx.config.out_of_band) if prober is probe else None
+
+        def one(a: str) -> Probe:
+            if prober is probe:
+                return probe(ctx, a, states[a], reader)
+            return prober(ctx, a)
+
         with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL, len(targets)))) as pool:
-            probes = list(pool.map(lambda a: prober(ctx, a), targets))
-        report = []
-        for p in probes:
-            a = assess(p, states[p.appliance])
+            probes = list(pool.map(one, targets))
+        when = now()
+        assessed = [assess(p, states[p.appliance]) for p in probes]
+        applied = ctx.store.record_health(
+            [
+                PollRow(
+                    a.appliance,
+                    when,
+                    a.reachable,
+                    a.ok,
+                    a.telemetry,
+                    tuple(sorted(a.problems)),
+                    a.as_dict(),
+                )
+                for a in assessed
+            ],
+            when - rule.window,
+            _decider(rule, {a.appliance: a for a in assessed}),
+            al.message,
+        )
+        rows = []
+        a_state = {a.appliance: a.new_state for a in assessed if a.new_state is not None}
+        for a in assessed:
             if a.new_state is not None:
-                ctx.store.set_state(p.appliance, a.new_state, expect={a.state})
+                ctx.store.set_state(a.appliance, a.new_state, expect={a.state})
             if a.new_state is not None or a.exit_code or a.drift:
                 ctx.store.record_step(
                     Operation.HEALTH,
                     "probe",
                     StepStatus.FAILED if a.exit_code else StepStatus.OK,
-                    appliance=p.appliance,
+                    appliance=a.appliance,
                     detail=a.as_dict(),
                 )
             progress.step(
                 f"{a.appliance}: reachable={a.reachable} owner={a.owner_name} "
-                f"provider_key={a.provider_key_accepted} monitor={a.monitor}"
+                f"provider_key={a.provider_key_accepted} monitor={a.monitor} "
+                f"telemetry={a.telemetry} problems={','.join(sorted(a.problems)) or '-'}"
             )
-            report.append(a)
-        return HealthReport(report)
+            rec = records.get(a.appliance)
+            rows.append(
+                Row(
+                    a,
+                    tuple(applied.active.get(a.appliance, [])),
+                    applied.last_ok.get(a.appliance),
+                    rec.region if rec else None,
+                    rec.stamp if rec else None,
+                )
+            )
+
+        def events(found: list[tuple[AlertRow, int]], t: al.Transition) -> list[al.Event]:
+            return [al.Event(x.appliance, x.kind, t, when, n, rule) for x, n in found]
+
+        raised = events(applied.raised, al.Transition.RAISED)
+        cleared = events(applied.cleared, al.Transition.CLEARED)
+        for e in raised + cleared:
+            progress.step(f"alert {e.transition.value}: {e.text}")
+        notify_error = None
+        if destination:
+            try:
+                al.send(destination, raised + cleared)
+            except HsmctlError as exc:
+                notify_error = exc.message
+        capacity: Counter[tuple[str, str, str]] = Counter()
+        for rec in records.values():
+            st = a_state.get(rec.id, rec.state)
+            capacity[(rec.region, rec.stamp, st.value)] += 1
+        return HealthReport(rows, raised, cleared, notify_error, dict(capacity))
     finally:
         ctx.close()
+
+
+def _decider(
+    rule: al.AlertRule, assessed: Mapping[str, Assessment]
+) -> Callable[[str, Sequence[PollRow], set[str]], list[tuple[str, str, int]]]:
+    def decide(
+        appliance: str, history: Sequence[PollRow], active: set[str]
+    ) -> list[tuple[str, str, int]]:
+        a = assessed[appliance]
+        polls = [al.Poll(p.time, frozenset(p.problems), frozenset()) for p in history[:-1]]
+        if history:
+            latest = history[-1]
+            polls.append(al.Poll(latest.time, a.problems, a.observed))
+        return [(c.kind, c.transition.value, c.count) for c in al.decide(polls, active, rule)]
+
+    return decide

@@ -11,8 +11,13 @@ database level, whatever the code above does:
 
 :data:`METADATA` always describes the newest schema. Migrations run in order at open
 (:func:`migrate`); each one is applied once and recorded in ``schema_version``. When
-migration 2 arrives, freeze the version-1 table list in ``_v1`` (copy the definitions)
-so a fresh database still goes through every step.
+migration 2 arrived, the version-1 tables were frozen in :mod:`~hsmctl.state.schema_v1`
+(copied definitions), so a fresh database still goes through every step.
+
+Version 2 (issue 15, health over time): ``health_polls``, one row per appliance per
+``hsmctl health`` poll (what was seen, the problems found), and ``alerts``, one row per
+alert from its raising to its clearing (``cleared_at`` NULL while it is active; at most
+one active alert per appliance and kind, kept so by the health run's transaction).
 """
 
 from __future__ import annotations
@@ -165,6 +170,38 @@ host_keys = sa.Table(
 )
 
 
+# -- version 2: health over time --------------------------------------------------------
+
+health_polls = sa.Table(
+    "health_polls",
+    METADATA,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("appliance", sa.String(64), nullable=False),
+    sa.Column("time", _ts(), nullable=False),
+    sa.Column("reachable", sa.Boolean, nullable=False),
+    # True when nothing was wrong: the poll that clears alerts.
+    sa.Column("ok", sa.Boolean, nullable=False),
+    # "ok", "no telemetry (customer choice)", "unavailable"
+    sa.Column("telemetry", sa.String(64), nullable=False),
+    # The problem kinds found (["psu1", "unreachable", ...]); what the alert rule counts.
+    sa.Column("problems", JSONType, nullable=False),
+    sa.Column("detail", JSONType, nullable=False),
+    sa.Index("ix_health_polls_appliance_time", "appliance", "time"),
+)
+
+alerts = sa.Table(
+    "alerts",
+    METADATA,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("appliance", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("raised_at", _ts(), nullable=False),
+    sa.Column("cleared_at", _ts()),
+    sa.Index("ix_alerts_appliance_kind", "appliance", "kind"),
+)
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -173,13 +210,19 @@ class Migration:
 
 
 def _v1(conn: Connection) -> None:
-    METADATA.create_all(
-        conn,
-        tables=[appliances, requests, allocations, address_assignments, journal, host_keys],
-    )
+    from hsmctl.state import schema_v1  # frozen definitions (imports this module)
+
+    schema_v1.V1.create_all(conn, tables=list(schema_v1.TABLES))
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _v1),)
+def _v2(conn: Connection) -> None:
+    METADATA.create_all(conn, tables=[health_polls, alerts])
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial schema", _v1),
+    Migration(2, "health polls and alerts", _v2),
+)
 LATEST = MIGRATIONS[-1].version
 
 

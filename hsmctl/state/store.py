@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -30,7 +31,7 @@ from sqlalchemy.engine import Connection
 from hsmctl.config import Config
 from hsmctl.errors import ConfigError
 from hsmctl.inventory.model import Inventory, Placement, PublicKey
-from hsmctl.state import appliances, claim, journal, locks, pins, schema
+from hsmctl.state import appliances, claim, healthlog, journal, locks, pins, schema
 from hsmctl.state.allocation import check_request
 from hsmctl.state.engine import DB_FILE, Database
 from hsmctl.state.model import ApplianceState, Interface, Operation, RequestStatus, StepStatus
@@ -279,6 +280,29 @@ class Store:
 
     def host_keys(self, appliance: str, interface: Interface) -> list[PinnedHostKey]:
         return self._db.run(lambda c: pins.pinned(c, appliance, Interface(interface)), write=False)
+
+    # health (schema 2) --------------------------------------------------------------
+
+    def record_health(
+        self,
+        polls: Sequence[healthlog.PollRow],
+        since: datetime,
+        decide: healthlog.Decider,
+        message: Callable[[str, str], str],
+    ) -> healthlog.Applied:
+        """Store one fleet poll and apply the alert changes ``decide`` makes of each
+        appliance's polls after ``since``, in one transaction (see
+        :mod:`~hsmctl.state.healthlog`)."""
+        return self._db.run(lambda c: healthlog.record(c, polls, since, decide, message))
+
+    def health_status(
+        self, appliances: Sequence[str]
+    ) -> tuple[dict[str, list[healthlog.AlertRow]], dict[str, datetime]]:
+        """Active alerts and the last good poll of ``appliances``, without polling."""
+        return self._db.run(
+            lambda c: (healthlog.active_alerts(c, appliances), healthlog.last_ok(c, appliances)),
+            write=False,
+        )
 
     # locks --------------------------------------------------------------------------
 

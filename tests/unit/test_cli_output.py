@@ -25,6 +25,7 @@ import yaml
 
 from hsmctl import config as config_mod
 from hsmctl.cli import clients as clients_cli
+from hsmctl.cli import health as health_cli
 from hsmctl.cli import logs as logs_cli
 from hsmctl.cli import provider as provider_cli
 from hsmctl.cli.main import main
@@ -138,7 +139,7 @@ def test_every_table_command_is_aligned_for_ids_of_3_to_40() -> None:
             for n in LENGTHS
         ]
     }
-    assert_aligned(provider_cli._health_text(health), 6)
+    assert_aligned(health_cli._health_text(health), 8)
     collected = {
         "appliances": [
             {"appliance": _ident(n), "new_records": n * 977, "last_seq": n**4, "verified": True}
