@@ -1,0 +1,189 @@
+"""Provisioning time (issue 15, item 4): one appliance against N in one run, and
+``hsmctl provision`` against a plain ``ansible-playbook`` doing the same device steps.
+
+Scenarios, each timed end to end as a user runs it, each the median of ``--runs`` runs,
+on lab appliances hsm85 … hsm100 (the benchmark's own; factory-reset before every run,
+not timed), each run with a fresh provider configuration and state store of its own,
+into tenant1's ``hsm2`` subnet:
+
+* **one** — ``hsmctl provision --tenant tenant1 --vnet vnet1 --subnet hsm2 --json``:
+  allocation, then ``provision.yml`` through ansible-runner (five steps);
+* **many** — the same with ``--count N`` (default: all 16 benchmark appliances): one run;
+* **plain1**, **plainN** — the baseline: the same appliances allocated in the store (not
+  timed, as ``hsmctl provision`` does before its run), then plain ``ansible-playbook
+  provision.yml`` (this virtualenv's, the collection from the package, its inventory
+  plugin reading the store, ``-l`` the hosts): the same five device steps per appliance.
+
+Ratios (in the same run): many / one (issue 15 target <= 3x for 20), one / plain1 and
+many / plainN (the fleet tooling's overhead over a plain playbook; target <= 1.2x).
+
+Usage (root, lab up, nothing else using hsm85 … hsm100):
+``python -m bench provision [--runs N] [--count N] [--scenarios one,many,plain1,plainN]
+[--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+APPLIANCES = tuple(f"hsm{i}" for i in range(85, 101))
+TENANT, VNET, SUBNET = "tenant1", "vnet1", "hsm2"
+SCENARIOS = ("one", "many", "plain1", "plainN")
+HSMCTL = str(Path(sys.executable).with_name("hsmctl"))
+ANSIBLE_PLAYBOOK = str(Path(sys.executable).with_name("ansible-playbook"))
+
+
+def _config(directory: Path, appliances: Sequence[str]) -> Path:
+    """A provider configuration of its own whose inventory holds only ``appliances`` and
+    lets the tenant hold all of them (the default quota is 2 a stamp, 4 a region)."""
+    from hsmctl.lab.rig import provider_config
+
+    conf = provider_config(directory, appliances)
+    inv_path = Path(yaml.safe_load(conf.read_text())["inventory"])
+    inv = yaml.safe_load(inv_path.read_text())
+    for tenant in inv["tenants"]:
+        if tenant["name"] == TENANT:
+            tenant["quota"] = {"per_stamp": len(APPLIANCES), "per_region": len(APPLIANCES)}
+    inv_path.write_text(yaml.safe_dump(inv, sort_keys=False))
+    return conf
+
+
+def _check(proc: subprocess.CompletedProcess[bytes], what: str) -> None:
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).decode(errors="replace")[-3000:]
+        raise SystemExit(f"bench provision: {what} exited {proc.returncode}:\n{tail}")
+
+
+def run_hsmctl(directory: Path, appliances: Sequence[str]) -> float:
+    conf = _config(directory, appliances)
+    argv = [HSMCTL, "--config", str(conf), "provision", "--tenant", TENANT, "--vnet", VNET,
+            "--subnet", SUBNET, "--json"]  # fmt: skip
+    if len(appliances) > 1:
+        argv[-1:-1] = ["--count", str(len(appliances))]
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, timeout=900, check=False)
+    took = time.monotonic() - started
+    _check(proc, "hsmctl provision")
+    return took
+
+
+def run_plain(directory: Path, appliances: Sequence[str]) -> float:
+    """Allocate as ``hsmctl provision`` does (not timed), then plain ansible-playbook."""
+    from hsmctl.inventory import check_placement, load_inventory
+    from hsmctl.runner.adapter import COLLECTIONS_PATH, PLAYBOOKS
+    from hsmctl.state.store import DB_FILE, Store
+
+    conf = _config(directory, appliances)
+    body = yaml.safe_load(conf.read_text())
+    state_dir = Path(body["state_dir"])
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    inv = load_inventory(Path(body["inventory"]))
+    with Store.open(state_dir / DB_FILE) as store:
+        store.sync_inventory(inv)
+        allocated = store.allocate(
+            None, check_placement(inv, TENANT, VNET, SUBNET), count=len(appliances)
+        )
+    source = directory / "fleet.hsmctl.yml"
+    source.write_text(yaml.safe_dump({"plugin": "hsmctl.fleet.hsmctl_state", "config": str(conf)}))
+    empty = directory / "empty.cfg"
+    empty.write_text("")
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(empty),
+        "ANSIBLE_COLLECTIONS_PATH": str(COLLECTIONS_PATH),
+        "ANSIBLE_INVENTORY_ENABLED": "hsmctl.fleet.hsmctl_state",
+        "ANSIBLE_INVENTORY_UNPARSED_FAILED": "1",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_DEPRECATION_WARNINGS": "0",
+        "ANSIBLE_RETRY_FILES_ENABLED": "0",
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+    }
+    hosts = ",".join(a.appliance for a in allocated)
+    argv = [ANSIBLE_PLAYBOOK, str(PLAYBOOKS / "provision.yml"), "-i", str(source), "-l", hosts,
+            "-f", str(len(allocated))]  # fmt: skip
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, timeout=900, env=env, cwd=directory)
+    took = time.monotonic() - started
+    _check(proc, "ansible-playbook provision.yml")
+    return took
+
+
+def one_run(scenario: str, count: int, root: Path) -> float:
+    from hsmctl.lab.rig import factory_reset
+
+    appliances = APPLIANCES[:1] if scenario in ("one", "plain1") else APPLIANCES[:count]
+    factory_reset(*appliances)
+    directory = Path(tempfile.mkdtemp(prefix=f"{scenario}-", dir=root))
+    if scenario.startswith("plain"):
+        return run_plain(directory, appliances)
+    return run_hsmctl(directory, appliances)
+
+
+def summarise(times: dict[str, list[float]], count: int) -> dict[str, Any]:
+    """Medians and the ratios against the baselines of the same run. Pure."""
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(med[a] / med[b], 2) if a in med and b in med and med[b] else None
+
+    return {
+        "count": count,
+        "median_s": {k: round(v, 2) for k, v in med.items()},
+        "runs_s": {k: [round(x, 2) for x in v] for k, v in times.items()},
+        "many_over_one": ratio("many", "one"),
+        "one_over_plain1": ratio("one", "plain1"),
+        "many_over_plainN": ratio("many", "plainN"),
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench provision", description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--count", type=int, default=len(APPLIANCES))
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown or not 1 <= args.count <= len(APPLIANCES):
+        parser.error(f"scenarios from {SCENARIOS}; --count 1..{len(APPLIANCES)}")
+    from hsmctl.lab.rig import factory_reset
+
+    times: dict[str, list[float]] = {s: [] for s in scenarios}
+    with tempfile.TemporaryDirectory(prefix="bench-provision-") as tmp:
+        try:
+            for run in range(args.runs):
+                for s in scenarios:  # interleaved, so load drifts hit every scenario alike
+                    took = one_run(s, args.count, Path(tmp))
+                    times[s].append(took)
+                    print(f"run {run + 1} {s}: {took:.2f} s", file=sys.stderr, flush=True)
+        finally:
+            factory_reset(*APPLIANCES[: args.count])
+    summary = summarise(times, args.count)
+    if args.json:
+        print(json.dumps(summary, sort_keys=True))
+        return 0
+    med = summary["median_s"]
+    print(f"provision (median of {args.runs} runs; N = {args.count})")
+    for s in scenarios:
+        print(f"  {s:7} {med[s]:7.2f} s   runs {summary['runs_s'][s]}")
+    print(f"  N in one run / one:        {summary['many_over_one']}x (target <= 3x for 20)")
+    print(f"  hsmctl / plain, one:       {summary['one_over_plain1']}x (target <= 1.2x)")
+    print(f"  hsmctl / plain, N:         {summary['many_over_plainN']}x (target <= 1.2x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
