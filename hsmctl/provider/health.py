@@ -5,7 +5,9 @@ Per appliance, cheapest first, every login pinned to the management host keys:
 ``monitor`` (the provider's monitoring key) runs ``hsm show``, which answers without
 secrets and says whether provider access is still on; only when ``monitor`` does not
 answer does ``provider`` log in — authentication only, no session, unless the store
-expects the device in the provider's hands and the owner state is needed. Then the
+expects the device in the provider's hands and the owner state is needed. A spare (the
+store says ``available``) is asked the other way round: the provider key first, as its
+``monitor`` is locked until provisioning; ``monitor`` only if that key is refused. Then the
 hardware sensors, out of band (the lab's BMC: :class:`hsmctl.lab.faults.LabSensors`),
 unless the customer disabled ``monitor``: that device reports "no telemetry (customer
 choice)" and raises no sensor alert. A device whose ``monitor`` is locked and whose
@@ -229,8 +231,21 @@ def probe(
     reader: SensorReader | None = None,
 ) -> Probe:
     """The cheapest logins that answer the questions (see the module docstring)."""
-    monitor = attempt(ctx.monitor_session(appliance), MONITOR_VIEW, appliance)
-    if monitor.login is Login.OK:
+    provider: Attempt | None = None
+    if expected == ApplianceState.AVAILABLE:
+        # A spare: monitoring is enabled only by provisioning, so its account is locked;
+        # the provider key answers the question. Monitor only if that key is refused.
+        provider = attempt(ctx.provider_session(appliance), None, appliance)
+        monitor = (
+            Attempt(Login.SKIPPED)
+            if provider.login is Login.OK
+            else attempt(ctx.monitor_session(appliance), MONITOR_VIEW, appliance)
+        )
+    else:
+        monitor = attempt(ctx.monitor_session(appliance), MONITOR_VIEW, appliance)
+    if provider is not None:
+        pass
+    elif monitor.login is Login.OK:
         provider = Attempt(Login.SKIPPED)
     else:
         # The owner state only where the provider should still hold the device and the
@@ -286,10 +301,11 @@ def assess(p: Probe, state: ApplianceState) -> Assessment:
     if (
         owner is None
         and accepted is True
-        and m.login is Login.REFUSED
+        and m.login in (Login.REFUSED, Login.SKIPPED)
         and (state == ApplianceState.AVAILABLE)
     ):
-        # monitor still locked, provider key working: nothing since the factory.
+        # monitor locked (or not tried on a spare), provider key working: nothing since
+        # the factory (provisioning enables monitor; a takeover locks the provider).
         owner = OwnerState.FACTORY
     new_state = None
     drift = None
