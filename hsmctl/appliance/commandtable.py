@@ -233,6 +233,11 @@ COMMANDS: tuple[CommandSpec, ...] = (
         read_only=True,
     ),
     CommandSpec(
+        ("audit", "ack"),
+        "acknowledge records through SEQ as collected: older log segments may be deleted",
+        params=(Param("seq", "SEQ", _integer(1, MAX_SEQ), account=False),),
+    ),
+    CommandSpec(
         ("audit", "verify"), "check the hash chain and checkpoint signatures", read_only=True
     ),
     CommandSpec(

@@ -39,10 +39,15 @@ from hsmctl.appliance import (
     store,
 )
 from hsmctl.appliance.handlers import Context, Handlers, Reply
-from hsmctl.appliance.logwriter import ActivityLog, LogUnavailable
+from hsmctl.appliance.logwriter import ActivityLog, LogUnavailable, close_pieces, load_config
 from hsmctl.appliance.roles import READ_ONLY, Access, Role, allowed_interface, authorize
 
 CHECKPOINT_INTERVAL = 60.0
+
+# Commands whose records may use the log's reserve past its limit: what lets a collector
+# free space (an export's checkpoint, an ack and the deletions it logs) must not be shut
+# out by the full log it is meant to relieve.
+LOG_RELIEF = frozenset({("audit", "export"), ("audit", "ack")})
 
 # The accounts a non-root caller may be: the console role is only ever root's, and the
 # client role belongs to the ``p11-NAME`` accounts, never to an account named "client".
@@ -81,7 +86,10 @@ def identify(pid: int, uid: int) -> Caller:
 
 class Daemon:
     def __init__(self) -> None:
-        self.log = ActivityLog(paths.AUDIT_LOG)
+        config, problem = load_config(paths.LOG_CONFIG)
+        if problem:
+            print(f"hsmd: log configuration ignored: {problem}", file=sys.stderr, flush=True)
+        self.log = ActivityLog(paths.AUDIT_LOG, config)
         self.keys = auditkey.AuditKeys()
         self.handlers = Handlers(self)
         # One device-wide order for commands that change state: a command is approved
@@ -132,9 +140,17 @@ class Daemon:
         event: str,
         outcome: str,
         detail: dict[str, Any],
+        *,
+        urgent: bool = False,
     ) -> dict[str, Any]:
         return self.log.append(
-            actor=actor, role=role, source=source, event=event, outcome=outcome, detail=detail
+            actor=actor,
+            role=role,
+            source=source,
+            event=event,
+            outcome=outcome,
+            detail=detail,
+            urgent=urgent,
         )
 
     def append_signed(
@@ -148,7 +164,7 @@ class Daemon:
             self.last_checkpoint_seq = int(record["seq"])
             return record
 
-    def checkpoint(self, force: bool = False) -> dict[str, Any] | None:
+    def checkpoint(self, force: bool = False, urgent: bool = False) -> dict[str, Any] | None:
         with self.checkpoint_lock:
             head = self.log.head
             if head is None:
@@ -158,7 +174,8 @@ class Daemon:
             signer = self.keys.current()
             device = self.keys.device
             record = self.log.append_record(
-                lambda prev, now: auditlog.make_checkpoint(prev, signer, device=device, time=now)
+                lambda prev, now: auditlog.make_checkpoint(prev, signer, device=device, time=now),
+                urgent=urgent,
             )
             self.last_checkpoint_seq = int(record["seq"])
             return record
@@ -245,9 +262,13 @@ class ShellSession:
         self.interactive = interactive
         self.started = False
 
-    def log(self, event: str, outcome: str, detail: dict[str, Any]) -> None:
+    def log(
+        self, event: str, outcome: str, detail: dict[str, Any], *, urgent: bool = False
+    ) -> None:
         role = self.caller.role.value if self.caller.role else "none"
-        self.daemon.record(self.caller.account, role, self.caller.source, event, outcome, detail)
+        self.daemon.record(
+            self.caller.account, role, self.caller.source, event, outcome, detail, urgent=urgent
+        )
 
     def refuse(self, message: str, detail: dict[str, Any]) -> None:
         with contextlib.suppress(LogUnavailable):
@@ -316,10 +337,14 @@ class ShellSession:
 
     def reply(self, result: Reply) -> None:
         if result.stream is not None:
-            path, start, end = result.stream
-            protocol.send(self.sock, {"type": "stream", "length": end - start})
-            with open(path, "rb") as fh:
-                self.sock.sendfile(fh, start, end - start)
+            pieces = result.stream
+            try:
+                total = sum(p.end - p.start for p in pieces)
+                protocol.send(self.sock, {"type": "stream", "length": total})
+                for piece in pieces:  # one per segment the records span
+                    self.sock.sendfile(piece.file, piece.start, piece.end - piece.start)
+            finally:
+                close_pieces(pieces)
         protocol.send(
             self.sock,
             {"type": "result", "exit": result.exit, "output": result.output, "error": result.error},
@@ -362,12 +387,14 @@ class ShellSession:
         decision = authorize(c.role, cmd.acl_words, owner.device_state())
         name = cmd.canonical()
         audit_export = cmd.words == ("audit", "export")
+        urgent = cmd.words in LOG_RELIEF and decision.allowed
         try:
             self.log(
                 "command",
                 "ok" if decision.allowed else "denied",
                 {"command": name, "rule": decision.rule.value}
                 | ({} if decision.allowed else {"reason": decision.reason}),
+                urgent=urgent,
             )
         except LogUnavailable as exc:
             if not (audit_export and decision.allowed):
@@ -388,6 +415,7 @@ class ShellSession:
                 result.outcome,
                 {"command": name, "exit": result.exit, **result.log_detail}
                 | ({"error": result.error} if result.error else {}),
+                urgent=urgent,
             )
         except LogUnavailable as exc:
             if not audit_export:

@@ -63,6 +63,7 @@ TABLE: dict[tuple[str, ...], Handler] = {
     ("network", "set"): network.network_set,
     ("audit", "show"): audit.audit_show,
     ("audit", "export"): audit.audit_export,
+    ("audit", "ack"): audit.audit_ack,
     ("audit", "verify"): audit.audit_verify,
     ("audit", "key", "show"): audit.audit_key_show,
     ("audit", "key", "rotate"): audit.audit_key_rotate,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 ETC = Path("/etc/hsm")
 FACTORY = ETC / "factory.json"  # personalisation input (lab: written by lab up)
+LOG_CONFIG = ETC / "log.json"  # log segments and limits (logwriter.RetentionConfig)
 DEVICE = ETC / "device.json"  # personalisation result: id, serial, model, ...
 AUTHORIZED_KEYS = ETC / "authorized_keys"
 SSHD_MGMT_CONFIG = ETC / "sshd_mgmt_config"

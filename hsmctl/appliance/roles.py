@@ -146,7 +146,13 @@ GRANTS: Mapping[Role, frozenset[Words]] = {
         }
     ),
     Role.AUDIT: frozenset(
-        {("audit", "show"), ("audit", "export"), ("audit", "verify"), ("audit", "key", "show")}
+        {
+            ("audit", "show"),
+            ("audit", "export"),
+            ("audit", "ack"),  # the collector: lets the device delete what it has stored
+            ("audit", "verify"),
+            ("audit", "key", "show"),
+        }
     ),
     Role.CLIENT: frozenset(),  # refused every shell command, even help and exit
 }

@@ -62,7 +62,7 @@ from hsmctl.errors import (
 from hsmctl.progress import NullProgress, Progress
 
 if TYPE_CHECKING:
-    from hsmctl.ssh import Timeouts
+    from hsmctl.ssh import DeviceConnection, Timeouts
 
 COLLECTOR_KEY = "audit-collector-key"
 CREDENTIAL_PREFIX = "collector-key_"
@@ -136,6 +136,10 @@ class ApplianceReport:
     last_seq: int = 0
     verified: bool = False
     error: HsmctlError | None = None
+    acked_seq: int | None = None
+    """The device was told it may delete records before this one (``audit ack``)."""
+    ack_error: str | None = None
+    """Why the ack failed; the collection itself stands (the next run acks again)."""
 
     @property
     def exit_code(self) -> int:
@@ -148,6 +152,10 @@ class ApplianceReport:
             "last_seq": self.last_seq,
             "verified": self.verified,
         }
+        if self.acked_seq is not None:
+            d["acked_seq"] = self.acked_seq
+        if self.ack_error is not None:
+            d["ack_error"] = self.ack_error
         if self.error is not None:
             d["error"] = {
                 "exit_code": self.error.exit_code,
@@ -293,8 +301,10 @@ class Collector:
             err = HsmctlError(f"{appliance}: unexpected {type(exc).__name__}: {exc}")
             self.progress.step(str(err))
             return ApplianceReport(appliance, error=err)
+        ack = f"; ack failed: {outcome.ack_error}" if outcome.ack_error else ""
         self.progress.step(
-            f"{appliance}: {outcome.new_records} new records, verified through {outcome.last_seq}"
+            f"{appliance}: {outcome.new_records} new records, verified through "
+            f"{outcome.last_seq}{ack}"
         )
         return outcome
 
@@ -305,6 +315,33 @@ def export_command(after: int) -> str:
     if after < 0:
         raise ValueError("after must be >= 0")
     return f"audit export --after {after}"
+
+
+def ack_command(seq: int) -> str:
+    """The device command that lets it delete log segments before ``seq`` (issue 15)."""
+    if seq < 1:
+        raise ValueError("seq must be >= 1")
+    return f"audit ack {seq}"
+
+
+def acknowledge(
+    conn: DeviceConnection | None, seq: int, left: float
+) -> tuple[int | None, str | None]:
+    """Send ``audit ack SEQ`` on the export's connection, once the records through ``seq``
+    are fsynced and the cursor is moved: (acked seq, None), or (None, why not). Never
+    raises: a failed ack costs the device disk space, not the verified collection."""
+    if conn is None or not conn.connected:
+        return None, "the export's connection is gone"
+    if left <= 0:
+        return None, "no time left for the ack"
+    try:
+        result = conn.run(ack_command(seq), check=False, timeout=left)
+    except HsmctlError as exc:
+        return None, exc.message
+    if not result.ok:
+        text = (result.stderr or result.stdout).strip().splitlines()
+        return None, f"device exit {result.status}: {text[-1] if text else 'no message'}"
+    return seq, None
 
 
 Stream = Callable[[int, BinaryIO], None]
@@ -320,6 +357,7 @@ def collect(
     from hsmctl.ssh import DeviceConnection, PinnedHostKeys, Timeouts
 
     deadline = 0.0  # set once the lock is held: the lock is held no longer than the run
+    conns: list[DeviceConnection] = []  # the export's, kept open for the ack
 
     def export(after: int, sink: BinaryIO) -> None:
         left = deadline - time.monotonic()
@@ -335,25 +373,38 @@ def collect(
                 Timeouts(connect=options.connect_timeout, idle=options.stall_timeout), left
             ),
         )
-        with conn:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise UnreachableError(f"{conn.label}: timed out after {options.timeout:g} s")
-            conn.run_stream(export_command(after), sink, timeout=left)
+        conns.append(conn)
+        conn.connect()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UnreachableError(f"{conn.label}: timed out after {options.timeout:g} s")
+        conn.run_stream(export_command(after), sink, timeout=left)
 
     archive = archive_of(target.state, segment_bytes=options.segment_bytes)
-    with archive.lock(exclusive=True, wait=options.lock_wait):
-        deadline = time.monotonic() + options.timeout
-        before = archive.recover()
-        after = ingest(
-            archive,
-            before,
-            trust_roots(target.audit_keys, target.retired, before),
-            export,
-            pool,
-            limits=Limits(options.record_bytes, options.unsigned_records, options.unsigned_bytes),
-        )
-    return ApplianceReport(target.appliance, after.seq - before.seq, after.seq, True)
+    try:
+        with archive.lock(exclusive=True, wait=options.lock_wait):
+            deadline = time.monotonic() + options.timeout
+            before = archive.recover()
+            after = ingest(
+                archive,
+                before,
+                trust_roots(target.audit_keys, target.retired, before),
+                export,
+                pool,
+                limits=Limits(
+                    options.record_bytes, options.unsigned_records, options.unsigned_bytes
+                ),
+            )
+        report = ApplianceReport(target.appliance, after.seq - before.seq, after.seq, True)
+        if after.seq > before.seq:  # fsynced, cursor moved: the device may let go of them
+            left = deadline - time.monotonic()
+            report.acked_seq, report.ack_error = acknowledge(
+                conns[-1] if conns else None, after.seq, left
+            )
+        return report
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def _within(timeouts: Timeouts, left: float) -> Timeouts:

@@ -1,12 +1,13 @@
 """The device's activity-log writer (:mod:`hsmctl.appliance.logwriter`) on a temp file:
-recovery of the head, the seq -> offset index, rollback of a partial write, and failing
-closed when the file changes behind its back."""
+recovery of the head, the seq -> offset index, rollback of a partial write, failing
+closed when the file changes behind its back; segments, acks, deletion and the limit."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import random
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -295,3 +296,261 @@ def test_an_incomplete_last_record_is_repaired_at_start(tmp_path: Path) -> None:
         actor="a", role="admin", source="x", event="e", outcome="ok", detail={}
     )
     assert record["seq"] == 4 and record["prev"] == head.hash
+
+
+# --- segments, acknowledgements and deletion (issue 15) ----------------------------------
+
+SMALL = logwriter.RetentionConfig(segment_bytes=2048, limit_bytes=64 * 1024)
+
+
+def small_log(path: Path, config: logwriter.RetentionConfig = SMALL) -> ActivityLog:
+    return ActivityLog(path, config)
+
+
+def whole(log: ActivityLog) -> bytes:
+    """The log as the device holds it: its segments' bytes, oldest first."""
+    return b"".join(seg.path.read_bytes() for seg in log.segments)
+
+
+def exported(log: ActivityLog, after: int) -> bytes:
+    """What ``audit export --after`` streams, read from the pieces it would send."""
+    out = b""
+    pieces = log.pieces(after)
+    try:
+        for p in pieces:
+            p.file.seek(p.start)
+            out += p.file.read(p.end - p.start)
+    finally:
+        logwriter.close_pieces(pieces)
+    log.mark_exported(log.head.seq if log.head else 0)
+    return out
+
+
+def test_the_log_rotates_into_segments_and_the_chain_spans_them(
+    path: Path, signer: auditlog.SoftwareSigner
+) -> None:
+    log = small_log(path)
+    append(log, 40)
+    checkpoint(log, signer)
+    names = sorted(p.name for p in path.parent.iterdir() if p.name.endswith(".jsonl"))
+    assert len(names) > 3 and names[-1] == "audit.jsonl"
+    # Each closed file is named for its first record, ends whole, and none exceeds the size.
+    for seg in log.segments[:-1]:
+        assert seg.path.name == f"audit-{seg.first_seq:012d}.jsonl"
+        assert 0 < seg.size <= SMALL.segment_bytes
+        assert json.loads(seg.path.read_bytes().splitlines()[0])["seq"] == seg.first_seq
+    data = whole(log)
+    report = auditlog.verify_lines(data.splitlines(), {signer.key_id: signer.public_key_pem})
+    assert report.ok and report.records == 41
+    # Reading across files: every export position agrees with the concatenation.
+    lines = data.splitlines(keepends=True)
+    for after in (0, 1, 7, 20, 39, 40, 41):
+        assert exported(log, after) == b"".join(lines[after:]), after
+        assert log.offset_after(after) == len(b"".join(lines[:after]))
+    assert log.tail(3) == [x.rstrip(b"\n") for x in lines[-3:]]
+    head, segments = log.head, [(s.path, s.first_seq, s.last_seq) for s in log.segments]
+    log.close()
+    again = small_log(path)
+    try:
+        assert again.head == head
+        assert [(s.path, s.first_seq, s.last_seq) for s in again.segments] == segments
+        (nxt,) = append(again)
+        assert nxt["seq"] == 42 and nxt["prev"] == head.hash  # type: ignore[union-attr]
+    finally:
+        again.close()
+
+
+def test_an_ack_beyond_the_export_is_refused(path: Path) -> None:
+    log = small_log(path)
+    append(log, 30)
+    with pytest.raises(logwriter.AckRefused, match="only up to 0"):
+        log.acknowledge(1)
+    exported(log, 0)
+    with pytest.raises(logwriter.AckRefused):
+        log.acknowledge(31)
+    assert log.acknowledge(30) == 30
+    assert log.acknowledge(10) == 30  # never goes back
+    log.close()
+
+
+def test_segments_go_only_after_the_ack_and_only_once_logged(path: Path) -> None:
+    log = small_log(path)
+    append(log, 60)
+    closed = list(log.segments[:-1])
+    assert len(closed) >= 3
+    logged: list[logwriter.Segment] = []
+
+    def note(seg: logwriter.Segment) -> None:
+        assert seg.path.exists()  # logged before the file goes
+        logged.append(seg)
+
+    assert log.release(note) == [] and all(s.path.exists() for s in closed)  # no ack yet
+    exported(log, 0)
+    # Acking the last record of a segment keeps that segment: the next export starts there.
+    target = closed[1].last_seq
+    log.acknowledge(target)
+    gone = log.release(note)
+    assert gone == logged == [closed[0]]
+    assert not closed[0].path.exists() and closed[1].path.exists()
+    assert log.first_seq == closed[1].first_seq <= target
+    # The export the collector runs next (--after ACKED-1) still works; before it, not.
+    assert json.loads(exported(log, target - 1).splitlines()[0])["seq"] == target
+    with pytest.raises(logwriter.Trimmed, match=f"on the device is {closed[1].first_seq}:"):
+        log.pieces(0)
+    # A logging failure stops the deletion before anything else goes.
+    log.acknowledge(log.head.seq)  # type: ignore[union-attr]
+
+    def fail(seg: logwriter.Segment) -> None:
+        raise LogUnavailable("full")
+
+    before = [s.path for s in log.segments]
+    with pytest.raises(LogUnavailable):
+        log.release(fail)
+    assert all(p.exists() for p in before)
+    assert len(log.release(note)) == len(before) - 1  # all but the active one
+    log.close()
+
+
+def test_acks_and_exports_survive_a_restart_but_never_past_the_head(path: Path) -> None:
+    log = small_log(path)
+    append(log, 30)
+    exported(log, 0)
+    log.acknowledge(25)
+    log.close()
+    again = small_log(path)
+    assert (again.acked_seq, again.exported_seq) == (25, 30)
+    again.close()
+    # A log started over (files gone) does not inherit the release.
+    for p in path.parent.glob("audit*.jsonl"):
+        p.unlink()
+    fresh = small_log(path)
+    assert (fresh.acked_seq, fresh.exported_seq) == (0, 0)
+    fresh.close()
+
+
+def test_a_crash_between_the_rename_and_the_new_file_loses_nothing(
+    path: Path, signer: auditlog.SoftwareSigner
+) -> None:
+    log = small_log(path)
+    append(log, 5)
+    head = log.head
+    log.close()
+    os.rename(path, path.with_name("audit-000000000001.jsonl"))  # the rotation's first step
+    again = small_log(path)
+    assert again.head == head and path.exists() and path.stat().st_size == 0
+    (nxt,) = append(again)
+    assert nxt["seq"] == 6
+    checkpoint(again, signer)
+    report = auditlog.verify_lines(
+        whole(again).splitlines(), {signer.key_id: signer.public_key_pem}
+    )
+    assert report.ok and report.records == 7
+    again.close()
+
+
+def test_the_limit_fails_closed_with_a_reserve_for_what_frees_space(path: Path) -> None:
+    cfg = logwriter.RetentionConfig(segment_bytes=1024, limit_bytes=8192, high_water_percent=50)
+    log = small_log(path, cfg)
+    warned_at = None
+    while True:
+        try:
+            append(log)
+        except LogUnavailable as exc:
+            assert "full" in str(exc)
+            break
+        if warned_at is None and log.disk().warning:
+            warned_at = log.used
+    full = log.used
+    assert warned_at is not None and warned_at < full * 0.6  # the warning came well before
+    assert full <= cfg.limit_bytes and "full" in (log.disk().message or "")
+    # What a collector needs still fits: it goes into the reserve past the limit.
+    record = log.append(
+        actor="audit", role="audit", source="x", event="command", outcome="ok",
+        detail={"command": "audit ack 5"}, urgent=True,
+    )  # fmt: skip
+    assert record["seq"] == log.head.seq and log.used > cfg.limit_bytes  # type: ignore[union-attr]
+    exported(log, 0)
+    log.acknowledge(log.head.seq)  # type: ignore[union-attr]
+    log.release(lambda seg: None)
+    assert log.used < cfg.high_water_bytes and log.disk().warning is False
+    append(log)  # room again
+    disk = log.disk().as_dict()
+    assert set(disk) == {
+        "used_bytes", "limit_bytes", "high_water_bytes", "segments", "acked_seq", "warning",
+        "message",
+    }  # fmt: skip
+    assert disk["segments"] == len(log.segments) and disk["acked_seq"] == log.acked_seq
+    assert disk["warning"] is False and disk["message"] is None
+    log.close()
+
+
+def test_the_config_file(tmp_path: Path) -> None:
+    conf = tmp_path / "log.json"
+    assert logwriter.load_config(conf) == (logwriter.RetentionConfig(), None)
+    conf.write_text('{"segment_bytes": 4096, "limit_bytes": 65536, "high_water_percent": 60}')
+    cfg, problem = logwriter.load_config(conf)
+    assert problem is None and cfg.segment_bytes == 4096 and cfg.high_water_bytes == 39321
+    for bad in ('{"segment_bytes": 4096, "limit_bytes": 8192}', '{"size": 1}', "[]", "{"):
+        conf.write_text(bad)
+        cfg, problem = logwriter.load_config(conf)
+        assert cfg == logwriter.RetentionConfig() and problem
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_appends_exports_acks_never_lose_an_unacked_record(
+    tmp_path: Path, signer: auditlog.SoftwareSigner, seed: int
+) -> None:
+    """Property-ish: whatever order appends, exports (a collector archiving what it got),
+    acks (up to anything exported, some refused), deletions and restarts come in, the
+    device still holds every record from the acked one on, the archive plus the device
+    make one unbroken chain, and nothing unacked was ever deleted."""
+    rng = random.Random(seed)
+    path = tmp_path / "audit.jsonl"
+    cfg = logwriter.RetentionConfig(segment_bytes=1024 + rng.randrange(2048), limit_bytes=1 << 20)
+    log = small_log(path, cfg)
+    archive: list[bytes] = []  # what the collector stored, records 1..len
+    deleted: list[logwriter.Segment] = []
+    for _ in range(200):
+        op = rng.random()
+        if op < 0.55 or log.head is None:
+            append(log, rng.randrange(1, 6))
+            if rng.random() < 0.2:
+                checkpoint(log, signer)
+        elif op < 0.75:
+            after = max(len(archive) - 1, 0)  # the collector re-reads its head record
+            got = exported(log, after).splitlines(keepends=True)
+            if archive:
+                assert got[0] == archive[-1]
+                got = got[1:]
+            archive += got
+        elif op < 0.92:
+            seq = rng.randrange(1, (log.head.seq if log.head else 1) + 3)
+            if seq > log.exported_seq:
+                with pytest.raises(logwriter.AckRefused):
+                    log.acknowledge(seq)
+            elif seq <= len(archive):  # a collector acks only what it stored
+                log.acknowledge(seq)
+                deleted += log.release(lambda seg: None)
+        else:
+            log.close()
+            log = small_log(path, cfg)
+        # Invariants after every step.
+        assert log.first_seq <= max(log.acked_seq, 1)
+        assert all(seg.last_seq < log.acked_seq for seg in deleted)
+        on_device = whole(log).splitlines(keepends=True)
+        seqs = [json.loads(x)["seq"] for x in on_device]
+        assert seqs == list(range(log.first_seq, log.first_seq + len(seqs)))
+        chain = archive[: log.first_seq - 1] + on_device
+        assert len(archive) >= log.first_seq - 1  # everything deleted was archived first
+        assert [json.loads(x)["seq"] for x in chain] == list(range(1, len(chain) + 1))
+    assert deleted and log.first_seq > 1  # the run did delete segments
+    checkpoint(log, signer)
+    chain = archive[: log.first_seq - 1] + whole(log).splitlines(keepends=True)
+    report = auditlog.verify_lines(chain, {signer.key_id: signer.public_key_pem}, device=DEVICE)
+    assert report.ok, [str(v) for v in report.violations]
+    base = log.base()
+    tail = auditlog.verify_lines(
+        whole(log).splitlines(), {signer.key_id: signer.public_key_pem}, start=base
+    )
+    assert tail.ok and tail.last_seq == log.head.seq  # type: ignore[union-attr]
+    log.close()

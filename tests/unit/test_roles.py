@@ -52,6 +52,7 @@ ALL = [
     "network set",
     "audit show",
     "audit export",
+    "audit ack",
     "audit verify",
     "audit key show",
     "audit key rotate",
@@ -89,7 +90,7 @@ PROVIDER_BEFORE_HANDOVER = ALWAYS | {
     "audit key show",
 }
 MONITOR = ALWAYS | {"hsm show"}
-AUDIT = ALWAYS | {"audit show", "audit export", "audit verify", "audit key show"}
+AUDIT = ALWAYS | {"audit show", "audit export", "audit ack", "audit verify", "audit key show"}
 ADMIN_OWNER = ALWAYS | {
     "hsm show",
     "hsm init",

@@ -1,28 +1,18 @@
-"""The activity log and its key: ``audit show|export|verify|key show|key rotate``."""
+"""The activity log and its key: ``audit show|export|ack|verify|key show|key rotate``."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hsmctl import auditlog
 from hsmctl.appliance import protocol
 from hsmctl.appliance.commands.common import Context, Reply, as_json, device_record
 from hsmctl.appliance.grammar import Command
-from hsmctl.appliance.logwriter import LogUnavailable
+from hsmctl.appliance.logwriter import AckRefused, LogUnavailable, Segment, Trimmed
 
 if TYPE_CHECKING:
     from hsmctl.appliance.daemon import Daemon
-
-
-def _lines_until(fh: Any, end: int) -> Any:
-    """The file's lines up to byte ``end`` (a snapshot while appends go on)."""
-    done = 0
-    for line in fh:
-        if done >= end:
-            return
-        done += len(line)
-        yield line
 
 
 def audit_show(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
@@ -37,32 +27,85 @@ def audit_export(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str])
     # fresh checkpoint, and the collector sees the unsigned tail.
     checkpoint = None
     with contextlib.suppress(LogUnavailable):
-        checkpoint = daemon.checkpoint(force=True)
+        checkpoint = daemon.checkpoint(force=True, urgent=True)
     log = daemon.log
     with log.lock:
-        start = log.offset_after(after)
         # Up to the fresh checkpoint, not to whatever was appended since (a login the
         # sshd-log reader writes a moment later): an export ends signed; the next one
-        # carries the rest.
-        end = log.size if checkpoint is None else log.offset_after(int(checkpoint["seq"]))
-        end = max(end, start)
+        # carries the rest. Across segments: the files are opened here, under the lock,
+        # so an ack's deletion cannot cut the stream short.
+        through = None if checkpoint is None else int(checkpoint["seq"])
+        try:
+            pieces = log.pieces(after, through)
+        except Trimmed as exc:
+            return Reply.failure(str(exc))
+        last = log.head.seq if log.head is not None and through is None else (through or 0)
+        if pieces:
+            log.mark_exported(last)
+    sent = sum(p.end - p.start for p in pieces)
+    return Reply(stream=pieces, log_detail={"after": after, "bytes": sent, "through": last})
+
+
+def audit_ack(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
+    seq = cmd.get_int("seq") or 0
+    log = daemon.log
+    try:
+        acked = log.acknowledge(seq)
+    except AckRefused as exc:
+        return Reply(
+            exit=protocol.EXIT_DENIED,
+            error=str(exc),
+            outcome="denied",
+            log_detail={"seq": seq, "exported_seq": exc.exported, "rule": "beyond-export"},
+        )
+
+    def log_deletion(segment: Segment) -> None:
+        # Before the file goes: never a silent drop.
+        daemon.record(
+            "hsmd",
+            "system",
+            "console",
+            "log-segment-deleted",
+            "ok",
+            {**segment.as_dict(), "acked_seq": acked},
+            urgent=True,
+        )
+
+    deleted = log.release(log_deletion)
+    disk = log.disk()
     return Reply(
-        stream=(str(log.path), start, end), log_detail={"after": after, "bytes": end - start}
+        output=as_json(
+            {
+                "acked_seq": acked,
+                "deleted": [s.as_dict() for s in deleted],
+                "log_disk": disk.as_dict(),
+            }
+        ),
+        log_detail={
+            "seq": seq,
+            "acked_seq": acked,
+            "deleted_segments": len(deleted),
+            "used_bytes": disk.used_bytes,
+        },
     )
 
 
 def audit_verify(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
     log = daemon.log
     with log.lock:
-        end = log.size
-    with open(log.path, "rb") as fh:
-        report = auditlog.verify_lines(
-            _lines_until(fh, end), daemon.keys.trusted(), device=daemon.keys.device
-        )
+        end = log.head.seq if log.head is not None else 0
+        start = log.base()
+        lines = log.lines(0, end)
+    # From the oldest record still on the device: what came before was acknowledged by
+    # the collector and deleted (the deletions are in the log).
+    report = auditlog.verify_lines(
+        lines, daemon.keys.trusted(), device=daemon.keys.device, start=start
+    )
     ok = not report.violations
     summary = {
         "verified": ok,
         "records": report.records,
+        "first_seq": start.seq + 1 if start is not None else 1,
         "last_seq": report.last_seq,
         "last_checkpoint": report.last_checkpoint_seq,
         "violations": [str(v) for v in report.violations],

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hsmctl.appliance import paths, protocol, store
+from hsmctl.appliance.logwriter import Piece
 from hsmctl.appliance.roles import Role
 
 
@@ -25,7 +26,7 @@ class Reply:
     error: str | None = None
     outcome: str = "ok"
     log_detail: dict[str, Any] = field(default_factory=dict)
-    stream: tuple[str, int, int] | None = None
+    stream: list[Piece] | None = None  # open log ranges, sent raw (``audit export``)
 
     @classmethod
     def failure(cls, message: str, exit: int = protocol.EXIT_FAILED) -> Reply:

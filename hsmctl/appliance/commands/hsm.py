@@ -32,6 +32,9 @@ def hsm_show(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> 
         "monitor": "enabled" if accounts.is_enabled("monitor") else "disabled",
         "audit_key_id": daemon.keys.current().key_id,
         "policy": p11service.POLICY_NAME,
+        # The activity log's disk use and its high-water warning (issue 15): health
+        # reads it through monitor, so it is in the monitor's view too.
+        "log_disk": daemon.log.disk().as_dict(),
     }
     if ctx.role is Role.MONITOR:
         info = {
@@ -44,6 +47,7 @@ def hsm_show(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> 
                 "owner_state",
                 "provider_access",
                 "monitor",
+                "log_disk",
             )
         }
     return Reply(output=as_json(info))
