@@ -254,3 +254,97 @@ def key_destroy(
     tctx = open_tenant_context(config_path(ctx), identity)
     result = destroy(tctx, appliance, label, yes, kit_dir, pin_file)
     emit(as_json, result, lambda p: f"{p['appliance']}: destroyed {len(p['destroyed'])} key(s)")
+
+
+@key.command("wrapping-key")
+@click.argument("appliance", shell_complete=complete_appliance)
+@click.option("--label", required=True, help="The wrapping key's label (unique on the token).")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the public key (PEM) to this new file, for the customer's side.",
+)
+@_kit
+@_pin_file
+@_identity
+@json_option
+@click.pass_context
+def key_wrapping_key(
+    ctx: click.Context,
+    appliance: str,
+    label: str,
+    output: Path | None,
+    kit_dir: Path | None,
+    pin_file: Path | None,
+    identity: str | None,
+    as_json: bool,
+) -> None:
+    """Make the RSA-3072 import key for BYOK on APPLIANCE and print its public key.
+
+    The private half unwraps only (no decrypt, no sign), is sensitive and never leaves
+    the device. Run again with the same label: the same public key is printed
+    ("created": false). Wrap keys for it as docs/keys.md ("BYOK") shows, then
+    `hsmctl key import`.
+
+    \b
+    Output: {"appliance", "label", "id", "bits", "public_key" (PEM), "fingerprint"
+    (hex SHA-256 of the DER public key), "created", "scheme"}.
+    Exit 2: bad label, the label names another kind of key, --output exists."""
+    from hsmctl.customer.context import open_tenant_context
+    from hsmctl.keys.byok import make_wrapping_key
+
+    tctx = open_tenant_context(config_path(ctx), identity)
+    result = make_wrapping_key(tctx, appliance, label, kit_dir, pin_file, output)
+    emit(as_json, result, lambda p: p["public_key"].rstrip("\n") + f"\n{p['appliance']}: "
+         f"wrapping key {p['label']} (RSA-{p['bits']}), SHA-256 {p['fingerprint']}")  # fmt: skip
+
+
+@key.command("import")
+@click.argument("appliance", shell_complete=complete_appliance)
+@click.option("--label", required=True, help="The imported key's label (unique on the token).")
+@click.option(
+    "--wrapped",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="RSA-OAEP(ephemeral AES key) || AES-KWP(ephemeral key, the key), as made with OpenSSL.",
+)
+@click.option("--wrapping-key", "wrapping_key", required=True, metavar="LABEL",
+              help="The label of the key made with `hsmctl key wrapping-key`.")  # fmt: skip
+@click.option("--type", "key_type", metavar="aes:BITS|ec:CURVE|rsa:BITS",
+              help="What the file must hold (default: told by its length).")  # fmt: skip
+@_kit
+@_pin_file
+@_identity
+@json_option
+@click.pass_context
+def key_import(
+    ctx: click.Context,
+    appliance: str,
+    label: str,
+    wrapped: Path,
+    wrapping_key: str,
+    key_type: str | None,
+    kit_dir: Path | None,
+    pin_file: Path | None,
+    identity: str | None,
+    as_json: bool,
+) -> None:
+    """Import a key wrapped outside the HSM (BYOK) into APPLIANCE's token.
+
+    The key lands as a token object that is sensitive, never extractable and
+    CKA_LOCAL=false; the ephemeral AES key is destroyed. docs/keys.md ("BYOK") has the
+    OpenSSL commands for the customer's side.
+
+    \b
+    Output: {"appliance", "key": {"label", "id", "type", "size", "local", ...},
+    "wrapping_key", "scheme"}.
+    Exit 2: bad label or type, missing or empty file, unknown or wrong wrapping key,
+    the label exists, a key-policy refusal; 3: the file does not unwrap (altered, or
+    wrapped for another key) — nothing was imported; 5: not taken over from here."""
+    from hsmctl.customer.context import open_tenant_context
+    from hsmctl.keys.byok import import_key
+
+    tctx = open_tenant_context(config_path(ctx), identity)
+    result = import_key(tctx, appliance, label, wrapped, wrapping_key, key_type, kit_dir, pin_file)
+    emit(as_json, result, lambda p: f"{p['appliance']}: imported\n" + table(
+        _KEY_COLUMNS, [_key_row(p["key"])]))  # fmt: skip
