@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -295,6 +296,26 @@ def run_step(
         ctx.close()
 
 
+def serve_steps(hosts: Collection[str]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """The steps of one run as ``hsmctl provision`` serves them to the playbook's modules
+    (:mod:`hsmctl.runner.stepserver`): what the module would run in its own process,
+    :func:`run_step`, run here for the run's own appliances only."""
+
+    def handle(request: Mapping[str, Any]) -> dict[str, Any]:
+        appliance, step = request.get("appliance"), request.get("step")
+        config, request_id = request.get("config"), request.get("request_id")
+        check, reissue = request.get("check", False), request.get("reissue_otp", False)
+        if not isinstance(appliance, str) or appliance not in hosts or step not in set(STEPS):
+            raise UsageError(f"step {step!r} for {appliance!r} is not one of this run's")
+        if not (isinstance(config, str) and isinstance(request_id, str)):
+            raise UsageError("a step request names a configuration file and a request id")
+        if not (isinstance(check, bool) and isinstance(reissue, bool)):
+            raise UsageError("check and reissue_otp are booleans")
+        return run_step(config, appliance, request_id, step, check=check, reissue_otp=reissue)
+
+    return handle
+
+
 @dataclass
 class ProvisionOutcome:
     provisioned: list[Provisioned]
@@ -353,7 +374,9 @@ def provision(
             {"hsm_config": str(ctx.config.source)},
             forks=count,
         )
-        outcomes = adapter.run(spec, progress)
+        outcomes = adapter.run(
+            spec, progress, serve=serve_steps({a.appliance for a in allocations})
+        )
         provisioned: list[Provisioned] = []
         failures: dict[str, HsmctlError] = {}
         for a in allocations:

@@ -25,6 +25,7 @@ from typing import Any
 from hsmctl.errors import HsmctlError
 from hsmctl.progress import NullProgress, Progress
 from hsmctl.runner.guard import PARENT_ENV
+from hsmctl.runner.stepserver import SOCKET_ENV, StepHandler, StepServer
 
 # The Ansible content ships inside this package as the collection hsmctl.fleet: this
 # package's directory is the collections path of every run (never the caller's cwd or a
@@ -200,8 +201,15 @@ def _guard_shim(private: Path, real: Path) -> Path:
     return shim_dir
 
 
-def run(spec: RunSpec, progress: Progress | None = None) -> dict[str, HostOutcome]:
-    """Run a playbook; returns each host's outcome. Raises only if the run itself broke."""
+def run(
+    spec: RunSpec, progress: Progress | None = None, *, serve: StepHandler | None = None
+) -> dict[str, HostOutcome]:
+    """Run a playbook; returns each host's outcome. Raises only if the run itself broke.
+
+    With ``serve``, this process runs the modules' steps (:mod:`hsmctl.runner.stepserver`:
+    a socket in the run's private directory, named to the modules by an environment
+    variable): each module task then costs a thin client, not a second import of the
+    library."""
     import ansible_runner
 
     progress = progress or NullProgress()
@@ -214,6 +222,8 @@ def run(spec: RunSpec, progress: Progress | None = None) -> dict[str, HostOutcom
     venv_bin = str(Path(sys.executable).parent)
     shim_dir = _guard_shim(private, Path(venv_bin) / "ansible-playbook")
     path = os.pathsep.join((str(shim_dir), venv_bin, os.environ.get("PATH", "")))
+    server = StepServer(serve, private).start() if serve is not None else None
+    served = {SOCKET_ENV: str(server.path)} if server is not None else {}
     try:
         result = ansible_runner.run(
             private_data_dir=str(private),
@@ -232,9 +242,12 @@ def run(spec: RunSpec, progress: Progress | None = None) -> dict[str, HostOutcom
                 "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "0",
                 PARENT_ENV: str(os.getpid()),
                 "PATH": path,  # the run's only: this process's PATH is left alone
+                **served,
             },
         )
     finally:
+        if server is not None:
+            server.close()
         shutil.rmtree(private, ignore_errors=True)
     if result.status not in ("successful", "failed"):
         raise HsmctlError(f"ansible-runner: the run ended as {result.status} (rc {result.rc})")

@@ -168,7 +168,7 @@ def test_provisioning_extravars_hold_only_references(
     env = make_env(tmp_path)
     seen: list[RunSpec] = []
 
-    def fake_run(spec: RunSpec, progress: Any = None) -> dict[str, HostOutcome]:
+    def fake_run(spec: RunSpec, progress: Any = None, serve: Any = None) -> dict[str, HostOutcome]:
         seen.append(spec)
         return {
             h: HostOutcome(h, HostStatus.FAILED, "Verify", "stopped by the test")

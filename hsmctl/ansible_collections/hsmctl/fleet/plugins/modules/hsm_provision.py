@@ -160,25 +160,53 @@ def main() -> None:
         },
         supports_check_mode=True,
     )
+    p = module.params
     try:
-        from hsmctl.errors import HsmctlError
-        from hsmctl.provider import provisioning
+        from hsmctl.runner import stepclient
     except ImportError as exc:  # the interpreter is not hsmctl's virtualenv
         module.fail_json(msg=f"hsmctl is not importable: {exc}")
         return
-    p = module.params
-    try:
-        result = provisioning.run_step(
-            p["config"],
-            p["appliance"],
-            p["request_id"],
-            p["step"],
-            check=module.check_mode,
-            reissue_otp=p["reissue_otp"],
-        )
-    except HsmctlError as exc:
-        module.fail_json(msg=str(exc), exit_code=exc.exit_code, error=type(exc).__name__)
-        return
+    served = stepclient.served_socket()
+    if served is not None:
+        # Run by hsmctl provision: the step runs in that process, which has the library
+        # loaded (hsmctl.runner.stepserver); this process only asks.
+        try:
+            result = stepclient.call(
+                served,
+                {
+                    "config": p["config"],
+                    "appliance": p["appliance"],
+                    "request_id": p["request_id"],
+                    "step": p["step"],
+                    "check": module.check_mode,
+                    "reissue_otp": p["reissue_otp"],
+                },
+            )
+        except stepclient.StepFailed as exc:
+            module.fail_json(msg=str(exc), exit_code=exc.exit_code, error=exc.error)
+            return
+        except OSError as exc:
+            module.fail_json(msg=f"hsmctl's step server: {exc}", exit_code=1, error="OSError")
+            return
+    else:
+        try:
+            from hsmctl.errors import HsmctlError
+            from hsmctl.provider import provisioning
+        except ImportError as exc:  # the interpreter is not hsmctl's virtualenv
+            module.fail_json(msg=f"hsmctl is not importable: {exc}")
+            return
+        try:
+            result = provisioning.run_step(
+                p["config"],
+                p["appliance"],
+                p["request_id"],
+                p["step"],
+                check=module.check_mode,
+                reissue_otp=p["reissue_otp"],
+            )
+        except HsmctlError as exc:
+            module.fail_json(msg=str(exc), exit_code=exc.exit_code, error=type(exc).__name__)
+            return
     if not module._diff:
         result.pop("diff", None)
     module.exit_json(step=p["step"], **result)
