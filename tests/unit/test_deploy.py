@@ -404,3 +404,39 @@ def test_logrotate_bounds_the_cron_logs(tmp_path: Path) -> None:
     assert (logs / "collect.jsonl.2.gz").exists()  # compressed one rotation later
     assert not (logs / "collect.jsonl.1.gz.1").exists()  # *.jsonl: never the rotated ones
     json.loads((logs / "collect.jsonl.1").read_text())
+
+
+# -- the provider's health poll (issue 15) -------------------------------------------------------
+
+HEALTH_SERVICE = DEPLOY / "systemd" / "hsmctl-health.service"
+HEALTH_TIMER = DEPLOY / "systemd" / "hsmctl-health.timer"
+
+
+def test_health_units_verify_and_are_sandboxed(tmp_path: Path) -> None:
+    """The health service and timer parse without a warning naming them, run the real
+    command, every 10 minutes, with the collector's sandbox (exposure as low)."""
+    text = HEALTH_SERVICE.read_text()
+    assert VENV_HSMCTL in text
+    (tmp_path / HEALTH_SERVICE.name).write_text(text.replace(VENV_HSMCTL, HERE_HSMCTL))
+    (tmp_path / HEALTH_TIMER.name).write_text(HEALTH_TIMER.read_text())
+    ok = verify(tmp_path, HEALTH_SERVICE.name, HEALTH_TIMER.name)
+    assert ok.returncode == 0 and "hsmctl-health" not in ok.stderr, ok.stderr
+    unit = settings(text)
+    start = dict(unit)["ExecStart"]
+    assert start.startswith(VENV_HSMCTL + " --config ${CREDENTIALS_DIRECTORY}/hsmctl.yaml ")
+    assert " health --all " in start and "--textfile " in start
+    assert [v for k, v in unit if k == "LoadCredential"] == ["hsmctl.yaml:/etc/hsmctl/hsmctl.yaml"]
+    shared = {"NoNewPrivileges", "ProtectSystem", "SystemCallFilter", "PrivateUsers",
+              "MemoryDenyWriteExecute", "RestrictAddressFamilies"}  # fmt: skip
+    for needed in settings(SERVICE.read_text()):
+        if needed[0] in shared:
+            assert needed in unit, needed
+    timer = dict(settings(HEALTH_TIMER.read_text()))
+    assert timer["OnCalendar"] == "*:0/10" and timer["Persistent"] == "true"
+    proc = subprocess.run(
+        [need("systemd-analyze"), "security", "--offline=true", "--no-pager",
+         HEALTH_SERVICE.name],
+        cwd=tmp_path, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    found = re.search(r"Overall exposure level for hsmctl-health\.service: ([0-9.]+)", proc.stdout)
+    assert found and float(found.group(1)) <= EXPOSURE + 0.1, proc.stdout
