@@ -411,12 +411,16 @@ def reconcile(
     apply: bool = False,
     progress: Progress | None = None,
     observer: Callable[[ProviderContext, Fabric, str], DeviceFacts] = observe,
+    fabric: Fabric | None = None,
 ) -> ReconcileReport:
+    """Observe every appliance the store and the inventory share, compare, and with
+    ``apply`` fix what is fixable. ``observer`` and ``fabric`` default to the
+    configuration's drivers (tests inject their own)."""
     progress = progress or NullProgress()
     ctx = open_context(config_path)
     try:
         views = store_views(ctx)
-        fabric = fabric_for(ctx.config.fabric)
+        fabric = fabric or fabric_for(ctx.config.fabric)
         targets = [v.appliance for v in views if v.in_inventory]
         with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL, len(targets)))) as pool:
             facts = {f.appliance: f for f in pool.map(lambda a: observer(ctx, fabric, a), targets)}

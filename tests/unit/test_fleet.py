@@ -319,3 +319,95 @@ def test_drift_json_keys() -> None:
     (d,) = compare([view(S.CUSTOMER_OWNED)], {"hsm1": facts(Own.CUSTOMER_OWNED, DETACHED)}, ["t1"])
     assert set(d.as_dict()) == {"kind", "appliance", "store", "device", "fixable", "why", "fix"}
     assert d.as_dict()["kind"] == "attachment" and d.as_dict()["fix"] == "attach"
+
+
+# -- apply, with the fabric and the devices replaced by tables ---------------------------------
+
+
+class TableFabric:
+    """The fabric as a dict (the lab test drives the real one)."""
+
+    def __init__(self, ports: dict[str, Where]) -> None:
+        self.ports = ports
+        self.calls: list[tuple[str, ...]] = []
+
+    def attach(self, appliance: str, tenant: str, vnet: str, subnet: str) -> object:
+        assert self.ports[appliance] == DETACHED, "attach to a plugged port"
+        self.calls.append(("attach", appliance, tenant, vnet, subnet))
+        self.ports[appliance] = Where(tenant, vnet, subnet)
+        return self.ports[appliance]
+
+    def detach(self, appliance: str) -> object:
+        self.calls.append(("detach", appliance))
+        self.ports[appliance] = DETACHED
+        return DETACHED
+
+    def attachment(self, appliance: str) -> Where:
+        return self.ports[appliance]
+
+
+def test_apply_fixes_the_provable_journals_and_leaves_the_rest(tmp_path: Path) -> None:
+    from hsmctl.provider.reconcile import reconcile
+    from hsmctl.state.model import Operation, StepStatus
+
+    e = make_env(tmp_path / "env")
+    inv = load_inventory(e.inventory)
+    with e.store() as s:
+        (a,) = s.allocate("r1", check_placement(inv, "t1", "v1", "hsm", stamp="s1"))
+        s.set_state(a.appliance, S.PROVISIONED)
+    assert a.appliance == "unit01"
+    t1 = Where("t1", "v1", "hsm")
+    owners = {
+        "unit01": Own.CUSTOMER_OWNED,  # taken over, port pulled
+        "unit02": Own.FACTORY,  # available but plugged into t1
+        "unit03": Own.CUSTOMER_OWNED,  # available in the store, a customer's on the device
+        "unit04": Own.FACTORY,
+    }
+    fabric = TableFabric({"unit01": DETACHED, "unit02": t1, "unit03": t1, "unit04": DETACHED})
+
+    def observer(ctx: Any, fab: Any, appliance: str) -> DeviceFacts:
+        address = f"{a.ip}/24" if appliance == "unit01" else None
+        return DeviceFacts(appliance, owners[appliance], address, fab.attachment(appliance))
+
+    dry = reconcile(str(e.config), observer=observer, fabric=fabric)
+    assert dry.exit_code == 0 and fabric.calls == []
+    assert {(d.appliance, d.kind, d.fixable) for d in dry.drift} == {
+        ("unit01", DriftKind.STATE, True),
+        ("unit01", DriftKind.ATTACHMENT, True),
+        ("unit02", DriftKind.ATTACHMENT, True),
+        ("unit03", DriftKind.STATE, False),
+        ("unit03", DriftKind.ATTACHMENT, False),
+    }
+    with e.store() as s:
+        assert s.journal(operation=Operation.RECONCILE) == []
+
+    done = reconcile(str(e.config), apply=True, observer=observer, fabric=fabric)
+    assert done.exit_code == 0
+    assert sorted(fabric.calls) == [("attach", "unit01", "t1", "v1", "hsm"), ("detach", "unit02")]
+    assert fabric.ports["unit03"] == t1  # the customer's device stays where it is
+    assert {(d.appliance, d.kind.value, d.fixed) for d in done.drift if d.fixable} == {
+        ("unit01", "state", True),
+        ("unit01", "attachment", True),
+        ("unit02", "attachment", True),
+    }
+    with e.store() as s:
+        assert s.get_appliance("unit01").state == S.CUSTOMER_OWNED
+        assert s.get_appliance("unit03").state == S.AVAILABLE
+        entries = s.journal(operation=Operation.RECONCILE)
+    assert sorted((x.appliance, x.step, x.status) for x in entries) == [
+        ("unit01", "attachment", StepStatus.OK),
+        ("unit01", "state", StepStatus.OK),
+        ("unit02", "attachment", StepStatus.OK),
+    ]
+    assert all(x.detail["why"] and x.detail["result"] for x in entries)
+
+    # A rerun finds only what needs a person; a device that cannot be read is exit 4.
+    again = reconcile(str(e.config), apply=True, observer=observer, fabric=fabric)
+    assert {d.appliance for d in again.drift} == {"unit03"}
+
+    def unreachable(ctx: Any, fab: Any, appliance: str) -> DeviceFacts:
+        if appliance == "unit04":
+            return DeviceFacts(appliance, error="console: timed out", exit_code=4)
+        return observer(ctx, fab, appliance)
+
+    assert reconcile(str(e.config), observer=unreachable, fabric=fabric).exit_code == 4
