@@ -337,3 +337,87 @@ def test_bad_input_exits_2_or_5_with_a_clear_message_and_nothing_changed(
 def test_the_documented_customer_commands_are_the_ones_tested() -> None:
     text = DOC.read_text()
     assert CUSTOMER_WRAP in text and CUSTOMER_KEYS in text
+
+
+RSA_SIGN = """
+import json, os, sys
+import pkcs11
+from pkcs11 import Mechanism, ObjectClass
+lib = pkcs11.lib(sys.argv[1])
+token = lib.get_token(token_label=sys.argv[2])
+pin = open(sys.argv[3]).read()
+data = open(sys.argv[4], "rb").read()
+with token.open(user_pin=pin, rw=True) as s:
+    key = s.get_key(label="byok-rsa", object_class=ObjectClass.PRIVATE_KEY)
+    open(sys.argv[5], "wb").write(key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS))
+print(json.dumps({"signed": True}))
+"""
+
+
+def test_an_rsa_private_key_imports_too_and_its_signature_verifies(
+    host: AppHost, customer: Path
+) -> None:
+    """An RSA-2048 key's PKCS#8 (1,2xx bytes: the KWP part says RSA without --type)."""
+    sh(CUSTOMER_WRAP + "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 "
+       "-out rsa.pem\nopenssl pkcs8 -topk8 -nocrypt -in rsa.pem -outform DER -out rsa.p8\n"
+       "openssl pkey -in rsa.pem -pubout -outform DER -out rsa.pub.der\n"
+       "wrap rsa.p8 rsa.wrapped\n", customer)  # fmt: skip
+    out = json.loads(host.hsmctl("key", "import", host.rig.appliance, "--label", "byok-rsa",
+                                 "--wrapped", str(customer / "rsa.wrapped"), "--wrapping-key",
+                                 "byok-kek", "--json").stdout)  # fmt: skip
+    key = out["key"]
+    assert (key["type"], key["size"], key["local"], key["extractable"], key["sensitive"]) == (
+        "rsa", 2048, False, False, True)  # fmt: skip
+    data, sig = host.work("rsa.data"), host.work("rsa.sig")
+    data.write_bytes(os.urandom(3000))
+    host.chown()
+    host.use("officer")
+    host.python(RSA_SIGN, PROXY, host.label, str(host.pin_file), str(data), str(sig))
+    assert openssl_verify_all(customer / "rsa.pub.der", [(data.read_bytes(),
+                              sig.read_bytes())], "rsa") == 1  # fmt: skip
+
+
+def test_a_crypto_users_kit_cannot_import_or_make_a_wrapping_key(
+    host: AppHost, customer: Path
+) -> None:
+    host.register("byok-user", "crypto-user")
+    before = listed(host)
+    seq = host.last_seq()
+    kit = ("--kit", str(host.kit("byok-user")), "--pin-file", str(host.pin_file))
+    proc = host.hsmctl("key", "import", host.rig.appliance, "--label", "u-aes", "--wrapped",
+                       str(customer / "aes256.wrapped"), "--wrapping-key", "byok-kek", *kit,
+                       "--json", check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr.decode()
+    assert json.loads(proc.stdout)["error"]["rule"] == "role-crypto-user"
+    proc = host.hsmctl("key", "wrapping-key", host.rig.appliance, "--label", "u-kek", *kit,
+                       "--json", check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr.decode()
+    assert json.loads(proc.stdout)["error"]["rule"] == "role-crypto-user"
+    assert listed(host) == before
+    denied = [r for r in host.records(seq) if r["outcome"] == "denied"]
+    assert {(r["actor"], r["detail"]["rule"]) for r in denied} == {
+        ("p11-byok-user", "role-crypto-user")}  # fmt: skip
+    # The session transport key is the crypto-user's to unwrap, not to destroy (the
+    # policy's C_DestroyObject rule): it goes with the session.
+    assert [r["detail"]["function"] for r in denied] in (
+        ["C_UnwrapKey", "C_DestroyObject", "C_GenerateKeyPair"],
+        ["C_UnwrapKey", "C_GenerateKeyPair"])  # fmt: skip
+
+
+def test_the_log_holds_each_import_and_its_transport_key_and_no_pin(
+    host: AppHost, imported: dict[str, dict[str, Any]]
+) -> None:
+    records = host.records()
+    imports = [r for r in records if r["event"] == "key-imported"]
+    by_label = {r["detail"]["label"]: r for r in imports}
+    assert by_label["byok-aes"]["detail"]["bits"] == 256
+    assert by_label["byok-ec"]["detail"]["curve"] == "P-256"
+    assert by_label["byok-ec"]["detail"]["id"] == imported["byok-ec"]["id"]
+    mine = [r for r in records if r["actor"].startswith("p11-hsmctl-")]
+    transports = [r for r in mine if r["event"] == "key-imported"
+                  and r["detail"]["label"] == "byok-transport"]  # fmt: skip
+    destroyed = [r for r in mine if r["event"] == "key-destroyed"
+                 and r["detail"]["label"] == "byok-transport"]  # fmt: skip
+    assert transports and len(destroyed) == len(transports)
+    assert all(r["detail"]["class"] == "secret-key" for r in transports)
+    assert host.pin not in json.dumps(records)
