@@ -31,6 +31,15 @@ def _label(text: str) -> str:
     return text
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _sha256_hex(text: str) -> Value:
+    if not _SHA256_HEX.fullmatch(text):
+        raise ValueError("must be 64 lower-case hex digits (a SHA-256)")
+    return text
+
+
 def _integer(low: int, high: int) -> Callable[[str], Value]:
     def convert(text: str) -> Value:
         if not _DIGITS.fullmatch(text) or not low <= int(text) <= high:
@@ -138,6 +147,16 @@ COMMANDS: tuple[CommandSpec, ...] = (
         stdin=("so_pin",),
     ),
     CommandSpec(("hsm", "zeroize"), "erase the token and its keys beyond recovery"),
+    CommandSpec(
+        ("hsm", "domain", "set"),
+        "put the token into a cloning domain (SO PIN, then the domain secret)",
+        stdin=("so_pin", "domain_secret"),
+    ),
+    CommandSpec(
+        ("hsm", "backup-sign"),
+        "sign a backup manifest's SHA-256 with the audit key",
+        params=(Param("digest", "SHA256", _sha256_hex, flag="--digest"),),
+    ),
     CommandSpec(
         ("hsm", "co-pin", "set"),
         "set the crypto-officer PIN as security officer",

@@ -45,6 +45,8 @@ TABLE: dict[tuple[str, ...], Handler] = {
     ("client", "revoke"): clients.client_revoke,
     ("hsm", "init"): hsm.hsm_init,
     ("hsm", "zeroize"): hsm.hsm_zeroize,
+    ("hsm", "domain", "set"): hsm.domain_set,
+    ("hsm", "backup-sign"): hsm.backup_sign,
     ("hsm", "co-pin", "set"): hsm.co_pin_set,
     ("hsm", "co-pin", "change"): hsm.co_pin_change,
     ("user", "password"): users.user_password,

@@ -120,6 +120,8 @@ GRANTS: Mapping[Role, frozenset[Words]] = {
             ("hsm", "zeroize"),
             ("hsm", "co-pin", "set"),
             ("hsm", "co-pin", "change"),
+            ("hsm", "domain", "set"),
+            ("hsm", "backup-sign"),
             ("user", "password"),
             ("user", "list"),
             ("user", "enable", "audit"),
