@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -136,9 +137,11 @@ def customer(host: AppHost, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wrapping key made on the device, its public key in the customer's directory,
     and the customer's two keys wrapped there with openssl."""
     cust = tmp_path_factory.mktemp("customer")
+    started = time.monotonic()
     made = json.loads(host.hsmctl("key", "wrapping-key", host.rig.appliance, "--label",
                                   "byok-kek", "--output", str(cust / "kek.pem"),
                                   "--json").stdout)  # fmt: skip
+    print(f"hsmctl key wrapping-key: {time.monotonic() - started:.2f} s")
     assert (cust / "kek.pem").read_text() == made["public_key"]
     sh(CUSTOMER_WRAP + CUSTOMER_KEYS, cust)
     return cust
@@ -170,7 +173,9 @@ def imported(host: AppHost, customer: Path) -> dict[str, dict[str, Any]]:
                                   ("byok-ec", "ec.wrapped", "ec:p256")):  # fmt: skip
         argv = ["key", "import", host.rig.appliance, "--label", label, "--wrapped",
                 str(customer / blob), "--wrapping-key", "byok-kek", "--json"]  # fmt: skip
+        started = time.monotonic()
         out = json.loads(host.hsmctl(*argv, *(("--type", key_type) if key_type else ())).stdout)
+        print(f"hsmctl key import {label}: {time.monotonic() - started:.2f} s")
         rows[label] = out["key"]
     logged = [r for r in host.records(seq) if r["event"] == "key-imported"]
     assert {r["detail"]["label"] for r in logged} >= {"byok-aes", "byok-ec"}
