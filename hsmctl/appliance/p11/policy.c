@@ -848,6 +848,22 @@ static int domain_mech_ok(CK_MECHANISM_TYPE m)
 	return m == CKM_AES_KEY_WRAP_PAD || m == CKM_AES_KEY_WRAP;
 }
 
+/*
+ * p11-kit 0.24.1's RPC carries neither CKM_AES_KEY_WRAP nor CKM_AES_KEY_WRAP_PAD (its
+ * client refuses them before sending). Remote clients send CKM_KEY_WRAP_LYNKS without
+ * parameters (carried; not a SoftHSM mechanism) and mean AES key wrap with padding
+ * (RFC 5649): C_WrapKey reads it so here (C_UnwrapKey does the same, see there).
+ */
+static CK_MECHANISM_PTR wire_kwp(CK_MECHANISM_PTR m, CK_MECHANISM *kwp)
+{
+	if (m && m->mechanism == CKM_KEY_WRAP_LYNKS && m->pParameter == NULL &&
+	    m->ulParameterLen == 0) {
+		*kwp = (CK_MECHANISM){CKM_AES_KEY_WRAP_PAD, NULL, 0};
+		return kwp;
+	}
+	return m;
+}
+
 static void emit_key(CK_SESSION_HANDLE h, const char *event, const char *fn,
 		     const char *cls, const struct keyinfo *ki)
 {
@@ -1906,8 +1922,10 @@ static CK_RV w_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE
 	static const char fn[] = "C_WrapKey";
 	CK_BBOOL ext = CK_FALSE;
 	CK_ATTRIBUTE ea = {CKA_EXTRACTABLE, &ext, sizeof ext};
+	CK_MECHANISM kwp;
 	CK_RV rv;
 	NEED_REAL();
+	m = wire_kwp(m, &kwp);
 	if ((rv = check_mech(h, fn, m, 0)) != CKR_OK)
 		return rv;
 	if (probe_guard(h, fn, k, &rv))
