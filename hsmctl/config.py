@@ -289,7 +289,14 @@ def _build(path: Path, raw: object, lines: dict[str, int]) -> Config:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 values[key] = value
             else:
-                problems.append(f"{at(key)}{key}: expected a positive integer, got {value!r}")
+                got = (
+                    str(value)
+                    if isinstance(value, int) and not isinstance(value, bool)
+                    else "a string (leave out the quotes)"
+                    if isinstance(value, str)
+                    else _kind(value)
+                )
+                problems.append(f"{at(key)}{key}: expected a positive integer, got {got}")
         elif not isinstance(value, str):
             what = "a path" if key in _PATH_KEYS else "a string"
             problems.append(f"{at(key)}{key}: expected {what}, got {_kind(value)}")

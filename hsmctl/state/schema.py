@@ -22,52 +22,18 @@ one active alert per appliance and kind, kept so by the health run's transaction
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
+from hsmctl.state import schema_v1
+from hsmctl.state.columns import NAMING, BigId, JSONType, _enum, _ts
 from hsmctl.state.model import ApplianceState, Interface, Operation, RequestStatus, StepStatus
 
-
-def _enum(cls: type[enum.StrEnum], name: str, *, constrained: bool = True) -> sa.Enum:
-    """Stored as its value in a VARCHAR, so SQLite and PostgreSQL hold the same text.
-
-    The journal's enums are not constrained in the database: adding an operation must
-    not need a table rebuild on SQLite; Python validates them on the way in.
-    """
-    return sa.Enum(
-        cls,
-        name=name,
-        native_enum=False,
-        create_constraint=constrained,
-        length=32,
-        validate_strings=True,
-        values_callable=lambda members: [m.value for m in members],
-    )
-
-
-def _ts() -> sa.DateTime:
-    return sa.DateTime(timezone=True)
-
-
-JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
-# SQLite only autoincrements an INTEGER PRIMARY KEY.
-BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
-METADATA = sa.MetaData(
-    naming_convention={
-        "pk": "pk_%(table_name)s",
-        "fk": "fk_%(table_name)s_%(column_0_name)s",
-        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-        "ck": "ck_%(table_name)s_%(constraint_name)s",
-        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    }
-)
+METADATA = sa.MetaData(naming_convention=NAMING)
 
 schema_version = sa.Table(
     "schema_version",
@@ -210,8 +176,6 @@ class Migration:
 
 
 def _v1(conn: Connection) -> None:
-    from hsmctl.state import schema_v1  # frozen definitions (imports this module)
-
     schema_v1.V1.create_all(conn, tables=list(schema_v1.TABLES))
 
 

@@ -7,18 +7,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from hsmctl.state.columns import NAMING, BigId, JSONType, _enum, _ts
 from hsmctl.state.model import ApplianceState, Interface, Operation, RequestStatus, StepStatus
-from hsmctl.state.schema import BigId, JSONType, _enum, _ts
 
-V1 = sa.MetaData(
-    naming_convention={
-        "pk": "pk_%(table_name)s",
-        "fk": "fk_%(table_name)s_%(column_0_name)s",
-        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-        "ck": "ck_%(table_name)s_%(constraint_name)s",
-        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    }
-)
+V1 = sa.MetaData(naming_convention=NAMING)
 
 appliances = sa.Table(
     "appliances",

@@ -185,7 +185,20 @@ COMMANDS = [
     ["logs", "export", "hsm01", "--output", "out.jsonl"],
 ]
 
-TYPE_CASES = [(key, *wrong) for key in KEYS for wrong in WRONG_TYPES]
+INT_KEYS = set(config_mod._INT_KEYS)
+TYPE_CASES = [(key, *wrong) for key in KEYS if key not in INT_KEYS for wrong in WRONG_TYPES]
+# Integer settings (health_alert_*): a positive integer, nothing else.
+INT_WRONG = [
+    ("zero", "0", "got 0"),
+    ("negative", "-3", "got -3"),
+    ("float", "1.5", "got a number"),
+    ("bool", "true", "got a boolean"),
+    ("string", '"3"', "got a string"),
+    ("null", "null", "got null"),
+    ("list", "[3]", "got a list"),
+    ("date", "2024-01-01", "got a date"),
+]
+TYPE_CASES += [(key, *wrong) for key in sorted(INT_KEYS) for wrong in INT_WRONG]
 
 
 def test_the_model_is_what_the_lab_writes() -> None:
