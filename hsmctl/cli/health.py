@@ -39,8 +39,7 @@ from hsmctl.errors import PartialFailure
 @click.option(
     "--alert-polls",
     type=click.IntRange(min=1),
-    help="Bad polls within the window that raise an alert (default: "
-    "health_alert_polls, else 3).",
+    help="Bad polls within the window that raise an alert (default: health_alert_polls, else 3).",
 )
 @click.option(
     "--alert-window",
