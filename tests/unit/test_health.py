@@ -97,3 +97,80 @@ def test_health_exit_code_is_the_most_severe(tmp_path: Path) -> None:
     with env.store() as store:
         assert store.get_appliance("unit01").state == ApplianceState.CUSTOMER_OWNED
     assert env.snapshot() != before
+
+
+# -- over time: the whole run (store, rule, syslog) with hand-built probes ----------------
+
+
+def test_a_fleet_poll_is_stored_and_alerts_reach_syslog(tmp_path: Path) -> None:
+    """hsmctl.provider.health.health end to end but for the devices: polls stored, one
+    bad poll raises nothing, the second (K=2) raises, a good one clears; both reach a UDP
+    receiver on loopback as RFC 5424; a customer's choice raises nothing; an unreachable
+    receiver is exit 4 with the poll stored all the same."""
+    import socket
+    from datetime import UTC, datetime, timedelta
+
+    from hsmctl.appliance import sensors
+
+    env = make_env(tmp_path)
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(10)
+    conf = env.write_config(
+        "health.yaml",
+        health_syslog=f"udp://127.0.0.1:{receiver.getsockname()[1]}",
+        health_alert_polls=2,
+    )
+    faults: dict[str, list[str]] = {"unit01": ["psu2"], "unit02": ["psu2"]}
+    clock = [datetime(2026, 12, 6, 12, 0, tzinfo=UTC)]
+
+    def prober(ctx: Any, appliance: str) -> hl.Probe:
+        if appliance == "unit02":  # taken over, monitor disabled: no telemetry
+            return hl.Probe(appliance, hl.Attempt(L.REFUSED), hl.Attempt(L.REFUSED))
+        return hl.Probe(
+            appliance,
+            hl.Attempt(L.SKIPPED),
+            hl.Attempt(L.OK),
+            sensors=sensors.readings(faults.get(appliance, [])),
+        )
+
+    def run(**kw: Any) -> hl.HealthReport:
+        clock[0] += timedelta(minutes=10)
+        return hl.health(str(conf), ["unit01", "unit02"], prober=prober, now=lambda: clock[0], **kw)
+
+    def rows(report: hl.HealthReport) -> dict[str, dict[str, Any]]:
+        return {r["id"]: r for r in report.as_dict()["appliances"]}
+
+    try:
+        first = rows(run())
+        assert first["unit01"]["problems"] == ["psu2"] and first["unit01"]["alerts"] == []
+        assert first["unit02"]["telemetry"] == "no telemetry (customer choice)"
+        second = run()
+        assert [a["kind"] for a in rows(second)["unit01"]["alerts"]] == ["psu2"]
+        assert rows(second)["unit02"]["alerts"] == [] and second.exit_code == 0
+        msg = receiver.recv(65535)
+        assert b"alert-raised" in msg and b'appliance="unit01" kind="psu2"' in msg
+        faults["unit01"] = []
+        third = rows(run())
+        assert third["unit01"]["alerts"] == [] and third["unit01"]["last_ok"]
+        assert b"alert-cleared" in receiver.recv(65535)
+        with env.store() as store:
+            snap = store.snapshot()
+        assert len(snap["health_polls"]) == 6
+        assert [(a["kind"], a["cleared_at"] is not None) for a in snap["alerts"]] == [
+            ("psu2", True)
+        ]
+
+        # A receiver that is not there: exit 4, the poll stored anyway.
+        closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        faults["unit01"] = ["fan"]
+        run(syslog=f"tcp://127.0.0.1:{port}", alert_polls=1)
+        assert len(env.snapshot()["health_polls"]) == 8
+        faults["unit01"] = []
+        report = run(syslog=f"tcp://127.0.0.1:{port}", alert_polls=1)
+        assert report.notify_error and report.exit_code == 4
+    finally:
+        receiver.close()
