@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from hsmctl import __version__
+from hsmctl.cli import backup as backup_cli
 from hsmctl.cli import clients as clients_cli
 from hsmctl.cli import customer as customer_cli
 from hsmctl.cli import fleet as fleet_cli  # noqa: F401  (fleet capacity, fleet reconcile)
@@ -60,6 +61,9 @@ cli.add_command(customer_cli.release)
 cli.add_command(logs_cli.logs)
 cli.add_command(clients_cli.client)
 cli.add_command(clients_cli.key)
+cli.add_command(backup_cli.domain)
+cli.add_command(backup_cli.backup)
+cli.add_command(backup_cli.restore)
 
 
 def _wants_json(argv: list[str]) -> bool:
