@@ -241,3 +241,36 @@ def test_textfile_is_written_whole_with_mode_0644(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["hsmctl.prom"]  # no temporary left behind
     with pytest.raises(UsageError, match=r"\*\.prom"):
         metrics.write_textfile(tmp_path / "hsmctl.txt", "x")
+
+
+# -- the monitor's hsm show, with and without the retention report ----------------------------
+
+HSM_SHOW = {
+    "audit_key_id": "e77c1a1758251bf7cb4bea63e5741de368eef0e05fcc64ee6379fdb48c55e62f",
+    "co_pin_set": False,
+    "firmware": "7.8.4-hsmctl",
+    "id": "hsm31",
+    "initialised": False,
+    "label": "",
+    "model": "hsmctl-softhsm2",
+    "monitor": "enabled",
+    "objects": 0,
+    "owner_state": "provisioned",
+    "policy": "fips",
+    "provider_access": True,
+    "serial": "LAB000031",
+}  # recorded from hsm31 (lab), monitor enabled as after provisioning
+
+
+def test_monitor_view_tolerates_firmware_without_log_disk() -> None:
+    import json
+
+    view = hl.MONITOR_VIEW.process(json.dumps(HSM_SHOW), "hsm31")
+    assert view.info.owner_state is OwnerState.PROVISIONED and view.log_disk is None
+    disk = {"used_bytes": 900, "limit_bytes": 1000, "high_water_bytes": 800,
+            "segments": 3, "acked_seq": 10, "warning": True}  # fmt: skip
+    view = hl.MONITOR_VIEW.process(json.dumps({**HSM_SHOW, "log_disk": disk}), "hsm31")
+    assert view.log_disk == hl.LogDisk(900, 1000, 800, True)
+    quiet = {**disk, "warning": False}
+    view = hl.MONITOR_VIEW.process(json.dumps({**HSM_SHOW, "log_disk": quiet}), "hsm31")
+    assert view.log_disk is not None and view.log_disk.warning is False
