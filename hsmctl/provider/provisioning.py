@@ -204,25 +204,30 @@ def _handed_over(ctx: ProviderContext, alloc: Allocation) -> None:
 
 
 def step_handoff(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
+    # One management session for the whole step (the device logs and checkpoints every
+    # session: one fewer per appliance), its first reply kept for the serial.
     with ctx.provider_session(alloc.appliance) as conn:
-        owner = HSM_INFO.on(conn, alloc.appliance).owner_state
-    done = _last_ok(ctx, alloc, ProvisionStep.HANDOFF)
-    action = decide_handoff(owner, done is not None, opts.reissue_otp)
-    if action is HandoffAction.KEEP and done is not None:
-        if not opts.check:
-            _handed_over(ctx, alloc)  # a run cut between the bundle and the state: finish it
-        return {"changed": False, "handoff": str(done.get("handoff", "")), "reissued": False}
-    reissued = owner is OwnerState.PROVISIONED
-    if opts.check:
-        return {"changed": True, "handoff": str(handoff_file(ctx, alloc)), "reissued": reissued}
-    tenant = ctx.inventory.tenant(alloc.tenant)
-    tenant_key = tenant.identity_public_key.line
-    otp = generate_password()
-    with ctx.provider_session(alloc.appliance) as conn:
+        info = HSM_INFO.on(conn, alloc.appliance)
+        owner = info.owner_state
+        done = _last_ok(ctx, alloc, ProvisionStep.HANDOFF)
+        action = decide_handoff(owner, done is not None, opts.reissue_otp)
+        if action is HandoffAction.KEEP and done is not None:
+            if not opts.check:
+                _handed_over(ctx, alloc)  # a run cut between the bundle and the state
+            return {"changed": False, "handoff": str(done.get("handoff", "")), "reissued": False}
+        reissued = owner is OwnerState.PROVISIONED
+        if opts.check:
+            return {
+                "changed": True,
+                "handoff": str(handoff_file(ctx, alloc)),
+                "reissued": reissued,
+            }
+        tenant = ctx.inventory.tenant(alloc.tenant)
+        tenant_key = tenant.identity_public_key.line
+        otp = generate_password()
         conn.run(f"user otp set --expires-hours {contract.OTP_VALID_HOURS}", [tenant_key, otp])
         hostkeys = HOST_KEYS.on(conn, alloc.appliance)
         audit = AUDIT_KEY.on(conn, alloc.appliance)
-        info = HSM_INFO.on(conn, alloc.appliance)
     data_keys = list(hostkeys.active_keys)
     ctx.store.pin_host_keys(alloc.appliance, Interface.DATA, data_keys)
     bundle = make_bundle(
