@@ -1,6 +1,6 @@
 """The fast path: a block of lines checked on their bytes, exactly as the full verifier
 would check them (a property test in ``tests/unit/test_verify_property.py`` holds it to
-that), with only the signed records and the unsigned tail verified in full."""
+that), with only the signed records verified in full."""
 
 from __future__ import annotations
 
@@ -20,10 +20,34 @@ _SIGNED_NAMES = (b'"checkpoint"', b'"key-rotation"')
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, list[tuple[int, bytes]]]:
+def _link_other(line: bytes, running: bytes, seq: int) -> tuple[bytes, bool] | None:
+    """A line not of the common shape, after the record whose hash is ``running``: its
+    hash and whether it is a signed record (to be verified in full), if it links by its
+    bytes and (unless signed) is a canonical record; else None."""
+    at = line.rfind(HASH_MEMBER)
+    end = at + 73
+    claimed = line[at + 9 : end]
+    if (
+        at < 0
+        or line[end : end + 1] != b'"'
+        or hashlib.sha256(line[:at] + line[end + 1 :]).hexdigest().encode() != claimed
+        # outcome (at most 8 bytes) and prev follow the hash; role and seq follow prev
+        or line.find(_PREV_MEMBER + running + b'"', end, end + 110) < 0
+        or line.find(b',"seq":%d,' % seq, end + 90) < 0
+    ):
+        return None
+    if line.endswith(_SIGNED_EVENTS, 0, at):
+        return claimed, True
+    if not _canonical_line(line, seq):
+        return None
+    return claimed, False
+
+
+def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, bytes, list[tuple[int, bytes]]]:
     """How many leading lines continue the chain from ``start``, each a record that
-    :func:`verify_lines` would accept there; and, for every line that may be a checkpoint
-    or a key rotation, its index and the hash before it (those it must still verify).
+    :func:`verify_lines` would accept there, and the hash of the last of them; and, for
+    every line that may be a checkpoint or a key rotation, its index and the hash before
+    it (those it must still verify).
 
     A line of the common shape (:data:`RECORD`) is checked on its bytes alone: it is
     canonical JSON of a well-formed record (the pattern says which bytes a canonical line
@@ -33,19 +57,16 @@ def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, list[tuple[int
     other line is a signed record if its bytes say so (verified in full later), else it is
     parsed and re-encoded like :func:`verify_lines` does (:func:`_canonical_line`).
     """
-    sha256, plain, exact, escapes, hash_member, prev_member, signed_events, signed_names = (
+    sha256, plain, exact, escapes, signed_names = (
         hashlib.sha256,
         PLAIN.fullmatch,
         RECORD.fullmatch,
         ESCAPES,
-        HASH_MEMBER,
-        _PREV_MEMBER,
-        _SIGNED_EVENTS,
         _SIGNED_NAMES,
     )  # locals: this loop runs once a record
     signed: list[tuple[int, bytes]] = []
     if not _HEX64.fullmatch(start.hash):  # not a hash: no line can link to it by its bytes
-        return 0, signed
+        return 0, b"", signed
     running = start.hash.encode("ascii")
     first, count = start.seq + 1, 0
     for line in lines:
@@ -65,25 +86,15 @@ def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, list[tuple[int
             if g[8] in signed_names:
                 signed.append((count, running))
         else:
-            at = line.rfind(hash_member)
-            end = at + 73
-            claimed = line[at + 9 : end]
-            if (
-                at < 0
-                or line[end : end + 1] != b'"'
-                or sha256(line[:at] + line[end + 1 :]).hexdigest().encode() != claimed
-                # outcome (at most 8 bytes) and prev follow the hash; role and seq follow prev
-                or line.find(prev_member + running + b'"', end, end + 110) < 0
-                or line.find(b',"seq":%d,' % (first + count), end + 90) < 0
-            ):
+            linked = _link_other(line, running, first + count)
+            if linked is None:
                 break
-            if line.endswith(signed_events, 0, at):
+            claimed, is_signed = linked
+            if is_signed:
                 signed.append((count, running))
-            elif not _canonical_line(line, first + count):
-                break
         running = claimed
         count += 1
-    return count, signed
+    return count, running, signed
 
 
 def _is_utf8(line: bytes) -> bool:
@@ -125,11 +136,11 @@ def verify_block(
     of the records in it; instead :func:`_link_scan` checks every record on its bytes for
     exactly what ``verify_lines`` would check of it (canonical JSON of a well-formed
     record, its hash, ``prev`` and ``seq``), parsing only lines of an unusual shape. Then
-    only the signed records and what follows the last of them are verified in full. The
-    report is then the one ``verify_lines`` gives, which is checked: if the last signed
-    record of the scan did not verify as one, or any violation was found, the block is
-    verified again the full way, and that report is returned (it names the first bad
-    record exactly as before).
+    only the signed records are verified in full, and the lines from where the scan
+    stopped, if it stopped early. The report is then the one ``verify_lines`` gives,
+    which is checked: if the last signed record of the scan did not verify as one, or any
+    violation was found, the block is verified again the full way, and that report is
+    returned (it names the first bad record exactly as before).
     """
     begin = start or GENESIS_HEAD
     retired = tuple(retired_keys)
@@ -137,9 +148,7 @@ def verify_block(
     def full() -> VerifyReport:
         return verify_lines(lines, trusted_keys, device=device, start=begin, retired_keys=retired)
 
-    _, signed = _link_scan(lines, begin)
-    if not signed:
-        return full()
+    count, last, signed = _link_scan(lines, begin)
     verifier = ChainVerifier(trusted_keys, device=device, start=begin, retired_keys=retired)
     done = 0
     for index, before in signed:
@@ -149,15 +158,20 @@ def verify_block(
         done = index + 1
         if verifier.done:
             return full()
+    if count > done:  # linked by their bytes after the last signed record
+        verifier._advance(count - done, Head(begin.seq + count, last.decode()))
+        done = count
     for line in lines[done:]:
         verifier.feed(line)
         if verifier.done:
             break
     report = verifier.finish()
-    if (
-        report.violations
-        or report.last_checkpoint_seq is None
-        or (report.last_checkpoint_seq < begin.seq + signed[-1][0] + 1)
+    if report.violations or (
+        signed
+        and (
+            report.last_checkpoint_seq is None
+            or report.last_checkpoint_seq < begin.seq + signed[-1][0] + 1
+        )
     ):
         return full()
     return report

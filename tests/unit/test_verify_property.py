@@ -121,6 +121,33 @@ _STEPS = st.lists(
     max_size=10,
 ).map(lambda steps: [*steps, "checkpoint"])  # at least one: the fast path needs one
 
+# Device-like records: flat details the byte scan takes on its bytes (the common shape),
+# many of them, and signed records rare or absent — so blocks end in a long unsigned
+# tail, or hold no signed record at all, and the scan's verdict alone decides them.
+_FLAT_DETAILS = st.dictionaries(
+    st.sampled_from(["command", "exit", "interface", "rule", "session", "", "a!", "a"]),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**63), 2**63),
+        st.text(st.sampled_from('ab "\\\n\x00é/'), max_size=6),
+    ),
+    max_size=5,
+)
+_FLAT_EVENTS = st.builds(
+    Event,
+    actor=st.just("admin"),
+    role=st.sampled_from(["admin", "audit"]),
+    event=st.sampled_from(["login", "command", "result", "session-end"]),
+    outcome=st.sampled_from([o.value for o in Outcome]),
+    detail=_FLAT_DETAILS,
+)
+_LONG_STEPS = st.lists(
+    st.one_of(*[_FLAT_EVENTS] * 12, st.just("checkpoint"), st.just("rotate")),
+    min_size=1,
+    max_size=40,
+)
+
 
 class Log:
     """Records made like the device makes them; line ``index`` can be replaced by any
@@ -359,9 +386,9 @@ class Case:
 
 
 @st.composite
-def hostile(draw: st.DrawFn) -> Case:
+def hostile(draw: st.DrawFn, steps: st.SearchStrategy[list[Step]] = _STEPS) -> Case:
     """A log, one hostile change, and maybe a resume point."""
-    log = Log(draw(_STEPS))
+    log = Log(draw(steps))
     n = len(log.steps)
     index = draw(st.integers(0, n - 1))
     rehash = draw(st.booleans())
@@ -461,3 +488,25 @@ def test_generated_logs_verify_both_ways(steps: list[Step]) -> None:
     assert full.ok and full.records == len(steps)
     assert verify_block(lines, pins(), device=DEVICE) == full
     check_accepted(lines, full)
+
+
+@settings(PROPERTY, max_examples=700)
+@given(hostile(_LONG_STEPS))
+def test_fast_and_full_verifier_agree_on_long_unsigned_tails(case: Case) -> None:
+    """The byte scan's verdict stands for every record it links, signed or not (the
+    records after the last signature are not parsed again): a hostile change anywhere in
+    a long run of common-shape records, with few or no signed records, gives the same
+    report both ways."""
+    full = verify_lines(case.lines, pins(), device=DEVICE, start=case.start)
+    fast = verify_block(case.lines, pins(), device=DEVICE, start=case.start)
+    assert fast == full, case.what
+    check_accepted(case.lines, full)
+
+
+@PROPERTY
+@given(_LONG_STEPS)
+def test_long_logs_without_a_final_checkpoint_verify_both_ways(steps: list[Step]) -> None:
+    lines = Log(steps).lines()
+    full = verify_lines(lines, pins(), device=DEVICE)
+    assert full.ok and full.records == len(steps)
+    assert verify_block(lines, pins(), device=DEVICE) == full
