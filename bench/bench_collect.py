@@ -1,6 +1,7 @@
 """Log collection throughput: verified collection against raw copies of the same bytes.
 
-What runs (all in one run, each the median of ``--runs``):
+What runs (all in one run, in interleaved rounds, each the median of ``--runs``; the
+target is verified collection >= 0.5 x the exec-channel copy):
 
 * **verified collection** — ``hsmctl.collect.Collector`` exactly as ``hsmctl logs
   collect`` runs it: SSH (paramiko, pinned host key) as the collector key, ``audit export
@@ -406,41 +407,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         def fresh() -> None:
             shutil.rmtree(archive, ignore_errors=True)
 
-        def measure(name: str, fn: Callable[[], object], before: Callable[[], object]) -> Row:
-            row = Row(name, n, size, *median_run(fn, args.runs, before))
-            print(f"  {row.name}: {row.seconds:.2f} s", file=sys.stderr, flush=True)
-            return row
-
         def rm_copy() -> None:
             copy.unlink(missing_ok=True)
 
-        rows.append(
-            measure(
+        def copied(fn: Callable[[], object]) -> Callable[[], object]:
+            def run() -> None:
+                fn()
+                _same(log, copy)
+
+            return run
+
+        plan: list[tuple[str, Callable[[], object], Callable[[], object]]] = [
+            (
                 f"verified collection ({args.workers} workers)",
                 lambda: verified_collection(state, args.workers),
                 fresh,
-            )
-        )
-        rows.append(
-            measure("verified collection (in-thread)", lambda: verified_collection(state, 0), fresh)
-        )
-        rows.append(
-            measure("exec-channel copy (same transport)", lambda: exec_copy(sshd, copy), rm_copy)
-        )
-        _same(log, copy)
-        rows.append(
-            measure("paramiko SFTP + prefetch", lambda: sftp_copy(sshd, log, copy), rm_copy)
-        )
-        _same(log, copy)
-        rows.append(measure("OpenSSH scp", lambda: scp_copy(sshd, log, copy), rm_copy))
-        _same(log, copy)
-        rows.append(measure("sha256 (page cache)", lambda: sha256_file(log), lambda: None))
+            ),
+            ("verified collection (in-thread)", lambda: verified_collection(state, 0), fresh),
+            ("exec-channel copy (same transport)", copied(lambda: exec_copy(sshd, copy)), rm_copy),
+            ("paramiko SFTP + prefetch", copied(lambda: sftp_copy(sshd, log, copy)), rm_copy),
+            ("OpenSSH scp", copied(lambda: scp_copy(sshd, log, copy)), rm_copy),
+            ("sha256 (page cache)", lambda: sha256_file(log), lambda: None),
+        ]
+        # Interleaved rounds (each round runs every measurement once): a change in the
+        # machine's load during the run falls on all of them alike, not on one row.
+        times: list[list[float]] = [[] for _ in plan]
+        cpus: list[list[float]] = [[] for _ in plan]
+        for round_ in range(args.runs):
+            for i, (name, fn, before) in enumerate(plan):
+                wall, cpu = median_run(fn, 1, before)
+                times[i].append(wall)
+                cpus[i].append(cpu)
+                print(f"  round {round_ + 1}: {name}: {wall:.2f} s", file=sys.stderr, flush=True)
+        rows = [
+            Row(name, n, size, statistics.median(times[i]), statistics.median(cpus[i]))
+            for i, (name, _, _) in enumerate(plan)
+        ]
         rm_copy()
         fresh()
     verified, _, exec_raw, sftp, scp, sha = rows
     print(
         f"{n:,} records, {size / 1e6:.0f} MB, a checkpoint every {args.every}; "
-        f"median of {args.runs}; {os.cpu_count()} CPUs; load average "
+        f"median of {args.runs} interleaved rounds; {os.cpu_count()} CPUs; load average "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     )
     print(table(rows))
@@ -451,11 +459,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "verified/sha256": verified.rate / sha.rate,
     }
     print("ratios: " + "   ".join(f"{k} = {v:.2f}" for k, v in ratios.items()))
-    target = ratios["verified/sftp"] >= 0.5
+    target = ratios["verified/exec_copy"] >= 0.5
     print(
-        "target (verified >= 0.5 x same-transport raw copy): "
-        f"vs SFTP {'met' if target else 'NOT met'} ({ratios['verified/sftp']:.2f}); "
-        f"vs exec-channel copy {ratios['verified/exec_copy']:.2f}"
+        "target (verified >= 0.5 x the same-connection exec-channel copy): "
+        f"{'met' if target else 'NOT met'} ({ratios['verified/exec_copy']:.2f}); "
+        f"vs paramiko SFTP {ratios['verified/sftp']:.2f}"
     )
     if args.json:
         print(
