@@ -306,29 +306,36 @@ class ActivityLog:
             self._scan_all()
 
     def _scan_all(self) -> None:
-        """Rebuild the segment list, the head and the indexes from the files."""
+        """Rebuild the segment list, the head and the indexes from the files. Segments
+        that do not continue each other (one removed or changed by someone else) leave
+        the log failed closed, but readable: an export still shows the collector the
+        break, which it reports as an integrity violation."""
         segments: list[Segment] = []
         head: chain.Head | None = None
+        broken: str | None = None
         files = [*self._closed_files(), (0, self.path)]
         for named, path in files:
             active = path == self.path
             first = _first_record(path)
             if first is None:  # empty (or one cut-short record): only the active file
                 if not active:
-                    raise LogUnavailable(f"{path}: an empty closed segment")
+                    broken = broken or f"{path.name} is empty"
+                    continue
                 seq = head.seq + 1 if head else 1
                 segments.append(self._scan(path, seq, tail_may_be_incomplete=True))
                 continue
             seq, prev = first
             if not active and seq != named:
-                raise LogUnavailable(f"{path}: starts at record {seq}, its name says {named}")
+                broken = broken or f"{path.name} starts at record {seq}"
             if head is not None and (seq != head.seq + 1 or prev != head.hash):
-                raise LogUnavailable(f"{path}: does not continue the chain at {head.seq}")
+                broken = broken or f"{path.name} does not continue record {head.seq}"
             seg = self._scan(path, seq, tail_may_be_incomplete=active)
             segments.append(seg)
             head = chain.Head(seg.last_seq, seg.last_hash)
         self.segments = segments
         self.head = head
+        if broken is not None:
+            self.failed = f"the log's segments do not form one chain ({broken})"
 
     def _scan(self, path: Path, first: int, tail_may_be_incomplete: bool) -> Segment:
         seg = Segment(path, first, first - 1)

@@ -554,3 +554,20 @@ def test_random_appends_exports_acks_never_lose_an_unacked_record(
     )
     assert tail.ok and tail.last_seq == log.head.seq  # type: ignore[union-attr]
     log.close()
+
+
+def test_a_removed_middle_segment_fails_closed_but_stays_readable(path: Path) -> None:
+    log = small_log(path)
+    append(log, 40)
+    middle = log.segments[1]
+    log.close()
+    middle.path.unlink()  # root on the box removes records the collector never saw
+    again = small_log(path)
+    try:
+        with pytest.raises(LogUnavailable, match="do not form one chain"):
+            append(again)
+        # The export still sends what is there, and the break shows in the records.
+        seqs = [json.loads(x)["seq"] for x in exported(again, 0).splitlines()]
+        assert seqs[0] == 1 and middle.first_seq not in seqs and seqs[-1] == 40
+    finally:
+        again.close()
