@@ -174,6 +174,7 @@ def backup(
 ) -> dict[str, Any]:
     from hsmctl.clients.workflow import Appliance
 
+    ApplianceDir(ctx.state_dir, appliance)  # validates the id (exit 2)
     output = output.absolute()
     if output.is_dir() or not output.parent.is_dir():
         raise UsageError(f"--output {output}: not a file in an existing directory")
@@ -231,6 +232,7 @@ def restore(
 ) -> dict[str, Any]:
     from hsmctl.clients.workflow import Appliance
 
+    ApplianceDir(ctx.state_dir, appliance)  # validates the id (exit 2)
     Appliance(ctx, appliance)  # exit 5 unless taken over from here
     manifest = load(ctx, backup_file)
     with _token(ctx, appliance, kit_dir, pin_file) as token:
