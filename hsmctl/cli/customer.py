@@ -40,6 +40,12 @@ from hsmctl.cli.progress import CliProgress
     help="The crypto-officer PIN (default: generated and escrowed).",
 )
 @click.option(
+    "--domain-file",
+    type=click.Path(dir_okay=False),
+    help="A cloning-domain secret (16 to 1024 bytes, owner-only file): the token joins that "
+    "domain after the crypto-officer PIN is set (escrowed first; default: no domain).",
+)
+@click.option(
     "--keep-monitor", is_flag=True, help="Keep the provider's health monitoring account enabled."
 )
 @click.option(
@@ -65,6 +71,7 @@ def takeover(
     new_password_file: str | None,
     so_pin_file: str | None,
     co_pin_file: str | None,
+    domain_file: str | None,
     keep_monitor: bool,
     clients: tuple[str, ...],
     as_json: bool,
@@ -116,6 +123,7 @@ def takeover(
         so_pin=read_secret_file(so_pin_file, what="--so-pin-file") if so_pin_file else None,
         co_pin=read_secret_file(co_pin_file, what="--co-pin-file") if co_pin_file else None,
         keep_monitor=keep_monitor,
+        domain_secret=read_secret_file(domain_file, what="--domain-file") if domain_file else None,
         clients=requested,
     )
     tctx = open_tenant_context(config_path(ctx), identity)

@@ -61,6 +61,7 @@ class TakeoverSteps:
             TakeoverStep.HOSTKEYS: self.hostkeys,
             TakeoverStep.HSM_INIT: self.hsm_init,
             TakeoverStep.CO_PIN: self.co_pin,
+            TakeoverStep.DOMAIN: self.domain,
             TakeoverStep.AUDIT_KEY: self.audit_key,
             TakeoverStep.COLLECTOR: self.collector,
             TakeoverStep.CLIENTS: self.clients,
@@ -74,9 +75,12 @@ class TakeoverSteps:
             "admin-password": self.opts.new_password,
             "so-pin": self.opts.so_pin,
             "co-pin": self.opts.co_pin,
+            "domain-secret": self.opts.domain_secret,
         }
         for name, value in given.items():
             existing = s.escrowed(name)
+            if value is None and name == "domain-secret":
+                continue  # no domain unless asked for: never generated
             if value is None:
                 if existing is None:
                     s.escrow(
@@ -164,6 +168,16 @@ class TakeoverSteps:
         so, co = self.state.escrowed("so-pin"), self.state.escrowed("co-pin")
         assert so is not None and co is not None
         self.session.run("hsm co-pin set", [so, co])
+
+    def domain(self) -> None:
+        """``hsm domain set`` with the escrowed domain secret, if one was given; the same
+        domain again changes nothing on the device, so a resumed run repeats it safely."""
+        secret = self.state.escrowed("domain-secret")
+        if secret is None:
+            return
+        so = self.state.escrowed("so-pin")
+        assert so is not None
+        self.session.run("hsm domain set", [so, secret])
 
     def audit_key(self) -> None:
         pins = self.state.load_pins()

@@ -21,6 +21,7 @@ class Options:
     so_pin: Secret | None = None
     co_pin: Secret | None = None
     keep_monitor: bool = False
+    domain_secret: Secret | None = None  # --domain-file: the token joins that cloning domain
     clients: tuple[ClientRequest, ...] = ()  # --client NAME:ROLE, in the order given
 
 
@@ -31,6 +32,13 @@ def check_inputs(opts: Options) -> None:
             contract.check_password_policy(opts.new_password.reveal())
         except contract.PasswordPolicyError as exc:
             raise UsageError(f"--new-password-file: {exc}") from exc
+    if opts.domain_secret is not None:
+        from hsmctl.appliance import domainkey
+
+        try:
+            domainkey.check_secret(opts.domain_secret.reveal())
+        except ValueError as exc:
+            raise UsageError(f"--domain-file: {exc}") from exc
     for flag, pin in (("--so-pin-file", opts.so_pin), ("--co-pin-file", opts.co_pin)):
         if pin is None:
             continue

@@ -26,6 +26,7 @@ class TakeoverStep(enum.StrEnum):
     HOSTKEYS = "hostkeys"  # stage, journal, activate, re-pin
     HSM_INIT = "hsm-init"  # token with the customer's SO PIN
     CO_PIN = "co-pin"  # crypto-officer PIN
+    DOMAIN = "domain"  # --domain-file: the cloning domain (nothing to do without it)
     AUDIT_KEY = "audit-key"  # rotate, pin the new public key
     COLLECTOR = "collector"  # the audit account's key for log collection
     CLIENTS = "clients"  # --client NAME:ROLE: key pair, registration, kit (none by default)

@@ -196,16 +196,18 @@ def domains(_lab_session: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
     rigs = [Rig(lab, app, TENANT, base / app) for app in (A, B, C)]
     provision_all(rigs)
     conf = rigs[0].tenant_conf(base / "customer")
-    for rig in rigs:
-        proc = takeover_cli(rig.netns, conf, rig.handoff)
-        assert proc.returncode == 0, proc.stderr.decode()
     files = {
         "A": secret_file(base / "domain-a", SECRET_A),
         "B": secret_file(base / "domain-b", SECRET_B),
     }
+    for rig in rigs:
+        # C joins its domain at the takeover (--domain-file), A and B afterwards
+        extra = ("--domain-file", str(files["B"])) if rig.appliance == C else ()
+        proc = takeover_cli(rig.netns, conf, rig.handoff, *extra)
+        assert proc.returncode == 0, proc.stderr.decode()
     d = Domains(conf, rigs[0].netns, base, files)
-    for app, name in ((A, "A"), (B, "A"), (C, "B")):
-        out = d.json("domain", "set", app, "--domain-file", str(files[name]))
+    for app in (A, B):
+        out = d.json("domain", "set", app, "--domain-file", str(files["A"]))
         assert out["created"] is True
     yield d
 
@@ -243,6 +245,13 @@ def test_domain_fingerprint_in_hsm_show_and_set_is_idempotent(
                           check=False).returncode == 2  # fmt: skip
     assert shown(C)["domain"] == fp_b
     assert escrowed(domains.conf, A, "domain-secret") == SECRET_A
+    assert escrowed(domains.conf, C, "domain-secret") == SECRET_B  # the takeover's escrow
+    from hsmctl.customer.store import ApplianceDir
+    from hsmctl.takeover import journal
+    from hsmctl.takeover.records import TakeoverStep
+
+    record = journal.read(ApplianceDir(domains.state(C).parents[1], C))
+    assert record is not None and TakeoverStep.DOMAIN in record.done
     text = json.dumps(audit_records(A))
     assert SECRET_A not in text
     sets = [r for r in audit_records(A) if r["detail"].get("command") == "hsm domain set"]
