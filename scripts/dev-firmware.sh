@@ -4,6 +4,7 @@
 # `lab down` + `lab up` that would disturb everyone else's appliances.
 #
 #   sudo scripts/dev-firmware.sh hsm41 hsm42
+#   sudo FIRMWARE_REF=HEAD scripts/dev-firmware.sh hsm41   # a commit's firmware instead
 #
 # The snapshot is unpacked into each appliance's own root (a fresh directory each time),
 # bind-mounted over /opt/hsmctl/lib inside that appliance only, and its device daemon is
@@ -18,13 +19,20 @@ stamp=$(date +%s%N)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-"$py" - "$tmp" <<'EOF'
+src=$here
+if [[ -n ${FIRMWARE_REF:-} ]]; then
+  src=$tmp/src
+  mkdir -p "$src"
+  git -C "$here" archive "$FIRMWARE_REF" hsmctl | tar -C "$src" -xf -
+fi
+
+"$py" - "$tmp/out" "$src" <<'EOF'
 import shutil, sys
 from pathlib import Path
 from hsmctl.lab import firmware
 dest = Path(sys.argv[1]) / "hsmctl"
 dest.mkdir(parents=True)
-src = firmware.REPO_ROOT / "hsmctl"
+src = Path(sys.argv[2]) / "hsmctl"
 for name in firmware.FIRMWARE_FILES:
     path = src / name
     if path.is_dir():
@@ -36,7 +44,7 @@ EOF
 
 for id in "$@"; do
   [[ -d $lab/appliances/$id ]] || { echo "no appliance $id in the lab" >&2; exit 2; }
-  tar -C "$tmp" -cf - hsmctl | "$here/.venv/bin/hsmctl" lab console "$id" -- sh -euc "
+  tar -C "$tmp/out" -cf - hsmctl | "$here/.venv/bin/hsmctl" lab console "$id" -- sh -euc "
     d=/var/lib/hsm-dev-firmware/$stamp
     mkdir -p \$d
     tar -C \$d -xf -
@@ -45,5 +53,5 @@ for id in "$@"; do
     mount -o remount,bind,ro /opt/hsmctl/lib/hsmctl
     pkill -f '^/usr/bin/python3 -I /usr/local/sbin/hsm[d]' || true
     sleep 1.5; test -S /run/hsm/hsmd.sock || sleep 2"
-  echo "$id: firmware from the working tree ($stamp)"
+  echo "$id: firmware from ${FIRMWARE_REF:-the working tree} ($stamp)"
 done

@@ -56,7 +56,10 @@ LOG = "/var/log/hsm/audit.jsonl"
 OWN_SESSION_TAIL = {
     # What the device writes after the export it served: the export's result, the end of
     # the session and its checkpoint, and the session's login (sshd's log is read
-    # asynchronously, so a login record can land after the session's own records).
+    # asynchronously, so a login record can land after the session's own records); then
+    # the collector's `audit ack` on the same connection: its session, command and result.
+    ("audit", "session-start"),
+    ("audit", "command"),
     ("audit", "result"),
     ("audit", "session-end"),
     ("hsmd", "checkpoint"),
