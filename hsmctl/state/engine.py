@@ -269,8 +269,13 @@ def _sqlite_engine(url: URL) -> Engine:
     path = Path(url.database)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # The provider's database is nobody else's business: create it 0600.
-        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+        # The provider's database is nobody else's business: create it 0600. Only when it
+        # does not exist yet: closing a descriptor of the file drops every POSIX lock this
+        # process holds on it, those of SQLite's open connections included (SQLite's
+        # "how to corrupt" 2.2), and steps run in threads beside an open store.
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600))
+    except FileExistsError:
+        pass
     except OSError as exc:
         raise ConfigError(f"state store {path}: {exc.strerror}") from exc
     engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})

@@ -522,7 +522,12 @@ def test_killed_mid_playbook_then_rerun_completes_once(
         if ("network", "started") in steps:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "provisioning ended before the test could kill it"
+    if proc.poll() is not None:
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"provisioning ended (exit {proc.returncode}) before the test could kill it:\n"
+            f"{err.decode()[-3000:]}{out.decode()[-1000:]}"
+        )
     assert ("network", "started") in steps and ("handoff", "ok") not in steps
     below = descendants(proc.pid)
     run_dirs = {
