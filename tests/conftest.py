@@ -115,6 +115,8 @@ APPLIANCE_SETS = {
     # The 100-appliance test provisions, takes over and collects these; its health poll
     # reads every appliance of the lab (monitor only: nothing changes on them).
     "scale": [f"hsm{i}" for i in range(51, 101)],
+    # HA groups (issue 12): lent from the scale set's spares (its test provisions 51-71).
+    "ha": ["hsm72", "hsm73", "hsm74", "hsm75"],
 }
 
 
