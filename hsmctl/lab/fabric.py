@@ -15,6 +15,21 @@ from hsmctl.lab import netns
 from hsmctl.lab.plan import LabPlan, SubnetPlan, VnetPlan
 
 
+def parse_link_names(ip_o_link: str) -> set[str]:
+    """The interface names in ``ip -o link show`` output, exactly: ``d-hsm10`` is not
+    ``d-hsm100`` (a substring test took one for the other in a 100-appliance lab)."""
+    names = set()
+    for line in ip_o_link.splitlines():
+        _, _, rest = line.partition(": ")
+        if rest:
+            names.add(rest.split(":", 1)[0].split("@", 1)[0])
+    return names
+
+
+def link_names(ns: str) -> set[str]:
+    return parse_link_names(netns.ip("-o", "link", "show", netns=ns))
+
+
 @dataclass(frozen=True)
 class Attachment:
     appliance: str
@@ -29,11 +44,11 @@ class LabFabric:
 
     def _where(self, appliance: str) -> tuple[str, VnetPlan | None]:
         a = self.plan.appliance(appliance)
-        if a.data_peer in netns.ip("-o", "link", "show", netns=self.plan.fabric_netns):
+        if a.data_peer in link_names(self.plan.fabric_netns):
             return self.plan.fabric_netns, None
         for t in self.plan.tenants:
             for v in t.vnets:
-                if a.data_peer in netns.ip("-o", "link", "show", netns=v.netns):
+                if a.data_peer in link_names(v.netns):
                     return v.netns, v
         raise ConflictError(f"the data port of {appliance} is missing")
 
