@@ -13,6 +13,7 @@ from hsmctl.cli import backup as backup_cli
 from hsmctl.cli import clients as clients_cli
 from hsmctl.cli import customer as customer_cli
 from hsmctl.cli import fleet as fleet_cli  # noqa: F401  (fleet capacity, fleet reconcile)
+from hsmctl.cli import ha as ha_cli
 from hsmctl.cli import health as health_cli
 from hsmctl.cli import lab as lab_cli
 from hsmctl.cli import logs as logs_cli
@@ -64,6 +65,7 @@ cli.add_command(clients_cli.key)
 cli.add_command(backup_cli.domain)
 cli.add_command(backup_cli.backup)
 cli.add_command(backup_cli.restore)
+cli.add_command(ha_cli.ha)
 
 
 def _wants_json(argv: list[str]) -> bool:
