@@ -27,6 +27,7 @@ import yaml
 from hsmctl.appliance import domainkey
 from tests.conftest import APPLIANCE_SETS, HSMCTL, ensure_lab
 from tests.lab.takeover_helpers import Rig, console, factory_reset, provision_all, takeover_cli
+from tests.lab.test_keys_domain import _SIGN, Domains, verify
 
 pytestmark = pytest.mark.lab
 
@@ -175,6 +176,11 @@ def test_keys_made_on_either_member_appear_on_the_other(ha: Lab, group: str) -> 
                           ("secret-key", "k-aes")}  # fmt: skip
     assert copied[A1] == {("private-key", "k-ec2"), ("public-key", "k-ec2")}
     assert ha.keys(A1) == ha.keys(A2)
+    # the copy on A2 is A1's key: what it signs verifies with the public key read on A1
+    d = Domains(ha.conf, ha.netns, ha.state_dir.parents[1], {}, {})
+    on_a1, on_a2 = d.p11(A1, _SIGN, ["k-ec"]), d.p11(A2, _SIGN, ["k-ec"])
+    verify("k-ec", on_a1["k-ec"], on_a2["k-ec"]["sig"])
+    assert on_a1["k-ec"]["ec_point"] == on_a2["k-ec"]["ec_point"]
     assert {k[0] for k in ha.keys(A1)} == {"hsm-domain", "k-ec", "k-aes", "k-ec2"}
     status = ha.ok("ha", "status", group)
     assert all(m["in_sync"] and m["reachable"] for m in status["members"])
