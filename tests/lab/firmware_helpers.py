@@ -2,9 +2,12 @@
 both interfaces, provisioning by hand, and the device's activity log.
 
 Only hsm03 (tenant1) and hsm04 (tenant2) are ever touched (conftest's APPLIANCE_SETS
-"firmware"); their data addresses sit high in the subnet (.233, .234), clear of what the
-provider's allocator hands out to other tests. The console is the lab's own function
-(what ``hsmctl lab console`` runs), called in-process to spare a CLI start per call.
+"firmware"); their data addresses follow the lab's rule (rig.data_ip: .200 + N for hsmN,
+so .203 and .204), clear of what the provider's allocator hands out to other tests and of
+every other appliance's (.233 was hsm33's once the lab grew to 100 appliances: the
+health test's takeover reached hsm03 there and refused its host key). The console is
+the lab's own function (what ``hsmctl lab console`` runs), called in-process to spare a
+CLI start per call.
 Every secret a test invents is registered in :data:`SECRETS` so the grep test can look
 for it everywhere it must not be.
 """

@@ -54,12 +54,12 @@ Record = dict[str, Any]
 
 @pytest.fixture
 def hsm03(lab: dict[str, Any]) -> Appliance:
-    return appliance(lab, "hsm03", "tenant1", 233)
+    return appliance(lab, "hsm03", "tenant1", 203)
 
 
 @pytest.fixture
 def hsm04(lab: dict[str, Any]) -> Appliance:
-    return appliance(lab, "hsm04", "tenant2", 234)
+    return appliance(lab, "hsm04", "tenant2", 204)
 
 
 @pytest.fixture(scope="module")

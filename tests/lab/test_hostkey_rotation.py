@@ -38,7 +38,7 @@ pytestmark = pytest.mark.lab
 @pytest.fixture
 def dev(lab: dict[str, Any]) -> Device:
     """hsm03, customer-owned, with an audit key."""
-    return take_over(provision(appliance(lab, "hsm03", "tenant1", 233)))
+    return take_over(provision(appliance(lab, "hsm03", "tenant1", 203)))
 
 
 def data_sshd_pid(app: Appliance) -> int:
