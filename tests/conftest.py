@@ -136,7 +136,7 @@ def unique_ip(tenant: str) -> str:
     """An address in the tenant's ``hsm`` subnet no other provision of this session used:
     every test has its own state store, and the lab's bridges are shared."""
     n = _NEXT_HOST.get(tenant, 100) + 1
-    _NEXT_HOST[tenant] = n if n < 250 else 100
+    _NEXT_HOST[tenant] = n if n < 199 else 100  # .200 + N is hsmN's (rig.data_ip)
     third = 8 * (int(tenant.removeprefix("tenant")) - 1)
     return f"198.19.{third}.{n}"
 

@@ -53,12 +53,12 @@ AFTER = 0.4  # seconds the provider keeps firing after the admin's change return
 
 @pytest.fixture
 def hsm25(lab: dict[str, Any]) -> Appliance:
-    return appliance(lab, "hsm25", "tenant1", 235)
+    return appliance(lab, "hsm25", "tenant1", 225)
 
 
 @pytest.fixture
 def hsm26(lab: dict[str, Any]) -> Appliance:
-    return appliance(lab, "hsm26", "tenant2", 236)
+    return appliance(lab, "hsm26", "tenant2", 226)
 
 
 def provider_commands(dev: Device, provider_password: str) -> dict[str, tuple[str, list[str]]]:
