@@ -12,7 +12,9 @@ The file is YAML: one mapping, and every value is a non-empty string.
 - health alerts (provider hosts, docs/health.md): ``health_syslog`` (``udp://HOST:PORT``
   or ``tcp://HOST:PORT``, where alerts go), ``health_alert_polls`` and
   ``health_alert_window_minutes`` (positive integers: an alert is raised after that many
-  bad polls within that window; 3 and 60 by default, like Azure's).
+  bad polls within that window; 3 and 60 by default, like Azure's);
+  ``health_retention_days`` (a positive integer, 30 by default: each poll deletes the
+  stored polls older than that, never those the alert window counts).
 
 Strict, like the inventory, because a typo must never silently become a default and a
 traceback is not an answer: an unknown key, a key given twice (PyYAML would keep the last
@@ -51,7 +53,7 @@ _PATH_KEYS = (
     "signing_key",
 )
 _STRING_KEYS = ("database_url", "fabric", "out_of_band", "health_syslog")
-_INT_KEYS = ("health_alert_polls", "health_alert_window_minutes")
+_INT_KEYS = ("health_alert_polls", "health_alert_window_minutes", "health_retention_days")
 _ROLES = ("provider", "tenant")
 _KNOWN = {"role", "tenant", *_STRING_KEYS, *_PATH_KEYS, *_INT_KEYS}
 # The inventory's name rule (hsmctl.inventory.load.NAME_RE): a tenant name that breaks it
@@ -78,6 +80,7 @@ class Config:
     health_syslog: str | None = None
     health_alert_polls: int = 3
     health_alert_window_minutes: int = 60
+    health_retention_days: int = 30
 
     def require(self, name: str) -> Any:
         value = getattr(self, name)

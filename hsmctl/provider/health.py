@@ -492,6 +492,7 @@ def health(
             when - rule.window,
             _decider(rule, {a.appliance: a for a in assessed}),
             al.message,
+            prune_before=when - timedelta(days=ctx.config.health_retention_days),
         )
         rows = []
         a_state = {a.appliance: a.new_state for a in assessed if a.new_state is not None}

@@ -5,6 +5,10 @@ appliance's polls within the alert window and its active alerts, asks the caller
 ``decide`` what changes, and applies them. Two health runs at once therefore never raise
 the same alert twice (the second sees the first's row) and a crash leaves either the
 whole poll with its alerts or nothing.
+
+Retention: given ``prune_before``, the same transaction deletes the polls older than it
+(:func:`prune`), except each appliance's newest good poll (``last_ok`` is read from it),
+and the alerts cleared before it. Active alerts are never pruned.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Applied:
     cleared: list[tuple[AlertRow, int]]
     active: dict[str, list[AlertRow]]
     last_ok: dict[str, datetime]
+    pruned: int = 0  # polls deleted by the retention
 
 
 # decide(appliance, polls within the window (oldest first, the new one last), active kinds)
@@ -107,14 +112,42 @@ def last_ok(conn: Connection, appliances: Sequence[str]) -> dict[str, datetime]:
     return {a: _aware(t) for a, t in conn.execute(q)}
 
 
+def prune(conn: Connection, before: datetime) -> tuple[int, int]:
+    """Delete the polls older than ``before`` but each appliance's newest good poll, and
+    the alerts cleared before ``before``; return (polls, alerts) deleted."""
+    newer = health_polls.alias("newer")
+    newest_ok = (
+        sa.select(sa.func.max(newer.c.time))
+        .where(newer.c.appliance == health_polls.c.appliance, newer.c.ok.is_(True))
+        .scalar_subquery()
+    )
+    polls = conn.execute(
+        health_polls.delete().where(
+            health_polls.c.time < before,
+            sa.not_(sa.and_(health_polls.c.ok.is_(True), health_polls.c.time == newest_ok)),
+        )
+    ).rowcount
+    old_alerts = conn.execute(
+        alerts.delete().where(alerts.c.cleared_at.is_not(None), alerts.c.cleared_at < before)
+    ).rowcount
+    return int(polls or 0), int(old_alerts or 0)
+
+
 def record(
     conn: Connection,
     polls: Sequence[PollRow],
     since: datetime,
     decide: Decider,
     message: Callable[[str, str], str],
+    prune_before: datetime | None = None,
 ) -> Applied:
+    """Store ``polls``, apply ``decide``'s alert changes, and (``prune_before``) apply
+    the retention, all in the caller's transaction. ``prune_before`` after ``since``
+    is moved back to ``since``: the polls the alert rule counts are never pruned."""
     ids = [p.appliance for p in polls]
+    pruned = 0
+    if prune_before is not None:
+        pruned, _ = prune(conn, min(prune_before, since))
     if polls:
         conn.execute(
             health_polls.insert(),
@@ -172,4 +205,4 @@ def record(
                 cleared.append(
                     (AlertRow(a.id, a.appliance, kind, a.message, a.raised_at, p.time), count)
                 )
-    return Applied(raised, cleared, active_alerts(conn, ids), last_ok(conn, ids))
+    return Applied(raised, cleared, active_alerts(conn, ids), last_ok(conn, ids), pruned)

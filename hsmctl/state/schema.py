@@ -18,6 +18,9 @@ Version 2 (issue 15, health over time): ``health_polls``, one row per appliance 
 ``hsmctl health`` poll (what was seen, the problems found), and ``alerts``, one row per
 alert from its raising to its clearing (``cleared_at`` NULL while it is active; at most
 one active alert per appliance and kind, kept so by the health run's transaction).
+
+Version 3 (health retention): an index on ``health_polls.time``, so the poll that prunes
+the polls older than the retention finds them without a full scan.
 """
 
 from __future__ import annotations
@@ -167,6 +170,12 @@ alerts = sa.Table(
     sa.Index("ix_alerts_appliance_kind", "appliance", "kind"),
 )
 
+# -- version 3: health poll retention ---------------------------------------------------
+
+# Pruning deletes the polls older than the retention (``health_retention_days``) on every
+# poll: this index lets it find them without reading the whole table.
+health_polls_time = sa.Index("ix_health_polls_time", health_polls.c.time)
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -183,9 +192,15 @@ def _v2(conn: Connection) -> None:
     METADATA.create_all(conn, tables=[health_polls, alerts])
 
 
+def _v3(conn: Connection) -> None:
+    # A database made fresh by this hsmctl got the index with the table in _v2.
+    health_polls_time.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial schema", _v1),
     Migration(2, "health polls and alerts", _v2),
+    Migration(3, "health poll retention index", _v3),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -289,11 +289,15 @@ class Store:
         since: datetime,
         decide: healthlog.Decider,
         message: Callable[[str, str], str],
+        prune_before: datetime | None = None,
     ) -> healthlog.Applied:
         """Store one fleet poll and apply the alert changes ``decide`` makes of each
-        appliance's polls after ``since``, in one transaction (see
+        appliance's polls after ``since``, and prune what is older than ``prune_before``
+        (never within the alert window), in one transaction (see
         :mod:`~hsmctl.state.healthlog`)."""
-        return self._db.run(lambda c: healthlog.record(c, polls, since, decide, message))
+        return self._db.run(
+            lambda c: healthlog.record(c, polls, since, decide, message, prune_before)
+        )
 
     def health_status(
         self, appliances: Sequence[str]
