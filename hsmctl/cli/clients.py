@@ -26,13 +26,19 @@ def client() -> None:
 
 
 @client.command("register")
-@click.argument("appliance", shell_complete=complete_appliance)
+@click.argument("appliance", required=False, shell_complete=complete_appliance)
 @click.option("--name", required=True, help="The application's name (a-z 0-9 -).")
 @click.option(
     "--role",
     type=click.Choice(["crypto-officer", "crypto-user"]),
     default="crypto-user",
     show_default=True,
+)
+@click.option(
+    "--group",
+    metavar="NAME",
+    help="Register on every member of HA group NAME (hsmctl ha create) instead of one "
+    "APPLIANCE; the kit opens each new session on a reachable member.",
 )
 @click.option(
     "--public-key",
@@ -49,24 +55,57 @@ def client() -> None:
 @click.pass_context
 def register(
     ctx: click.Context,
-    appliance: str,
+    appliance: str | None,
     name: str,
     role: str,
+    group: str | None,
     public_key: Path | None,
     output: Path | None,
     identity: str | None,
     as_json: bool,
 ) -> None:
-    """Register application NAME on APPLIANCE and write its kit.
+    """Register application NAME on APPLIANCE (or on every member of an HA group with
+    --group) and write its kit.
+
+    With --group the client (same name, role and key) is registered on each member as
+    that member's admin, and the kit's remote command (ssh with the kit's ssh_config)
+    runs a connector that opens each new session on a reachable member: the member that
+    answered last first, then the group's order, the next one tried after 0.2 s without
+    an answer; a member lost in the middle of a session fails the application's next
+    call within about a second, and the application reopens its session. Every member's
+    pinned data host keys are in the kit. The members must share the user PIN (take them
+    over with the same --co-pin-file). The register is journaled: run the same command
+    again after an interruption or exit 4 and it finishes (members done are not asked
+    again); run again once finished, it changes nothing. Default kit place:
+    STATE/ha/kits/GROUP/NAME.
 
     \b
-    Output: {"appliance", "client", "role", "kit"}.
-    Exit 2: bad name, role or key, duplicate name, kit directory not empty;
-    5: the appliance was not taken over from here."""
-    from hsmctl.clients.workflow import register as run
+    Output: {"appliance", "client", "role", "kit", "fingerprint"};
+    with --group: {"group", "members", "client", "role", "kit", "fingerprint",
+    "registered" (members registered by this run)}.
+    Exit 2: bad name, role or key, duplicate name, kit directory not empty, both or
+    neither of APPLIANCE and --group, unknown group, members' PINs differ;
+    3: a member is another tenant's;
+    4: a member does not answer (with --group: nothing registered by this run when
+    found before the first registration; run again to finish);
+    5: an appliance was not taken over from here, the client exists on a member with
+    another key or role, or a begun register had another role or kit place."""
     from hsmctl.customer.context import open_tenant_context
+    from hsmctl.errors import UsageError
 
+    if (appliance is None) == (group is None):
+        raise UsageError("give either APPLIANCE or --group NAME (one of them); nothing changed")
     tctx = open_tenant_context(config_path(ctx), identity)
+    if group is not None:
+        from hsmctl.clients.group import register_group
+
+        result = register_group(tctx, group, name, role, public_key, output)
+        emit(as_json, result, lambda p: f"group {p['group']} ({', '.join(p['members'])}): "
+             f"client {p['client']} ({p['role']}); kit {p['kit']}")  # fmt: skip
+        return
+    from hsmctl.clients.workflow import register as run
+
+    assert appliance is not None
     result = run(tctx, appliance, name, role, public_key, output)
     emit(as_json, result, lambda p: f"{p['appliance']}: client {p['client']} ({p['role']}); "
          f"kit {p['kit']}")  # fmt: skip

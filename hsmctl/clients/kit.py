@@ -162,3 +162,124 @@ def own_client_name(hostname: str) -> str:
     device's name rule (pure)."""
     host = re.sub(r"[^a-z0-9-]+", "-", hostname.split(".")[0].lower()).strip("-")
     return check_name(f"hsmctl-{host}"[:28].rstrip("-"))
+
+
+# -- a kit for an HA group (SPEC §12) -------------------------------------------------------
+#
+# One client account of the same name and key on every member; ssh reaches the group
+# through the kit's own ssh_config (``ssh -F``): the connector (connector.py, copied into
+# the kit as ``connect.py``) picks a reachable member and hands ssh the connected socket
+# (``ProxyUseFdpass``); ssh checks the member's host key against every member's pinned
+# keys under one alias (``HostKeyAlias``): which member answered is the connector's
+# choice, so a key pinned for one member is accepted from any member of the group.
+
+CONNECTOR = "connect.py"
+PYTHON = "/usr/bin/python3"
+SAFE_PATH = re.compile(r"/[A-Za-z0-9._/+@-]*")
+
+
+def group_alias(group: str) -> str:
+    return f"hsm-group-{group}"
+
+
+def check_kit_path(kit: Path) -> Path:
+    """A group kit's paths go into ssh_config and a shell command line: only plain
+    characters (ValueError otherwise)."""
+    if not SAFE_PATH.fullmatch(str(kit)):
+        raise ValueError(
+            f"{str(kit)[:80]!r}: a group kit's directory must be an absolute path of "
+            "letters, digits and . _ / + @ - only"
+        )
+    return kit
+
+
+def group_known_hosts(group: str, host_keys: Sequence[str]) -> str:
+    """Every member's pinned data host keys under the group's alias."""
+    alias = group_alias(group)
+    return "".join(f"{alias} {' '.join(k.split()[:2])}\n" for k in host_keys)
+
+
+def ssh_config(kit: Path, name: str, group: str, members: Sequence[tuple[str, int]]) -> str:
+    """The group kit's ssh_config: the per-appliance kit's options (pinned host keys, this
+    key only, AES-GCM, no agent, no forwarding, no tty) plus the connector."""
+    check_kit_path(kit)
+    alias = group_alias(group)
+    targets = " ".join(f"{ip}:{port}" for ip, port in members)
+    return f"""\
+# ssh_config of client {name} for HA group {group} (hsmctl client register --group).
+# The connector tries the members (last good first) and passes ssh the connected socket.
+Host {alias}
+    User {ACCOUNT_PREFIX}{name}
+    HostKeyAlias {alias}
+    ProxyCommand {PYTHON} -I -S {kit / CONNECTOR} {kit} {targets}
+    ProxyUseFdpass yes
+    IdentityFile {key_path(kit, name)}
+    IdentitiesOnly yes
+    IdentityAgent none
+    UserKnownHostsFile {kit / "known_hosts"}
+    GlobalKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    UpdateHostKeys no
+    CheckHostIP no
+    Ciphers {CIPHERS}
+    BatchMode yes
+    ForwardAgent no
+    ForwardX11 no
+    ClearAllForwardings yes
+    PermitLocalCommand no
+    ControlMaster no
+    ControlPath none
+    ServerAliveInterval 15
+    RequestTTY no
+    LogLevel ERROR
+"""
+
+
+def group_ssh_command(kit: Path, group: str) -> list[str]:
+    return ["/usr/bin/ssh", "-F", str(kit / "ssh_config"), "-T", group_alias(group)]
+
+
+def group_module_file(kit: Path, name: str, group: str) -> str:
+    return (
+        f"# p11-kit module: the customer token of HA group {group} over SSH, as client "
+        f"{name}; each new session opens on a reachable member.\n"
+        f"remote: |{' '.join(group_ssh_command(kit, group))}\n"
+    )
+
+
+def connector_source() -> bytes:
+    return (Path(__file__).with_name("connector.py")).read_bytes()
+
+
+def group_readme(
+    kit_dir: Path,
+    name: str,
+    role: str,
+    group: str,
+    members: Sequence[str],
+    labels: dict[str, str],
+) -> str:
+    """The per-appliance README with the group's way of choosing the token and of
+    carrying on after a member fails."""
+    shown = ", ".join(f"{m} ({labels.get(m) or '?'})" for m in members)
+    first = sorted(set(labels.values()))[0] if labels else None
+    body = readme(kit_dir, name, role, f"HA group {group}", first).split("\n", 1)[1]
+    return f"""\
+Client kit: {name} ({role}) for HA group {group}: {shown}
+
+Each new PKCS#11 session (each time p11-kit starts the kit's remote command: when the
+application initialises the library) opens on a reachable member: the one that answered
+last first, then the group's order; a member that does not accept the connection within
+{STAGGER_NOTE}. A member that fails in the middle of a session fails the
+application's next call within about a second (CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED or
+CKR_GENERAL_ERROR): the application then finalises and initialises the library again
+(python-pkcs11: lib.reinitialize()), finds the token and logs in again. Keys made on one
+member reach the others at the next `hsmctl ha sync {group}`.
+
+The members' tokens have their own labels (above): choose the token whose label is one
+of them (one member's token is visible at a time). The user PIN is the same on every
+member. Needs /usr/bin/python3 (3.9 or later) on this host for {CONNECTOR}.
+{body}"""
+
+
+STAGGER_NOTE = "0.2 s is left for the next one at once (no timeout to wait)"
