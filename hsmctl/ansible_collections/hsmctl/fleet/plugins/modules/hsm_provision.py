@@ -66,6 +66,10 @@ attributes:
 notes:
   - Use with C(connection=local) and C(ansible_python_interpreter) set to
     C({{ ansible_playbook_python }}), as C(hsmctl.fleet.provision) does.
+  - An action plugin of the same name runs first. When C(hsmctl provision) serves the
+    steps (the C(HSMCTL_STEP_SOCKET) environment variable names its socket), the plugin
+    forwards the step from Ansible's worker and no module process starts; otherwise it
+    runs this module as usual.
 """
 
 EXAMPLES = r"""
@@ -144,22 +148,23 @@ error:
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402 - Ansible wants DOCUMENTATION first
 
+# The action plugin of the same name (plugins/action/hsm_provision.py) checks a served
+# step's arguments with the same spec (a unit test keeps the two equal).
+ARGUMENT_SPEC = {
+    "step": {
+        "type": "str",
+        "required": True,
+        "choices": ["verify", "attach", "network", "monitor", "handoff"],
+    },
+    "config": {"type": "path", "required": True},
+    "appliance": {"type": "str", "required": True},
+    "request_id": {"type": "str", "required": True},
+    "reissue_otp": {"type": "bool", "default": False},
+}
+
 
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec={
-            "step": {
-                "type": "str",
-                "required": True,
-                "choices": ["verify", "attach", "network", "monitor", "handoff"],
-            },
-            "config": {"type": "path", "required": True},
-            "appliance": {"type": "str", "required": True},
-            "request_id": {"type": "str", "required": True},
-            "reissue_otp": {"type": "bool", "default": False},
-        },
-        supports_check_mode=True,
-    )
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     p = module.params
     try:
         from hsmctl.runner import stepclient
@@ -169,7 +174,9 @@ def main() -> None:
     served = stepclient.served_socket()
     if served is not None:
         # Run by hsmctl provision: the step runs in that process, which has the library
-        # loaded (hsmctl.runner.stepserver); this process only asks.
+        # loaded (hsmctl.runner.stepserver); this process only asks. (The action plugin
+        # asks without starting this module at all; this path is for a module run by
+        # other means, e.g. `ansible -m` beside a served run.)
         try:
             result = stepclient.call(
                 served,

@@ -1,0 +1,80 @@
+"""Action plugin for hsmctl.fleet.hsm_provision: a served step costs no module process.
+
+When ``hsmctl provision`` runs the playbook it serves the steps itself
+(:mod:`hsmctl.runner.stepserver`, a Unix socket named by ``HSMCTL_STEP_SOCKET``). A
+module task is then still a new Python process that only forwards the step (Ansible's
+module wrapper, ~0.1 s of CPU and a process start per task and host); this plugin, which
+runs in Ansible's worker on the controller, forwards the same request itself: the same
+references (configuration file, appliance, request id, step, check mode), the same
+argument checks as the module (its argument spec, below), the same result keys.
+
+Without the socket (plain ``ansible-playbook``, AWX) it runs the module as any task
+does: the module runs the step in its own process, as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ansible.plugins.action import ActionBase
+
+# Exactly the module's argument_spec (plugins/modules/hsm_provision.py; a unit test keeps
+# the two equal).
+ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
+    "step": {
+        "type": "str",
+        "required": True,
+        "choices": ["verify", "attach", "network", "monitor", "handoff"],
+    },
+    "config": {"type": "path", "required": True},
+    "appliance": {"type": "str", "required": True},
+    "request_id": {"type": "str", "required": True},
+    "reissue_otp": {"type": "bool", "default": False},
+}
+
+
+class ActionModule(ActionBase):  # type: ignore[misc]
+    TRANSFERS_FILES = False
+    _VALID_ARGS = frozenset(ARGUMENT_SPEC)
+
+    def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
+        result: dict[str, Any] = super().run(tmp, task_vars)
+        try:
+            from hsmctl.runner import stepclient
+        except ImportError:
+            stepclient = None  # type: ignore[assignment]  # the module says why
+        served = stepclient.served_socket() if stepclient is not None else None
+        if served is None:
+            result.update(
+                self._execute_module(
+                    module_name="hsmctl.fleet.hsm_provision",
+                    module_args=self._task.args,
+                    task_vars=task_vars,
+                )
+            )
+            return result
+        _, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
+        try:
+            reply = stepclient.call(
+                served,
+                {
+                    "config": args["config"],
+                    "appliance": args["appliance"],
+                    "request_id": args["request_id"],
+                    "step": args["step"],
+                    "check": bool(self._task.check_mode),
+                    "reissue_otp": args["reissue_otp"],
+                },
+            )
+        except stepclient.StepFailed as exc:
+            result.update(failed=True, msg=str(exc), exit_code=exc.exit_code, error=exc.error)
+            return result
+        except OSError as exc:
+            result.update(
+                failed=True, msg=f"hsmctl's step server: {exc}", exit_code=1, error="OSError"
+            )
+            return result
+        if not self._task.diff:
+            reply.pop("diff", None)
+        result.update(changed=bool(reply.pop("changed", False)), step=args["step"], **reply)
+        return result

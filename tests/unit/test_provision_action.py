@@ -1,0 +1,159 @@
+"""The action plugin hsmctl.fleet.hsm_provision (issue 15: provisioning speed): under
+``hsmctl provision`` (a step server named by HSMCTL_STEP_SOCKET) each task's step is
+forwarded from Ansible's worker and no module process starts; without a server the
+module runs as before. Real ansible-runner runs of the shipped provision.yml, no lab: the
+steps are answered by a handler in this process."""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from hsmctl.runner import adapter
+from hsmctl.runner.adapter import COLLECTION, HostStatus, RunSpec
+
+pytestmark = pytest.mark.unit
+
+STEPS = ["verify", "attach", "network", "monitor", "handoff"]
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"_h26_{path.parent.name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_action_checks_arguments_as_the_module_does() -> None:
+    action = _load(COLLECTION / "plugins" / "action" / "hsm_provision.py")
+    module = _load(COLLECTION / "plugins" / "modules" / "hsm_provision.py")
+    assert action.ARGUMENT_SPEC == module.ARGUMENT_SPEC
+    assert frozenset(module.ARGUMENT_SPEC) == action.ActionModule._VALID_ARGS
+
+
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def _spec(playbook: str | Path, interpreter: str | None) -> RunSpec:
+    host: dict[str, Any] = {"hsm_request_id": "r-1"}
+    if interpreter is not None:
+        host["ansible_python_interpreter"] = interpreter
+    spec = adapter.build_run(
+        "provision.yml", {"hsm01": host, "hsm02": host}, {"hsm_config": "/nowhere/p.yaml"}
+    )
+    return RunSpec(Path(playbook) if isinstance(playbook, Path) else spec.playbook,
+                   spec.inventory, spec.extravars, spec.forks)  # fmt: skip
+
+
+def test_served_steps_start_no_module_process(private_tmp: Path) -> None:
+    """The interpreter a module would run under is /bin/false: every task still
+    succeeds, so no module ran; the handler saw each step once, in order, with only
+    references; the results are the handler's, with the step and no diff (no --diff)."""
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: Mapping[str, Any]) -> Mapping[str, Any]:
+        seen.append(dict(request))
+        extra = (
+            {"handoff": f"/b/{request['appliance']}.json"} if request["step"] == "handoff" else {}
+        )
+        return {"changed": request["step"] != "verify", "diff": {"before": 1}, **extra}
+
+    outcomes = adapter.run(_spec("provision.yml", "/bin/false"), serve=handler)
+    assert {h: o.status for h, o in outcomes.items()} == dict.fromkeys(
+        ("hsm01", "hsm02"), HostStatus.OK
+    )
+    for host in ("hsm01", "hsm02"):
+        mine = [r for r in seen if r["appliance"] == host]
+        assert [r["step"] for r in mine] == STEPS
+        assert all(
+            r == {"config": "/nowhere/p.yaml", "appliance": host, "request_id": "r-1",
+                  "step": r["step"], "check": False, "reissue_otp": False}
+            for r in mine
+        )  # fmt: skip
+        results = list(outcomes[host].results.values())
+        assert [r["step"] for r in results] == STEPS
+        assert [r["changed"] for r in results] == [False, True, True, True, True]
+        assert all("diff" not in r for r in results)
+        assert results[-1]["handoff"] == f"/b/{host}.json"
+    assert list(private_tmp.iterdir()) == []
+
+
+CHECKED = """\
+- hosts: all
+  gather_facts: false
+  tasks:
+    - name: Attach, checked
+      hsmctl.fleet.hsm_provision:
+        step: attach
+        config: "{{ hsm_config }}"
+        appliance: "{{ inventory_hostname }}"
+        request_id: "{{ hsm_request_id }}"
+      check_mode: true
+      diff: true
+    - name: Not a step
+      hsmctl.fleet.hsm_provision:
+        step: zeroize
+        config: "{{ hsm_config }}"
+        appliance: "{{ inventory_hostname }}"
+        request_id: "{{ hsm_request_id }}"
+"""
+
+
+def test_check_mode_diff_and_argument_errors(tmp_path: Path, private_tmp: Path) -> None:
+    playbook = tmp_path / "checked.yml"
+    playbook.write_text(CHECKED)
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: Mapping[str, Any]) -> Mapping[str, Any]:
+        seen.append(dict(request))
+        return {"changed": True, "diff": {"before": {"attached": None}, "after": {"x": 1}}}
+
+    outcomes = adapter.run(_spec(playbook, "/bin/false"), serve=handler)
+    assert [(r["appliance"], r["step"], r["check"]) for r in sorted(seen, key=str)] == [
+        ("hsm01", "attach", True),
+        ("hsm02", "attach", True),
+    ]
+    for outcome in outcomes.values():
+        assert outcome.results["Attach, checked"]["diff"]["after"] == {"x": 1}
+        assert outcome.status is HostStatus.FAILED and outcome.failed_task == "Not a step"
+        assert "zeroize" in str(outcome.message)
+
+
+def test_a_served_failure_keeps_its_exit_code(private_tmp: Path) -> None:
+    from hsmctl.errors import ConflictError
+
+    def handler(request: Mapping[str, Any]) -> Mapping[str, Any]:
+        if request["step"] == "network":
+            raise ConflictError(f"{request['appliance']} is busy")
+        return {"changed": False}
+
+    outcomes = adapter.run(_spec("provision.yml", "/bin/false"), serve=handler)
+    for host, outcome in outcomes.items():
+        assert outcome.status is HostStatus.FAILED
+        assert outcome.message == f"{host} is busy"
+        failed = outcome.results[outcome.failed_task or ""]
+        assert (failed["exit_code"], failed["error"]) == (5, "ConflictError")
+
+
+def test_without_a_server_the_module_runs_the_step(private_tmp: Path) -> None:
+    """Plain ansible-playbook / AWX: the module runs the step in its own process (here
+    it reaches the library, which refuses the missing configuration file: exit 2)."""
+    outcomes = adapter.run(_spec("provision.yml", None))
+    for outcome in outcomes.values():
+        assert outcome.status is HostStatus.FAILED
+        assert outcome.failed_task is not None and outcome.failed_task.startswith("Verify")
+        failed = outcome.results[outcome.failed_task]
+        assert failed["exit_code"] == 2, failed
+        assert "/nowhere/p.yaml" in str(outcome.message)
