@@ -20,6 +20,11 @@ the collector's next export starts at it to prove the device did not roll back. 
 beyond what ``audit export`` has sent is refused. At ``limit_bytes`` of retained log
 ordinary records fail closed; the last ``reserve_bytes`` above it take only what lets a
 collector free space (the export's checkpoint, the ack and the deletions it logs).
+
+Before a segment goes, its ``key-rotation`` records are copied (fsynced) to
+``audit.rotations.jsonl``: with them a verifier that pins only the device's initial audit
+key (a re-provisioned device's next owner) still carries trust to the key that signs the
+oldest record left, and starts there (``audit key show``'s ``log_base``).
 """
 
 from __future__ import annotations
@@ -238,6 +243,7 @@ class ActivityLog:
         self.path = path
         self.config = config or RetentionConfig()
         self.state_path = path.with_name(path.stem + ".retention.json")
+        self.rotations_path = path.with_name(path.stem + ".rotations.jsonl")
         self.lock = threading.RLock()
         self.fd = -1
         self.ino: tuple[int, int] = (0, 0)
@@ -536,6 +542,7 @@ class ActivityLog:
         gone: list[Segment] = []
         with self.lock:
             for seg in deletable(self.segments[:-1], self.acked_seq):
+                self._keep_rotations(seg)
                 before_delete(seg)
                 try:
                     seg.path.unlink()
@@ -549,6 +556,42 @@ class ActivityLog:
                 self._fsync_dir()
                 self.full = self.used >= self.config.limit_bytes
         return gone
+
+    def _keep_rotations(self, seg: Segment) -> None:
+        """Copy ``seg``'s key-rotation records to the rotations file (fsynced) before the
+        segment goes: trust from the initial key reaches the oldest record only through
+        them. A failure keeps the segment (and every later one)."""
+        marker = b'"event":"' + chain.KEY_ROTATION_EVENT.encode() + b'"'
+        try:
+            with open(seg.path, "rb") as fh:
+                found = [line for line in fh if marker in line]
+            if not found:
+                return
+            have = set(self.retired_rotations())
+            new = [line for line in found if line not in have]
+            if not new:
+                return
+            fd = os.open(self.rotations_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                data = b"".join(new)
+                if os.write(fd, data) != len(data):
+                    raise OSError(28, "short write")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._fsync_dir()
+        except OSError as exc:
+            raise LogUnavailable(
+                f"cannot keep the key rotations of {seg.path.name}: {exc.strerror or exc}"
+            ) from exc
+
+    def retired_rotations(self) -> list[bytes]:
+        """The key-rotation records of deleted segments, oldest first, as their lines."""
+        try:
+            with open(self.rotations_path, "rb") as fh:
+                return [line for line in fh if line.endswith(b"\n")]
+        except FileNotFoundError:
+            return []
 
     def disk(self) -> DiskUse:
         with self.lock:

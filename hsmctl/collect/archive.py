@@ -449,6 +449,7 @@ class Appender:
             retired_keys=tuple(sorted(retired_keys)),
             segments=tuple(final),
             updated_at=_now(),
+            base=self.base.base,
         )
         self.archive._write_cursor(cursor)  # the commit point
         removed = False

@@ -125,6 +125,9 @@ class Target:
     retired: frozenset[str]
     key: Path
     port: int = 22
+    base: Head | None = None
+    """Where the log starts if the device deleted its oldest records before this
+    tenancy (``pins.log_base``, proved by the takeover); None: record 1."""
 
 
 @dataclass
@@ -197,6 +200,9 @@ def plan_resume(cursor: Cursor) -> Resume:
     """Export from the record before the head so the device must show the head again."""
     if cursor.seq == 0:
         return Resume(0, GENESIS_HEAD, None, 0)
+    if not cursor.segments and cursor.base is not None and cursor.seq == cursor.base.seq:
+        # Nothing archived yet and the device's log starts after a proved base.
+        return Resume(cursor.seq, cursor.base, None, 0)
     return Resume(cursor.seq - 1, Head(cursor.seq - 1, cursor.prev), cursor.head, 1)
 
 
@@ -218,16 +224,49 @@ def load_target(state: Path, appliance: str, key_dir: Path | None) -> Target:
     pins = st.load_pins()
     if not (pins.data_ip and pins.data_host_keys and pins.audit_keys):
         raise UsageError(f"{appliance}: pins.json lacks the data address, host keys or audit keys")
+    audit_keys, retired, base = based_trust(appliance, pins)
     return Target(
         appliance=appliance,
         state=st,
         data_ip=pins.data_ip,
         host_keys=tuple(pins.data_host_keys),
-        audit_keys=dict(pins.audit_keys),
-        retired=frozenset(pins.retired),
+        audit_keys=audit_keys,
+        retired=retired,
         key=collector_key(st, key_dir),
         port=int(pins.data_port or 22),
+        base=base,
     )
+
+
+def based_trust(appliance: str, pins: Any) -> tuple[dict[str, str], frozenset[str], Head | None]:
+    """The pinned audit keys and retired ones, and the log's base: with ``pins.log_base``
+    the deleted segments' key rotations carry trust from the initial key to the base
+    again (re-checked here, offline), and the keys they retired stay retired."""
+    keys, retired = dict(pins.audit_keys), frozenset(pins.retired)
+    if not pins.log_base:
+        return keys, retired, None
+    from hsmctl.auditlog.anchor import AnchorError, LogBase, carry_trust
+
+    try:
+        base = LogBase.from_dict(pins.log_base)
+        initial = pins.initial_audit_key_id
+        start = {initial: keys[initial]} if initial in keys else keys
+        trusted, gone = carry_trust(
+            start, base.key_rotations, device=appliance, base_seq=base.seq, retired_keys=retired
+        )
+    except AnchorError as exc:
+        raise IntegrityError(f"{appliance}: pins.json log_base: {exc}") from exc
+    gone = gone | retired
+    merged = {k: v for k, v in {**keys, **trusted}.items() if k not in gone}
+    return merged, gone, base.head
+
+
+def start_cursor(cursor: Cursor, base: Head | None) -> Cursor:
+    """An empty archive of a log that starts after ``base`` begins there (in memory:
+    written only with the first records)."""
+    if base is None or cursor.seq or cursor.segments:
+        return cursor
+    return replace(cursor, seq=base.seq, hash=base.hash, prev="", base=base)
 
 
 def is_credential(path: Path) -> bool:
@@ -384,7 +423,7 @@ def collect(
     try:
         with archive.lock(exclusive=True, wait=options.lock_wait):
             deadline = time.monotonic() + options.timeout
-            before = archive.recover()
+            before = start_cursor(archive.recover(), target.base)
             after = ingest(
                 archive,
                 before,

@@ -31,6 +31,10 @@ class Cursor:
     retired_keys: tuple[str, ...] = ()
     segments: tuple[Segment, ...] = ()
     updated_at: str | None = None
+    base: Head | None = None
+    """Set when the device had deleted records 1..``base.seq`` (acknowledged by an earlier
+    owner) before this archive began: the archive starts after it, linked to
+    ``base.hash`` (the takeover proved it: ``pins.log_base``)."""
 
     @property
     def head(self) -> Head:
@@ -41,7 +45,8 @@ class Cursor:
         return sum(s.records for s in self.segments)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        base = {} if self.base is None else {"base": self.base.as_dict()}
+        return base | {
             "format": FORMAT,
             "appliance": self.appliance,
             "seq": self.seq,
@@ -69,8 +74,9 @@ class Cursor:
             retired_keys=tuple(str(k) for k in d["retired_keys"]),
             segments=segments,
             updated_at=d.get("updated_at"),
+            base=_base(d.get("base")),
         )
-        expected = 1
+        expected = 1 if cursor.base is None else cursor.base.seq + 1
         for s in segments:
             if s.first_seq != expected:
                 raise ValueError(f"segment {s.name} starts at {s.first_seq}, expected {expected}")
@@ -78,3 +84,12 @@ class Cursor:
         if expected - 1 != cursor.seq:
             raise ValueError(f"segments end at {expected - 1} but the head is {cursor.seq}")
         return cursor
+
+
+def _base(d: Any) -> Head | None:
+    if d is None:
+        return None
+    seq, digest = d["seq"], d["hash"]
+    if type(seq) is not int or seq < 1 or type(digest) is not str:
+        raise ValueError("base: seq must be a positive integer and hash a string")
+    return Head(seq, digest)

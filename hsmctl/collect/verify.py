@@ -1,17 +1,24 @@
 """Offline re-verification of an appliance's archive (``logs verify``): from record 1,
 with the pinned audit keys only, no device; and the cursor must say what the chain proves.
+
+An archive of a log whose oldest records the device had deleted before this tenancy
+starts at the base the takeover proved (``pins.log_base``): trust is carried there from
+the initial key by the pinned key rotations, and the archive must hold the device's
+deletion of the records before it (reported as ``retired``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hsmctl.auditlog import GENESIS_HEAD
+from hsmctl.auditlog.anchor import AnchorError, describe, retirement
 from hsmctl.collect.appliances import archive_of, taken_over
-from hsmctl.collect.collector import LogIntegrityError
+from hsmctl.collect.collector import LogIntegrityError, based_trust
 from hsmctl.collect.pipeline import ChunkedVerifier, Halted, Limits, TrustState, VerifyPool
 from hsmctl.errors import IntegrityError
 
@@ -27,18 +34,27 @@ class ArchiveReport:
     segments: int
     trusted_keys: list[str]
     retired_keys: list[str]
+    first_seq: int = 1
+    retired: dict[str, Any] | None = None
+    """When the archive starts after records the device deleted before this tenancy:
+    which, and by whose acknowledgement (:func:`hsmctl.auditlog.anchor.retirement`)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "appliance": self.appliance,
             "verified": True,
             "records": self.records,
+            "first_seq": self.first_seq,
             "last_seq": self.last_seq,
             "last_checkpoint": self.last_checkpoint,
             "segments": self.segments,
             "trusted_keys": self.trusted_keys,
             "retired_keys": self.retired_keys,
         }
+        if self.retired is not None:
+            out["retired"] = self.retired
+            out["message"] = describe(self.retired)
+        return out
 
 
 def verify_archive(
@@ -48,24 +64,34 @@ def verify_archive(
     check that the cursor says what the chain proves. Raises IntegrityError (exit 3)."""
     st = taken_over(state, appliance)
     pins = st.load_pins()
-    retired = frozenset(pins.retired)
-    trust = TrustState({k: v for k, v in pins.audit_keys.items() if k not in retired}, retired)
+    keys, retired, base = based_trust(appliance, pins)
+    trust = TrustState({k: v for k, v in keys.items() if k not in retired}, retired)
+    deletions = _Deletions()
     archive = archive_of(st)
     n = (os.cpu_count() or 1) if workers is None else workers
     pool = VerifyPool(n) if n > 0 else None
     try:
         with archive.lock(exclusive=False, wait=wait):
             cursor = archive.cursor()
+            if cursor.base != (None if not cursor.segments else base):
+                raise IntegrityError(
+                    f"{appliance}: archive verification failed: the archive starts after "
+                    f"record {cursor.base.seq if cursor.base else 0} but the takeover proved "
+                    f"the log from record {base.seq + 1 if base else 1}",
+                    detail={"appliance": appliance},
+                )
             # An archive holds only signed records, and one collected before the unsigned
             # bounds existed must not fail by them: only the record length applies.
             verifier = ChunkedVerifier(
                 trust,
-                GENESIS_HEAD,
+                cursor.base or GENESIS_HEAD,
                 pool=pool,
                 limits=Limits(unsigned_records=None, unsigned_bytes=None),
             )
             try:
                 for block in archive.blocks(cursor):
+                    if cursor.base is not None:
+                        deletions.scan(block)
                     verifier.feed(block)
             except Halted:
                 pass
@@ -92,6 +118,12 @@ def verify_archive(
         problems.append(
             f"the cursor names device {cursor.device!r}, the chain {summary.state.device!r}"
         )
+    found = None
+    if cursor.base is not None:
+        try:
+            found = retirement(deletions.records, cursor.base.seq)
+        except AnchorError as exc:
+            problems.append(str(exc))
     if problems:
         raise IntegrityError(
             f"{appliance}: archive verification failed: {'; '.join(problems)}",
@@ -105,4 +137,25 @@ def verify_archive(
         segments=len(cursor.segments),
         trusted_keys=sorted(summary.state.trusted),
         retired_keys=sorted(summary.state.retired),
+        first_seq=cursor.base.seq + 1 if cursor.base else 1,
+        retired=found,
     )
+
+
+class _Deletions:
+    """The records that explain a base (the device's deletions, the acks), picked out of
+    the archive's blocks by their bytes; the chain verifier vouches for them."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self._tail = b""  # a line cut by the block boundary
+
+    def scan(self, block: bytes) -> None:
+        data = self._tail + block
+        cut = data.rfind(b"\n") + 1
+        whole, self._tail = data[:cut], data[cut:]
+        if b"log-segment-deleted" not in whole and b"audit ack" not in whole:
+            return
+        for line in whole.splitlines():
+            if b'"event":"log-segment-deleted"' in line or b'"command":"audit ack' in line:
+                self.records.append(json.loads(line))

@@ -145,6 +145,9 @@ class Pins:
     data_ip: str | None = None
     audit_account_key: str | None = None
     data_port: int | None = None  # only where the device's SSH is not on 22 (tests, bench)
+    # Where the log starts when its oldest records were deleted before this tenancy
+    # (hsmctl.auditlog.anchor.LogBase, proved by the takeover); None: at record 1.
+    log_base: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -157,6 +160,7 @@ class Pins:
             "data_ip": self.data_ip,
             "audit_account_key": self.audit_account_key,
             "data_port": self.data_port,
+            "log_base": self.log_base,
         }
         return out | {k: v for k, v in optional.items() if v is not None}
 
@@ -170,4 +174,5 @@ class Pins:
             data_ip=d.get("data_ip"),
             audit_account_key=d.get("audit_account_key"),
             data_port=d.get("data_port"),
+            log_base=d.get("log_base"),
         )

@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from hsmctl import auditlog, devicejson, utc
+from hsmctl import devicejson, utc
 from hsmctl.auditlog import Head
 from hsmctl.contract import OwnerState
 from hsmctl.device import CLIENTS, HSM_INFO, PROVIDER_ACCESS, Switch
 from hsmctl.ssh import DeviceConnection, PublicKey
+from hsmctl.takeover.logproof import prove_log
 from hsmctl.takeover.options import token_label
 from hsmctl.takeover.records import Check, PasswordState
 from hsmctl.takeover.session import AdminSession
@@ -154,13 +155,10 @@ def prove(session: AdminSession, *, keep_monitor: bool) -> Proof:
             {"key_id": info.audit_key_id},
         )
 
-        lines = export_log(conn)
-        report = auditlog.verify_lines(lines, state.load_pins().audit_keys, device=host)
-        check(
-            "activity-log-verifies",
-            report.ok,
-            {"records": report.records, "violations": [str(v) for v in report.violations]},
-        )
+        # From record 1, or from the base of a log trimmed before this tenancy (logproof).
+        proved = prove_log(conn, state, host, export_log)
+        lines, report = proved.lines, proved.report
+        check("activity-log-verifies", proved.ok, proved.detail())
         records = [devicejson.loads_object(line, "exported record", host) for line in lines]
         window = transfer_window(records, record.started_at)
         check(

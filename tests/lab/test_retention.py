@@ -28,6 +28,7 @@ import pytest
 from hsmctl.collect.archive import Archive
 from hsmctl.customer.store import ApplianceDir
 from hsmctl.lab.netns import socket_factory
+from hsmctl.lab.rig import data_ip as rig_data_ip
 from hsmctl.lab.rig import restart_hsmd
 from hsmctl.ssh import DeviceConnection, PinnedHostKeys
 from tests.conftest import (
@@ -146,10 +147,11 @@ def first_seq_of(name: str) -> int:
     return int(m.group(1))
 
 
-def restore(dev: Device) -> None:
-    """Put the deleted records back from the archive: one closed segment from record 1 to
-    just before the active file, the others removed, the retention state and configuration
-    gone; then a fresh daemon must see one whole chain from record 1."""
+def restore(dev: Device, archived: list[bytes] | None = None) -> None:
+    """Put the deleted records back from the archive (``archived``: the records from 1 on,
+    default ``dev``'s archive): one closed segment from record 1 to just before the active
+    file, the others removed, the retention state and configuration gone; then a fresh
+    daemon must see one whole chain from record 1."""
     # Closed segments do not change while the daemon runs (a rotation may add one, which
     # then simply follows the restored prefix); the active file is left alone.
     closed = [n for n, _ in dev.files() if n != "audit.jsonl"]
@@ -160,7 +162,7 @@ def restore(dev: Device) -> None:
         kept = b""
     head = kept or console(dev.app, "head", "-n", "1", f"{LOG_DIR}/audit.jsonl").stdout
     oldest = json.loads(head.splitlines()[0])["seq"]
-    archived = dev.archived_lines()
+    archived = dev.archived_lines() if archived is None else archived
     assert len(archived) >= oldest - 1, "records were deleted that were never archived"
     prefix = archived[: oldest - 1] + kept.splitlines(keepends=True)
     if not prefix:
@@ -170,7 +172,7 @@ def restore(dev: Device) -> None:
         f"set -e; cd {LOG_DIR}; cat > .restore.tmp; chmod 600 .restore.tmp; "
         "mv -f .restore.tmp audit-000000000001.jsonl; "
         + "".join(f"rm -f {n}; " for n in closed if n != "audit-000000000001.jsonl")
-        + "rm -f audit.retention.json /etc/hsm/log.json"
+        + "rm -f audit.retention.json audit.rotations.jsonl /etc/hsm/log.json"
     )
     console(dev.app, "sh", "-c", script, input=b"".join(prefix))
     restart_hsmd(dev.app)
@@ -356,3 +358,75 @@ def test_only_the_audit_account_acks(fleet: dict[str, Device]) -> None:
     with admin:
         result = admin.run("audit ack 1", check=False)
     assert result.status == 77 and "not permitted" in result.stderr
+
+
+def test_a_trimmed_log_is_handed_over_from_its_oldest_record(
+    _lab_session: None, tmp_path: Path
+) -> None:
+    """Re-provisioning after the log was trimmed (issue 15): tenant1's collector acks and
+    the device deletes the segments before its ack; the device is factory reset and
+    provisioned to tenant2. tenant2's takeover proof and first collection start at the
+    oldest record still on the device, anchored by the first checkpoint after it, with
+    trust carried from the bundle's initial audit key through the key rotations the
+    deleted records held; ``logs verify`` (offline) says records 1..K-1 were retired and
+    by whose ack."""
+    lab = ensure_lab()
+    app = APPS[2]
+    restart_hsmd(app)
+    factory_reset(app)
+    console(app, "rm", "-f", "/etc/hsm/log.json")
+    conf1 = tenant_config(tmp_path, lab, TENANT)
+    pc1 = provider_config(tmp_path / "provider1", [app])
+    out = provision(pc1, TENANT, "--ip", data_ip(lab, app))
+    takeover(lab, conf1, TENANT, out["handoff"])
+    dev1 = Device(app, lab, conf1, pc1, client_netns(lab, TENANT), tmp_path / f"{TENANT}-state")
+    other = "tenant2"
+    conf2 = tenant_config(tmp_path, lab, other)
+    dev2 = Device(app, lab, conf2, pc1, client_netns(lab, other), tmp_path / f"{other}-state")
+    try:
+        dev1.configure(segment_bytes=32 * 1024, limit_bytes=64 << 20, high_water_percent=70)
+        failed, err = dev1.commands(1500)
+        assert failed == 0, err[-500:]
+        first = dev1.collect()
+        assert first["verified"] is True and first["acked_seq"] == first["last_seq"]
+        trimmed = json.loads(dev1.device_lines()[0])["seq"]
+        assert trimmed > 1000, "the ack deleted no segment"
+        # The key rotation of tenant1's takeover was in what the ack deleted.
+        retired_rotations = [
+            r
+            for r in map(json.loads, dev1.archived_lines()[: trimmed - 1])
+            if r["event"] == "key-rotation"
+        ]
+        assert retired_rotations
+
+        factory_reset(app)
+        pc2 = provider_config(tmp_path / "provider2", [app])
+        out2 = provision(pc2, other, "--ip", rig_data_ip(lab, app, other))
+        takeover(lab, conf2, other, out2["handoff"])
+        oldest = json.loads(dev2.device_lines()[0])["seq"]
+        assert oldest == trimmed
+
+        row = dev2.collect()
+        assert row["verified"] is True and row["acked_seq"] == row["last_seq"], row
+        archive = dev2.archived_lines()
+        assert json.loads(archive[0])["seq"] == oldest
+        verify = hsmctl("--config", str(conf2), "logs", "verify", app, "--json", netns=dev2.netns)
+        assert verify.returncode == 0, verify.stderr.decode()
+        report = json.loads(verify.stdout)
+        assert report["first_seq"] == oldest and report["last_seq"] == row["last_seq"]
+        retired = report["retired"]
+        assert retired["first_seq"] == 1 and retired["last_seq"] == oldest - 1, retired
+        assert retired["acked_by"] == "audit" and retired["acked_seq"] >= oldest, retired
+        assert retired["acked_seq"] == first["acked_seq"], retired
+        assert retired["deletion_seq"] >= oldest, retired
+    finally:
+        # Everything back: tenant1's archive holds records 1.., tenant2's from the oldest.
+        with_tenant2 = dev2.archive().cursor() if (dev2.state / "appliances").exists() else None
+        lines = dev1.archived_lines()
+        if with_tenant2 is not None:
+            later = dev2.archived_lines()
+            if later:
+                start = json.loads(later[0])["seq"]
+                lines = lines[: start - 1] + later
+        restore(dev1, lines)
+        factory_reset(app)

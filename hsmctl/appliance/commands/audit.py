@@ -67,7 +67,7 @@ def audit_ack(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) ->
             "console",
             "log-segment-deleted",
             "ok",
-            {**segment.as_dict(), "acked_seq": acked},
+            {**segment.as_dict(), "acked_seq": acked, "acked_by": ctx.caller_account},
             urgent=True,
         )
 
@@ -121,6 +121,10 @@ def audit_verify(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str])
 def audit_key_show(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str]) -> Reply:
     current = daemon.keys.current()
     initial = str(device_record().get("audit_public_key") or current.public_key_pem)
+    log = daemon.log
+    with log.lock:
+        base = log.base()
+        rotations = log.retired_rotations() if base is not None else []
     return Reply(
         output=as_json(
             {
@@ -130,6 +134,11 @@ def audit_key_show(daemon: Daemon, ctx: Context, cmd: Command, secrets: list[str
                 # carry trust to the current key, so the whole log verifies.
                 "initial_key_id": auditlog.key_id_for_pem(initial),
                 "initial_public_key": initial,
+                # Once acknowledged records were deleted: the head before the oldest
+                # record left (null: the log starts at record 1), and the deleted
+                # segments' key rotations, which carry trust from the initial key there.
+                "log_base": None if base is None else {"seq": base.seq, "hash": base.hash},
+                "retired_key_rotations": [line.decode("utf-8").rstrip("\n") for line in rotations],
             }
         )
     )
