@@ -11,7 +11,9 @@ accepted; on any difference the chunk is verified again, in order, with the real
 speculation can cost time, never soundness.
 
 The first chunk (and every chunk while the device name is not yet known) is verified in
-this process, so a small incremental collection never starts a worker. Results are
+this process, so a small incremental collection never starts a worker; the second starts
+them, and chunks are verified here until they are up (a spawned worker takes from ~0.3 s
+on an idle machine to seconds under load: waiting for it left this process idle). Results are
 accepted strictly in stream order, and ``on_verified`` sees only accepted chunks: nothing
 reaches the archive before it has been verified.
 
@@ -34,6 +36,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, replace
 
 from hsmctl.auditlog import Head, Violation, ViolationKind, verify_block, verify_lines
@@ -149,25 +152,58 @@ def verify_chunk(
     )
 
 
+def _up() -> bool:
+    """A worker's first task: it has started and imported this module."""
+    return True
+
+
 class VerifyPool:
     """Worker processes for :func:`verify_chunk`, started on first use and shared by the
     threads of one command. ``spawn``: workers inherit no threads, sockets or locks (an
-    inherited archive lock would outlive a killed collector)."""
+    inherited archive lock would outlive a killed collector).
+
+    A spawned worker takes a while to start (a fresh interpreter importing the verifier:
+    ~0.3 s on an idle machine, seconds under load). :meth:`start` begins it and
+    :attr:`ready` says when every worker has answered; until then a
+    :class:`ChunkedVerifier` verifies in its own thread rather than wait."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._starting: list[Future[bool]] = []
+
+    def _ensure(self) -> ProcessPoolExecutor:
+        # Hold the lock.
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn")
+            )
+            # One task per worker: the executor starts a worker per task waiting for one.
+            self._starting = [self._executor.submit(_up) for _ in range(self.workers)]
+        return self._executor
+
+    def start(self, *, wait: bool = False) -> None:
+        """Start the workers now (idempotent); :attr:`ready` turns true when they are up
+        (with ``wait``: return then)."""
+        with self._lock:
+            self._ensure()
+            starting = list(self._starting)
+        if wait:
+            futures_wait(starting)
+
+    @property
+    def ready(self) -> bool:
+        """The workers are up (or failed to start: then a chunk sent to them fails and is
+        verified again in order, as after any worker failure)."""
+        with self._lock:
+            return self._executor is not None and all(f.done() for f in self._starting)
 
     def submit(
         self, data: bytes, state: TrustState, start: Head, record_bytes: int = RECORD_BYTES
     ) -> Future[ChunkResult]:
         with self._lock:
-            if self._executor is None:
-                self._executor = ProcessPoolExecutor(
-                    self.workers, mp_context=multiprocessing.get_context("spawn")
-                )
-            return self._executor.submit(verify_chunk, data, state, start, None, record_bytes)
+            return self._ensure().submit(verify_chunk, data, state, start, None, record_bytes)
 
     @property
     def in_flight(self) -> int:
@@ -178,6 +214,7 @@ class VerifyPool:
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
                 self._executor = None
+                self._starting = []
 
 
 class Halted(IntegrityError):
@@ -325,7 +362,16 @@ class ChunkedVerifier:
     def _dispatch(self, chunk: bytes, *, store: bool = True, cut: bool = False) -> None:
         first = not self._dispatched
         self._dispatched += 1
-        if self._pool is None or first or self._spec_state.device is None or not store:
+        pool = self._pool
+        if pool is not None and not first and store:
+            pool.start()  # a second chunk: a large export, worth the workers
+        if (
+            pool is None
+            or first
+            or self._spec_state.device is None
+            or not store
+            or not pool.ready  # the workers are starting: verify here, not wait
+        ):
             while self._inflight:  # keep the order: everything before goes first
                 self._accept_pending(self._inflight.popleft())
             anchor = self._anchor if first else None
@@ -338,10 +384,10 @@ class ChunkedVerifier:
             self._spec_state, self._spec_head = self._state, self._head
             return
         state, start = self._spec_state, self._spec_head
-        future = self._pool.submit(chunk, state, start, self._limits.record_bytes)
+        future = pool.submit(chunk, state, start, self._limits.record_bytes)
         self._inflight.append(_Pending(chunk, future, state, start))
         self._spec_state, self._spec_head = _speculate(chunk, state, start)
-        while len(self._inflight) > self._pool.in_flight:
+        while len(self._inflight) > pool.in_flight:
             self._accept_pending(self._inflight.popleft())
 
     def _accept_pending(self, p: _Pending) -> None:

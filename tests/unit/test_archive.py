@@ -83,6 +83,7 @@ def test_a_big_first_collection_through_worker_processes(
             dev.rotate(key_b)
     archive = Archive(tmp_path / "archive", "hsm-test", segment_bytes=200_000)
     pool = VerifyPool(2)
+    pool.start(wait=True)  # else chunks are verified here while the workers start
     try:
         with archive.lock(exclusive=True):
             cursor = ingest(archive, archive.recover(), trust(key_a), dev.stream(piece=65536), pool)

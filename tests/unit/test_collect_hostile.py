@@ -511,6 +511,8 @@ def child_ingest(name: str, where: str) -> None:
 
     def run() -> None:
         pool = VerifyPool(case.workers) if case.workers else None
+        if pool is not None:
+            pool.start(wait=True)  # the workers' path, not this thread's while they start
         try:
             with archive.lock(exclusive=True):
                 before = archive.recover()

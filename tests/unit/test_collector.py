@@ -350,6 +350,7 @@ def test_chunked_verification_equals_one_pass(
     data = dev.data()
     sequential = auditlog.verify_lines(dev.lines, trust(key_a).trusted)
     pool = VerifyPool(2)
+    pool.start(wait=True)  # else chunks are verified here while the workers start
     try:
         got: list[bytes] = []
         v = ChunkedVerifier(
@@ -378,6 +379,7 @@ def test_chunked_verification_finds_tampering_in_a_late_chunk(
     dev.lines[400] = _edit(dev.lines[400])
     data = dev.data()
     pool = VerifyPool(2)
+    pool.start(wait=True)  # else chunks are verified here while the workers start
     try:
         v = ChunkedVerifier(trust(key_a), GENESIS_HEAD, pool=pool, chunk_bytes=8192)
         with contextlib.suppress(Halted):  # raised by feed() or, if still in flight, not
@@ -411,6 +413,7 @@ def test_chunked_verification_redoes_a_wrong_speculation(
         return TrustState(state.trusted, state.retired, state.device), h  # ignores rotations
 
     pool = VerifyPool(1)
+    pool.start(wait=True)  # else chunks are verified here while the workers start
     try:
         pipeline._speculate = wrong
         v = ChunkedVerifier(trust(key_a), GENESIS_HEAD, pool=pool, chunk_bytes=2048)
