@@ -50,7 +50,7 @@ from hsmctl.collect.pipeline import (
     TrustState,
     VerifyPool,
 )
-from hsmctl.customer.store import ApplianceDir
+from hsmctl.customer.store import ApplianceDir, Pins
 from hsmctl.errors import (
     ConflictError,
     HsmctlError,
@@ -238,7 +238,7 @@ def load_target(state: Path, appliance: str, key_dir: Path | None) -> Target:
     )
 
 
-def based_trust(appliance: str, pins: Any) -> tuple[dict[str, str], frozenset[str], Head | None]:
+def based_trust(appliance: str, pins: Pins) -> tuple[dict[str, str], frozenset[str], Head | None]:
     """The pinned audit keys and retired ones, and the log's base: with ``pins.log_base``
     the deleted segments' key rotations carry trust from the initial key to the base
     again (re-checked here, offline), and the keys they retired stay retired."""
