@@ -20,6 +20,12 @@ into tenant1's ``hsm2`` subnet:
 Ratios (in the same run): many / one (issue 15 target <= 3x for 20), one / plain1 and
 many / plainN (the fleet tooling's overhead over a plain playbook; target <= 1.2x).
 
+CPU seconds, steadier than wall time on a shared machine: every scenario also reports the
+user+sys time of the whole process tree it started (``RUSAGE_CHILDREN`` of this process
+around the run: hsmctl, ansible-playbook, its workers and modules); **handover** also
+the device's (the appliance's processes below its launcher in ``lab.json``: utime, stime
+and those of the children they reaped, before and after), as ``*_device_cpu``.
+
 Usage (root, lab up, nothing else using hsm85 … hsm100):
 ``python -m bench provision [--runs N] [--count N] [--scenarios one,many,plain1,plainN]
 [--json]``.
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +70,39 @@ def _config(directory: Path, appliances: Sequence[str]) -> Path:
     return conf
 
 
+LAB_STATE = Path("/var/lib/hsmctl-lab/lab.json")
+
+
+def children_cpu() -> float:
+    """User+sys seconds of every process this one started and reaped, and theirs."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def device_cpu(appliance: str) -> float:
+    """User+sys seconds so far of the appliance's processes (below its launcher), with
+    the children they reaped (sessions, the sshd a host-key activation replaced)."""
+    launcher = int(json.loads(LAB_STATE.read_text())["launchers"][appliance])
+    parents: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parents.setdefault(int(fields[1]), []).append(pid)
+        ticks[pid] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    total, todo = 0, [launcher]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo.extend(parents.get(pid, []))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def _check(proc: subprocess.CompletedProcess[bytes], what: str) -> None:
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).decode(errors="replace")[-3000:]
@@ -86,14 +126,19 @@ def run_hsmctl(
     return took
 
 
-def run_handover(directory: Path, appliance: str) -> tuple[float, float]:
-    """Provision one appliance, then take it over: (provision seconds, takeover seconds)."""
+def run_handover(
+    directory: Path, appliance: str, cpu: dict[str, float] | None = None
+) -> tuple[float, float]:
+    """Provision one appliance, then take it over: (provision seconds, takeover seconds);
+    ``cpu`` gets the CPU seconds of each (this host's process tree, the device's)."""
     from hsmctl.lab import control
     from hsmctl.lab.rig import client_netns, restart_hsmd, tenant_config
 
     restart_hsmd(appliance)  # no back-off memory from an earlier run's refused logins
     out: dict[str, Any] = {}
+    cpu0, dev0 = children_cpu(), device_cpu(appliance)
     provisioned = run_hsmctl(directory, [appliance], out)
+    cpu1, dev1 = children_cpu(), device_cpu(appliance)
     lab = control.status()
     t_conf = tenant_config(directory / "tenant", lab, TENANT)
     argv = ["ip", "netns", "exec", client_netns(lab, TENANT), HSMCTL, "--config", str(t_conf),
@@ -101,7 +146,15 @@ def run_handover(directory: Path, appliance: str) -> tuple[float, float]:
     started = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, timeout=900, check=False)
     took = time.monotonic() - started
+    cpu2, dev2 = children_cpu(), device_cpu(appliance)
     _check(proc, "hsmctl takeover")
+    if cpu is not None:
+        cpu.update(
+            provision_cpu=cpu1 - cpu0,
+            takeover_cpu=cpu2 - cpu1,
+            provision_device_cpu=dev1 - dev0,
+            takeover_device_cpu=dev2 - dev1,
+        )
     return provisioned, took
 
 
@@ -154,13 +207,21 @@ def one_run(scenario: str, count: int, root: Path, times: dict[str, list[float]]
         appliances = APPLIANCES[-1:]
     factory_reset(*appliances)
     directory = Path(tempfile.mkdtemp(prefix=f"{scenario}-", dir=root))
+    cpu0 = children_cpu()
     if scenario == "handover":
-        provisioned, taken = run_handover(directory, appliances[0])
+        cpu: dict[str, float] = {}
+        provisioned, taken = run_handover(directory, appliances[0], cpu)
         times.setdefault("takeover", []).append(taken)
-        return provisioned + taken
-    if scenario.startswith("plain"):
-        return run_plain(directory, appliances)
-    return run_hsmctl(directory, appliances)
+        times.setdefault("handover_provision", []).append(provisioned)
+        for key, value in cpu.items():
+            times.setdefault(f"{key}", []).append(value)
+        took = provisioned + taken
+    elif scenario.startswith("plain"):
+        took = run_plain(directory, appliances)
+    else:
+        took = run_hsmctl(directory, appliances)
+    times.setdefault(f"{scenario}_cpu", []).append(children_cpu() - cpu0)
+    return took
 
 
 def summarise(times: dict[str, list[float]], count: int) -> dict[str, Any]:
@@ -210,12 +271,18 @@ def main(argv: list[str]) -> int:
     med = summary["median_s"]
     print(f"provision (median of {args.runs} runs; N = {args.count})")
     for s in times:
-        print(f"  {s:8} {med[s]:7.2f} s   runs {summary['runs_s'][s]}")
+        if not s.endswith("_cpu"):
+            print(f"  {s:8} {med[s]:7.2f} s   runs {summary['runs_s'][s]}")
     print(f"  N in one run / one:        {summary['many_over_one']}x (target <= 3x for 20)")
     print(f"  hsmctl / plain, one:       {summary['one_over_plain1']}x (target <= 1.2x)")
     print(f"  hsmctl / plain, N:         {summary['many_over_plainN']}x (target <= 1.2x)")
     if "handover" in med:
         print(f"  provision + takeover of one: {med['handover']:.2f} s (target <= 8 s)")
+    cpu = {k.removesuffix("_cpu"): v for k, v in med.items() if k.endswith("_cpu")}
+    if cpu:
+        print("  CPU seconds (median; this host's process tree, *_device: the appliance's)")
+        for name, value in cpu.items():
+            print(f"    {name:22} {value:6.2f}")
     return 0
 
 
