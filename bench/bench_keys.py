@@ -1,14 +1,22 @@
-"""Backup and restore of many keys (SPEC §12, issue 12): ``hsmctl backup`` of N keys and
-``hsmctl restore`` of them onto a second appliance of the same cloning domain (time and
-bytes), against the raw PKCS#11 loop on the same devices in the same run: one
-python-pkcs11 session through the same kit wrapping every key under the domain key, and
-one unwrapping every blob (as session keys) on the target.
+"""Keys that outlive a device (SPEC §12, issue 12), N keys (default 1,000), each against
+the raw PKCS#11 loop on the same devices in the same run:
 
-Appliances: hsm45 (source) and hsm46 (target), ``APPLIANCE_SETS["keys"]``, tenant1, both
-taken over with ``--domain-file`` (one secret). Do not run beside
-``tests/lab/test_keys_domain.py`` (same appliances).
+- ``hsmctl backup`` of N keys and ``hsmctl restore`` of them onto a second appliance of
+  the same cloning domain (time and bytes), against one python-pkcs11 session through
+  the same kit wrapping every key under the domain key, and one unwrapping every blob
+  (as session keys) on the target;
+- ``hsmctl ha sync`` of a group of two (source and a third appliance) copying the N keys,
+  ``--runs`` times (the copies are destroyed on the member between runs, by raw PKCS#11,
+  so no destroy is journaled), against the raw loop that does the same work: one
+  session wrapping every key on the source, one unwrapping every blob into a token
+  object on the member (then destroyed, untimed). Medians of the runs, and a sync with
+  nothing to copy.
 
-Usage (root, lab up): ``python -m bench keys [--keys N] [--json]``.
+Appliances: hsm78 (source), hsm79 (restore target), hsm80 (the second group member),
+tenant1, data addresses 198.19.0.98/.99/.100, all taken over with one ``--domain-file``;
+factory-reset at the end (``--keep`` leaves them taken over).
+
+Usage (root, lab up): ``python -m bench keys [--keys N] [--runs R] [--json] [--keep]``.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-SOURCE, TARGET, TENANT = "hsm45", "hsm46", "tenant1"
+SOURCE, TARGET, MEMBER, TENANT = "hsm78", "hsm79", "hsm80", "tenant1"
+# Rig's ``.200 + N`` does not fit hsm78-80: addresses of their own in tenant1's hsm subnet.
+ADDRESSES = {SOURCE: "198.19.0.98", TARGET: "198.19.0.99", MEMBER: "198.19.0.100"}
+GROUP = "bench"
 CLIENT_MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
 
 _PRELUDE = f"""
@@ -65,18 +77,43 @@ for b in req["blobs"]:
 out["seconds"] = time.monotonic() - t0
 """
 
+_UNWRAP_STORE = """
+t0 = time.monotonic()
+made = []
+for i, b in enumerate(req["blobs"]):
+    made.append(dk.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, bytes.fromhex(b),
+                              mechanism=KWP, label=f"raw-{i:04d}", store=True))
+out["seconds"] = time.monotonic() - t0
+for k in made:
+    k.destroy()
+"""
+
+_CLEAR = """
+gone = 0
+for k in list(se.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY})):
+    if k[Attribute.LABEL].startswith(("bench-", "raw-")):
+        k.destroy()
+        gone += 1
+out["destroyed"] = gone
+"""
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench keys", description=__doc__)
     parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=3, help="ha sync runs (median)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="no factory reset at the end")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench keys: needs root and the lab (hsmctl lab up); skipped", file=sys.stderr)
         return 0
-    from hsmctl.clients import kit
-    from hsmctl.keys.workflow import remote_of
-    from hsmctl.lab.rig import HSMCTL, Rig, escrowed, provision_all, takeover_cli
+    from hsmctl.lab.rig import HSMCTL, Rig, factory_reset
+
+    class BenchRig(Rig):
+        @property
+        def ip(self) -> str:
+            return ADDRESSES[self.appliance]
 
     status = subprocess.run([HSMCTL, "lab", "status", "--json"], capture_output=True, check=False)
     if status.returncode != 0:
@@ -85,8 +122,21 @@ def main(argv: list[str]) -> int:
     lab = json.loads(status.stdout)
     work = Path(tempfile.mkdtemp(prefix="bench-keys-"))
     os.chmod(work, 0o700)
-    print(f"setting up {SOURCE}, {TARGET} (provision, takeover into one domain) ...", flush=True)
-    rigs = [Rig(lab, a, TENANT, work / a) for a in (SOURCE, TARGET)]
+    print(f"setting up {SOURCE}, {TARGET}, {MEMBER} (provision, takeover into one domain) ...",
+          flush=True)  # fmt: skip
+    rigs = [BenchRig(lab, a, TENANT, work / a) for a in (SOURCE, TARGET, MEMBER)]
+    try:
+        return _run(args, rigs, work)
+    finally:
+        if not args.keep:
+            factory_reset(SOURCE, TARGET, MEMBER)
+
+
+def _run(args: argparse.Namespace, rigs: list[Any], work: Path) -> int:
+    from hsmctl.clients import kit
+    from hsmctl.keys.workflow import remote_of
+    from hsmctl.lab.rig import HSMCTL, escrowed, provision_all, takeover_cli
+
     provision_all(rigs)
     conf = rigs[0].tenant_conf(work / "customer")
     secret = work / "domain"
@@ -130,6 +180,27 @@ def main(argv: list[str]) -> int:
     wrapped = p11(SOURCE, _WRAP)
     unwrapped = p11(TARGET, _UNWRAP, blobs=wrapped["blobs"])
     raw_bytes = sum(len(b) // 2 for b in wrapped["blobs"])
+
+    hsmctl("ha", "create", GROUP, SOURCE, MEMBER)
+    syncs: list[float] = []
+    raw_wraps: list[float] = []
+    raw_unwraps: list[float] = []
+    for run in range(args.runs):
+        p11(MEMBER, _CLEAR)
+        synced, t_sync = hsmctl("ha", "sync", GROUP)
+        if synced["copied"] != args.keys:
+            raise SystemExit(f"ha sync copied {synced['copied']}, expected {args.keys}")
+        syncs.append(t_sync)
+        w = p11(SOURCE, _WRAP)
+        u = p11(MEMBER, _UNWRAP_STORE, blobs=w["blobs"])
+        raw_wraps.append(w["seconds"])
+        raw_unwraps.append(u["seconds"])
+        print(f"  run {run + 1}: ha sync {t_sync:.1f} s; raw wrap {w['seconds']:.1f} s + "
+              f"unwrap (token objects) {u['seconds']:.1f} s", flush=True)  # fmt: skip
+    idle, t_idle = hsmctl("ha", "sync", GROUP)
+    status, t_status = hsmctl("ha", "status", GROUP)
+    if idle["copied"] != 0 or not all(m["in_sync"] for m in status["members"]):
+        raise SystemExit(f"not in sync after the runs: {idle} {status}")
     results = {
         "keys": args.keys,
         "backup_seconds": t_backup,
@@ -141,6 +212,12 @@ def main(argv: list[str]) -> int:
         "raw_wrap_seconds": wrapped["seconds"],
         "raw_wrapped_bytes": raw_bytes,
         "raw_unwrap_seconds": unwrapped["seconds"],
+        "ha_sync_runs": syncs,
+        "ha_sync_seconds": statistics.median(syncs),
+        "ha_raw_wrap_seconds": statistics.median(raw_wraps),
+        "ha_raw_unwrap_seconds": statistics.median(raw_unwraps),
+        "ha_sync_nothing_to_copy_seconds": t_idle,
+        "ha_status_seconds": t_status,
     }
     if args.json:
         print(json.dumps(results, indent=2))
@@ -152,4 +229,8 @@ def main(argv: list[str]) -> int:
         print(f"restore {n} keys: {t_restore:7.1f} s  (raw unwrap loop "
               f"{unwrapped['seconds']:.1f} s); again: {t_again:.1f} s, "
               f"{len(again['restored'])} added")  # fmt: skip
+        raw = statistics.median(raw_wraps) + statistics.median(raw_unwraps)
+        print(f"ha sync {n} keys: {statistics.median(syncs):7.1f} s  median of {len(syncs)} "
+              f"(raw wrap + unwrap loop {raw:.1f} s); nothing to copy: {t_idle:.1f} s; "
+              f"status: {t_status:.1f} s")  # fmt: skip
     return 0
