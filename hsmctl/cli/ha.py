@@ -87,9 +87,11 @@ def status(ctx: click.Context, name: str, identity: str | None, as_json: bool) -
 
 
 def _sync_text(p: dict[str, Any]) -> str:
-    lines = [f"HA group {p['group']}: {p['copied']} key objects copied"]
+    lines = [f"HA group {p['group']}: {p['copied']} key objects copied, "
+             f"{p['destroyed']} destroyed"]  # fmt: skip
     for m in p["members"]:
-        what = f"{len(m['copied'])} added" if m["reachable"] else "unreachable"
+        gone = f", {len(m['destroyed'])} destroyed" if m["destroyed"] else ""
+        what = f"{len(m['copied'])} added{gone}" if m["reachable"] else "unreachable"
         lines.append(f"  {m['appliance']}: {what}")
     return "\n".join(lines)
 
@@ -100,17 +102,24 @@ def _sync_text(p: dict[str, Any]) -> str:
 @json_option
 @click.pass_context
 def sync(ctx: click.Context, name: str, identity: str | None, as_json: bool) -> None:
-    """Copy to each member of HA group NAME the key objects it lacks, from the others.
+    """Destroy on each member of HA group NAME what was destroyed through hsmctl, then
+    copy to it the key objects it lacks, from the others.
 
+    A key destroyed with 'hsmctl key destroy' on a member is journaled first (a
+    tombstone in the state directory, STATE/ha-destroyed/NAME.json): sync destroys it on
+    every other member and never copies it back; a member that does not answer is
+    destroyed on at its next sync. A key destroyed on a device by anything else
+    (an application's own PKCS#11 call) is not journaled: sync copies it back.
     Private and secret keys travel wrapped under the cloning domain's key (wrapped on
     one device, unwrapped on the other: no plaintext leaves a device), public keys as
-    public data. Nothing is destroyed (hsmctl journals no destruction yet: destroy a key
-    on every member). Running it again copies nothing. A member that does not answer is
-    reported and the others are synced (exit 4); it receives its keys at the next sync.
+    public data. Running it again changes nothing; an interrupted run, rerun, completes.
+    A member that does not answer is reported and the others are synced (exit 4); a
+    damaged group or destroy-journal file, a member of another tenant or domain: exit 3.
 
     \b
     Output: {"group", "members": [{"appliance", "reachable", "copied": [{"label",
-    "id", "class"}], "objects"}], "copied", "destroyed"}."""
+    "id", "class"}], "destroyed": [{"label", "id", "class"}], "objects"}], "copied",
+    "destroyed"}."""
     from hsmctl.customer.context import open_tenant_context
     from hsmctl.keys.ha import sync as run
 

@@ -15,19 +15,33 @@ by class, type, label, id and public-key hash, unwrapped under the domain key on
 target). No plaintext key leaves a device. A member that does not answer is reported
 (exit 4 for the run) and the others are still synced; it gets its keys on the next sync.
 
-Destroying: hsmctl journals no key destruction yet (``hsmctl key destroy`` destroys on
-one device and records it nowhere), so ``sync`` destroys nothing: a key destroyed on one
-member comes back from another at the next sync. Destroy it on every member.
+Destroying: ``hsmctl key destroy`` on a member of a group first journals a *tombstone*
+per object it is about to destroy (the private or secret key and its public half) in
+``STATE/ha-destroyed/NAME.json`` of every group the member is in (under a lock, atomic,
+fsynced before the device is asked), keyed by the identity sync matches objects by
+(class, type, label, id, public-key hash); a destroy the device refuses (no such key, a
+policy refusal: nothing changed) takes its tombstones back. ``sync`` then destroys a
+tombstoned object on every reachable member that still holds it, never copies it, and
+strikes each member off the tombstone's ``pending`` list once it has been seen without
+it; a tombstone whose list is empty is settled (kept as a record, no longer applied). A
+sync interrupted anywhere reruns to completion: destroying what is already gone and
+copying what is already there are no-ops. A key destroyed on a device by anything
+other than hsmctl (an application's own C_DestroyObject, pkcs11-tool) leaves no
+tombstone: to sync it is a key the member lacks, and the next sync copies it back from
+the others (docs/keys.md).
 
 The membership rules and the sync plan are pure functions (tests/unit/test_ha.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,7 +57,8 @@ from hsmctl.errors import (
     UnreachableError,
     UsageError,
 )
-from hsmctl.keys.domain import match_key
+from hsmctl.keys.domain import KWP_ON_THE_WIRE, DomainToken, match_key
+from hsmctl.keys.remote import translate
 
 GROUP_FORMAT = "hsmctl-ha-group/1"
 NAME = re.compile(r"[a-z][a-z0-9-]{0,30}[a-z0-9]|[a-z]")
@@ -80,15 +95,19 @@ def check_members(members: Sequence[str]) -> list[str]:
 
 
 def sync_plan(
-    present: Mapping[str, set[MatchKey]], offered: Mapping[str, Sequence[dict[str, Any]]]
+    present: Mapping[str, set[MatchKey]],
+    offered: Mapping[str, Sequence[dict[str, Any]]],
+    gone: Collection[MatchKey] = frozenset(),
 ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
     """The copies to make (pure): for each member (of ``present``), every object some
-    member offers (can send: public keys, keys of the domain) that it does not hold, as
-    (source member, entry), the first source in member order; members in order."""
+    member offers (can send: public keys, keys of the domain) that it does not hold and
+    that is not ``gone`` (tombstoned: destroyed through hsmctl), as (source member,
+    entry), the first source in member order; members in order."""
     union: dict[MatchKey, tuple[str, dict[str, Any]]] = {}
     for member in sorted(offered):
         for entry in offered[member]:
-            union.setdefault(match_key(entry), (member, entry))
+            if match_key(entry) not in gone:
+                union.setdefault(match_key(entry), (member, entry))
     plan: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for member in sorted(present):
         plan[member] = [union[k] for k in sorted(union) if k not in present[member]]
@@ -96,10 +115,14 @@ def sync_plan(
 
 
 def in_sync(
-    present: Mapping[str, set[MatchKey]], offered: Mapping[str, Sequence[dict[str, Any]]]
+    present: Mapping[str, set[MatchKey]],
+    offered: Mapping[str, Sequence[dict[str, Any]]],
+    gone: Collection[MatchKey] = frozenset(),
 ) -> dict[str, bool]:
-    """Whether each member holds every object the union of the members holds (pure)."""
-    return {m: not copies for m, copies in sync_plan(present, offered).items()}
+    """Whether each member holds every object the union of the members holds, except
+    the tombstoned ones, and none of those (pure)."""
+    plan = sync_plan(present, offered, gone)
+    return {m: not copies and not (present[m] & set(gone)) for m, copies in plan.items()}
 
 
 # --- the group file ---------------------------------------------------------------------
@@ -212,6 +235,187 @@ def _public(doc: dict[str, Any]) -> dict[str, Any]:
     return {"group": doc["group"], "members": list(doc["members"]), "domain": doc["domain"]}
 
 
+# --- the destroy journal (tombstones) ------------------------------------------------------
+
+TOMBSTONE_FORMAT = "hsmctl-ha-destroyed/1"
+
+
+def tombstone_path(state_dir: Path, name: str) -> Path:
+    return state_dir / "ha-destroyed" / f"{check_name(name)}.json"
+
+
+@contextlib.contextmanager
+def _journal(state_dir: Path, name: str) -> Iterator[tuple[Path, list[dict[str, Any]]]]:
+    """The group's tombstones under an exclusive lock (flock on a lock file beside them);
+    the caller rewrites them with :func:`_save` before leaving."""
+    path = tombstone_path(state_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path.parent / f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path, _load_stones(path, name)
+    finally:
+        os.close(fd)
+
+
+def _load_stones(path: Path, name: str) -> list[dict[str, Any]]:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise IntegrityError(f"{path}: not a readable destroy journal ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"{path}: not a destroy journal hsmctl wrote")
+    stones = doc.get("tombstones")
+    if (
+        doc.get("format") != TOMBSTONE_FORMAT
+        or doc.get("group") != name
+        or not isinstance(stones, list)
+        or not all(_is_stone(t) for t in stones)
+    ):
+        raise IntegrityError(f"{path}: not a destroy journal hsmctl wrote")
+    return list(stones)
+
+
+def _is_stone(t: Any) -> bool:
+    return (
+        isinstance(t, dict)
+        and isinstance(t.get("key"), list)
+        and len(t["key"]) == 5
+        and all(isinstance(k, str) for k in t["key"])
+        and isinstance(t.get("pending"), list)
+        and all(isinstance(m, str) for m in t["pending"])
+    )
+
+
+def _save(path: Path, name: str, stones: list[dict[str, Any]]) -> None:
+    doc = {"format": TOMBSTONE_FORMAT, "group": name, "tombstones": stones}
+    privatefiles.write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def active_tombstones(ctx: TenantContext, name: str) -> dict[MatchKey, list[str]]:
+    """Tombstoned objects of group ``name`` with members still to be seen without them."""
+    with _journal(ctx.state_dir, name) as (_path, stones):
+        return {_key(t): list(t["pending"]) for t in stones if t["pending"]}
+
+
+def _key(stone: dict[str, Any]) -> MatchKey:
+    a, b, c, d, e = (str(x) for x in stone["key"])
+    return (a, b, c, d, e)
+
+
+def groups_of(ctx: TenantContext, appliance: str) -> list[dict[str, Any]]:
+    """The HA groups in this state directory that have ``appliance`` as a member."""
+    root = ctx.state_dir / "ha"
+    if not root.is_dir():
+        return []
+    groups = []
+    for path in sorted(root.glob("*.json")):
+        name = path.stem
+        if NAME.fullmatch(name):
+            group = load_group(ctx, name)
+            if appliance in group["members"]:
+                groups.append(group)
+    return groups
+
+
+def record_destroy(
+    ctx: TenantContext, appliance: str, entries: Sequence[dict[str, Any]]
+) -> dict[str, dict[MatchKey, dict[str, Any] | None]]:
+    """Journal a tombstone for each entry (a key object about to be destroyed on
+    ``appliance``) in every group it is a member of, every member pending; written and
+    fsynced before it returns. Returns what each replaced (for :func:`retract_destroy`)."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    replaced: dict[str, dict[MatchKey, dict[str, Any] | None]] = {}
+    for group in groups_of(ctx, appliance):
+        name = str(group["group"])
+        with _journal(ctx.state_dir, name) as (path, stones):
+            by_key = {_key(t): t for t in stones}
+            before: dict[MatchKey, dict[str, Any] | None] = {}
+            for entry in entries:
+                key = match_key(entry)
+                before[key] = by_key.get(key)
+                by_key[key] = {
+                    "key": list(key),
+                    "class": entry["class"],
+                    "label": entry["label"],
+                    "id": entry["id"],
+                    "destroyed_on": appliance,
+                    "recorded": now,
+                    "pending": list(group["members"]),
+                }
+            _save(path, name, list(by_key.values()))
+        replaced[name] = before
+    return replaced
+
+
+def retract_destroy(
+    ctx: TenantContext, replaced: Mapping[str, Mapping[MatchKey, dict[str, Any] | None]]
+) -> None:
+    """Undo :func:`record_destroy` (the device refused the destroy: nothing changed)."""
+    for name, before in replaced.items():
+        with _journal(ctx.state_dir, name) as (path, stones):
+            kept = [t for t in stones if _key(t) not in before]
+            kept += [t for t in before.values() if t is not None]
+            _save(path, name, kept)
+
+
+def _strike(ctx: TenantContext, name: str, seen: Mapping[str, Collection[MatchKey]]) -> None:
+    """Each member in ``seen`` has been seen without those tombstoned objects: strike it
+    off their pending lists (a list that empties settles the tombstone)."""
+    if not any(seen.values()):
+        return
+    with _journal(ctx.state_dir, name) as (path, stones):
+        for t in stones:
+            key = _key(t)
+            t["pending"] = [m for m in t["pending"] if key not in seen.get(m, ())]
+        _save(path, name, stones)
+
+
+@contextlib.contextmanager
+def journaled_destroy(
+    ctx: TenantContext, appliance: str, token: DomainToken, label: str
+) -> Iterator[None]:
+    """Around ``token.destroy(label)`` (``hsmctl key destroy``): when ``appliance`` is in
+    an HA group, the objects it will destroy are tombstoned first; a destroy that raises
+    UsageError (no such key, several, a policy refusal: nothing changed) retracts them."""
+    if not groups_of(ctx, appliance):
+        yield
+        return
+    replaced = record_destroy(ctx, appliance, _doomed(token, label))
+    try:
+        yield
+    except UsageError:
+        retract_destroy(ctx, replaced)
+        raise
+
+
+def _doomed(token: DomainToken, label: str) -> list[dict[str, Any]]:
+    """What ``RemoteToken.destroy(label)`` removes, described: the one private or secret
+    key labelled ``label`` and the public keys of that label and id (none when the label
+    is missing or ambiguous: destroy refuses those)."""
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+
+    try:
+        keys = token._keys(label)
+        if len(keys) != 1:
+            return []
+        cls = "private-key" if keys[0].object_class == ObjectClass.PRIVATE_KEY else "secret-key"
+        doomed = [(cls, keys[0])]
+        key_id = keys[0][Attribute.ID]
+        for pub in token._session.get_objects(
+            {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: label}
+        ):
+            if pub[Attribute.ID] == key_id:
+                doomed.append(("public-key", pub))
+        described = [token.describe(c, o) for c, o in doomed]
+    except pkcs11.PKCS11Error as exc:
+        raise translate(exc, token.appliance, "destroy") from exc
+    return [e for e in described if e is not None]
+
+
 # --- reading and writing the members' tokens ----------------------------------------------
 
 
@@ -226,54 +430,122 @@ def _reachable(ctx: TenantContext, appliance: str) -> bool:
         return False
 
 
-def _read(ctx: TenantContext, appliance: str, domain: str) -> tuple[set[MatchKey], list[Any]]:
-    """(match keys of every object on the member, the objects it can send, wrapped)."""
-    from hsmctl.keys.backup import _token
+class _Survey:
+    """What one pass over the members found (see :func:`_survey`)."""
 
-    with _token(ctx, appliance, None, None) as token:
-        found = token.domain_key()
-        if found is None or found[1] != domain:
-            raise IntegrityError(
-                f"{appliance}: its token is no longer in the group's cloning domain "
-                f"{domain[:16]}...; nothing copied to or from it"
-            )
-        kept, _skipped = token.export(found[0])
-        present = token.present()
-    return present, kept
+    def __init__(self) -> None:
+        self.present: dict[str, set[MatchKey]] = {}
+        self.offered: dict[str, list[dict[str, Any]]] = {}
+        self.destroyed: dict[str, list[dict[str, str]]] = {}
+        self.failed: dict[str, HsmctlError] = {}
+
+
+def _brief(entry: Mapping[str, Any]) -> dict[str, str]:
+    return {"label": str(entry["label"]), "id": str(entry["id"]), "class": str(entry["class"])}
+
+
+def _scan(
+    token: DomainToken, domain: Any, gone: Collection[MatchKey], sync: bool
+) -> tuple[set[MatchKey], list[dict[str, Any]], list[dict[str, str]]]:
+    """One pass over the member's token, one session: (match keys of what it holds, what
+    it can send, what was destroyed). With ``sync``, tombstoned objects are destroyed and
+    the objects that may leave are wrapped under the domain key (as backup does)."""
+    import pkcs11
+    from pkcs11 import Mechanism
+
+    present: set[MatchKey] = set()
+    offered: list[dict[str, Any]] = []
+    destroyed: list[dict[str, str]] = []
+    try:
+        for cls, obj in token._objects():
+            entry = token.describe(cls, obj)
+            if entry is None:
+                continue
+            key = match_key(entry)
+            if sync and key in gone:
+                obj.destroy()
+                destroyed.append(_brief(entry))
+                continue
+            present.add(key)
+            if cls != "public-key":
+                if not entry.pop("cloneable"):
+                    continue  # made outside the domain: it cannot leave this device
+                if sync:
+                    blob = domain.wrap_key(obj, mechanism=Mechanism(KWP_ON_THE_WIRE))
+                    entry["wrapped"] = bytes(blob).hex()
+            offered.append(entry)
+    except pkcs11.PKCS11Error as exc:
+        raise translate(exc, token.appliance, "ha sync") from exc
+    return present, offered, destroyed
+
+
+_CLASS_OF = {"private-key": "PRIVATE_KEY", "secret-key": "SECRET_KEY", "public-key": "PUBLIC_KEY"}
+
+
+def _holds(token: DomainToken, entry: dict[str, Any]) -> bool:
+    """Whether the token holds the object now: the objects of its class, label and id,
+    described and matched (a few round trips, not a pass over the whole token)."""
+    import pkcs11
+    from pkcs11 import Attribute, ObjectClass
+
+    template = {
+        Attribute.CLASS: getattr(ObjectClass, _CLASS_OF[entry["class"]]),
+        Attribute.LABEL: str(entry["label"]),
+        Attribute.ID: bytes.fromhex(entry["id"]),
+    }
+    try:
+        for obj in token._session.get_objects(template):
+            found = token.describe(str(entry["class"]), obj)
+            if found is not None and match_key(found) == match_key(entry):
+                return True
+    except pkcs11.PKCS11Error as exc:
+        raise translate(exc, token.appliance, "ha sync") from exc
+    return False
 
 
 def _survey(
-    ctx: TenantContext, group: dict[str, Any]
-) -> tuple[dict[str, set[MatchKey]], dict[str, list[Any]], dict[str, HsmctlError]]:
-    present: dict[str, set[MatchKey]] = {}
-    offered: dict[str, list[Any]] = {}
-    failed: dict[str, HsmctlError] = {}
+    ctx: TenantContext, group: dict[str, Any], gone: Collection[MatchKey], sync: bool
+) -> _Survey:
+    from hsmctl.keys.backup import _token
+
+    found = _Survey()
+    domain = str(group["domain"])
     for member in group["members"]:
         try:
             _owned(ctx, member)
             if not _reachable(ctx, member):
                 raise UnreachableError(f"{member}: its data port does not answer")
-            present[member], offered[member] = _read(ctx, member, str(group["domain"]))
+            with _token(ctx, member, None, None) as token:
+                key = token.domain_key()
+                if key is None or key[1] != domain:
+                    raise IntegrityError(
+                        f"{member}: its token is no longer in the group's cloning domain "
+                        f"{domain[:16]}...; nothing copied to or from it"
+                    )
+                present, offered, destroyed = _scan(token, key[0], gone, sync)
+            found.present[member], found.offered[member] = present, offered
+            found.destroyed[member] = destroyed
         except HsmctlError as exc:
-            failed[member] = exc
-    return present, offered, failed
+            found.failed[member] = exc
+    return found
 
 
 def status(ctx: TenantContext, name: str) -> dict[str, Any]:
     group = load_group(ctx, name)
-    present, offered, failed = _survey(ctx, group)
-    synced = in_sync(present, offered)
+    gone = set(active_tombstones(ctx, name))
+    found = _survey(ctx, group, gone, sync=False)
+    synced = in_sync(found.present, found.offered, gone)
     members = []
     for member in group["members"]:
-        up = member in present
+        up = member in found.present
         members.append({
             "appliance": member,
             "reachable": up,
-            "objects": len(present[member]) if up else None,
+            "objects": len(found.present[member]) if up else None,
             "in_sync": synced.get(member, False),
         })  # fmt: skip
     report = {"group": name, "members": members}
-    _raise_integrity(failed, report)
+    _raise_integrity(found.failed, report)
     return report
 
 
@@ -289,11 +561,17 @@ def _raise_integrity(failed: Mapping[str, HsmctlError], report: dict[str, Any]) 
 
 
 def sync(ctx: TenantContext, name: str) -> dict[str, Any]:
+    """Destroy what was destroyed through hsmctl (tombstones), then copy what is missing;
+    one session per member to read it (and destroy), one per member that receives."""
     from hsmctl.keys.backup import _token
 
     group = load_group(ctx, name)
-    present, offered, failed = _survey(ctx, group)
-    plan = sync_plan(present, offered)
+    gone = set(active_tombstones(ctx, name))
+    found = _survey(ctx, group, gone, sync=True)
+    # Each member read has been seen without every tombstoned object (destroyed now).
+    _strike(ctx, name, {m: gone for m in found.present})
+    present, failed = found.present, found.failed
+    plan = sync_plan(present, found.offered, gone)
     copied: dict[str, list[dict[str, str]]] = {}
     for member, copies in plan.items():
         copied[member] = []
@@ -301,19 +579,15 @@ def sync(ctx: TenantContext, name: str) -> dict[str, Any]:
             continue
         try:
             with _token(ctx, member, None, None) as token:
-                found = token.domain_key()
-                if found is None or found[1] != group["domain"]:
+                key = token.domain_key()
+                if key is None or key[1] != group["domain"]:
                     raise IntegrityError(f"{member}: left the group's cloning domain")
-                now = token.present()  # another run may have added some meanwhile
                 for _source, entry in copies:
-                    if match_key(entry) in now:
+                    if _holds(token, entry):  # another run may have added it meanwhile
                         continue
-                    token.put(found[0], entry)
-                    now.add(match_key(entry))
-                    copied[member].append(
-                        {"label": entry["label"], "id": entry["id"], "class": entry["class"]}
-                    )
-                present[member] = now
+                    token.put(key[0], entry)
+                    present[member].add(match_key(entry))
+                    copied[member].append(_brief(entry))
         except HsmctlError as exc:
             failed[member] = exc
     members = []
@@ -322,13 +596,14 @@ def sync(ctx: TenantContext, name: str) -> dict[str, Any]:
             "appliance": member,
             "reachable": member in present and member not in failed,
             "copied": copied.get(member, []),
+            "destroyed": found.destroyed.get(member, []),
             "objects": len(present[member]) if member in present else None,
         })  # fmt: skip
     report = {
         "group": name,
         "members": members,
         "copied": sum(len(c) for c in copied.values()),
-        "destroyed": 0,
+        "destroyed": sum(len(d) for d in found.destroyed.values()),
     }
     _raise_integrity(failed, report)
     if failed:

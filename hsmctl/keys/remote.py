@@ -19,6 +19,7 @@ address from the process environment. PKCS#11 errors are translated here only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import threading
@@ -108,6 +109,7 @@ class RemoteToken:
         self._session: Any = None
         self._operation = "connect"
         self._holding = False
+        self._domain: list[Any] | None = None  # the domain key, once looked for
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -154,6 +156,7 @@ class RemoteToken:
         import pkcs11
 
         try:
+            self._domain = None
             if self._session is not None:
                 with contextlib.suppress(pkcs11.PKCS11Error):
                     self._session.close()
@@ -201,10 +204,42 @@ class RemoteToken:
 
         self._operation = "list"
         try:
-            rows = [self._row(obj) for obj in self._keys(label)]
+            rows = []
+            for obj in self._keys(label):
+                r = self._row(obj)
+                if r is not None and r.type == "aes" and r.size is None:
+                    r = dataclasses.replace(r, size=self._wrapped_size(obj))
+                rows.append(r)
         except pkcs11.PKCS11Error as exc:
             raise translate(exc, self.appliance, "list") from exc
         return sorted((r for r in rows if r is not None), key=lambda r: (r.label, r.id))
+
+    def _wrapped_size(self, obj: Any) -> int | None:
+        """The bits of an AES key whose CKA_VALUE_LEN reads 0: SoftHSM 2.6.1 records none
+        for an unwrapped key and refuses one at unwrap, set and copy (read-only). A key
+        the domain key may wrap (restored, copied by ha sync) tells it that way: AES key
+        wrap with padding adds 8 bytes to 16/24/32. Others (an imported key is never
+        extractable) stay None. The wrap is an ordinary use of the domain key, counted in
+        the session's operations; the blob is dropped."""
+        import pkcs11
+        from pkcs11 import Attribute, Mechanism, ObjectClass
+
+        from hsmctl.appliance import domainkey
+
+        if not (_attr(obj, Attribute.EXTRACTABLE) and _attr(obj, Attribute.WRAP_WITH_TRUSTED)):
+            return None
+        if self._domain is None:
+            self._domain = list(self._session.get_objects({
+                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.TRUSTED: True,
+                Attribute.LABEL: domainkey.LABEL}))  # fmt: skip
+        if not self._domain:
+            return None
+        try:
+            blob = self._domain[0].wrap_key(obj, mechanism=Mechanism(0x400))  # KWP (domain.py)
+        except pkcs11.PKCS11Error:
+            return None
+        size = (len(bytes(blob)) - 8) * 8
+        return size if size in (128, 192, 256) else None
 
     def generate(self, spec: KeySpec, label: str, key_id: bytes) -> KeyRow:
         """Make the key on the device: private/secret halves sensitive and never

@@ -116,6 +116,13 @@ def destroy(
         raise UsageError(str(exc)) from exc
     if not yes:
         raise UsageError(f"destroying {label!r} cannot be undone: add --yes")
-    with _token(ctx, appliance, kit_dir, pin_file) as token:
+    from hsmctl.keys.domain import DomainToken
+    from hsmctl.keys.ha import journaled_destroy
+
+    plain = _token(ctx, appliance, kit_dir, pin_file)
+    # A member of an HA group: tombstones first, so ha sync destroys the key on the
+    # other members instead of copying it back (hsmctl/keys/ha.py).
+    token = DomainToken(plain.appliance, plain.remote, plain.pin)
+    with token, journaled_destroy(ctx, appliance, token, label):
         gone = token.destroy(label)
     return {"appliance": appliance, "label": label, "destroyed": [r.as_dict() for r in gone]}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import yaml
 from hsmctl.appliance import domainkey
 from tests.conftest import APPLIANCE_SETS, HSMCTL, ensure_lab
 from tests.lab.takeover_helpers import Rig, console, factory_reset, provision_all, takeover_cli
-from tests.lab.test_keys_domain import _SIGN, Domains, verify
+from tests.lab.test_keys_domain import _SIGN, Domains, _kill_when, verify
 
 pytestmark = pytest.mark.lab
 
@@ -189,6 +190,19 @@ def test_keys_made_on_either_member_appear_on_the_other(ha: Lab, group: str) -> 
     assert again["copied"] == 0
 
 
+def test_an_aes_key_copied_by_sync_reports_its_size(ha: Lab, group: str) -> None:
+    # SoftHSM keeps no CKA_VALUE_LEN for an unwrapped key (and refuses one in the unwrap
+    # template): key list learns it from a wrap under the domain key (issue 12: size null)
+    ha.ok("key", "generate", A1, "--label", "k-aes128", "--type", "aes:128")
+    ha.ok("ha", "sync", group)
+    for member in (A1, A2):
+        rows = {k["label"]: k for k in ha.ok("key", "list", member)["keys"]}
+        assert rows["k-aes"]["size"] == 256 and rows["k-aes128"]["size"] == 128, rows
+        assert rows["k-ec"]["size"] == 256 and rows["k-ec2"]["size"] == 384
+    copied = {k["label"]: k for k in ha.ok("key", "list", A2)["keys"]}
+    assert copied["k-aes"]["local"] is False  # it was unwrapped there, not generated
+
+
 def test_keys_made_during_an_outage_reach_the_member_on_the_next_sync(ha: Lab, group: str) -> None:
     from hsmctl.lab.control import fabric
 
@@ -212,4 +226,217 @@ def test_keys_made_during_an_outage_reach_the_member_on_the_next_sync(ha: Lab, g
            if m["appliance"] == A2}  # fmt: skip
     assert got == {("private-key", "k-outage"), ("public-key", "k-outage")}
     assert ha.keys(A1) == ha.keys(A2)
+    assert all(m["in_sync"] for m in ha.ok("ha", "status", group)["members"])
+
+
+# --- the destroy journal ------------------------------------------------------------------
+
+_DESTROY = """
+for o in list(se.get_objects({})):
+    if o[Attribute.LABEL] in req["data"]:
+        o.destroy()
+"""
+
+
+def _tombstones(ha: Lab, group: str) -> list[dict[str, Any]]:
+    path = ha.state_dir / "ha-destroyed" / f"{group}.json"
+    stones: list[dict[str, Any]] = json.loads(path.read_text())["tombstones"]
+    return stones
+
+
+def _pending(ha: Lab, group: str, label: str) -> dict[str, list[str]]:
+    return {t["class"]: t["pending"] for t in _tombstones(ha, group) if t["label"] == label}
+
+
+def _destroyed(report: dict[str, Any]) -> dict[str, set[tuple[str, str]]]:
+    return {m["appliance"]: {(d["class"], d["label"]) for d in m["destroyed"]}
+            for m in report["members"]}  # fmt: skip
+
+
+def test_a_key_destroyed_through_hsmctl_is_destroyed_on_the_other_members(
+    ha: Lab, group: str
+) -> None:
+    ha.ok("key", "generate", A1, "--label", "k-del", "--type", "ec:p256")
+    ha.ok("key", "generate", A2, "--label", "k-del-aes", "--type", "aes:256")
+    ha.ok("ha", "sync", group)
+    assert {"k-del", "k-del-aes"} <= {k[0] for k in ha.keys(A2)} & {k[0] for k in ha.keys(A1)}
+    ha.ok("key", "destroy", A1, "--label", "k-del", "--yes")
+    ha.ok("key", "destroy", A2, "--label", "k-del-aes", "--yes")
+    assert _pending(ha, group, "k-del") == {"private-key": [A1, A2], "public-key": [A1, A2]}
+    assert _pending(ha, group, "k-del-aes") == {"secret-key": [A1, A2]}
+    path = ha.state_dir / "ha-destroyed" / f"{group}.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    # each member holds a key the other destroyed: neither is in sync
+    status = ha.ok("ha", "status", group)
+    assert [m["in_sync"] for m in status["members"]] == [False, False]
+    # a destroy the device refuses (no such key) journals nothing
+    before = path.read_bytes()
+    refused = ha.hsmctl("key", "destroy", A1, "--label", "k-nosuch", "--yes", "--json")
+    assert refused.returncode == 2, refused.stderr.decode()
+    assert path.read_bytes() == before
+
+    out = ha.ok("ha", "sync", group)
+    assert _destroyed(out) == {
+        A1: {("secret-key", "k-del-aes")},
+        A2: {("private-key", "k-del"), ("public-key", "k-del")},
+    }
+    assert out["destroyed"] == 3 and out["copied"] == 0
+    for member in (A1, A2):
+        assert not {"k-del", "k-del-aes"} & {k[0] for k in ha.keys(member)}
+    assert ha.keys(A1) == ha.keys(A2)
+    assert all(not t["pending"] for t in _tombstones(ha, group))  # settled
+    assert all(m["in_sync"] for m in ha.ok("ha", "status", group)["members"])
+    again = ha.ok("ha", "sync", group)
+    assert again["destroyed"] == 0 and again["copied"] == 0
+
+
+def test_a_destroy_during_an_outage_reaches_the_member_when_it_returns(ha: Lab, group: str) -> None:
+    from hsmctl.lab.control import fabric
+
+    ha.ok("key", "generate", A1, "--label", "k-gone-out", "--type", "ec:p256")
+    ha.ok("ha", "sync", group)
+    assert "k-gone-out" in {k[0] for k in ha.keys(A2)}
+    fab = fabric()
+    fab.detach(A2)
+    try:
+        ha.ok("key", "destroy", A1, "--label", "k-gone-out", "--yes")
+        proc = ha.hsmctl("ha", "sync", group, "--json")
+        assert proc.returncode == 4, proc.stderr.decode()
+        # A1 was seen without it; A2 still to be seen
+        assert _pending(ha, group, "k-gone-out") == {"private-key": [A2], "public-key": [A2]}
+    finally:
+        fab.attach(A2, "tenant1", "vnet1", "hsm")
+    out = ha.ok("ha", "sync", group)
+    assert _destroyed(out)[A2] == {("private-key", "k-gone-out"), ("public-key", "k-gone-out")}
+    assert out["copied"] == 0  # it did not come back to A1
+    assert "k-gone-out" not in {k[0] for k in ha.keys(A1)} | {k[0] for k in ha.keys(A2)}
+    assert _pending(ha, group, "k-gone-out") == {"private-key": [], "public-key": []}
+
+
+def _p11_on(appliance: str) -> bool:
+    """A PKCS#11 session (p11-kit remote) is open on the appliance's device."""
+    pids = subprocess.run(["ip", "netns", "pids", f"hsmlab-{appliance}"],
+                          capture_output=True, check=False).stdout.split()  # fmt: skip
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"p11-kit" in cmdline and b"remote" in cmdline:
+            return True
+    return False
+
+
+def test_an_interrupted_sync_reruns_to_completion(ha: Lab, group: str) -> None:
+    bulk = [f"k-bulk-{i}" for i in range(6)]
+    fresh = [f"k-new-{i}" for i in range(3)]
+    for label in bulk:
+        ha.ok("key", "generate", A1, "--label", label, "--type", "aes:256")
+    ha.ok("ha", "sync", group)
+    assert set(bulk) <= {k[0] for k in ha.keys(A2)}
+    for label in bulk:
+        ha.ok("key", "destroy", A1, "--label", label, "--yes")
+    for label in fresh:
+        ha.ok("key", "generate", A1, "--label", label, "--type", "ec:p256")
+    # sync reads A1 first, then A2 (destroying there), then copies to A2: kill -9 once
+    # it has a PKCS#11 session on A2
+    while _p11_on(A2):  # an earlier command's session on A2 ends first
+        time.sleep(0.1)
+    argv = ["ip", "netns", "exec", ha.netns, HSMCTL, "--config", str(ha.conf), "ha", "sync",
+            group]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = _kill_when(proc, lambda: _p11_on(A2))
+    if killed:
+        # interrupted: something is still to do on A2 (to destroy or to copy)
+        status = ha.ok("ha", "status", group)
+        assert {m["appliance"]: m["in_sync"] for m in status["members"]}[A2] is False
+    ha.ok("ha", "sync", group)
+    on_a2 = {k[0] for k in ha.keys(A2)}
+    assert not set(bulk) & on_a2 and set(fresh) <= on_a2
+    assert ha.keys(A1) == ha.keys(A2)
+    assert all(not t["pending"] for t in _tombstones(ha, group) if t["label"] in bulk)
+    assert all(m["in_sync"] for m in ha.ok("ha", "status", group)["members"])
+
+
+def test_a_key_destroyed_on_the_device_by_another_client_comes_back(ha: Lab, group: str) -> None:
+    # documented (docs/keys.md): only a destroy through hsmctl is journaled; to sync a key
+    # an application destroyed itself on one member is a key that member lacks
+    ha.ok("key", "generate", A1, "--label", "k-direct", "--type", "ec:p256")
+    ha.ok("ha", "sync", group)
+    d = Domains(ha.conf, ha.netns, ha.state_dir.parents[1], {}, {})
+    d.p11(A2, _DESTROY, ["k-direct"])
+    assert "k-direct" not in {k[0] for k in ha.keys(A2)}
+    out = ha.ok("ha", "sync", group)
+    got = {(c["class"], c["label"]) for m in out["members"] for c in m["copied"]
+           if m["appliance"] == A2}  # fmt: skip
+    assert got == {("private-key", "k-direct"), ("public-key", "k-direct")}
+    assert out["destroyed"] == 0 and ha.keys(A1) == ha.keys(A2)
+
+
+def test_more_bad_input_exits_2_3_5_with_a_message_and_nothing_changed(
+    ha: Lab, group: str, tmp_path: Path
+) -> None:
+    """Issue 12's bad input beyond ``ha create``'s (SPEC §6: 2 usage, 3 integrity, 5
+    wrong state): backup and restore within and across the members' domains, a destroy
+    in a group, damaged group and destroy-journal files. Each: the code, a message, the
+    members' keys and the journal as they were."""
+    ha.ok("ha", "sync", group)
+    backup = tmp_path / "a1.backup"
+    ha.ok("backup", A1, "--output", str(backup))
+    keys = {m: ha.keys(m) for m in (A1, A2, B1)}
+    journal = ha.state_dir / "ha-destroyed" / f"{group}.json"
+    stones = journal.read_bytes() if journal.exists() else None
+    loose = tmp_path / "pin"
+    loose.write_text("123456\n")
+    loose.chmod(0o644)
+    cases: list[tuple[str, list[str], int]] = [
+        ("restore: missing file", ["restore", A2, "--backup", str(tmp_path / "nope")], 2),
+        ("restore: a directory", ["restore", A2, "--backup", str(tmp_path)], 2),
+        ("restore: another domain", ["restore", B1, "--backup", str(backup)], 3),
+        ("restore: not an appliance id", ["restore", "../x", "--backup", str(backup)], 2),
+        ("backup: output a directory", ["backup", A1, "--output", str(tmp_path)], 2),
+        ("backup: unknown appliance", ["backup", "hsm99", "--output", str(tmp_path / "o")], 5),
+        ("backup: PIN file readable by others",
+         ["backup", A1, "--output", str(tmp_path / "o"), "--pin-file", str(loose)], 2),
+        ("destroy in a group: unknown label", ["key", "destroy", A1, "--label", "k-none",
+                                               "--yes"], 2),
+        ("destroy in a group: no --yes", ["key", "destroy", A1, "--label", "k-ec"], 2),
+        ("destroy in a group: bad label", ["key", "destroy", A1, "--label", "-x", "--yes"], 2),
+        ("sync: bad group name", ["ha", "sync", "Bad_Name"], 2),
+        ("status: unknown group", ["ha", "status", "nosuch"], 2),
+    ]  # fmt: skip
+    for name, args, code in cases:
+        proc = ha.hsmctl(*args, "--json")
+        assert proc.returncode == code, (name, proc.returncode, proc.stderr.decode()[-2000:])
+        err = json.loads(proc.stdout)["error"]
+        assert err["exit_code"] == code and err["message"], (name, err)
+    assert not (tmp_path / "o").exists()
+
+    # a damaged group file, then a damaged destroy journal: exit 3, nothing changed
+    path = ha.state_dir / "ha" / f"{group}.json"
+    good = path.read_bytes()
+    try:
+        path.write_bytes(good.replace(b'"members"', b'"memberz"'))
+        for verb in ("status", "sync"):
+            proc = ha.hsmctl("ha", verb, group, "--json")
+            assert proc.returncode == 3, (verb, proc.stderr.decode())
+            assert json.loads(proc.stdout)["error"]["message"]
+        proc = ha.hsmctl("key", "destroy", A1, "--label", "k-ec", "--yes", "--json")
+        assert proc.returncode == 3, proc.stderr.decode()  # cannot journal: not destroyed
+    finally:
+        path.write_bytes(good)
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        journal.write_text('{"format": "something else"}\n')
+        proc = ha.hsmctl("ha", "sync", group, "--json")
+        assert proc.returncode == 3, proc.stderr.decode()
+        proc = ha.hsmctl("key", "destroy", A2, "--label", "k-ec", "--yes", "--json")
+        assert proc.returncode == 3, proc.stderr.decode()
+    finally:
+        if stones is None:
+            journal.unlink()
+        else:
+            journal.write_bytes(stones)
+    assert {m: ha.keys(m) for m in (A1, A2, B1)} == keys
+    assert (journal.read_bytes() if journal.exists() else None) == stones
     assert all(m["in_sync"] for m in ha.ok("ha", "status", group)["members"])
