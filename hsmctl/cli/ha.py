@@ -72,7 +72,8 @@ def _status_text(p: dict[str, Any]) -> str:
 def status(ctx: click.Context, name: str, identity: str | None, as_json: bool) -> None:
     """Each member of HA group NAME: reachable, how many key objects it holds, and
     whether it holds every object the reachable members hold together (matched as
-    restore matches them: class, type, label, id, public-key hash).
+    restore matches them: class, type, label, id, public-key hash) and none that
+    'hsmctl key destroy' destroyed on a member (the group's destroy journal).
 
     An unreachable member is reported (reachable false), not an error; a member that
     is no longer this tenant's or left the domain: exit 3.
