@@ -128,6 +128,10 @@ class Target:
     base: Head | None = None
     """Where the log starts if the device deleted its oldest records before this
     tenancy (``pins.log_base``, proved by the takeover); None: record 1."""
+    base_keys: Mapping[str, str] = field(default_factory=dict)
+    base_retired: frozenset[str] = frozenset()
+    """The keys trusted and retired at ``base``: for an archive that starts there (one
+    from record 1, e.g. the same tenant's before a re-provisioning, keeps the pins')."""
 
 
 @dataclass
@@ -224,17 +228,19 @@ def load_target(state: Path, appliance: str, key_dir: Path | None) -> Target:
     pins = st.load_pins()
     if not (pins.data_ip and pins.data_host_keys and pins.audit_keys):
         raise UsageError(f"{appliance}: pins.json lacks the data address, host keys or audit keys")
-    audit_keys, retired, base = based_trust(appliance, pins)
+    base_keys, base_retired, base = based_trust(appliance, pins)
     return Target(
         appliance=appliance,
         state=st,
         data_ip=pins.data_ip,
         host_keys=tuple(pins.data_host_keys),
-        audit_keys=audit_keys,
-        retired=retired,
+        audit_keys=dict(pins.audit_keys),
+        retired=frozenset(pins.retired),
         key=collector_key(st, key_dir),
         port=int(pins.data_port or 22),
         base=base,
+        base_keys=base_keys,
+        base_retired=base_retired,
     )
 
 
@@ -259,6 +265,14 @@ def based_trust(appliance: str, pins: Pins) -> tuple[dict[str, str], frozenset[s
     gone = gone | retired
     merged = {k: v for k, v in {**keys, **trusted}.items() if k not in gone}
     return merged, gone, base.head
+
+
+def target_trust(target: Target, cursor: Cursor) -> TrustState:
+    """:func:`trust_roots` of the pins, or of the keys at the base for an archive that
+    starts there."""
+    if cursor.base is not None:
+        return trust_roots(target.base_keys, target.base_retired, cursor)
+    return trust_roots(target.audit_keys, target.retired, cursor)
 
 
 def start_cursor(cursor: Cursor, base: Head | None) -> Cursor:
@@ -427,7 +441,7 @@ def collect(
             after = ingest(
                 archive,
                 before,
-                trust_roots(target.audit_keys, target.retired, before),
+                target_trust(target, before),
                 export,
                 pool,
                 limits=Limits(

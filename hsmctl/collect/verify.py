@@ -64,8 +64,7 @@ def verify_archive(
     check that the cursor says what the chain proves. Raises IntegrityError (exit 3)."""
     st = taken_over(state, appliance)
     pins = st.load_pins()
-    keys, retired, base = based_trust(appliance, pins)
-    trust = TrustState({k: v for k, v in keys.items() if k not in retired}, retired)
+    base_keys, base_retired, base = based_trust(appliance, pins)
     deletions = _Deletions()
     archive = archive_of(st)
     n = (os.cpu_count() or 1) if workers is None else workers
@@ -73,13 +72,19 @@ def verify_archive(
     try:
         with archive.lock(exclusive=False, wait=wait):
             cursor = archive.cursor()
-            if cursor.base != (None if not cursor.segments else base):
+            if cursor.base is None:  # from record 1: the pinned keys
+                retired = frozenset(pins.retired)
+                keys = {k: v for k, v in pins.audit_keys.items() if k not in retired}
+            elif cursor.base == base:  # from the base the takeover proved
+                keys, retired = dict(base_keys), base_retired
+            else:
                 raise IntegrityError(
                     f"{appliance}: archive verification failed: the archive starts after "
-                    f"record {cursor.base.seq if cursor.base else 0} but the takeover proved "
-                    f"the log from record {base.seq + 1 if base else 1}",
+                    f"record {cursor.base.seq} but the takeover proved the log from record "
+                    f"{base.seq + 1 if base else 1}",
                     detail={"appliance": appliance},
                 )
+            trust = TrustState(keys, retired)
             # An archive holds only signed records, and one collected before the unsigned
             # bounds existed must not fail by them: only the record length applies.
             verifier = ChunkedVerifier(

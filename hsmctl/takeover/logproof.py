@@ -6,7 +6,9 @@ not, trust is carried from the bundle's initial audit key through the deleted se
 key rotations, the records from the base on are exported and verified as a chain that
 starts there, and the deletion of records 1..base must be in them, naming the ack
 (:mod:`hsmctl.auditlog.anchor`). What was proved is pinned (``pins.log_base``) so the
-first collection and ``logs verify`` start at the same base, offline, with public keys.
+first collection and ``logs verify`` start at the same base, offline, with public keys;
+unless this state directory already archives the log (the same tenant again), which then
+simply continues from its own head.
 """
 
 from __future__ import annotations
@@ -105,8 +107,16 @@ def prove_log(conn: DeviceConnection, state: ApplianceDir, host: str, export: Ex
             except AnchorError as exc:
                 problem = str(exc)
     proved = ProvedLog(lines, report, base, problem)
-    if proved.ok:
+    if proved.ok and not _archived(state):
+        # An archive already holds records (this tenant's, before a re-provisioning):
+        # it goes on from its own head, and the pinned base stays the one it starts at.
         pins = state.load_pins()
         pins.log_base = base.as_dict()
         state.save_pins(pins)
     return proved
+
+
+def _archived(state: ApplianceDir) -> bool:
+    from hsmctl.collect.appliances import archive_of
+
+    return bool(archive_of(state).cursor().segments)

@@ -17,7 +17,7 @@ from hsmctl.auditlog import Head
 from hsmctl.auditlog.anchor import AnchorError, LogBase, carry_trust, describe, retirement
 from hsmctl.auditlog.chain import record_hash
 from hsmctl.collect.archive import Archive, Cursor
-from hsmctl.collect.collector import ingest, load_target, plan_resume, start_cursor, trust_roots
+from hsmctl.collect.collector import ingest, load_target, plan_resume, start_cursor, target_trust
 from hsmctl.collect.verify import verify_archive
 from hsmctl.errors import IntegrityError
 from tests.unit.logdevice import DEVICE, Device
@@ -200,9 +200,7 @@ def _collect(state: Path, archive: Archive, dev: Device) -> Cursor:
     target = load_target(state, DEVICE, None)
     with archive.lock(exclusive=True):
         before = start_cursor(archive.recover(), target.base)
-        return ingest(
-            archive, before, trust_roots(target.audit_keys, target.retired, before), dev.stream()
-        )
+        return ingest(archive, before, target_trust(target, before), dev.stream())
 
 
 def test_collection_and_logs_verify_start_at_the_base(
@@ -250,3 +248,46 @@ def test_logs_verify_refuses_a_base_the_takeover_did_not_prove(
     pins_path.write_text(json.dumps({**pins, "log_base": withheld}))
     with pytest.raises(IntegrityError, match="log_base"):
         verify_archive(state, DEVICE, workers=0)
+
+
+def test_an_archive_from_record_1_goes_on_from_its_head(
+    tmp_path: Path, keys: list[auditlog.SoftwareSigner]
+) -> None:
+    """The same tenant re-provisioned: its archive from record 1 continues from its own
+    head with the pinned keys, whatever base is pinned; logs verify starts at record 1."""
+    k1, k2, k3, k4 = keys
+    dev = Device(k1)
+    dev.session(5)
+    dev.rotate(k2)
+    dev.session(5)
+    state = tmp_path / "state"
+    app = state / "appliances" / DEVICE
+    (app / "secrets").mkdir(parents=True)
+    (app / "secrets" / "audit-collector-key").write_text("unused")
+    (app / "secrets" / "audit-collector-key").chmod(0o600)
+    pins: dict[str, Any] = {
+        "audit_keys": {k1.key_id: k1.public_key_pem, k2.key_id: k2.public_key_pem},
+        "retired": [],
+        "initial_audit_key_id": k1.key_id,
+        "data_ip": "127.0.0.1",
+        "data_host_keys": ["ssh-ed25519 AAAA"],
+    }
+    (app / "pins.json").write_text(json.dumps(pins))
+    archive = Archive(app / "archive", DEVICE, segment_bytes=3000)
+    first = _collect(state, archive, dev)
+    assert first.base is None
+    dev.rotate(k3)  # the factory reset
+    dev.session(5)
+    dev.rotate(k4)  # the second takeover
+    dev.session(5)
+    base = first.seq - 2
+    pins["audit_keys"][k4.key_id] = k4.public_key_pem
+    pins["log_base"] = LogBase(
+        base, base_head(dev, base).hash, tuple(x.decode() for x in rotations(dev, base))
+    ).as_dict()
+    (app / "pins.json").write_text(json.dumps(pins))
+    second = _collect(state, archive, dev)
+    assert second.base is None and second.seq == len(dev.lines)
+    report = verify_archive(state, DEVICE, workers=0).as_dict()
+    assert report["first_seq"] == 1 and "retired" not in report
+    assert report["trusted_keys"] == [k4.key_id]
