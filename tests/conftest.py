@@ -117,6 +117,8 @@ APPLIANCE_SETS = {
     "scale": [f"hsm{i}" for i in range(51, 101)],
     # HA groups (issue 12): lent from the scale set's spares (its test provisions 51-71).
     "ha": ["hsm72", "hsm73", "hsm74", "hsm75"],
+    # An HA group kit and its failover (issue 12 item 3, client register --group).
+    "ha_failover": ["hsm76", "hsm77"],
 }
 
 

@@ -154,7 +154,8 @@ def test_ssh_config_and_module_name_the_kit_paths() -> None:
     assert (f"ProxyCommand /usr/bin/python3 -I -S {k}/connect.py {k} 198.19.0.96:22 "
             "198.19.0.97:22") in text  # fmt: skip
     for line in ("ProxyUseFdpass yes", "StrictHostKeyChecking yes", "IdentitiesOnly yes",
-                 "IdentityAgent none", "BatchMode yes", f"IdentityFile {k}/app_key",
+                 "IdentityAgent none", "BatchMode yes",
+                 "KexAlgorithms ecdh-sha2-nistp256,", f"IdentityFile {k}/app_key",
                  "User p11-app", f"UserKnownHostsFile {k}/known_hosts"):  # fmt: skip
         assert line in text
     module = kit.group_module_file(k, "app", "g1")
