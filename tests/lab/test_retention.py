@@ -365,6 +365,7 @@ def test_a_trimmed_log_is_handed_over_from_its_oldest_record(
 ) -> None:
     """Re-provisioning after the log was trimmed (issue 15): tenant1's collector acks and
     the device deletes the segments before its ack; the device is factory reset and
+    re-provisioned to tenant1 (whose archive goes on from its head), then reset again and
     provisioned to tenant2. tenant2's takeover proof and first collection start at the
     oldest record still on the device, anchored by the first checkpoint after it, with
     trust carried from the bundle's initial audit key through the key rotations the
@@ -399,6 +400,21 @@ def test_a_trimmed_log_is_handed_over_from_its_oldest_record(
         ]
         assert retired_rotations
 
+        # The same tenant again: its archive goes on from its own head (still on the
+        # device: nobody acknowledged past it), and the proof starts at the base.
+        factory_reset(app)
+        pc1b = provider_config(tmp_path / "provider1b", [app])
+        out1b = provision(pc1b, TENANT, "--ip", data_ip(lab, app))
+        takeover(lab, conf1, TENANT, out1b["handoff"])
+        again = dev1.collect()
+        assert again["verified"] is True and again["new_records"] > 0, again
+        verify1 = hsmctl("--config", str(conf1), "logs", "verify", app, "--json", netns=dev1.netns)
+        assert verify1.returncode == 0, verify1.stderr.decode()
+        whole = json.loads(verify1.stdout)
+        assert whole["first_seq"] == 1 and "retired" not in whole, whole
+        assert whole["last_seq"] == again["last_seq"]
+        trimmed = json.loads(dev1.device_lines()[0])["seq"]
+
         factory_reset(app)
         pc2 = provider_config(tmp_path / "provider2", [app])
         out2 = provision(pc2, other, "--ip", rig_data_ip(lab, app, other))
@@ -417,7 +433,7 @@ def test_a_trimmed_log_is_handed_over_from_its_oldest_record(
         retired = report["retired"]
         assert retired["first_seq"] == 1 and retired["last_seq"] == oldest - 1, retired
         assert retired["acked_by"] == "audit" and retired["acked_seq"] >= oldest, retired
-        assert retired["acked_seq"] == first["acked_seq"], retired
+        assert retired["acked_seq"] == again["acked_seq"], retired
         assert retired["deletion_seq"] >= oldest, retired
     finally:
         # Everything back: tenant1's archive holds records 1.., tenant2's from the oldest.
