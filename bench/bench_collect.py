@@ -56,7 +56,7 @@ from hsmctl import auditlog
 from hsmctl.collect.collector import CollectOptions, Collector
 
 DEVICE = "bench"
-SESSION = (
+SESSION: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("login", "audit", {"interface": "data", "method": "publickey", "reason": "accepted"}),
     ("session-start", "audit", {"interactive": False, "interface": "data"}),
     ("command", "admin", {"command": "hsm show", "rule": "granted"}),
@@ -74,6 +74,11 @@ class Row:
     cpu: float
     """This process's CPU seconds plus its reaped children's (workers, scp), median: the
     client side's cost, which a busy machine does not inflate the way it does wall time."""
+    own_cpu: float = 0.0
+    """Of ``cpu``, this process's alone (receiving, archiving; not the workers)."""
+    device_cpu: float = 0.0
+    """The stand-in device's: its sshd and the session processes it reaped (encryption,
+    ``tail``), the same for every row that moves the same bytes."""
 
     @property
     def rate(self) -> float:
@@ -88,6 +93,37 @@ def _cpu() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _own_cpu() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+def _process_cpu(pid: int) -> float:
+    """A process's CPU seconds with those of the children it has reaped (0 if gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    # utime stime cutime cstime: fields 14-17 of proc(5); here from field 3 on
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _device_cpu(pid: int) -> float:
+    """The sshd's CPU with its finished sessions', once every session has been reaped
+    (a closed connection's processes end a moment after the client returns)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if not children.read_text().split():
+                break
+        except OSError:
+            break
+        time.sleep(0.01)
+    return _process_cpu(pid)
 
 
 def median_run(
@@ -177,6 +213,7 @@ class Sshd:
     collector_key: Path  # forced to the export script
     raw_key: Path  # unrestricted: sftp, scp, exec
     known_hosts: Path
+    pid: int = 0  # the sshd (its sessions' CPU is counted in it once they end)
 
 
 @contextlib.contextmanager
@@ -207,13 +244,17 @@ def private_sshd(workdir: Path, log: Path) -> Iterator[Sshd]:
         "PermitRootLogin prohibit-password\nStrictModes no\nSubsystem sftp internal-sftp\n"
     )
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host}\n")
-    # The collector logs in as "audit", like on a device: an alias of root in copies of
-    # passwd/shadow bind-mounted only inside sshd's mount namespace.
-    (d / "passwd").write_text(
-        Path("/etc/passwd").read_text() + "audit:x:0:0:bench collector:/root:/bin/sh\n"
-    )
-    (d / "shadow").write_text(Path("/etc/shadow").read_text() + "audit:*:20000:0:99999:7:::\n")
-    (d / "shadow").chmod(0o600)
+    # The collector logs in as "audit", like on a device: an alias of root in a copy of
+    # /etc bind-mounted only inside sshd's mount namespace. The whole directory: a file
+    # bind-mounted over /etc/passwd is dropped from the namespace as soon as anything on
+    # the host replaces /etc/passwd (useradd renames a new file over it; the lab's tests
+    # do), and sshd then refused every later login ("Invalid user audit").
+    etc = d / "etc"
+    shutil.copytree("/etc", etc, symlinks=True, ignore_dangling_symlinks=True)
+    with open(etc / "passwd", "a") as f:
+        f.write("audit:x:0:0:bench collector:/root:/bin/sh\n")
+    with open(etc / "shadow", "a") as f:
+        f.write("audit:*:20000:0:99999:7:::\n")
     # A private mount namespace with its own /run: sshd needs /run/sshd, and the host's
     # /run and /etc stay untouched.
     proc = subprocess.Popen(
@@ -224,7 +265,7 @@ def private_sshd(workdir: Path, log: Path) -> Iterator[Sshd]:
             "private",
             "sh",
             "-c",
-            f'mount --bind "{d}/passwd" /etc/passwd && mount --bind "{d}/shadow" /etc/shadow'
+            f'mount --bind "{etc}" /etc'
             " && mount -t tmpfs tmpfs /run && mkdir -m 755 /run/sshd && "
             f'exec /usr/sbin/sshd -D -f "{d}/sshd_config" -E "{d}/sshd.log"',
         ]
@@ -243,6 +284,7 @@ def private_sshd(workdir: Path, log: Path) -> Iterator[Sshd]:
             d / "collector_key",
             d / "raw_key",
             d / "known_hosts",
+            proc.pid,  # unshare and sh exec sshd: the same process
         )
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -368,12 +410,12 @@ def _same(a: Path, b: Path) -> None:
 def table(rows: Sequence[Row]) -> str:
     out = [
         f"{'benchmark':40} {'records':>9} {'median s':>9} {'records/s':>11} {'MB/s':>7} "
-        f"{'client CPU s':>12}"
+        f"{'client CPU s':>12} {'of it own':>9} {'device CPU s':>12}"
     ]
     for r in rows:
         out.append(
             f"{r.name:40} {r.records:>9} {r.seconds:>9.2f} {r.rate:>11,.0f} "
-            f"{r.mb_per_s:>7.1f} {r.cpu:>12.2f}"
+            f"{r.mb_per_s:>7.1f} {r.cpu:>12.2f} {r.own_cpu:>9.2f} {r.device_cpu:>12.2f}"
         )
     return "\n".join(out)
 
@@ -433,14 +475,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # machine's load during the run falls on all of them alike, not on one row.
         times: list[list[float]] = [[] for _ in plan]
         cpus: list[list[float]] = [[] for _ in plan]
+        owns: list[list[float]] = [[] for _ in plan]
+        devices: list[list[float]] = [[] for _ in plan]
         for round_ in range(args.runs):
             for i, (name, fn, before) in enumerate(plan):
+                own, device = _own_cpu(), _device_cpu(sshd.pid)
                 wall, cpu = median_run(fn, 1, before)
+                owns[i].append(_own_cpu() - own)
+                devices[i].append(_device_cpu(sshd.pid) - device)
                 times[i].append(wall)
                 cpus[i].append(cpu)
                 print(f"  round {round_ + 1}: {name}: {wall:.2f} s", file=sys.stderr, flush=True)
         rows = [
-            Row(name, n, size, statistics.median(times[i]), statistics.median(cpus[i]))
+            Row(
+                name,
+                n,
+                size,
+                statistics.median(times[i]),
+                statistics.median(cpus[i]),
+                statistics.median(owns[i]),
+                statistics.median(devices[i]),
+            )
             for i, (name, _, _) in enumerate(plan)
         ]
         rm_copy()
@@ -480,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "records_per_s": r.rate,
                             "mb_per_s": r.mb_per_s,
                             "client_cpu_s": r.cpu,
+                            "client_own_cpu_s": r.own_cpu,
+                            "device_cpu_s": r.device_cpu,
                         }
                         for r in rows
                     ],
