@@ -571,3 +571,66 @@ def test_a_removed_middle_segment_fails_closed_but_stays_readable(path: Path) ->
         assert seqs[0] == 1 and middle.first_seq not in seqs and seqs[-1] == 40
     finally:
         again.close()
+
+
+def test_a_deleted_segments_key_rotations_are_kept(
+    path: Path, signer: auditlog.SoftwareSigner
+) -> None:
+    """Before a segment goes, its key-rotation records are copied to the rotations file
+    (once each, in order): a re-provisioned device's next owner carries trust from the
+    initial key through them to the base (``base()``, the head before the oldest record)."""
+    new = auditlog.SoftwareSigner.generate()
+    log = small_log(path)
+    append(log, 3)
+    rotation = log.append_record(
+        lambda prev, now: auditlog.make_key_rotation(prev, signer, new, device=DEVICE, time=now)
+    )
+    append(log, 60)
+    assert log.retired_rotations() == [] and log.base() is None
+    exported(log, 0)
+    acked = log.segments[-2].first_seq + 1
+    log.acknowledge(acked)
+    gone = log.release(lambda seg: None)
+    assert gone and log.first_seq > rotation["seq"]
+    kept = log.retired_rotations()
+    assert [json.loads(x)["seq"] for x in kept] == [rotation["seq"]]
+    assert kept[0] == auditlog.record_line(rotation)
+    base = log.base()
+    assert base is not None and base.seq == log.first_seq - 1
+    assert json.loads(log.segments[0].path.read_bytes().splitlines()[0])["prev"] == base.hash
+    log.release(lambda seg: None)  # nothing more to release: nothing copied twice
+    assert log.retired_rotations() == kept
+    log.close()
+    reopened = small_log(path)
+    assert reopened.retired_rotations() == kept and reopened.base() == base
+    reopened.close()
+
+
+def test_a_segment_whose_rotations_cannot_be_kept_stays(
+    path: Path, signer: auditlog.SoftwareSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    new = auditlog.SoftwareSigner.generate()
+    log = small_log(path)
+    append(log, 3)
+    log.append_record(
+        lambda prev, now: auditlog.make_key_rotation(prev, signer, new, device=DEVICE, time=now)
+    )
+    append(log, 60)
+    exported(log, 0)
+    log.acknowledge(log.segments[-2].first_seq + 1)
+    first = log.segments[0].path
+    real_open = os.open
+
+    def no_rotations_file(file: Any, flags: int, *args: Any) -> int:
+        if str(file).endswith(".rotations.jsonl"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_rotations_file)
+    logged: list[logwriter.Segment] = []
+    with pytest.raises(LogUnavailable, match="key rotations"):
+        log.release(logged.append)
+    assert first.exists() and not logged and log.first_seq == 1
+    monkeypatch.setattr(os, "open", real_open)
+    assert log.release(logged.append) and not first.exists()
+    log.close()
