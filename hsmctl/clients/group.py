@@ -139,8 +139,15 @@ def register_group(
                 f"client {name} of group {group} has another public key in its journal; "
                 "nothing changed"
             )
-        if journal.get("complete") and (final / f"{name}.module").is_file():
-            return _result(group, doc, name, role, final, journal, [])
+        if journal.get("complete"):
+            if (final / f"{name}.module").is_file():
+                return _result(group, doc, name, role, final, journal, [])
+            raise ConflictError(
+                f"client {name} of group {group} is registered but its kit {final} is gone "
+                "(the private key was only there): revoke it on every member "
+                f"(hsmctl client revoke ID --name {name}), remove {path}, and register "
+                "again; nothing changed"
+            )
         if not journal.get("complete") and kit_public_key(partial, name) != journal["public_key"]:
             raise ConflictError(f"{partial}: the unfinished kit is missing or holds another key")
     else:
