@@ -23,7 +23,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -228,9 +228,12 @@ class ExportResult:
     last_seq: int | None
     format: Format
     destination: str
+    retired: Mapping[str, Any] | None = None
+    """Asked for records the device had deleted before this tenancy (the archive starts
+    at the base the takeover proved): which, and by whose acknowledgement."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "appliance": self.appliance,
             "records": self.records,
             "first_seq": self.first_seq,
@@ -238,6 +241,9 @@ class ExportResult:
             "format": self.format.value,
             "destination": self.destination,
         }
+        if self.retired is not None:
+            out["retired"] = dict(self.retired)
+        return out
 
 
 def archived_lines(archive: Archive, cursor: Cursor, after: int) -> Iterator[bytes]:
@@ -259,6 +265,9 @@ def export(
     if after < 0:
         raise UsageError("--after must be 0 or more")
     count, first, last = 0, None, None
+    # An archive that starts after a base (records the device deleted before this
+    # tenancy) holds nothing before it.
+    after = max(after, cursor.base.seq if cursor.base is not None else 0)
     for line in archived_lines(archive, cursor, after):
         if fmt is Format.SYSLOG:
             destination.send(syslog_message(line, archive.appliance))
@@ -285,11 +294,18 @@ def export_appliance(
     """``logs export``: the archive of an appliance taken over from ``state``, read under
     its shared lock (waiting up to ``wait`` s for a collection to finish), to ``output``
     (whole or not at all), a ``syslog`` receiver, or stdout."""
-    archive = archive_of(taken_over(state, appliance))
+    st = taken_over(state, appliance)
+    archive = archive_of(st)
     with archive.lock(exclusive=False, wait=wait):
         cursor = archive.cursor()
         with open_destination(output, syslog) as dest:
-            return export(archive, cursor, dest, after=after, fmt=fmt)
+            result = export(archive, cursor, dest, after=after, fmt=fmt)
+    if cursor.base is not None and after < cursor.base.seq:
+        result.retired = dict((st.load_pins().log_base or {}).get("retired") or {}) or {
+            "first_seq": 1,
+            "last_seq": cursor.base.seq,
+        }
+    return result
 
 
 class open_destination:

@@ -18,6 +18,7 @@ from hsmctl.auditlog.anchor import AnchorError, LogBase, carry_trust, describe, 
 from hsmctl.auditlog.chain import record_hash
 from hsmctl.collect.archive import Archive, Cursor
 from hsmctl.collect.collector import ingest, load_target, plan_resume, start_cursor, target_trust
+from hsmctl.collect.export import export_appliance
 from hsmctl.collect.verify import verify_archive
 from hsmctl.errors import IntegrityError
 from tests.unit.logdevice import DEVICE, Device
@@ -221,6 +222,14 @@ def test_collection_and_logs_verify_start_at_the_base(
     assert report["first_seq"] == base + 1 and report["last_seq"] == second.seq
     assert report["retired"]["last_seq"] == base and report["retired"]["acked_by"] == "audit"
     assert f"records 1..{base} were retired" in report["message"]
+    # logs export: from the base on, saying what came before was retired.
+    out = tmp_path / "export.jsonl"
+    whole = export_appliance(state, DEVICE, output=out).as_dict()
+    assert whole["first_seq"] == base + 1 and whole["last_seq"] == second.seq
+    assert whole["records"] == second.seq - base == len(out.read_bytes().splitlines())
+    assert whole["retired"]["last_seq"] == base
+    later = export_appliance(state, DEVICE, output=out, after=base + 5).as_dict()
+    assert later["first_seq"] == base + 6 and "retired" not in later
 
 
 def test_logs_verify_refuses_a_base_the_takeover_did_not_prove(
