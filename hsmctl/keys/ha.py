@@ -479,30 +479,6 @@ def _scan(
     return present, offered, destroyed
 
 
-_CLASS_OF = {"private-key": "PRIVATE_KEY", "secret-key": "SECRET_KEY", "public-key": "PUBLIC_KEY"}
-
-
-def _holds(token: DomainToken, entry: dict[str, Any]) -> bool:
-    """Whether the token holds the object now: the objects of its class, label and id,
-    described and matched (a few round trips, not a pass over the whole token)."""
-    import pkcs11
-    from pkcs11 import Attribute, ObjectClass
-
-    template = {
-        Attribute.CLASS: getattr(ObjectClass, _CLASS_OF[entry["class"]]),
-        Attribute.LABEL: str(entry["label"]),
-        Attribute.ID: bytes.fromhex(entry["id"]),
-    }
-    try:
-        for obj in token._session.get_objects(template):
-            found = token.describe(str(entry["class"]), obj)
-            if found is not None and match_key(found) == match_key(entry):
-                return True
-    except pkcs11.PKCS11Error as exc:
-        raise translate(exc, token.appliance, "ha sync") from exc
-    return False
-
-
 def _survey(
     ctx: TenantContext, group: dict[str, Any], gone: Collection[MatchKey], sync: bool
 ) -> _Survey:
@@ -563,9 +539,28 @@ def _raise_integrity(failed: Mapping[str, HsmctlError], report: dict[str, Any]) 
 def sync(ctx: TenantContext, name: str) -> dict[str, Any]:
     """Destroy what was destroyed through hsmctl (tombstones), then copy what is missing;
     one session per member to read it (and destroy), one per member that receives."""
+    group = load_group(ctx, name)
+    with _sync_lock(ctx.state_dir, name):
+        return _sync(ctx, name, group)
+
+
+@contextlib.contextmanager
+def _sync_lock(state_dir: Path, name: str) -> Iterator[None]:
+    """One sync of a group at a time (flock, waits): what the survey found stays true
+    until the copies are made, so none is made twice."""
+    lock = tombstone_path(state_dir, name).with_name(f".{name}.sync.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _sync(ctx: TenantContext, name: str, group: dict[str, Any]) -> dict[str, Any]:
     from hsmctl.keys.backup import _token
 
-    group = load_group(ctx, name)
     gone = set(active_tombstones(ctx, name))
     found = _survey(ctx, group, gone, sync=True)
     # Each member read has been seen without every tombstoned object (destroyed now).
@@ -583,8 +578,6 @@ def sync(ctx: TenantContext, name: str) -> dict[str, Any]:
                 if key is None or key[1] != group["domain"]:
                     raise IntegrityError(f"{member}: left the group's cloning domain")
                 for _source, entry in copies:
-                    if _holds(token, entry):  # another run may have added it meanwhile
-                        continue
                     token.put(key[0], entry)
                     present[member].add(match_key(entry))
                     copied[member].append(_brief(entry))
