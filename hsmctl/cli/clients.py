@@ -71,9 +71,9 @@ def register(
     that member's admin, and the kit's remote command (ssh with the kit's ssh_config)
     runs a connector that opens each new session on a reachable member: the member that
     answered last first, then the group's order, the next one tried after 0.1 s without
-    an answer; a member lost in the middle of a session fails the application's next
-    call within about half a second, and the application reopens its session. Every member's
-    pinned data host keys are in the kit. The members must share the user PIN (take them
+    an answer; a member lost in the middle of a session fails the application's call
+    within 0.5 to 1.5 s, and the application reopens its session. Every member's pinned
+    data host keys are in the kit. The members must share the user PIN (take them
     over with the same --co-pin-file). The register is journaled: run the same command
     again after an interruption or exit 4 and it finishes (members done are not asked
     again); run again once finished, it changes nothing. Default kit place:

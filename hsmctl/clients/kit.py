@@ -286,9 +286,9 @@ Client kit: {name} ({role}) for HA group {group}: {shown}
 Each new PKCS#11 session (each time p11-kit starts the kit's remote command: when the
 application initialises the library) opens on a reachable member: the one that answered
 last first, then the group's order; a member that does not accept the connection within
-{STAGGER_NOTE}. A member that fails in the middle of a session fails the
-application's next call within about half a second (CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED or
-CKR_GENERAL_ERROR): the application then finalises and initialises the library again
+{STAGGER_NOTE}. A member that fails in the middle of a session
+fails the application's call within 0.5 to 1.5 s (CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED
+or CKR_GENERAL_ERROR): the application then finalises and initialises the library again
 (python-pkcs11: lib.reinitialize()), finds the token and logs in again. Keys made on one
 member reach the others at the next `hsmctl ha sync {group}`.
 
