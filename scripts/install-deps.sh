@@ -3,6 +3,11 @@
 # everything is already there: apt is only touched when a package is missing.
 set -euo pipefail
 
+# --vm: also what the Vagrant tier needs (libvirt, QEMU, vagrant-libvirt; issue 16).
+# libvirt-daemon-system-sysv: the lab hosts run no systemd as PID 1.
+vm=0
+if [[ ${1:-} == --vm ]]; then vm=1; fi
+
 packages=(
   openssh-server openssh-client sshpass netcat-openbsd
   softhsm2 opensc p11-kit libp11-kit-dev libengine-pkcs11-openssl
@@ -12,6 +17,11 @@ packages=(
   shellcheck vagrant systemd strace logrotate
   postgresql
 )
+
+if ((vm)); then
+  packages+=(vagrant-libvirt libvirt-daemon-system libvirt-daemon-system-sysv libvirt-clients
+             dnsmasq-base ebtables iptables qemu-system-x86 qemu-utils e2fsprogs)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

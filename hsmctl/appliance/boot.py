@@ -10,6 +10,8 @@ the current address and keys. SIGTERM stops everything.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import signal
@@ -173,8 +175,31 @@ def restart_argv() -> list[str] | None:
     return [sys.executable, "-I", script]
 
 
+def factory_from_cmdline(cmdline: str) -> dict[str, object] | None:
+    """A VM's factory record: ``hsmctl.factory=`` (URL-safe base64 of its JSON) on the
+    kernel command line, which the hypervisor sets (the lab writes the file instead)."""
+    for word in cmdline.split():
+        if word.startswith("hsmctl.factory="):
+            blob = word.split("=", 1)[1]
+            try:
+                data = json.loads(base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4)))
+            except (ValueError, binascii.Error):
+                return None
+            return data if isinstance(data, dict) else None
+    return None
+
+
 def main() -> int:
     os.umask(0o022)
+    if not paths.FACTORY.exists():
+        try:
+            factory_record = factory_from_cmdline(Path("/proc/cmdline").read_text())
+        except OSError:
+            factory_record = None
+        if factory_record is not None:
+            from hsmctl.appliance.personalise import write_atomic
+
+            write_atomic(paths.FACTORY, json.dumps(factory_record, indent=2) + "\n", 0o644)
     if not paths.DEVICE.exists():
         if not paths.FACTORY.exists():
             log(f"not personalised and no {paths.FACTORY}")

@@ -67,16 +67,30 @@ def _fleet_table(payload: dict[str, Any]) -> str:
     show_default=True,
     help=f"Appliances in the whole lab, spread over 2 stamps (1-{MAX_APPLIANCES}).",
 )
+@click.option(
+    "--driver",
+    type=click.Choice(lab_mod.DRIVERS),
+    default="namespaces",
+    show_default=True,
+    help="Where the appliances run: namespaces on this host, or libvirt/QEMU VMs made "
+    "by Vagrant from a box built locally (docs/vagrant.md; 1-4 tenants, 1-8 appliances).",
+)
 @json_option
-def up(tenants: int, appliances: int, as_json: bool) -> None:
+def up(tenants: int, appliances: int, driver: str, as_json: bool) -> None:
     """Bring the lab up (a no-op if it is up with the same sizes; exit 5 with others).
 
     Builds the appliance image on first use (debootstrap, cached under
     /var/cache/hsmctl/images), then the provider management network, the tenants'
     networks and the appliances. Writes /etc/hsmctl/hsmctl.yaml for the provider and
-    /etc/netns/CLIENT_NETNS/hsmctl/hsmctl.yaml for each tenant."""
+    /etc/netns/CLIENT_NETNS/hsmctl/hsmctl.yaml for each tenant.
+
+    With --driver vagrant the appliances are VMs: the box is built from the same image
+    (cached beside it), libvirt's daemons are started if none run, the management and
+    tenant networks are isolated libvirt networks in 198.18.192.0/18, and `vagrant up`
+    boots the VMs under QEMU (software emulation: a minute or more per appliance). The
+    same configs and `lab status --json` are written; `lab down` destroys it all."""
     with CliProgress() as progress:
-        payload = lab_mod.up(tenants, appliances, progress)
+        payload = lab_mod.up(tenants, appliances, progress, driver=driver)
     emit(as_json, payload, _fleet_table)
 
 

@@ -54,8 +54,9 @@ def vnets(tenant: TenantPlan) -> list[dict[str, Any]]:
     ]
 
 
-def write_configs(plan: LabPlan) -> None:
-    """The provider's known_hosts, inventory and host config; each tenant VM's config."""
+def write_configs(plan: LabPlan, *, driver: str = "lab") -> None:
+    """The provider's known_hosts, inventory and host config (its drivers: ``lab`` or
+    ``vagrant``); each tenant VM's config."""
     provider_dir = workdir.LAB_DIR / "provider"
     known = []
     for a in plan.appliances:
@@ -80,8 +81,8 @@ def write_configs(plan: LabPlan) -> None:
                 "provider_key": provider_dir / "provider_key",
                 "monitor_key": provider_dir / "monitor_key",
                 "signing_key": provider_dir / "signing_key.pem",
-                "fabric": "lab",
-                "out_of_band": "lab",
+                "fabric": driver,
+                "out_of_band": driver,
             }
         )
     )

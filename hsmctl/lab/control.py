@@ -68,16 +68,34 @@ __all__ = [
 ]
 
 
-def up(tenants: int, appliances: int, progress: Progress | None = None) -> dict[str, Any]:
+DRIVERS = ("namespaces", "vagrant")
+
+
+def _driver() -> str:
+    """The driver of the lab on record: ``vagrant`` for the VM tier, else namespaces."""
+    state = load_state() or {}
+    return str(state.get("driver", "namespaces"))
+
+
+def up(
+    tenants: int, appliances: int, progress: Progress | None = None, *, driver: str = "namespaces"
+) -> dict[str, Any]:
+    if driver not in DRIVERS:
+        raise UsageError(f"--driver must be one of {', '.join(DRIVERS)}")
+    if driver == "vagrant":
+        from hsmctl.lab.vm import control as vm
+
+        return vm.up(tenants, appliances, progress)
     progress = progress or NullProgress()
     validate_sizes(tenants, appliances)
     require_root()
     existing = load_state()
     if existing is not None:
         if existing.get("phase") == "up" and (
+            existing.get("driver", "namespaces"),
             existing["tenants"],
             existing["appliances"],
-        ) == (tenants, appliances):
+        ) == ("namespaces", tenants, appliances):
             progress.step("lab already up with these sizes; nothing to do")
             return status()
         if existing.get("phase") == "up":
@@ -156,8 +174,12 @@ def _kill_tree(pid: int) -> None:
 
 
 def down(progress: Progress | None = None) -> dict[str, Any]:
-    progress = progress or NullProgress()
     require_root()
+    if _driver() == "vagrant" or netns.list_netns("hsmvm-"):
+        from hsmctl.lab.vm import control as vm
+
+        return vm.down(progress)
+    progress = progress or NullProgress()
     state = load_state() or {}
     removed: dict[str, Any] = {"namespaces": [], "route": False}
     # The appliances' PID-namespace inits first: killing one kills its whole namespace,
@@ -204,6 +226,10 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
 
 
 def status() -> dict[str, Any]:
+    if _driver() == "vagrant":
+        from hsmctl.lab.vm import control as vm
+
+        return vm.status()
     state = up_state()
     dead = sorted(i for i, pid in (state.get("init_pids") or {}).items() if not _alive(int(pid)))
     if dead:
@@ -237,6 +263,10 @@ def console(
 ) -> subprocess.CompletedProcess[bytes]:
     """Run a root command inside an appliance: its serial console / physical access."""
     require_root()
+    if _driver() == "vagrant":
+        from hsmctl.lab.vm import control as vm
+
+        return vm.run_console(ident, argv, input=input)
     state = up_state()
     pid = (state.get("init_pids") or {}).get(ident)
     if pid is None:
@@ -270,12 +300,20 @@ def console(
 
 
 def current_plan() -> LabPlan:
+    if _driver() == "vagrant":
+        from hsmctl.lab.vm import control as vm
+
+        return vm.current_plan()
     state = up_state()
     return make_plan(state["tenants"], state["appliances"])
 
 
 def fabric() -> Any:
     """The lab's network-fabric driver for the lab that is up."""
+    if _driver() == "vagrant":
+        from hsmctl.lab.vm.fabric import VmFabric
+
+        return VmFabric(current_plan())
     from hsmctl.lab.fabric import LabFabric
 
     return LabFabric(current_plan())

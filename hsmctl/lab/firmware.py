@@ -26,10 +26,12 @@ FIRMWARE_FILES = (
 )
 
 
-def firmware_dir() -> Path:
-    """A snapshot of the device side of the working tree, bind-mounted read-only."""
-    dest = workdir.LAB_DIR / "firmware"
-    tmp = workdir.LAB_DIR / ".firmware.tmp"
+def firmware_dir(base: Path | None = None) -> Path:
+    """A snapshot of the device side of the working tree, bind-mounted read-only (the
+    VM tier copies it into its box instead), under ``base`` (the lab directory)."""
+    base = base or workdir.LAB_DIR
+    dest = base / "firmware"
+    tmp = base / ".firmware.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "hsmctl").mkdir(parents=True)
     src = REPO_ROOT / "hsmctl"

@@ -13,7 +13,9 @@ from hsmctl import privatefiles
 from hsmctl.errors import ConflictError, UsageError
 
 LAB_DIR = Path(os.environ.get("HSMCTL_LAB_DIR", "/var/lib/hsmctl-lab"))
-HOST_CONFIG = config_mod.DEFAULT_PATH
+# Both overridable so that a second lab (say the VM tier's) can be brought up beside the
+# one in the default places while developing; users and CI use the defaults.
+HOST_CONFIG = Path(os.environ.get("HSMCTL_LAB_HOST_CONFIG", str(config_mod.DEFAULT_PATH)))
 NETNS_ETC = Path("/etc/netns")
 MARKER = "# written by hsmctl lab up; removed by hsmctl lab down\n"
 

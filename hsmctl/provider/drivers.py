@@ -73,15 +73,18 @@ def console_checked(oob: OutOfBand, appliance: str, line: str) -> str:
 
 
 def fabric_for(kind: str) -> Fabric:
-    if kind == "lab":
+    # ``vagrant``: the VM tier's (pre-wired, verified; link up/down); the lab's control
+    # hands out the driver of the lab that is up.
+    if kind in ("lab", "vagrant"):
         from hsmctl.lab import control as lab
 
         fabric: Fabric = lab.fabric()
         return fabric
-    raise ConfigError(f"unknown network fabric driver {kind!r} (known: lab)")
+    raise ConfigError(f"unknown network fabric driver {kind!r} (known: lab, vagrant)")
 
 
 def out_of_band_for(kind: str) -> OutOfBand:
-    if kind == "lab":
+    # ``vagrant``: the QEMU guest agent (hsmctl.lab.vm.console), reached the same way.
+    if kind in ("lab", "vagrant"):
         return LabOutOfBand()
-    raise ConfigError(f"unknown out-of-band driver {kind!r} (known: lab)")
+    raise ConfigError(f"unknown out-of-band driver {kind!r} (known: lab, vagrant)")
