@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import BinaryIO
 
@@ -24,10 +25,12 @@ from hsmctl.collect.collector import (
 )
 from hsmctl.collect.pipeline import (
     ChunkedVerifier,
+    ChunkResult,
     Halted,
     Limits,
     TrustState,
     VerifyPool,
+    verify_chunk,
 )
 from hsmctl.collect.verify import verify_archive
 from hsmctl.errors import IntegrityError, UnreachableError
@@ -368,6 +371,70 @@ def test_chunked_verification_equals_one_pass(
     assert dict(summary.state.trusted) == dict(sequential.trusted_keys)
     assert summary.state.retired == sequential.retired_keys
     assert b"".join(got) == data
+
+
+class _StartingPool(VerifyPool):
+    """A pool whose workers come up after ``starting`` readiness checks; its "workers"
+    verify in this thread (what they return is what a worker's verify_chunk returns)."""
+
+    def __init__(self, starting: int) -> None:
+        super().__init__(2)
+        self.starting, self.started, self.submitted = starting, False, 0
+
+    def start(self, *, wait: bool = False) -> None:
+        self.started = True
+
+    @property
+    def ready(self) -> bool:
+        self.starting -= 1
+        return self.starting < 0
+
+    def submit(
+        self, data: bytes, state: TrustState, start: Head, record_bytes: int = 65536
+    ) -> Future[ChunkResult]:
+        assert self.started and self.starting < 0, "a chunk was sent before the workers were up"
+        self.submitted += 1
+        future: Future[ChunkResult] = Future()
+        future.set_result(verify_chunk(data, state, start, None, record_bytes))
+        return future
+
+
+@pytest.mark.parametrize("starting", [0, 5, 10**6])
+def test_chunks_are_verified_here_while_the_workers_start(
+    key_a: auditlog.SoftwareSigner, key_b: auditlog.SoftwareSigner, starting: int
+) -> None:
+    """Nothing waits for workers that are not up: those chunks are verified in the
+    collecting thread, the rest by the workers once they are, and the verdict and the
+    bytes handed on are those of one sequential pass either way."""
+    dev = Device(key_a)
+    for i in range(40):
+        dev.session(5, size=100)
+        if i == 20:
+            dev.rotate(key_b)
+    data = dev.data()
+    sequential = auditlog.verify_lines(dev.lines, trust(key_a).trusted)
+    pool = _StartingPool(starting)
+    got: list[bytes] = []
+    v = ChunkedVerifier(
+        trust(key_a), GENESIS_HEAD, pool=pool, chunk_bytes=4096,
+        on_verified=lambda chunk, result: got.append(chunk),
+    )  # fmt: skip
+    for i in range(0, len(data), 1000):
+        v.feed(data[i : i + 1000])
+    summary = v.finish()
+    assert summary.violations == ()
+    assert summary.head == sequential.head and summary.records == sequential.records
+    assert dict(summary.state.trusted) == dict(sequential.trusted_keys)
+    assert b"".join(got) == data
+    assert pool.started  # from the second chunk on
+    chunks = summary.stats.inline + summary.stats.pooled
+    assert summary.stats.pooled == pool.submitted
+    if starting == 0:
+        assert summary.stats.inline == 1  # the first chunk only
+    elif starting == 5:
+        assert 1 < summary.stats.inline < chunks and pool.submitted > 0
+    else:
+        assert pool.submitted == 0 and summary.stats.inline == chunks > 10
 
 
 def test_chunked_verification_finds_tampering_in_a_late_chunk(
