@@ -121,6 +121,23 @@ def image(as_json: bool) -> None:
     emit(as_json, {"image": str(path)}, lambda p: p["image"])
 
 
+@lab.command()
+@json_option
+def box(as_json: bool) -> None:
+    """Build (or find cached) the appliance's Vagrant box for libvirt (root).
+
+    The golden image (built if missing) plus a kernel, a virtio initramfs, systemd and
+    the QEMU guest agent, and the working tree's firmware: a qcow2 disk in
+    appliance.box, with vmlinuz and initrd.img beside it for direct kernel boot. Cached
+    under /var/cache/hsmctl/images, keyed by the image, the packages and the firmware.
+    `lab up --driver vagrant` builds it too; see docs/vagrant.md."""
+    from hsmctl.lab.vm import control as vm_control
+
+    with CliProgress() as progress:
+        payload = vm_control.build_box(progress)
+    emit(as_json, payload, lambda p: p["box"])
+
+
 @lab.command(context_settings={"ignore_unknown_options": True})
 @click.argument("appliance")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)

@@ -262,6 +262,22 @@ def up(tenants: int, appliances: int, progress: Progress | None = None) -> dict[
     return status()
 
 
+def build_box(progress: Progress | None = None) -> dict[str, str]:
+    """The box alone (``hsmctl lab box``): a firmware snapshot of the working tree in a
+    scratch directory, then the cached box for it."""
+    import tempfile
+
+    workdir.require_root()
+    with tempfile.TemporaryDirectory(prefix="hsmctl-box-") as scratch:
+        built = box.build(firmware_dir(Path(scratch)), progress)
+    return {
+        "box": str(built / "appliance.box"),
+        "kernel": str(built / "vmlinuz"),
+        "initrd": str(built / "initrd.img"),
+        "name": f"{box.BOX_NAME}-{built.name.removeprefix('box-')}",
+    }
+
+
 def _add_box(name: str, path: Path, progress: Progress) -> None:
     VAGRANT_HOME.mkdir(parents=True, exist_ok=True)
     listed = subprocess.run(
