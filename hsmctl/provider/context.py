@@ -81,6 +81,15 @@ class ProviderContext:
             self.store.close()
 
 
+def context_with(config: config_mod.Config, inventory: Inventory) -> ProviderContext:
+    """A context over an already loaded configuration and inventory (both only read):
+    the steps of one ``hsmctl provision`` run share the run's, instead of each parsing
+    the inventory file again. Its store is its own, as :func:`open_context`'s."""
+    ctx = ProviderContext(config)
+    ctx.__dict__["inventory"] = inventory  # the cached_property's slot
+    return ctx
+
+
 def open_context(config_path: str | None) -> ProviderContext:
     config = config_mod.load_for(config_path, "provider", "the lab writes one")
     return ProviderContext(config)

@@ -157,3 +157,44 @@ def test_without_a_server_the_module_runs_the_step(private_tmp: Path) -> None:
         failed = outcome.results[outcome.failed_task]
         assert failed["exit_code"] == 2, failed
         assert "/nowhere/p.yaml" in str(outcome.message)
+
+
+def test_served_steps_read_the_configuration_and_inventory_once_per_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each served step gets a context of its own (its own store) over the run's one
+    parse of the configuration and the inventory."""
+    from hsmctl.provider import context, provisioning
+    from tests.provider_env import make_env
+
+    env = make_env(tmp_path / "env")
+    opened: list[str] = []
+    real_open = provisioning.open_context
+
+    def counting_open(path: str | None) -> context.ProviderContext:
+        opened.append(str(path))
+        return real_open(path)
+
+    monkeypatch.setattr(provisioning, "open_context", counting_open)
+    contexts: list[context.ProviderContext] = []
+
+    def fake_run_step(config: str, appliance: str, request_id: str, step: str, **kw: Any) -> Any:
+        ctx = kw["opener"](config)
+        try:
+            contexts.append(ctx)
+            assert ctx.inventory.appliance(appliance).id == appliance
+            ctx.store.get_appliance(appliance)  # a store of its own opens and reads
+        finally:
+            ctx.close()
+        return {"changed": False}
+
+    monkeypatch.setattr(provisioning, "run_step", fake_run_step)
+    handle = provisioning.serve_steps({"unit01", "unit02"})
+    for appliance in ("unit01", "unit02"):
+        for step in STEPS:
+            handle({"config": str(env.config), "appliance": appliance, "request_id": "r",
+                    "step": step})  # fmt: skip
+    assert opened == [str(env.config)]
+    assert len({id(c) for c in contexts}) == 10
+    assert len({id(c.inventory) for c in contexts}) == 1
+    assert len({id(c.config) for c in contexts}) == 1
