@@ -35,7 +35,7 @@ import multiprocessing
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, replace
 
@@ -365,13 +365,20 @@ class ChunkedVerifier:
         pool = self._pool
         if pool is not None and not first and store:
             pool.start()  # a second chunk: a large export, worth the workers
+        future: Future[ChunkResult] | None = None
+        state, start = self._spec_state, self._spec_head
         if (
-            pool is None
-            or first
-            or self._spec_state.device is None
-            or not store
-            or not pool.ready  # the workers are starting: verify here, not wait
+            pool is not None
+            and not first
+            and state.device is not None
+            and store
+            and pool.ready  # while the workers start: verify here, not wait for them
         ):
+            try:
+                future = pool.submit(chunk, state, start, self._limits.record_bytes)
+            except (BrokenExecutor, RuntimeError):  # a broken or closed pool: verify here
+                future = None
+        if pool is None or future is None:
             while self._inflight:  # keep the order: everything before goes first
                 self._accept_pending(self._inflight.popleft())
             anchor = self._anchor if first else None
@@ -383,8 +390,6 @@ class ChunkedVerifier:
             self._accept(chunk, result, store=store)
             self._spec_state, self._spec_head = self._state, self._head
             return
-        state, start = self._spec_state, self._spec_head
-        future = pool.submit(chunk, state, start, self._limits.record_bytes)
         self._inflight.append(_Pending(chunk, future, state, start))
         self._spec_state, self._spec_head = _speculate(chunk, state, start)
         while len(self._inflight) > pool.in_flight:

@@ -9,6 +9,7 @@ import contextlib
 import json
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import BinaryIO
 
@@ -435,6 +436,33 @@ def test_chunks_are_verified_here_while_the_workers_start(
         assert 1 < summary.stats.inline < chunks and pool.submitted > 0
     else:
         assert pool.submitted == 0 and summary.stats.inline == chunks > 10
+
+
+class _BrokenPool(_StartingPool):
+    """Up, but every submit fails as a broken process pool's does."""
+
+    def submit(
+        self, data: bytes, state: TrustState, start: Head, record_bytes: int = 65536
+    ) -> Future[ChunkResult]:
+        self.submitted += 1
+        raise BrokenProcessPool("a child process terminated abruptly")
+
+
+def test_a_broken_pool_leaves_the_chunks_to_this_thread(
+    key_a: auditlog.SoftwareSigner,
+) -> None:
+    dev = Device(key_a)
+    for _ in range(30):
+        dev.session(5, size=100)
+    data = dev.data()
+    pool = _BrokenPool(0)
+    v = ChunkedVerifier(trust(key_a), GENESIS_HEAD, pool=pool, chunk_bytes=4096)
+    v.feed(data)
+    summary = v.finish()
+    assert summary.violations == ()
+    assert summary.head == Head.of(json.loads(dev.lines[-1]))
+    assert summary.stats.pooled == 0 and summary.stats.inline > 10
+    assert pool.submitted == summary.stats.inline - 1  # all but the first were offered
 
 
 def test_chunked_verification_finds_tampering_in_a_late_chunk(
