@@ -180,6 +180,9 @@ def _run(args: argparse.Namespace, rigs: list[Any], work: Path) -> int:
     wrapped = p11(SOURCE, _WRAP)
     unwrapped = p11(TARGET, _UNWRAP, blobs=wrapped["blobs"])
     raw_bytes = sum(len(b) // 2 for b in wrapped["blobs"])
+    print(f"  backup {t_backup:.1f} s ({made['bytes']} bytes), raw wrap {wrapped['seconds']:.1f} s;"
+          f" restore {t_restore:.1f} s, raw unwrap {unwrapped['seconds']:.1f} s; restore "
+          f"again {t_again:.1f} s", flush=True)  # fmt: skip
 
     hsmctl("ha", "create", GROUP, SOURCE, MEMBER)
     syncs: list[float] = []
