@@ -179,6 +179,16 @@ def test_the_vm_is_an_appliance_at_factory_state(vmlab: dict[str, Any]) -> None:
     # No route out of the management network in the guest (DHCP gives an address only).
     routes = hsmctl("lab", "console", "hsm01", "--", "ip", "-4", "route", check=True)
     assert "default" not in routes.stdout.decode()
+    # Isolated networks: no <forward> (no NAT, no routing), no host address on a tenant
+    # network, and libvirt's own `default` network is not running.
+    virsh = ("virsh", "-q", "-c", "qemu:///system")
+    for net in ("hsmvm-mgmt", "hsmvm-t1"):
+        xml = subprocess.run([*virsh, "net-dumpxml", net], capture_output=True, text=True)
+        assert xml.returncode == 0 and "<forward" not in xml.stdout, xml.stdout
+        assert ("<ip " in xml.stdout) == (net == "hsmvm-mgmt")
+    active = subprocess.run([*virsh, "net-list", "--name"], capture_output=True, text=True)
+    assert "default" not in active.stdout.split()
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "0"
     # The data port starts unplugged (factory state), as in the namespace lab.
     link = subprocess.run(
         [
