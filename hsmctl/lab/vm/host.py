@@ -18,6 +18,8 @@ from pathlib import Path
 from hsmctl.errors import CommandFailed, ConflictError, UsageError
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+# libvirt's NAT network (192.168.122.0/24, a route off the host): never started by us.
+DEFAULT_NET_AUTOSTART = Path("/etc/libvirt/qemu/networks/autostart/default.xml")
 SOCKET = Path("/run/libvirt/libvirt-sock")
 URI = "qemu:///system"
 TOOLS = ("vagrant", "virsh", "libvirtd", "virtlogd", "qemu-img", "mkfs.ext4", "qemu-system-x86_64")
@@ -64,7 +66,11 @@ def ensure_daemons() -> list[int]:
             raise ConflictError(
                 f"{QEMU_CONF} was changed for the VM tier (QEMU as root); restart libvirtd"
             )
+        refuse_default_network()
         return started
+    # The libvirtd started here must not bring up libvirt's `default` NAT network.
+    if DEFAULT_NET_AUTOSTART.is_symlink() or DEFAULT_NET_AUTOSTART.exists():
+        DEFAULT_NET_AUTOSTART.unlink()
     for daemon in ("virtlogd", "libvirtd"):
         if not _pids(daemon):
             subprocess.run([daemon, "-d"], check=True)
@@ -72,9 +78,19 @@ def ensure_daemons() -> list[int]:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if SOCKET.exists() and run_virsh("version", check=False).returncode == 0:
+            refuse_default_network()
             return started
         time.sleep(0.2)
     raise CommandFailed("libvirtd did not answer within 30 s", argv=["virsh", "version"], status=1)
+
+
+def refuse_default_network() -> None:
+    """The tier never runs beside libvirt's ``default`` network: it NATs off the host."""
+    if "default" in run_virsh("net-list", "--name", check=False).stdout.split():
+        raise ConflictError(
+            "libvirt's `default` (NAT) network is running; the VM tier will not run beside "
+            "it (virsh net-destroy default; virsh net-autostart --disable default)"
+        )
 
 
 def run_virsh(
