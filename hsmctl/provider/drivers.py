@@ -3,8 +3,9 @@
 * The **network fabric** attaches a device's data port to a tenant subnet and detaches it
   (lab: namespaces and bridges; Vagrant: pre-wired, verified only; a real SDN later).
 * The **out-of-band path** reaches a device's console without any account on it, for
-  zeroize and factory reset (lab: entering the appliance's namespaces as root; Vagrant:
-  ``vagrant ssh``; a BMC or serial server later).
+  zeroize and factory reset (lab: entering the appliance's namespaces as root; Vagrant
+  VMs: the QEMU guest agent on a virtio-serial channel — not ``vagrant ssh``, which is
+  an account's login and ends with the takeover; a BMC or serial server later).
 """
 
 from __future__ import annotations
