@@ -17,6 +17,11 @@ tenant1, data addresses 198.19.0.98/.99/.100, all taken over with one ``--domain
 factory-reset at the end (``--keep`` leaves them taken over).
 
 Usage (root, lab up): ``python -m bench keys [--keys N] [--runs R] [--json] [--keep]``.
+
+``python -m bench keys --describe-only [--keys N]`` needs no lab: N AES keys in a SoftHSM2
+token of its own (temporary directory), described as backup and sync describe them
+through p11-kit's RPC (``p11-kit remote`` over a pipe: the round trips without SSH), one
+batched attribute read per object against one read per attribute, twice each.
 """
 
 from __future__ import annotations
@@ -104,7 +109,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=3, help="ha sync runs (median)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="no factory reset at the end")
+    parser.add_argument("--describe-only", action="store_true",
+                        help="no lab: batched against per-attribute reads, local RPC")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.describe_only:
+        return _describe_only(args.keys, args.json)
     if os.geteuid() != 0:
         print("bench keys: needs root and the lab (hsmctl lab up); skipped", file=sys.stderr)
         return 0
@@ -236,4 +245,68 @@ def _run(args: argparse.Namespace, rigs: list[Any], work: Path) -> int:
         print(f"ha sync {n} keys: {statistics.median(syncs):7.1f} s  median of {len(syncs)} "
               f"(raw wrap + unwrap loop {raw:.1f} s); nothing to copy: {t_idle:.1f} s; "
               f"status: {t_status:.1f} s")  # fmt: skip
+    return 0
+
+
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+
+_DESCRIBE = f"""
+import json, os, sys, time
+import pkcs11
+from pkcs11 import Attribute, KeyType
+n = int(sys.argv[1])
+soft = pkcs11.lib({SOFTHSM!r})
+with soft.get_token(token_label="bench").open(user_pin="87654321", rw=True) as se:
+    for i in range(n):
+        se.generate_key(KeyType.AES, 256, label=f"k{{i:04d}}", id=i.to_bytes(4, "big"),
+                        store=True, template={{Attribute.EXTRACTABLE: True,
+                                               Attribute.WRAP_WITH_TRUSTED: True}})
+pkcs11.unload({SOFTHSM!r})
+os.environ["P11_KIT_SERVER_ADDRESS"] = "|p11-kit remote {SOFTHSM}"
+lib = pkcs11.lib({CLIENT_MODULE!r})
+from hsmctl.keys import domain
+from hsmctl.keys.domain import DomainToken
+se = lib.get_token(token_label="bench").open(user_pin="87654321", rw=True)
+token = DomainToken("local", "|unused", None)
+token._session = se
+batched = domain._batch_getter
+out = {{"batched": [], "one_by_one": []}}
+for name in ("batched", "one_by_one", "batched", "one_by_one"):
+    domain._batch_getter = batched if name == "batched" else (lambda o, c: domain._getter(o))
+    t0 = time.monotonic()
+    described = [token.describe(c, o) for c, o in token._objects()]
+    out[name].append(time.monotonic() - t0)
+    assert len(described) == n
+print(json.dumps(out))
+"""
+
+
+def _describe_only(n: int, as_json: bool) -> int:
+    if not Path(SOFTHSM).exists():
+        print("bench keys --describe-only: SoftHSM2 is not installed; skipped", file=sys.stderr)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-describe-") as tmp:
+        conf = Path(tmp) / "softhsm2.conf"
+        (Path(tmp) / "tokens").mkdir()
+        conf.write_text(f"directories.tokendir = {tmp}/tokens\n")
+        env = {**os.environ, "SOFTHSM2_CONF": str(conf)}
+        subprocess.run(["softhsm2-util", "--init-token", "--free", "--label", "bench",
+                        "--so-pin", "12345678", "--pin", "87654321"],
+                       env=env, check=True, capture_output=True)  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", _DESCRIBE, str(n)], env=env,
+                              capture_output=True, check=False)  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr.decode()[-2000:])
+    times = json.loads(proc.stdout.decode().splitlines()[-1])
+    result = {
+        "keys": n,
+        "describe_batched_seconds": statistics.median(times["batched"]),
+        "describe_one_by_one_seconds": statistics.median(times["one_by_one"]),
+    }
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"describe {n} keys through p11-kit's RPC (local pipe): batched "
+              f"{result['describe_batched_seconds']:.2f} s, one read per attribute "
+              f"{result['describe_one_by_one_seconds']:.2f} s")  # fmt: skip
     return 0
