@@ -14,6 +14,9 @@ under the domain key), then adds to every member what it lacks (as restore does:
 by class, type, label, id and public-key hash, unwrapped under the domain key on the
 target). No plaintext key leaves a device. A member that does not answer is reported
 (exit 4 for the run) and the others are still synced; it gets its keys on the next sync.
+Each member is read in one session (every object described in one attribute read), each
+receiving member written in one more; syncs of one group run one at a time (a flock), so
+what the read found holds until the copies are made.
 
 Destroying: ``hsmctl key destroy`` on a member of a group first journals a *tombstone*
 per object it is about to destroy (the private or secret key and its public half) in
@@ -24,11 +27,11 @@ policy refusal: nothing changed) takes its tombstones back. ``sync`` then destro
 tombstoned object on every reachable member that still holds it, never copies it, and
 strikes each member off the tombstone's ``pending`` list once it has been seen without
 it; a tombstone whose list is empty is settled (kept as a record, no longer applied). A
-sync interrupted anywhere reruns to completion: destroying what is already gone and
-copying what is already there are no-ops. A key destroyed on a device by anything
-other than hsmctl (an application's own C_DestroyObject, pkcs11-tool) leaves no
-tombstone: to sync it is a key the member lacks, and the next sync copies it back from
-the others (docs/keys.md).
+sync interrupted anywhere reruns to completion: the rerun reads every member again, so
+what is already gone is not destroyed twice and what is already there not copied
+again. A key destroyed on a device by anything other than hsmctl (an application's own
+C_DestroyObject, pkcs11-tool) leaves no tombstone: to sync it is a key the member
+lacks, and the next sync copies it back from the others (docs/keys.md).
 
 The membership rules and the sync plan are pure functions (tests/unit/test_ha.py).
 """
