@@ -175,12 +175,18 @@ def _kill_tree(pid: int) -> None:
 
 def down(progress: Progress | None = None) -> dict[str, Any]:
     require_root()
-    if _driver() == "vagrant" or netns.list_netns("hsmvm-"):
+    recorded = load_state()
+    # The lab on record decides; with no record, leftovers of either kind are removed.
+    if recorded is not None and recorded.get("driver") == "vagrant":
         from hsmctl.lab.vm import control as vm
 
         return vm.down(progress)
+    if recorded is None and netns.list_netns("hsmvm-"):
+        from hsmctl.lab.vm import control as vm
+
+        vm.down(progress)
     progress = progress or NullProgress()
-    state = load_state() or {}
+    state = recorded or {}
     removed: dict[str, Any] = {"namespaces": [], "route": False}
     # The appliances' PID-namespace inits first: killing one kills its whole namespace,
     # and its launcher (unshare) then reaps it and exits by itself; only launchers still

@@ -153,3 +153,21 @@ def test_the_capture_flags_lab_addresses_and_vm_macs_only() -> None:
     arp += ipaddress.IPv4Address("198.18.208.5").packed
     assert UplinkCapture.offends(arp)
     assert UplinkCapture.offends(b"\x00" * 5) is None
+
+
+def test_the_vm_cleanup_never_runs_over_another_labs_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A namespace lab's record (its route, its directory) is never the VM tier's to
+    remove: vm.down refuses before touching anything."""
+    from hsmctl.errors import ConflictError
+    from hsmctl.lab import workdir
+
+    touched: list[str] = []
+    monkeypatch.setattr(workdir, "require_root", lambda: None)
+    monkeypatch.setattr(workdir, "load_state", lambda: {"phase": "up", "tenants": 2})
+    monkeypatch.setattr(control, "_vagrant", lambda *a, **k: touched.append("vagrant"))
+    monkeypatch.setattr(control.shutil, "rmtree", lambda *a, **k: touched.append("rmtree"))
+    with pytest.raises(ConflictError):
+        control.down()
+    assert touched == []

@@ -102,8 +102,10 @@ def _vagrant(args: list[str], log: Path, topology: Path | None, what: str) -> No
             check=False,
         )
     if proc.returncode != 0:
+        # The log goes with the lab directory at lab down: its end rides in the message.
+        tail = "\n".join(log.read_text(errors="replace").strip().splitlines()[-12:])
         raise CommandFailed(
-            f"{what} failed (log: {log})",
+            f"{what} failed (log: {log}):\n{tail}",
             argv=["vagrant", *args],
             status=proc.returncode,
             output=log.read_text(errors="replace")[-3000:],
@@ -372,6 +374,9 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
     progress = progress or NullProgress()
     workdir.require_root()
     state = workdir.load_state() or {}
+    if state and state.get("driver") != DRIVER:
+        # Never this tier's cleanup over another lab's record (its route, its directory).
+        raise ConflictError("the lab on record is not the VM tier's; use 'hsmctl lab down'")
     topology = workdir.LAB_DIR / "topology.json"
     if state.get("vagrant") and topology.exists():
         with contextlib.suppress(CommandFailed):
@@ -409,7 +414,10 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGTERM)
     route = False
-    if state.get("route_owned", True) and safety.blackhole_present(LAB_RANGE):
+    # The blackhole goes only if this tier added it; with no record, only if no namespace
+    # lab is left whose route it also is.
+    owned = state.get("route_owned") if state else not netns.list_netns("hsmlab-")
+    if owned and safety.blackhole_present(LAB_RANGE):
         safety.remove_blackhole(LAB_RANGE)
         route = True
     host_config = workdir.HOST_CONFIG
