@@ -213,7 +213,8 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
     netns.ip("link", "del", f"{PREFIX}0", check=False)
     lab_range = state.get("lab_range", "198.18.0.0/15")
     rng = ipaddress.IPv4Network(lab_range)
-    if safety.blackhole_present(rng):
+    # A VM tier still up beside this lab (development) keeps the range blackholed.
+    if safety.blackhole_present(rng) and not netns.list_netns("hsmvm-"):
         safety.remove_blackhole(rng)
         removed["route"] = True
     host_config = workdir.HOST_CONFIG
