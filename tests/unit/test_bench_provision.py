@@ -1,0 +1,68 @@
+"""bench provision's measuring parts, without the lab: the CPU seconds of a process tree
+(what docs/performance.md quotes as this host's and the device's CPU) and the summary's
+medians and ratios."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import bench_provision
+from bench.bench_provision import children_cpu, device_cpu, summarise
+
+pytestmark = pytest.mark.unit
+
+BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+
+
+def test_children_cpu_counts_a_reaped_child() -> None:
+    before = children_cpu()
+    subprocess.run([sys.executable, "-c", BURN], check=True)
+    assert children_cpu() - before >= 0.25
+
+
+def test_device_cpu_sums_the_tree_below_the_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A launcher whose child burns CPU, then waits for a grandchild that burns more:
+    the sum grows by both (the grandchild through its parent's cutime once reaped)."""
+    script = (
+        f"import subprocess, sys\n{BURN}"
+        f"subprocess.run([sys.executable, '-c', {BURN!r}], check=True)\n"
+        "sys.stdout.write('done\\n'); sys.stdout.flush(); sys.stdin.read()\n"
+    )
+    launcher = subprocess.Popen(
+        ["/bin/sh", "-c", f'"{sys.executable}" -c "$0"', script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        state = tmp_path / "lab.json"
+        state.write_text(json.dumps({"launchers": {"hsm01": launcher.pid}}))
+        monkeypatch.setattr(bench_provision, "LAB_STATE", state)
+        assert launcher.stdout is not None
+        assert launcher.stdout.readline() == "done\n"
+        assert device_cpu("hsm01") >= 0.5
+        state.write_text(json.dumps({"launchers": {"hsm01": os.getpid() + 10**7}}))
+        assert device_cpu("hsm01") == 0.0  # no such process: nothing below it
+    finally:
+        launcher.communicate("")
+
+
+def test_summary_medians_and_ratios() -> None:
+    times = {
+        "one": [3.0, 9.0, 4.0],
+        "many": [12.0, 30.0, 14.0],
+        "one_cpu": [1.5, 2.0, 1.7],
+        "handover": [8.0, 7.0, 9.0],
+    }
+    summary = summarise(times, 16)
+    assert summary["median_s"] == {"one": 4.0, "many": 14.0, "one_cpu": 1.7, "handover": 8.0}
+    assert summary["many_over_one"] == 3.5
+    assert summary["one_over_plain1"] is None
