@@ -185,6 +185,10 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
         from hsmctl.lab.vm import control as vm
 
         vm.down(progress)
+    if recorded is None and workdir.LAB_DIR != workdir.DEFAULT_LAB_DIR:
+        # Nothing recorded in a lab directory of one's own (HSMCTL_LAB_DIR): the lab found
+        # by its name prefix is the default directory's, not this one's to remove.
+        return {"removed_namespaces": [], "route_removed": False}
     progress = progress or NullProgress()
     state = recorded or {}
     removed: dict[str, Any] = {"namespaces": [], "route": False}

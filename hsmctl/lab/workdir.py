@@ -12,7 +12,8 @@ from hsmctl import config as config_mod
 from hsmctl import privatefiles
 from hsmctl.errors import ConflictError, UsageError
 
-LAB_DIR = Path(os.environ.get("HSMCTL_LAB_DIR", "/var/lib/hsmctl-lab"))
+DEFAULT_LAB_DIR = Path("/var/lib/hsmctl-lab")
+LAB_DIR = Path(os.environ.get("HSMCTL_LAB_DIR", str(DEFAULT_LAB_DIR)))
 # Both overridable so that a second lab (say the VM tier's) can be brought up beside the
 # one in the default places while developing; users and CI use the defaults.
 HOST_CONFIG = Path(os.environ.get("HSMCTL_LAB_HOST_CONFIG", str(config_mod.DEFAULT_PATH)))
