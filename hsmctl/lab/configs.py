@@ -54,6 +54,28 @@ def vnets(tenant: TenantPlan) -> list[dict[str, Any]]:
     ]
 
 
+def describe(plan: LabPlan) -> dict[str, Any]:
+    """``lab status --json`` (SPEC §5) for a lab of this plan, whichever driver runs it."""
+    return {
+        "provider_key": str(workdir.LAB_DIR / "provider" / "provider_key"),
+        "state_dir": str(workdir.LAB_DIR / "provider" / "state"),
+        "appliances": [
+            {"id": a.id, "stamp": a.stamp, "mgmt_ip": str(a.mgmt_ip)} for a in plan.appliances
+        ],
+        "tenants": [
+            {
+                "name": t.name,
+                "client_netns": t.client_netns,
+                "client_ip": str(t.client_ip),
+                "identity": str(workdir.LAB_DIR / "tenants" / t.name / "identity"),
+                "state_dir": str(workdir.LAB_DIR / "tenants" / t.name / "state"),
+                "vnets": vnets(t),
+            }
+            for t in plan.tenants
+        ],
+    }
+
+
 def write_configs(plan: LabPlan, *, driver: str = "lab") -> None:
     """The provider's known_hosts, inventory and host config (its drivers: ``lab`` or
     ``vagrant``); each tenant VM's config."""

@@ -24,7 +24,7 @@ from typing import Any
 from hsmctl.errors import ConflictError, UsageError
 from hsmctl.lab import image, netns, safety, workdir
 from hsmctl.lab.appliances import BOOT_SCRIPT, boot_appliance, host_key_lines, wait_ready
-from hsmctl.lab.configs import make_keys, vnets, write_configs
+from hsmctl.lab.configs import describe, make_keys, write_configs
 from hsmctl.lab.firmware import FIRMWARE_FILES, REPO_ROOT, firmware_dir
 from hsmctl.lab.networks import provider_network, tenant_network
 from hsmctl.lab.plan import PREFIX, AppliancePlan, LabPlan, make_plan, validate_sizes
@@ -248,25 +248,7 @@ def status() -> dict[str, Any]:
             f"the lab is broken (appliances not running: {', '.join(dead)}); "
             "run 'hsmctl lab down' and 'hsmctl lab up'"
         )
-    plan = make_plan(state["tenants"], state["appliances"])
-    return {
-        "provider_key": str(workdir.LAB_DIR / "provider" / "provider_key"),
-        "state_dir": str(workdir.LAB_DIR / "provider" / "state"),
-        "appliances": [
-            {"id": a.id, "stamp": a.stamp, "mgmt_ip": str(a.mgmt_ip)} for a in plan.appliances
-        ],
-        "tenants": [
-            {
-                "name": t.name,
-                "client_netns": t.client_netns,
-                "client_ip": str(t.client_ip),
-                "identity": str(workdir.LAB_DIR / "tenants" / t.name / "identity"),
-                "state_dir": str(workdir.LAB_DIR / "tenants" / t.name / "state"),
-                "vnets": vnets(t),
-            }
-            for t in plan.tenants
-        ],
-    }
+    return describe(make_plan(state["tenants"], state["appliances"]))
 
 
 def console(

@@ -35,7 +35,7 @@ from typing import Any
 
 from hsmctl.errors import CommandFailed, ConflictError, UsageError
 from hsmctl.lab import netns, safety, workdir
-from hsmctl.lab.configs import make_keys, write_configs
+from hsmctl.lab.configs import describe, make_keys, write_configs
 from hsmctl.lab.firmware import REPO_ROOT, firmware_dir
 from hsmctl.lab.networks import tenant_network, veth
 from hsmctl.lab.plan import LAB_RANGE, LabPlan
@@ -431,28 +431,8 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
 
 
 def status() -> dict[str, Any]:
-    from hsmctl.lab.configs import vnets
-
     state = workdir.up_state()
-    plan = make_plan(state["tenants"], state["appliances"])
-    return {
-        "provider_key": str(workdir.LAB_DIR / "provider" / "provider_key"),
-        "state_dir": str(workdir.LAB_DIR / "provider" / "state"),
-        "appliances": [
-            {"id": a.id, "stamp": a.stamp, "mgmt_ip": str(a.mgmt_ip)} for a in plan.appliances
-        ],
-        "tenants": [
-            {
-                "name": t.name,
-                "client_netns": t.client_netns,
-                "client_ip": str(t.client_ip),
-                "identity": str(workdir.LAB_DIR / "tenants" / t.name / "identity"),
-                "state_dir": str(workdir.LAB_DIR / "tenants" / t.name / "state"),
-                "vnets": vnets(t),
-            }
-            for t in plan.tenants
-        ],
-    }
+    return describe(make_plan(state["tenants"], state["appliances"]))
 
 
 def current_plan() -> LabPlan:

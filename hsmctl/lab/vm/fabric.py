@@ -9,23 +9,14 @@ from libvirt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from hsmctl.errors import ConflictError
+from hsmctl.lab.fabric import Attachment
 from hsmctl.lab.plan import LabPlan
 from hsmctl.lab.vm import host
 from hsmctl.lab.vm.plan import VmAppliance, vm_appliance
 
 WIRED_VNET = "vnet1"
 WIRED_SUBNET = "hsm"
-
-
-@dataclass(frozen=True)
-class Attachment:
-    appliance: str
-    tenant: str | None
-    vnet: str | None
-    subnet: str | None
 
 
 def parse_domiflist(text: str, mac: str) -> str | None:
