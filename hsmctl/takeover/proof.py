@@ -1,10 +1,11 @@
 """SPEC §7 step 7: prove the takeover by observing it, never by assuming it.
 
 Everything read from the device comes over a fresh session (tenant key + escrowed
-password); the refused logins start once that session is open, so their back-off (the
-device slows a source after failures) does not delay this run, and run beside its reads
-(each waits out its own delay). Where this tenancy starts in the log is a pure function
-of the exported records (:func:`transfer_window`), tested from data.
+password); the refused logins run beside its reads (each waits out its own delay), and
+their back-off (the device slows a source after failures) does not delay this run: the
+two that fail at once start after that session is open, the one-time password's (failed
+only after the device's delay) beside its login. Where this tenancy starts in the log is
+a pure function of the exported records (:func:`transfer_window`), tested from data.
 """
 
 from __future__ import annotations
@@ -97,21 +98,26 @@ def prove(session: AdminSession, *, keep_monitor: bool) -> Proof:
     host = bundle.appliance
     new = state.escrowed("admin-password")
     assert new is not None
-    session.drop()
-    conn = session.admin()  # password state committed: key + escrowed password only
-    check("key-and-password-work", conn.connected and record.password is PasswordState.COMMITTED)
     # The refused logins run while this session reads: a wrong one-time password waits
     # out the device's delay after a failed password (PAM, ~2-4 s, about 40% of a takeover
     # when it ran last, alone). The device's defence is unchanged: the same three attempts
-    # from the same address, each counted for its back-off and logged; this session is
-    # already open, so no login of ours waits behind them. Results are listed last.
+    # from the same address, each counted for its back-off and logged. The one-time
+    # password's starts first, beside this session's own login: the device counts its
+    # failure only after that delay, long after our login is through, so no login of
+    # ours waits behind it; the other two fail at once, so they start once this session
+    # is open. Results are listed last.
     pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="refused")
-    refusals = [
-        pool.submit(session.refused, bundle.otp),
-        pool.submit(session.refused, new, with_key=False),
-        pool.submit(session.refused, None),
-    ]
+    refusals = [pool.submit(session.refused, bundle.otp)]
     try:
+        session.drop()
+        conn = session.admin()  # password state committed: key + escrowed password only
+        check(
+            "key-and-password-work", conn.connected and record.password is PasswordState.COMMITTED
+        )
+        refusals += [
+            pool.submit(session.refused, new, with_key=False),
+            pool.submit(session.refused, None),
+        ]
         access = PROVIDER_ACCESS.on(conn, host)
         check("provider-access-revoked", access.revoked, access.as_dict())
         info = HSM_INFO.on(conn, host)
