@@ -40,7 +40,7 @@ from hsmctl.auditlog.signing import verify_raw_signature
 from hsmctl.customer.context import TenantContext
 from hsmctl.customer.store import ApplianceDir
 from hsmctl.errors import ConflictError, IntegrityError, UsageError
-from hsmctl.keys import workflow
+from hsmctl.keys import session
 from hsmctl.keys.domain import CLASSES, KEY_TYPES, DomainToken, match_key
 
 FORMAT = "hsmctl-backup/1"
@@ -161,7 +161,7 @@ def trusted_audit_keys(ctx: TenantContext, appliance: str) -> dict[str, str]:
 
 def _token(ctx: TenantContext, appliance: str, kit_dir: Path | None,
            pin_file: Path | None) -> DomainToken:  # fmt: skip
-    plain = workflow._token(ctx, appliance, kit_dir, pin_file)
+    plain = session._token(ctx, appliance, kit_dir, pin_file)
     return DomainToken(plain.appliance, plain.remote, plain.pin)
 
 

@@ -41,7 +41,7 @@ from typing import Any
 
 from hsmctl.customer.context import TenantContext
 from hsmctl.errors import HsmctlError, IntegrityError, UsageError
-from hsmctl.keys import spec, workflow
+from hsmctl.keys import session, spec
 from hsmctl.keys.remote import RemoteToken, ckr_name, translate
 from hsmctl.keys.spec import Kind
 
@@ -323,8 +323,8 @@ def _open(
     from hsmctl.customer.store import ApplianceDir
 
     ApplianceDir(ctx.state_dir, appliance)  # validates the id (exit 2)
-    pin = workflow._pin(ctx, appliance, pin_file)
-    remote = workflow.remote_of(workflow._kit_dir(ctx, appliance, kit_dir))
+    pin = session._pin(ctx, appliance, pin_file)
+    remote = session.remote_of(session._kit_dir(ctx, appliance, kit_dir))
     return ByokToken(appliance, remote, pin)
 
 
