@@ -53,7 +53,7 @@ class ActionModule(ActionBase):  # type: ignore[misc]
                 )
             )
             return result
-        _, args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)
+        args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)[1]
         try:
             reply = stepclient.call(
                 served,
