@@ -5,6 +5,7 @@ QEMU settings and the emulator wrapper, and the uplink capture's filter."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import ipaddress
 import json
 import struct
@@ -171,3 +172,41 @@ def test_the_vm_cleanup_never_runs_over_another_labs_record(
     with pytest.raises(ConflictError):
         control.down()
     assert touched == []
+
+
+def test_guest_agent_replies_are_device_bytes() -> None:
+    """Malformed replies are integrity failures (exit 3), never a traceback; an error
+    reply fails the command without echoing what the device said beyond its reason."""
+    from hsmctl.errors import CommandFailed, IntegrityError
+    from hsmctl.lab.vm import console
+
+    assert console.parse_reply("d", '{"return": {"pid": 7}}') == {"return": {"pid": 7}}
+    for bad in ("", "{", "[1]", '"x"', "1", "{" * 10_000, "[" * 100_000):
+        with pytest.raises(IntegrityError):
+            console.parse_reply("d", bad)
+    with pytest.raises(CommandFailed):
+        console.parse_reply("d", '{"error": {"class": "GenericError", "desc": "nope"}}')
+    good = {"exited": True, "exitcode": 3, "out-data": "aGk=", "err-data": ""}
+    assert console.exec_result("d", good) == (3, b"hi", b"")
+    assert console.exec_result("d", {"exited": True, "signal": 9})[0] == 137
+    for bad_status in (
+        None,
+        [],
+        {"exitcode": "0"},
+        {"exitcode": True},
+        {"exitcode": -1},
+        {"exitcode": 0, "out-data": "!!"},
+        {"exitcode": 0, "err-data": 5},
+        {"signal": "x"},
+    ):
+        with pytest.raises(IntegrityError):
+            console.exec_result("d", bad_status)
+
+
+@given(st.text(max_size=200))
+def test_any_agent_reply_parses_or_is_refused(text: str) -> None:
+    from hsmctl.errors import CommandFailed, IntegrityError
+    from hsmctl.lab.vm import console
+
+    with contextlib.suppress(IntegrityError, CommandFailed):
+        assert isinstance(console.parse_reply("d", text), dict)
