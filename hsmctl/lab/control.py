@@ -181,7 +181,10 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
         from hsmctl.lab.vm import control as vm
 
         return vm.down(progress)
-    if recorded is None and netns.list_netns("hsmvm-"):
+    from hsmctl.lab.vm import host as vm_host
+
+    # With no record: the VM tier's namespaces, or its libvirt definitions (kept on disk).
+    if recorded is None and (netns.list_netns("hsmvm-") or vm_host.persisted("hsmvm")):
         from hsmctl.lab.vm import control as vm
 
         vm.down(progress)

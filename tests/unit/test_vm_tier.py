@@ -210,3 +210,14 @@ def test_any_agent_reply_parses_or_is_refused(text: str) -> None:
 
     with contextlib.suppress(IntegrityError, CommandFailed):
         assert isinstance(console.parse_reply("d", text), dict)
+
+
+def test_persisted_lists_only_the_tiers_definitions_on_disk(tmp_path: Path) -> None:
+    (tmp_path / "networks" / "autostart").mkdir(parents=True)
+    for name in ("hsmvm-hsm01.xml", "other-vm.xml", "hsmvmx.xml"):
+        (tmp_path / name).write_text("<domain/>")
+    for name in ("hsmvm-mgmt.xml", "hsmvm-t1.xml", "default.xml"):
+        (tmp_path / "networks" / name).write_text("<network/>")
+    (tmp_path / "networks" / "autostart" / "hsmvm-t2.xml").write_text("<network/>")
+    assert host.persisted("hsmvm", tmp_path) == ["hsmvm-hsm01", "hsmvm-mgmt", "hsmvm-t1"]
+    assert host.persisted("hsmvm", tmp_path / "absent") == []

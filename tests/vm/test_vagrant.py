@@ -27,6 +27,7 @@ import pytest
 
 from hsmctl.lab import workdir
 from hsmctl.lab.vm import control as vm
+from hsmctl.lab.vm import host as vm_host
 from tests.conftest import hsmctl, hsmctl_json, requires_root
 
 pytestmark = [pytest.mark.vagrant, pytest.mark.timeout(2400)]
@@ -123,6 +124,20 @@ def leftovers() -> list[str]:
     return found
 
 
+def interrupted_run_leftovers() -> None:
+    """What a run stopped part-way leaves: a definition of the tier's own name kept on disk
+    by libvirt, with libvirtd no longer running (the next libvirtd loads it again)."""
+    started = vm_host.ensure_daemons()
+    stale = Path("/run/hsmvm-stale-net.xml")
+    stale.write_text("<network><name>hsmvm-mgmt</name><bridge name='hsmvm-stale'/></network>")
+    try:
+        vm_host.virsh("net-define", str(stale))
+    finally:
+        stale.unlink()
+        vm_host.stop_daemons(started)
+    assert "hsmvm-mgmt" in vm_host.persisted("hsmvm")
+
+
 @pytest.fixture(scope="module")
 def vmlab() -> Iterator[dict[str, Any]]:
     requires_root()
@@ -134,12 +149,15 @@ def vmlab() -> Iterator[dict[str, Any]]:
     if os.environ.get("CI"):
         assert before == []
     capture = UplinkCapture(uplink())
+    # lab up starts from what an interrupted run left (a network of the tier's name).
+    interrupted_run_leftovers()
     started = time.monotonic()
     try:
-        hsmctl(
+        up = hsmctl(
             "lab", "up", "--driver", "vagrant", "--tenants", "1", "--appliances", "1", check=True
         )
         TIMES["lab up (box, networks, vagrant up)"] = time.monotonic() - started
+        assert b"removed what an interrupted run left in libvirt: hsmvm-mgmt" in up.stderr
         yield {"status": hsmctl_json("lab", "status"), "capture": capture, "before": before}
     finally:
         hsmctl("lab", "down")  # a no-op when the last test brought it down
@@ -267,6 +285,15 @@ def test_lab_down_leaves_nothing_and_no_packet_left_the_host(vmlab: dict[str, An
     began = time.monotonic()
     hsmctl("lab", "down", check=True)
     TIMES["lab down (vagrant destroy)"] = time.monotonic() - began
+    assert leftovers() == vmlab["before"]
+    assert vm_host.persisted("hsmvm") == []
+    # With nothing on record and libvirtd stopped, lab down still finds the tier's
+    # definitions libvirt keeps on disk, removes them, and stops the libvirtd it started.
+    interrupted_run_leftovers()
+    daemons = vm_host.running("libvirtd")  # none (a zombie waiting to be reaped is none)
+    hsmctl("lab", "down", check=True)
+    assert vm_host.persisted("hsmvm") == []
+    assert vm_host.running("libvirtd") == daemons
     assert leftovers() == vmlab["before"]
     capture: UplinkCapture = vmlab["capture"]
     capture.close()

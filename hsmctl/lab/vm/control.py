@@ -232,6 +232,11 @@ def up(tenants: int, appliances: int, progress: Progress | None = None) -> dict[
     built = box.build(firmware, progress)
     state["daemons"] = host.ensure_daemons()
     workdir.save_state(state)
+    # No lab is on record, so any domain or network of this tier's prefix that libvirt still
+    # has is left from an interrupted run (libvirt keeps definitions across its restarts).
+    stale = _remove_ours()
+    if stale:
+        progress.step(f"removed what an interrupted run left in libvirt: {', '.join(stale)}")
     box_name = f"{box.BOX_NAME}-{built.name.removeprefix('box-')}"
     _add_box(box_name, built / "appliance.box", progress)
     _ensure_pool()
@@ -370,6 +375,22 @@ def _read_host_keys(v: VmAppliance) -> None:
                 (directory / f"ssh_host_{name}_key.pub").write_text(line.strip() + "\n")
 
 
+def _remove_ours() -> list[str]:
+    """Destroy and undefine every libvirt domain and network of this tier's prefix."""
+    removed = []
+    for domain in host.run_virsh("list", "--all", "--name", check=False).stdout.split():
+        if domain.startswith(PREFIX + "-"):
+            host.run_virsh("destroy", domain, check=False)
+            host.run_virsh("undefine", domain, "--remove-all-storage", check=False)
+            removed.append(domain)
+    for name in host.run_virsh("net-list", "--all", "--name", check=False).stdout.split():
+        if name.startswith(PREFIX + "-"):
+            host.run_virsh("net-destroy", name, check=False)
+            host.run_virsh("net-undefine", name, check=False)
+            removed.append(name)
+    return removed
+
+
 def down(progress: Progress | None = None) -> dict[str, Any]:
     progress = progress or NullProgress()
     workdir.require_root()
@@ -386,18 +407,15 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
                 topology,
                 "vagrant destroy",
             )
-    # Whatever vagrant left (or never got to): our domains and networks by name.
-    if shutil.which("virsh") and Path(host.SOCKET).exists():
-        listed = host.run_virsh("list", "--all", "--name", check=False).stdout.split()
-        for domain in listed:
-            if domain.startswith(PREFIX + "-"):
-                host.run_virsh("destroy", domain, check=False)
-                host.run_virsh("undefine", domain, "--remove-all-storage", check=False)
-        nets = host.run_virsh("net-list", "--all", "--name", check=False).stdout.split()
-        for name in nets:
-            if name.startswith(PREFIX + "-"):
-                host.run_virsh("net-destroy", name, check=False)
-                host.run_virsh("net-undefine", name, check=False)
+    # Whatever vagrant left (or never got to): our domains and networks by name. Kept on
+    # disk by libvirt, they are removed even when libvirtd is not running now (it is
+    # started for that, and stopped again).
+    daemons = [int(p) for p in state.get("daemons") or []]
+    if shutil.which("virsh"):
+        if not Path(host.SOCKET).exists() and host.persisted(PREFIX):
+            daemons += host.ensure_daemons(refuse_default=False)
+        if Path(host.SOCKET).exists():
+            _remove_ours()
     removed = []
     for name in netns.list_netns(PREFIX + "-"):
         for pid in netns.pids(name):
@@ -410,9 +428,7 @@ def down(progress: Progress | None = None) -> dict[str, Any]:
         name = str(link.get("ifname", ""))
         if name.startswith(PREFIX + "-"):
             netns.ip("link", "del", name, check=False)
-    for pid in reversed(state.get("daemons") or []):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGTERM)
+    host.stop_daemons(daemons)
     route = False
     # The blackhole goes only if this tier added it; with no record, only if no namespace
     # lab is left whose route it also is.

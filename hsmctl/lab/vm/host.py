@@ -9,8 +9,11 @@ and the guests run under TCG anyway.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +24,8 @@ QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 # libvirt's NAT network (192.168.122.0/24, a route off the host): never started by us.
 DEFAULT_NET_AUTOSTART = Path("/etc/libvirt/qemu/networks/autostart/default.xml")
 SOCKET = Path("/run/libvirt/libvirt-sock")
+# Where libvirt keeps persistent definitions: they outlive libvirtd, and come back with it.
+CONFIG_DIR = Path("/etc/libvirt/qemu")
 URI = "qemu:///system"
 TOOLS = ("vagrant", "virsh", "libvirtd", "virtlogd", "qemu-img", "mkfs.ext4", "qemu-system-x86_64")
 
@@ -52,36 +57,70 @@ def configure_qemu(conf: Path = QEMU_CONF) -> bool:
     return False
 
 
-def _pids(name: str) -> list[int]:
+def running(name: str) -> list[int]:
+    """The pids of the live processes of this name (zombies left out)."""
     proc = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True, check=False)
-    return [int(p) for p in proc.stdout.split()]
+    return [int(p) for p in proc.stdout.split() if _alive(int(p))]
 
 
-def ensure_daemons() -> list[int]:
+def persisted(prefix: str, config_dir: Path | None = None) -> list[str]:
+    """Domains and networks named ``<prefix>-*`` that libvirt keeps on disk, whether or not
+    libvirtd runs now (a run interrupted, or a ``lab down`` while libvirtd was stopped,
+    leaves them; the next libvirtd loads them again)."""
+    config_dir = config_dir or CONFIG_DIR
+    found = [p.stem for p in sorted(config_dir.glob(f"{prefix}-*.xml"))]
+    found += [p.stem for p in sorted((config_dir / "networks").glob(f"{prefix}-*.xml"))]
+    return found
+
+
+def ensure_daemons(*, refuse_default: bool = True) -> list[int]:
     """Start virtlogd and libvirtd unless they run; the pids of those started here."""
     changed = configure_qemu()
     started: list[int] = []
-    if _pids("libvirtd"):
+    if running("libvirtd"):
         if changed:
             raise ConflictError(
                 f"{QEMU_CONF} was changed for the VM tier (QEMU as root); restart libvirtd"
             )
-        refuse_default_network()
+        if refuse_default:
+            refuse_default_network()
         return started
     # The libvirtd started here must not bring up libvirt's `default` NAT network.
     if DEFAULT_NET_AUTOSTART.is_symlink() or DEFAULT_NET_AUTOSTART.exists():
         DEFAULT_NET_AUTOSTART.unlink()
     for daemon in ("virtlogd", "libvirtd"):
-        if not _pids(daemon):
+        if not running(daemon):
             subprocess.run([daemon, "-d"], check=True)
-            started.extend(_pids(daemon))
+            started.extend(running(daemon))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if SOCKET.exists() and run_virsh("version", check=False).returncode == 0:
-            refuse_default_network()
+            if refuse_default:
+                refuse_default_network()
             return started
         time.sleep(0.2)
     raise CommandFailed("libvirtd did not answer within 30 s", argv=["virsh", "version"], status=1)
+
+
+def stop_daemons(pids: list[int], timeout: float = 15) -> None:
+    """Stop the daemons started here (libvirtd first) and wait for them to be gone, so
+    that a ``lab up`` right after starts its own instead of finding one on its way out."""
+    for pid in reversed(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, waiting for a parent that may never reap it, is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def refuse_default_network() -> None:
