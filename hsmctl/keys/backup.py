@@ -165,6 +165,58 @@ def _token(ctx: TenantContext, appliance: str, kit_dir: Path | None,
     return DomainToken(plain.appliance, plain.remote, plain.pin)
 
 
+def foreign_kit_keys(known_hosts: str, pinned: list[str]) -> list[str]:
+    """The host keys a kit's ``known_hosts`` accepts that are not among ``pinned`` (the
+    target appliance's data host keys), as ``TYPE BASE64`` (pure). A kit whose ssh
+    accepts only the target's pinned keys (``StrictHostKeyChecking yes``) can reach no
+    other device; a group kit (every member's keys) or another appliance's kit can."""
+    mine = {" ".join(k.split()[:2]) for k in pinned}
+    accepted = [" ".join(line.split()[1:3]) for line in known_hosts.splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]  # fmt: skip
+    return [k for k in accepted if k not in mine] if accepted else ["(none)"]
+
+
+def check_target(ctx: TenantContext, appliance: str, kit_dir: Path | None) -> None:
+    """Refuse, before anything is read from or sent to a device, a target that is not
+    this tenant's (its takeover receipt is not signed by this tenant's identity, or names
+    another tenant: exit 5) or a ``--kit`` that may reach another device (exit 2)."""
+    from hsmctl.takeover.receipt import RECEIPT, verify_receipt
+
+    state = ApplianceDir(ctx.state_dir, appliance)
+    receipt = state.dir / RECEIPT
+    if not receipt.is_file():
+        raise ConflictError(f"{appliance}: the takeover is not finished (no receipt); "
+                            "nothing changed")  # fmt: skip
+    try:
+        verify_receipt(receipt, ctx.identity)
+        tenant = json.loads(receipt.read_text(encoding="utf-8")).get("tenant")
+    except (IntegrityError, OSError, ValueError) as exc:
+        raise ConflictError(
+            f"{appliance}: not this tenant's appliance (its takeover receipt is not signed "
+            "by this tenant's identity); nothing changed"
+        ) from exc
+    if ctx.tenant is not None and tenant != ctx.tenant:
+        raise ConflictError(
+            f"{appliance}: taken over by tenant {str(tenant)[:40]!r}, not {ctx.tenant!r}; "
+            "nothing changed"
+        )
+    if kit_dir is None:
+        return  # hsmctl's own kit for this appliance: made from its pins
+    pinned = [str(k) for k in state.pins().get("data_host_keys") or ()]
+    try:
+        text = (kit_dir.absolute() / "known_hosts").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--kit {kit_dir}: no readable known_hosts; nothing changed") from exc
+    foreign = foreign_kit_keys(text, pinned)
+    if foreign:
+        raise UsageError(
+            f"--kit {kit_dir}: its known_hosts accepts host keys that are not {appliance}'s "
+            f"pinned data host keys ({len(foreign)}: another appliance's kit, or a group "
+            "kit that reaches whichever member answers); give a kit of this appliance; "
+            "nothing changed"
+        )
+
+
 def backup(
     ctx: TenantContext,
     appliance: str,
@@ -179,6 +231,7 @@ def backup(
     if output.is_dir() or not output.parent.is_dir():
         raise UsageError(f"--output {output}: not a file in an existing directory")
     admin = Appliance(ctx, appliance)  # exit 5 unless taken over from here
+    check_target(ctx, appliance, kit_dir)  # this tenant's, and the kit reaches it
     with _token(ctx, appliance, kit_dir, pin_file) as token:
         found = token.domain_key()
         if found is None:
@@ -234,6 +287,7 @@ def restore(
 
     ApplianceDir(ctx.state_dir, appliance)  # validates the id (exit 2)
     Appliance(ctx, appliance)  # exit 5 unless taken over from here
+    check_target(ctx, appliance, kit_dir)  # this tenant's, and the kit reaches it
     manifest = load(ctx, backup_file)
     with _token(ctx, appliance, kit_dir, pin_file) as token:
         found = token.domain_key()

@@ -287,7 +287,11 @@ class ByokToken(RemoteToken):
             # SoftHSM 2.6.1 keeps no CKA_VALUE_LEN for an unwrapped key (read-only but for
             # generate and derive): the size is the KWP part's, whose 16/24/32 key bytes
             # need no padding (the device's policy probed and allowed the same length).
-            return dataclasses.replace(made[0], size=(len(blob.kwp) - 8) * 8)
+            # Recorded beside the key (remote.record_size) so key list shows it later.
+            bits = (len(blob.kwp) - 8) * 8
+            if bits in (128, 192, 256):
+                self.record_size(label, key_id, bits)
+            return dataclasses.replace(made[0], size=bits)
         return made[0]
 
     def _refusal(self, exc: Exception, part: str, kind: Kind) -> HsmctlError:

@@ -88,6 +88,21 @@ def translate(exc: Exception, appliance: str, operation: str) -> HsmctlError:
     return HsmctlError(f"{appliance}: {operation} failed: {ckr}", detail={"ckr": ckr})
 
 
+SIZE_APPLICATION = "hsmctl key size"
+_SIZE_RECORD = re.compile(r"([0-9a-f]{0,128}) (128|192|256)")
+
+
+def size_record(key_id: bytes, bits: int) -> bytes:
+    """The value of a key's size record: ``ID-HEX BITS`` (pure)."""
+    return f"{key_id.hex()} {bits}".encode("ascii")
+
+
+def parse_size_record(value: bytes) -> tuple[str, int] | None:
+    """(id hex, bits) of a size record's value, None if it is not one (pure)."""
+    found = _SIZE_RECORD.fullmatch(value.decode("ascii", "replace"))
+    return (found.group(1), int(found.group(2))) if found else None
+
+
 def _attr(obj: Any, attribute: Any) -> Any:
     import pkcs11
 
@@ -205,10 +220,15 @@ class RemoteToken:
         self._operation = "list"
         try:
             rows = []
+            recorded: dict[tuple[str, str], int] | None = None
             for obj in self._keys(label):
                 r = self._row(obj)
                 if r is not None and r.type == "aes" and r.size is None:
                     r = dataclasses.replace(r, size=self._wrapped_size(obj))
+                if r is not None and r.type == "aes" and r.size is None:
+                    if recorded is None:
+                        recorded = self.recorded_sizes(label)
+                    r = dataclasses.replace(r, size=recorded.get((r.label, r.id)))
                 rows.append(r)
         except pkcs11.PKCS11Error as exc:
             raise translate(exc, self.appliance, "list") from exc
@@ -240,6 +260,48 @@ class RemoteToken:
             return None
         size = (len(bytes(blob)) - 8) * 8
         return size if size in (128, 192, 256) else None
+
+    # -- the size of an AES key SoftHSM does not tell -------------------------------------
+    #
+    # A key that is neither generated here nor wrappable by the domain key (a BYOK import:
+    # never extractable) has no CKA_VALUE_LEN on SoftHSM 2.6.1 and no way to learn it by
+    # use. Its importer records the size beside it on the token: a private CKO_DATA object
+    # (CKA_APPLICATION ``SIZE_APPLICATION``, the key's label, value ``ID-HEX BITS``), which
+    # every kit of the token reads, which ``destroy`` removes with the key, and which
+    # backup and ha sync leave alone (they copy key objects only).
+
+    def record_size(self, label: str, key_id: bytes, bits: int) -> None:
+        import pkcs11
+        from pkcs11 import Attribute, ObjectClass
+
+        try:
+            self._session.create_object({
+                Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True,
+                Attribute.PRIVATE: True, Attribute.LABEL: label,
+                Attribute.APPLICATION: SIZE_APPLICATION,
+                Attribute.VALUE: size_record(key_id, bits)})  # fmt: skip
+        except pkcs11.PKCS11Error as exc:
+            raise translate(exc, self.appliance, "import") from exc
+
+    def _size_records(self, label: str | None) -> list[Any]:
+        from pkcs11 import Attribute, ObjectClass
+
+        template: dict[Any, Any] = {Attribute.CLASS: ObjectClass.DATA,
+                                    Attribute.APPLICATION: SIZE_APPLICATION}  # fmt: skip
+        if label is not None:
+            template[Attribute.LABEL] = label
+        return list(self._session.get_objects(template))
+
+    def recorded_sizes(self, label: str | None = None) -> dict[tuple[str, str], int]:
+        """(label, id hex) -> bits, from the size records on the token."""
+        from pkcs11 import Attribute
+
+        found: dict[tuple[str, str], int] = {}
+        for obj in self._size_records(label):
+            parsed = parse_size_record(bytes(_attr(obj, Attribute.VALUE) or b""))
+            if parsed is not None:
+                found[(str(_attr(obj, Attribute.LABEL) or ""), parsed[0])] = parsed[1]
+        return found
 
     def generate(self, spec: KeySpec, label: str, key_id: bytes) -> KeyRow:
         """Make the key on the device: private/secret halves sensitive and never
@@ -293,10 +355,15 @@ class RemoteToken:
             key_id = _attr(keys[0], Attribute.ID)
             publics = list(self._session.get_objects(
                 {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: label}))  # fmt: skip
+            records = [o for o in self._size_records(label)
+                       if (parse_size_record(bytes(_attr(o, Attribute.VALUE) or b""))
+                           or ("", 0))[0] == bytes(key_id or b"").hex()]  # fmt: skip
             keys[0].destroy()
             for pub in publics:
                 if _attr(pub, Attribute.ID) == key_id:
                     pub.destroy()
+            for record in records:
+                record.destroy()
         except pkcs11.PKCS11Error as exc:
             raise translate(exc, self.appliance, "destroy") from exc
         return rows
