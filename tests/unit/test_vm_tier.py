@@ -221,3 +221,20 @@ def test_persisted_lists_only_the_tiers_definitions_on_disk(tmp_path: Path) -> N
     (tmp_path / "networks" / "autostart" / "hsmvm-t2.xml").write_text("<network/>")
     assert host.persisted("hsmvm", tmp_path) == ["hsmvm-hsm01", "hsmvm-mgmt", "hsmvm-t1"]
     assert host.persisted("hsmvm", tmp_path / "absent") == []
+
+
+def test_a_leftover_blackhole_is_refused_not_taken_as_another_labs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The lab range's blackhole with no namespace lab behind it is a leftover: lab up
+    asks for lab down first (as the namespace lab does) instead of sharing it — and then
+    leaving it behind at its own lab down. Beside a namespace lab, the route is shared."""
+    from hsmctl.errors import ConflictError
+
+    monkeypatch.setattr(control.safety, "blackhole_present", lambda rng: True)
+    monkeypatch.setattr(control.netns, "list_netns", lambda prefix="": [])
+    with pytest.raises(ConflictError, match="left from an earlier run"):
+        control._check_vm_range_free()
+    monkeypatch.setattr(control.netns, "list_netns", lambda prefix="": ["hsmlab-t1-client"])
+    monkeypatch.setattr(control.netns, "ip_json", lambda *args: [])
+    assert control._check_vm_range_free() is True

@@ -178,6 +178,13 @@ def _check_vm_range_free() -> bool:
     if not present:
         safety.check_range_free(LAB_RANGE)
         return False
+    if not netns.list_netns("hsmlab-"):
+        # No lab on record and no namespace lab whose route it is: a run's leftover, which
+        # this lab would otherwise take as another's and leave behind at its lab down.
+        raise ConflictError(
+            f"a blackhole route for {LAB_RANGE} is left from an earlier run; "
+            "run 'hsmctl lab down' first"
+        )
     for route in netns.ip_json("-4", "route", "show", "table", "all"):
         dst = route.get("dst", "")
         if dst in ("", "default") or safety.is_ours(route, LAB_RANGE):
