@@ -40,6 +40,7 @@ for name in firmware.FIRMWARE_FILES:
     else:
         shutil.copy2(path, dest / name)
 firmware._build_policy_module(dest / "appliance" / "p11")
+firmware.compile_bytecode(dest)
 EOF
 
 for id in "$@"; do

@@ -250,6 +250,10 @@ class Connection(socketserver.StreamRequestHandler):
         session.run(self.rfile)
 
 
+class SessionGone(Exception):
+    """The shell went away (or broke the protocol) in the middle of a command."""
+
+
 class ShellSession:
     """The daemon's side of one ``hsmsh`` session: who is calling (fixed at connect),
     then each command approved, logged, run and answered (:class:`DaemonClient` in
@@ -317,7 +321,11 @@ class ShellSession:
                 if msg is None or msg.get("type") == "bye":
                     break
                 if msg.get("type") == "command":
-                    self.command(str(msg.get("line", "")), list(msg.get("stdin") or []))
+                    given = msg.get("stdin")  # a shell that parsed the line itself
+                    secrets = None if given is None else list(given)
+                    self.command(str(msg.get("line", "")), secrets, rfile)
+        except SessionGone:
+            pass
         finally:
             self.end()
             with contextlib.suppress(OSError):
@@ -350,7 +358,31 @@ class ShellSession:
             {"type": "result", "exit": result.exit, "output": result.output, "error": result.error},
         )
 
-    def command(self, text: str, secrets: list[str]) -> None:
+    def ask_secrets(self, rfile: Any, names: tuple[str, ...]) -> list[str] | None:
+        """The values a parsed command reads from the shell's stdin, asked for by name
+        (the shell has no grammar: :mod:`shell`). None: the caller cancelled, or sent
+        something else (answered, nothing run, nothing logged, as when a shell gave up
+        before sending the command). :class:`SessionGone` if the shell went away."""
+        if not names:
+            return []
+        protocol.send(self.sock, {"type": "secrets", "names": list(names)})
+        try:
+            msg = protocol.recv(rfile)
+        except ValueError as exc:
+            raise SessionGone from exc
+        if msg is None:
+            raise SessionGone
+        values = msg.get("values") if msg.get("type") == "secrets" else None
+        if (
+            isinstance(values, list)
+            and len(values) == len(names)
+            and all(isinstance(v, str) for v in values)
+        ):
+            return values
+        protocol.send(self.sock, {"type": "result", "exit": protocol.EXIT_USAGE, "output": ""})
+        return None
+
+    def command(self, text: str, secrets: list[str] | None, rfile: Any) -> None:
         c = self.caller
         assert c.role is not None
         raw = text.encode("utf-8", "surrogateescape")
@@ -371,6 +403,10 @@ class ShellSession:
                 return
             self.reply(Reply(exit=protocol.EXIT_USAGE, error=str(exc)))
             return
+        if secrets is None:  # before the order lock: a person may be typing them
+            secrets = self.ask_secrets(rfile, cmd.spec.stdin)
+            if secrets is None:
+                return
         if cmd.words in READ_ONLY:
             self.reply(self.execute(cmd, secrets))
             return

@@ -44,9 +44,24 @@ def firmware_dir(base: Path | None = None) -> Path:
         else:
             shutil.copy2(path, tmp / "hsmctl" / name)
     _build_policy_module(tmp / "hsmctl" / "appliance" / "p11")
+    compile_bytecode(tmp / "hsmctl")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     return dest
+
+
+def compile_bytecode(package: Path) -> None:
+    """Write ``__pycache__`` beside the snapshot's sources. The appliance mounts the
+    firmware read-only, so without it every device process (each command's ``hsmsh``,
+    the back-off hook, ``hsm-p11``) compiled the modules it imports anew, and could not
+    keep the result. Timestamp-checked, like Python's own: a source whose mtime or size
+    differs from its ``.pyc``'s (a copy that did not keep mtimes) is compiled as before.
+    The cache tag names this interpreter (cpython-311 here, as in the bookworm image); a
+    device with another Python ignores these files."""
+    import compileall
+
+    if not compileall.compile_dir(str(package), quiet=2, workers=1):
+        raise HsmctlError(f"compiling the firmware snapshot ({package}) failed")
 
 
 def _build_policy_module(p11: Path) -> None:
