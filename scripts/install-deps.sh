@@ -11,7 +11,7 @@ if [[ ${1:-} == --vm ]]; then vm=1; fi
 packages=(
   openssh-server openssh-client sshpass netcat-openbsd
   softhsm2 opensc p11-kit libp11-kit-dev libengine-pkcs11-openssl
-  gcc libc6-dev iproute2 util-linux procps
+  gcc libc6-dev libssl-dev iproute2 util-linux procps
   debootstrap debian-archive-keyring
   python3 python3-venv python3-dev
   shellcheck vagrant systemd strace logrotate

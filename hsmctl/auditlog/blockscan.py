@@ -5,8 +5,10 @@ that), with only the signed records verified in full."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol, cast
 
 from hsmctl.auditlog import form
 from hsmctl.auditlog.chain import GENESIS_HEAD, Head
@@ -18,6 +20,29 @@ _PREV_MEMBER = b'"prev":"'
 _SIGNED_EVENTS = (b'"event":"checkpoint"', b'"event":"key-rotation"')
 _SIGNED_NAMES = (b'"checkpoint"', b'"key-rotation"')
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_SEQ_LIMIT = 10**18
+"""The compiled scan takes ``seq`` below this (18 digits, like :data:`RECORD`)."""
+
+
+class ScanModule(Protocol):
+    """``hsmctl.auditlog._scan`` (``_scan.c``): ``scan(lines, pos, running, first)``
+    links ``lines[pos:end]`` of the common shape and returns ``end`` and the last hash."""
+
+    def scan(
+        self, lines: list[bytes], pos: int, running: bytes, first: int, /
+    ) -> tuple[int, bytes]: ...
+
+
+def _compiled() -> ScanModule | None:
+    try:
+        module = importlib.import_module("hsmctl.auditlog._scan")
+    except ImportError:  # not built (no compiler when installed), or built for another system
+        return None
+    return cast(ScanModule, module)
+
+
+SCAN: ScanModule | None = _compiled()
+"""The compiled scan if it was built, else None: then :func:`_link_scan` is Python only."""
 
 
 def _link_other(line: bytes, running: bytes, seq: int) -> tuple[bytes, bool] | None:
@@ -43,7 +68,9 @@ def _link_other(line: bytes, running: bytes, seq: int) -> tuple[bytes, bool] | N
     return claimed, False
 
 
-def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, bytes, list[tuple[int, bytes]]]:
+def _link_scan(
+    lines: Sequence[bytes], start: Head, *, compiled: bool = True
+) -> tuple[int, bytes, list[tuple[int, bytes]]]:
     """How many leading lines continue the chain from ``start``, each a record that
     :func:`verify_lines` would accept there, and the hash of the last of them; and, for
     every line that may be a checkpoint or a key rotation, its index and the hash before
@@ -56,7 +83,51 @@ def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, bytes, list[tu
     together exactly what the full verifier checks of a record that is not signed. Any
     other line is a signed record if its bytes say so (verified in full later), else it is
     parsed and re-encoded like :func:`verify_lines` does (:func:`_canonical_line`).
+
+    With the compiled scan (:data:`SCAN`, unless ``compiled`` is false: Python only) the
+    plain ASCII unsigned lines of the common shape — nearly every line a device
+    writes — are linked in C, and every line it does not take is decided here, one at a
+    time, exactly as without it (it takes a line only when this code would).
     """
+    signed: list[tuple[int, bytes]] = []
+    if not _HEX64.fullmatch(start.hash):  # not a hash: no line can link to it by its bytes
+        return 0, b"", signed
+    running = start.hash.encode("ascii")
+    first, total = start.seq + 1, len(lines)
+    scan = SCAN if compiled else None
+    if (
+        scan is None
+        or type(lines) is not list
+        or type(first) is not int  # a caller's Head may hold anything; "%d" takes 2.0
+        or not 1 <= first <= _SEQ_LIMIT - total
+    ):
+        count, running = _scan_lines(lines, running, first, signed, 0)
+        return count, running, signed
+    count = 0
+    while count < total:
+        count, running = scan.scan(lines, count, running, first)
+        if count == total:
+            break
+        taken, claimed = _scan_lines(
+            lines[count : count + 1], running, first + count, signed, count
+        )
+        if not taken:
+            break
+        running = bytes(claimed)  # a slice of the line: bytearray if the line was one
+        count += 1
+    return count, running, signed
+
+
+def _scan_lines(
+    lines: Sequence[bytes],
+    running: bytes,
+    first: int,
+    signed: list[tuple[int, bytes]],
+    offset: int,
+) -> tuple[int, bytes]:
+    """:func:`_link_scan` in Python: how many leading ``lines`` link after ``running``
+    (the first of them numbered ``first``), and the last one's hash; signed records are
+    added to ``signed`` (their index plus ``offset``)."""
     sha256, plain, exact, escapes, signed_names = (
         hashlib.sha256,
         PLAIN.fullmatch,
@@ -64,11 +135,7 @@ def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, bytes, list[tu
         ESCAPES,
         _SIGNED_NAMES,
     )  # locals: this loop runs once a record
-    signed: list[tuple[int, bytes]] = []
-    if not _HEX64.fullmatch(start.hash):  # not a hash: no line can link to it by its bytes
-        return 0, b"", signed
-    running = start.hash.encode("ascii")
-    first, count = start.seq + 1, 0
+    count = 0
     for line in lines:
         shape = (plain if len(line.translate(None, escapes)) == len(line) else exact)(line)
         if (
@@ -84,17 +151,17 @@ def _link_scan(lines: Sequence[bytes], start: Head) -> tuple[int, bytes, list[tu
             ):
                 break
             if g[8] in signed_names:
-                signed.append((count, running))
+                signed.append((offset + count, running))
         else:
             linked = _link_other(line, running, first + count)
             if linked is None:
                 break
             claimed, is_signed = linked
             if is_signed:
-                signed.append((count, running))
+                signed.append((offset + count, running))
         running = claimed
         count += 1
-    return count, running, signed
+    return count, running
 
 
 def _is_utf8(line: bytes) -> bool:
