@@ -274,6 +274,7 @@ scan(PyObject *module, PyObject *args)
     while (pos < total) {
         /* A window of lines, each held by a reference: the list may change meanwhile. */
         Py_ssize_t n = 0, taken = 0;
+        total = PyList_GET_SIZE(lines); /* another thread may have changed it meanwhile */
         while (n < window && pos + n < total) {
             PyObject *item = PyList_GET_ITEM(lines, pos + n);
             if (!PyBytes_CheckExact(item))
@@ -288,8 +289,8 @@ scan(PyObject *module, PyObject *args)
         ptr last = running;
         for (; taken < n; taken++) {
             ptr claimed;
-            if (!link_line(ctx, bufs[taken], sizes[taken], last, (uint64_t)first + (uint64_t)(pos + taken),
-                           &claimed))
+            uint64_t seq = (uint64_t)first + (uint64_t)(pos + taken);
+            if (!link_line(ctx, bufs[taken], sizes[taken], last, seq, &claimed))
                 break;
             last = claimed;
         }
