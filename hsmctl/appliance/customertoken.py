@@ -12,12 +12,21 @@ from hsmctl.appliance.tokenlib import (
     check_customer_label,
     reveal_pin,
 )
+from hsmctl.appliance.tokenstore import StatusCache
 from hsmctl.secret import Secret
+
+# The last status read, while SoftHSM's token store is unchanged (tokenstore: hsm show
+# in every provisioning step and health poll no longer loads SoftHSM each time).
+_STATUS = StatusCache[TokenStatus]()
 
 
 def customer_status(*, lib_path: str = DEFAULT_LIB) -> TokenStatus:
     """Label, serial, initialised, public object count, whether the CO PIN is set."""
-    return TokenStatus.from_dict(call_helper("customer_status", {}, lib_path))
+
+    def read() -> TokenStatus:
+        return TokenStatus.from_dict(call_helper("customer_status", {}, lib_path))
+
+    return _STATUS.get(read) if lib_path == DEFAULT_LIB else read()
 
 
 def customer_init(
