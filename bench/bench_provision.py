@@ -22,9 +22,10 @@ many / plainN (the fleet tooling's overhead over a plain playbook; target <= 1.2
 
 CPU seconds, steadier than wall time on a shared machine: every scenario also reports the
 user+sys time of the whole process tree it started (``RUSAGE_CHILDREN`` of this process
-around the run: hsmctl, ansible-playbook, its workers and modules); **handover** also
-the device's (the appliance's processes below its launcher in ``lab.json``: utime, stime
-and those of the children they reaped, before and after), as ``*_device_cpu``.
+around the run: hsmctl, ansible-playbook, its workers and modules), and the devices'
+(the appliances' processes below their launchers in ``lab.json``: utime, stime and those
+of the children they reaped, before and after; all the run's appliances together) as
+``SCENARIO_device_cpu`` (**handover**: ``provision_device_cpu``, ``takeover_device_cpu``).
 
 Usage (root, lab up, nothing else using hsm85 … hsm100):
 ``python -m bench provision [--runs N] [--count N] [--scenarios one,many,plain1,plainN]
@@ -79,10 +80,11 @@ def children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def device_cpu(appliance: str) -> float:
-    """User+sys seconds so far of the appliance's processes (below its launcher), with
-    the children they reaped (sessions, the sshd a host-key activation replaced)."""
-    launcher = int(json.loads(LAB_STATE.read_text())["launchers"][appliance])
+def device_cpu(*appliances: str) -> float:
+    """User+sys seconds so far of the appliances' processes (below each one's launcher),
+    with the children they reaped (sessions, the sshd a host-key activation replaced).
+    One pass over /proc for all of them."""
+    launchers = json.loads(LAB_STATE.read_text())["launchers"]
     parents: dict[int, list[int]] = {}
     ticks: dict[int, int] = {}
     for entry in os.scandir("/proc"):
@@ -95,7 +97,7 @@ def device_cpu(appliance: str) -> float:
         pid = int(entry.name)
         parents.setdefault(int(fields[1]), []).append(pid)
         ticks[pid] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-    total, todo = 0, [launcher]
+    total, todo = 0, [int(launchers[a]) for a in appliances]
     while todo:
         pid = todo.pop()
         total += ticks.get(pid, 0)
@@ -207,7 +209,7 @@ def one_run(scenario: str, count: int, root: Path, times: dict[str, list[float]]
         appliances = APPLIANCES[-1:]
     factory_reset(*appliances)
     directory = Path(tempfile.mkdtemp(prefix=f"{scenario}-", dir=root))
-    cpu0 = children_cpu()
+    cpu0, dev0 = children_cpu(), device_cpu(*appliances)
     if scenario == "handover":
         cpu: dict[str, float] = {}
         provisioned, taken = run_handover(directory, appliances[0], cpu)
@@ -221,6 +223,8 @@ def one_run(scenario: str, count: int, root: Path, times: dict[str, list[float]]
     else:
         took = run_hsmctl(directory, appliances)
     times.setdefault(f"{scenario}_cpu", []).append(children_cpu() - cpu0)
+    if scenario != "handover":  # which reports its two parts' device CPU itself
+        times.setdefault(f"{scenario}_device_cpu", []).append(device_cpu(*appliances) - dev0)
     return took
 
 
@@ -238,6 +242,13 @@ def summarise(times: dict[str, list[float]], count: int) -> dict[str, Any]:
         "many_over_one": ratio("many", "one"),
         "one_over_plain1": ratio("one", "plain1"),
         "many_over_plainN": ratio("many", "plainN"),
+        # The device's CPU seconds for one provisioning: what bounds N in one run on a
+        # small host (each appliance's share of "many" against "one").
+        "device_cpu_per_appliance": {
+            k: round(med[f"{k}_device_cpu"] / n, 3)
+            for k, n in (("one", 1), ("many", count))
+            if f"{k}_device_cpu" in med
+        },
     }
 
 
@@ -280,9 +291,11 @@ def main(argv: list[str]) -> int:
         print(f"  provision + takeover of one: {med['handover']:.2f} s (target <= 8 s)")
     cpu = {k.removesuffix("_cpu"): v for k, v in med.items() if k.endswith("_cpu")}
     if cpu:
-        print("  CPU seconds (median; this host's process tree, *_device: the appliance's)")
+        print("  CPU seconds (median; this host's process tree, *_device: the appliances')")
         for name, value in cpu.items():
             print(f"    {name:22} {value:6.2f}")
+    for name, value in summary["device_cpu_per_appliance"].items():
+        print(f"  device CPU per appliance, {name}: {value:.3f} s")
     return 0
 
 

@@ -49,8 +49,11 @@ def test_device_cpu_sums_the_tree_below_the_launcher(
         assert launcher.stdout is not None
         assert launcher.stdout.readline() == "done\n"
         assert device_cpu("hsm01") >= 0.5
-        state.write_text(json.dumps({"launchers": {"hsm01": os.getpid() + 10**7}}))
-        assert device_cpu("hsm01") == 0.0  # no such process: nothing below it
+        state.write_text(
+            json.dumps({"launchers": {"hsm01": launcher.pid, "hsm02": os.getpid() + 10**7}})
+        )
+        assert device_cpu("hsm02") == 0.0  # no such process: nothing below it
+        assert device_cpu("hsm01", "hsm02") == device_cpu("hsm01") >= 0.5
     finally:
         launcher.communicate("")
 
@@ -63,6 +66,9 @@ def test_summary_medians_and_ratios() -> None:
         "handover": [8.0, 7.0, 9.0],
     }
     summary = summarise(times, 16)
+    assert summary["device_cpu_per_appliance"] == {}
+    times |= {"one_device_cpu": [0.5, 0.4, 0.6], "many_device_cpu": [8.0, 8.8, 7.2]}
+    assert summarise(times, 16)["device_cpu_per_appliance"] == {"one": 0.5, "many": 0.5}
     assert summary["median_s"] == {"one": 4.0, "many": 14.0, "one_cpu": 1.7, "handover": 8.0}
     assert summary["many_over_one"] == 3.5
     assert summary["one_over_plain1"] is None
