@@ -53,7 +53,11 @@ from pathlib import Path
 from typing import Any
 
 from hsmctl import auditlog
+from hsmctl.auditlog import blockscan
 from hsmctl.collect.collector import CollectOptions, Collector
+
+SCAN_KIND = "compiled (hsmctl.auditlog._scan)" if blockscan.SCAN is not None else "Python"
+"""Which byte scan the verified collection ran (the C one unless it was not built)."""
 
 DEVICE = "bench"
 SESSION: tuple[tuple[str, str, dict[str, Any]], ...] = (
@@ -504,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"{n:,} records, {size / 1e6:.0f} MB, a checkpoint every {args.every}; "
         f"median of {args.runs} interleaved rounds; {os.cpu_count()} CPUs; load average "
-        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after; byte scan: {SCAN_KIND}"
     )
     print(table(rows))
     ratios: dict[str, Any] = {
@@ -528,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "bytes": size,
                     "every": args.every,
                     "runs": args.runs,
+                    "scan": "compiled" if blockscan.SCAN is not None else "python",
                     "rows": [
                         {
                             "name": r.name,
