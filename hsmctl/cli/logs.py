@@ -50,7 +50,8 @@ def logs() -> None:
     "--workers",
     type=click.IntRange(0, 64),
     default=None,
-    help="Processes verifying large logs (default: one per CPU; 0: in the collecting thread).",
+    help="Processes verifying large logs (0: in the collecting thread, the default when the "
+    "compiled byte scan is built; else the default is one per CPU).",
 )
 @_wait_option
 @click.option(

