@@ -224,7 +224,7 @@ def _finish(
         "known_hosts": (kit.group_known_hosts(group, host_keys), 0o644),
         "ssh_config": (kit.ssh_config(final, name, group, targets), 0o644),
         kit.CONNECTOR: (kit.connector_source().decode(), 0o644),
-        f"{name}.module": (kit.group_module_file(final, name, group), 0o644),
+        f"{name}.module": (kit.group_module_file(final, name, group, targets), 0o644),
         "README": (kit.group_readme(final, name, role, group, doc["members"], labels), 0o644),
     }
     for file_name, (text, mode) in files.items():

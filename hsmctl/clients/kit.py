@@ -255,11 +255,22 @@ def group_ssh_command(kit: Path, group: str) -> list[str]:
     return ["/usr/bin/ssh", "-F", str(kit / "ssh_config"), "-T", group_alias(group)]
 
 
-def group_module_file(kit: Path, name: str, group: str) -> str:
+def group_session_command(kit: Path, group: str, members: Sequence[tuple[str, int]]) -> list[str]:
+    """p11-kit's command for a group kit: the connector's ``--session`` mode, which hands
+    each session to the application's standby holder (connector.py)."""
+    check_kit_path(kit)
+    targets = [f"{ip}:{port}" for ip, port in members]
+    return [PYTHON, "-I", "-S", str(kit / CONNECTOR), "--session", str(kit),
+            group_alias(group), *targets]  # fmt: skip
+
+
+def group_module_file(kit: Path, name: str, group: str,
+                      members: Sequence[tuple[str, int]]) -> str:  # fmt: skip
     return (
         f"# p11-kit module: the customer token of HA group {group} over SSH, as client "
-        f"{name}; each new session opens on a reachable member.\n"
-        f"remote: |{' '.join(group_ssh_command(kit, group))}\n"
+        f"{name}; each new session opens on a reachable member, a standby kept open on "
+        "another.\n"
+        f"remote: |{' '.join(group_session_command(kit, group, members))}\n"
     )
 
 
@@ -286,11 +297,14 @@ Client kit: {name} ({role}) for HA group {group}: {shown}
 Each new PKCS#11 session (each time p11-kit starts the kit's remote command: when the
 application initialises the library) opens on a reachable member: the one that answered
 last first, then the group's order; a member that does not accept the connection within
-{STAGGER_NOTE}. A member that fails in the middle of a session
-fails the application's call within 0.5 to 1.5 s (CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED
-or CKR_GENERAL_ERROR): the application then finalises and initialises the library again
-(python-pkcs11: lib.reinitialize()), finds the token and logs in again. Keys made on one
-member reach the others at the next `hsmctl ha sync {group}`.
+{STAGGER_NOTE}. While the application works, a small helper
+process ({CONNECTOR} --session, one per application process, ending with it) keeps a
+second session open ahead on another member (a standby). A member that fails in the
+middle of a session fails the application's call within 0.5 to 1.5 s (CKR_DEVICE_ERROR,
+CKR_DEVICE_REMOVED or CKR_GENERAL_ERROR): the application then finalises and
+initialises the library again (python-pkcs11: lib.reinitialize()), finds the token and
+logs in again, and gets the standby at once. Keys made on one member reach the others at
+the next `hsmctl ha sync {group}`.
 
 The members' tokens have their own labels (above): choose the token whose label is one
 of them (one member's token is visible at a time). The user PIN is the same on every

@@ -441,3 +441,124 @@ def test_more_bad_input_exits_2_3_5_with_a_message_and_nothing_changed(
     assert {m: ha.keys(m) for m in (A1, A2, B1)} == keys
     assert (journal.read_bytes() if journal.exists() else None) == stones
     assert all(m["in_sync"] for m in ha.ok("ha", "status", group)["members"])
+
+
+# -- restore checks its target; an imported AES key's size (helper-33) ---------------------
+
+
+def _own_kit(ha: Lab, appliance: str) -> Path:
+    """hsmctl's own crypto-officer kit for ``appliance`` (made by its first key list)."""
+    import socket
+
+    from hsmctl.clients import kit
+
+    ha.keys(appliance)
+    own = ha.state_dir / "appliances" / appliance / "clients"
+    found = own / kit.own_client_name(socket.gethostname())
+    assert (found / "known_hosts").is_file(), found
+    return found
+
+
+def _device_events(appliance: str, after: int, *names: str) -> list[dict[str, Any]]:
+    from tests.lab.takeover_helpers import audit_records
+
+    return [r for r in audit_records(appliance) if int(r["seq"]) > after
+            and r.get("event") in names]  # fmt: skip
+
+
+def test_restore_and_backup_refuse_a_target_not_this_tenants_or_a_kit_of_another(
+    ha: Lab, tmp_path: Path
+) -> None:
+    """The target must be this tenant's (its receipt signed by this tenant's identity:
+    hsm75 is tenant2's, in the same state directory: exit 5) and ``--kit`` must reach
+    only it (its known_hosts holds only the target's pinned keys: another appliance's
+    kit is exit 2). Refused before any device is asked: nothing changed, nothing on the
+    devices' PKCS#11 path."""
+    from tests.lab.takeover_helpers import audit_records
+
+    backup = tmp_path / "a1.backup"
+    ha.ok("backup", A1, "--output", str(backup))
+    kit_a1, kit_b1 = _own_kit(ha, A1), _own_kit(ha, B1)
+    keys_b1 = ha.keys(B1)
+    since = {a: int(audit_records(a)[-1]["seq"]) for a in (B1, OTHER)}
+    cases: list[tuple[str, list[str], int, str]] = [
+        ("restore into tenant2's appliance", ["restore", OTHER, "--backup", str(backup)], 5,
+         "not this tenant's"),
+        ("backup of tenant2's appliance", ["backup", OTHER, "--output", str(tmp_path / "o")],
+         5, "not this tenant's"),
+        ("restore through another appliance's kit",
+         ["restore", B1, "--backup", str(backup), "--kit", str(kit_a1)], 2, "known_hosts"),
+        ("backup through another appliance's kit",
+         ["backup", B1, "--output", str(tmp_path / "o"), "--kit", str(kit_a1)], 2,
+         "known_hosts"),
+    ]  # fmt: skip
+    for name, args, code, words in cases:
+        proc = ha.hsmctl(*args, "--json")
+        assert proc.returncode == code, (name, proc.returncode, proc.stderr.decode()[-2000:])
+        err = json.loads(proc.stdout)["error"]
+        assert err["exit_code"] == code and words in err["message"], (name, err)
+        assert "nothing changed" in err["message"], (name, err)
+    assert not (tmp_path / "o").exists()
+    for a in (B1, OTHER):  # no PKCS#11 service was even asked for
+        assert not _device_events(a, since[a], "pkcs11-connect", "key-imported"), a
+    # B1's own kit passes the check: the restore goes on to the domain check (exit 3)
+    proc = ha.hsmctl("restore", B1, "--backup", str(backup), "--kit", str(kit_b1), "--json")
+    assert proc.returncode == 3, proc.stderr.decode()[-2000:]
+    assert "domain" in json.loads(proc.stdout)["error"]["message"]
+    assert ha.keys(B1) == keys_b1
+
+
+_WRAP_FOR_THE_DEVICE = """
+import os, sys
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
+kek = serialization.load_pem_public_key(open(sys.argv[1], "rb").read())
+for bits, out in zip((256, 128), sys.argv[2:]):
+    eph = os.urandom(32)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+    blob = kek.encrypt(eph, oaep) + aes_key_wrap_with_padding(eph, os.urandom(bits // 8))
+    open(out, "wb").write(blob)
+"""
+
+_SIZE_RECORDS = """
+out["records"] = sorted(
+    [o[Attribute.LABEL], bytes(o[Attribute.VALUE]).decode()]
+    for o in se.get_objects({Attribute.CLASS: ObjectClass.DATA,
+                             Attribute.APPLICATION: "hsmctl key size"}))
+"""
+
+
+def test_imported_aes_keys_report_their_size_in_key_list_and_destroy_removes_it(
+    ha: Lab, tmp_path: Path
+) -> None:
+    """BYOK AES-256 and AES-128 keys (wrapped here the way the customer does: RSA-OAEP
+    over an ephemeral AES key, then AES key wrap with padding) on B1 (outside the group):
+    ``key list`` says 256 and 128, not null, as the import did; a destroy takes the size
+    record with the key."""
+    import sys
+
+    ha.ok("key", "wrapping-key", B1, "--label", "ha-kek", "--output", str(tmp_path / "kek.pem"))
+    blobs = [tmp_path / "aes256.wrapped", tmp_path / "aes128.wrapped"]
+    subprocess.run([sys.executable, "-c", _WRAP_FOR_THE_DEVICE, str(tmp_path / "kek.pem"),
+                    *map(str, blobs)], check=True, timeout=60)  # fmt: skip
+    made = {}
+    for label, blob in zip(("byok-aes256", "byok-aes128"), blobs, strict=True):
+        made[label] = ha.ok("key", "import", B1, "--label", label, "--wrapped", str(blob),
+                            "--wrapping-key", "ha-kek")["key"]  # fmt: skip
+    assert made["byok-aes256"]["size"] == 256 and made["byok-aes128"]["size"] == 128, made
+    rows = {k["label"]: k for k in ha.ok("key", "list", B1)["keys"]}
+    for label, bits in (("byok-aes256", 256), ("byok-aes128", 128)):
+        row = rows[label]
+        assert row["type"] == "aes" and row["size"] == bits, row
+        assert row["local"] is False and row["extractable"] is False, row
+        assert row == made[label]
+    d = Domains(ha.conf, ha.netns, ha.state_dir.parent.parent, {}, {})  # BASE/customer/…
+    assert d.state(B1) == ha.state_dir / "appliances" / B1
+    records = d.p11(B1, _SIZE_RECORDS)["records"]
+    assert [r[0] for r in records] == ["byok-aes128", "byok-aes256"], records
+    ha.ok("key", "destroy", B1, "--label", "byok-aes256", "--yes")
+    records = d.p11(B1, _SIZE_RECORDS)["records"]
+    assert [r[0] for r in records] == ["byok-aes128"], records
+    rows = {k["label"]: k for k in ha.ok("key", "list", B1)["keys"]}
+    assert "byok-aes256" not in rows and rows["byok-aes128"]["size"] == 128

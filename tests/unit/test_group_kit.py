@@ -6,11 +6,14 @@ The connector is the file copied into a group kit: it is run here as the kit run
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -158,10 +161,165 @@ def test_ssh_config_and_module_name_the_kit_paths() -> None:
                  "KexAlgorithms ecdh-sha2-nistp256,", f"IdentityFile {k}/app_key",
                  "User p11-app", f"UserKnownHostsFile {k}/known_hosts"):  # fmt: skip
         assert line in text
-    module = kit.group_module_file(k, "app", "g1")
-    assert kit.remote_line(module) == f"|/usr/bin/ssh -F {k}/ssh_config -T hsm-group-g1"
+    module = kit.group_module_file(k, "app", "g1", [("198.19.0.96", 22), ("198.19.0.97", 22)])
+    assert kit.remote_line(module) == (f"|/usr/bin/python3 -I -S {k}/connect.py --session {k} "
+                                       "hsm-group-g1 198.19.0.96:22 198.19.0.97:22")  # fmt: skip
+    assert kit.group_ssh_command(k, "g1") == ["/usr/bin/ssh", "-F", f"{k}/ssh_config", "-T",
+                                              "hsm-group-g1"]  # fmt: skip
     hosts = kit.group_known_hosts("g1", ["ssh-ed25519 AAAA1 c", "ecdsa-sha2-nistp256 BBBB"])
     assert hosts == "hsm-group-g1 ssh-ed25519 AAAA1\nhsm-group-g1 ecdsa-sha2-nistp256 BBBB\n"
     for bad in ("relative/kit", "/a b", "/a%h", "/a'b", "/a\nb"):
         with pytest.raises(ValueError):
             kit.check_kit_path(Path(bad))
+
+
+# -- the warm standby (connect.py --session and its holder) ---------------------------------
+#
+# The holder runs for real (forked twice, as from p11-kit's command); only ssh is a stand-in
+# (connector.SSH, inherited by the fork): it answers the version byte like p11-kit remote,
+# then echoes each chunk prefixed with its member, and it records its pid per member.
+
+_FAKE_SSH = r"""#!/usr/bin/python3
+import os, sys
+d = os.environ["FAKE_SSH_DIR"]
+proxy = next(a for a in sys.argv if a.startswith("ProxyCommand="))
+member = proxy.split()[-1]
+if os.path.exists(os.path.join(d, "down-" + member)):
+    sys.exit(255)
+open(os.path.join(d, "pid-%s-%d" % (member, os.getpid())), "w").close()
+if os.read(0, 1) != b"\0":
+    sys.exit(3)
+os.write(1, b"\0")
+while True:
+    data = os.read(0, 65536)
+    if not data:
+        sys.exit(0)
+    os.write(1, member.encode() + b":" + data)
+"""
+
+M1, M2 = "10.255.0.1:22", "10.255.0.2:22"  # never contacted: the stand-in ssh answers
+
+
+def _pids(d: Path, member: str) -> list[int]:
+    return [int(p.name.rsplit("-", 1)[1]) for p in d.glob(f"pid-{member}-*")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _until(what: str, cond: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _session(kitdir: Path, app: int) -> socket.socket:
+    """A new session as p11-kit opens one: a socketpair, the command's end handed over,
+    the version byte exchanged."""
+    ours, theirs = socket.socketpair()
+    assert connector.hand_over(str(kitdir), "hsm-group-t", [M1, M2], app, theirs.fileno())
+    theirs.close()
+    ours.settimeout(30)
+    ours.sendall(b"\0")
+    assert ours.recv(1) == b"\0"
+    return ours
+
+
+def _call(s: socket.socket, data: bytes) -> bytes:
+    s.sendall(data)
+    return s.recv(100)
+
+
+@pytest.fixture
+def fake_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "fake"
+    d.mkdir()
+    script = d / "ssh"
+    script.write_text(_FAKE_SSH)
+    script.chmod(0o755)
+    monkeypatch.setattr(connector, "SSH", str(script))
+    monkeypatch.setenv("FAKE_SSH_DIR", str(d))
+    return d
+
+
+def test_the_standby_takes_over_a_lost_member_and_ends_with_the_application(
+    tmp_path: Path, fake_ssh: Path
+) -> None:
+    kitdir = tmp_path / "kit"
+    kitdir.mkdir()
+    app = subprocess.Popen(["sleep", "300"])
+    try:
+        first = _session(kitdir, app.pid)
+        assert _call(first, b"hello") == f"{M1}:hello".encode()  # the group's order
+        _until("the standby on the other member", lambda: _pids(fake_ssh, M2))
+        (standby,) = _pids(fake_ssh, M2)
+        # the member is lost: its ssh dies; the application's session ends with it
+        (fake_ssh / f"down-{M1}").touch()
+        (lost,) = _pids(fake_ssh, M1)
+        os.kill(lost, signal.SIGKILL)
+        assert first.recv(100) == b""
+        first.close()
+        t = time.monotonic()
+        second = _session(kitdir, app.pid)
+        assert _call(second, b"again") == f"{M2}:again".encode()
+        took = time.monotonic() - t
+        assert _pids(fake_ssh, M2) == [standby], "the standby was used, not a new ssh"
+        assert took < 5.0, took
+        assert (kitdir / "last-good").read_text().strip() == M2
+        # a healthy end (C_Finalize) reopens on the same member
+        second.close()
+        third = _session(kitdir, app.pid)
+        assert _call(third, b"x") == f"{M2}:x".encode()
+        third.close()
+        # the lost member comes back: the standby is opened there again
+        (fake_ssh / f"down-{M1}").unlink()
+        _until("a standby on the returned member", lambda: _pids(fake_ssh, M1) != [lost])
+        everyone = _pids(fake_ssh, M1) + _pids(fake_ssh, M2)
+    finally:
+        app.kill()
+        app.wait()
+    name = connector.holder_name(str(kitdir), os.getuid(), app.pid)
+
+    def holder_gone() -> bool:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(name)
+        except ConnectionRefusedError:
+            return True
+        finally:
+            s.close()
+        return False
+
+    _until("the holder's end with the application", holder_gone)
+    _until("its ssh processes' end", lambda: not [p for p in everyone if _alive(p)])
+
+
+def test_session_mode_usage_and_a_bad_member_exit_2(tmp_path: Path) -> None:
+    script = tmp_path / kit.CONNECTOR
+    script.write_bytes(kit.connector_source())
+    for args in ([], [str(tmp_path), "alias"], [str(tmp_path), "alias", "not-a-member"]):
+        proc = subprocess.run(["/usr/bin/python3", "-I", "-S", str(script), "--session", *args],
+                              capture_output=True, timeout=60, check=False)  # fmt: skip
+        assert proc.returncode == 2, (args, proc.stderr)
+
+
+def test_holder_names_differ_by_user_application_and_kit() -> None:
+    base = connector.holder_name("/k", 1000, 42)
+    assert base.startswith(b"\0hsm-group-standby/1000/42/")
+    others = {connector.holder_name("/k", 1001, 42), connector.holder_name("/k", 1000, 43),
+              connector.holder_name("/k2", 1000, 42)}  # fmt: skip
+    assert base not in others and len(others) == 3
+    assert len(base) < 108
+
+
+def test_a_link_goes_to_one_member_through_the_connector() -> None:
+    argv = connector.ssh_argv("/srv/kit", "hsm-group-g", M2, connector="/srv/kit/connect.py")
+    assert argv == ["/usr/bin/ssh", "-F", "/srv/kit/ssh_config", "-o",
+                    f"ProxyCommand=/usr/bin/python3 -I -S /srv/kit/connect.py --only /srv/kit {M2}",
+                    "-T", "hsm-group-g"]  # fmt: skip
