@@ -261,15 +261,20 @@ class P11Service:
             return
         self._log(client, client.account, client.source, "pkcs11-connect", "ok",
                   {"token": status.label, "pid": proc.pid})  # fmt: skip
-        open_sessions = self._follow(client, read_end)
+        open_sessions, opened, used = self._follow(client, read_end)
         code = proc.wait()
         with self.lock:
             self.running.get(client.name, set()).discard(proc)
         for session in sorted(open_sessions):
             self._log(client, client.account, client.source, "pkcs11-session-close", "ok",
                       {"session": session, "reason": "disconnected"})  # fmt: skip
+        # ``sessions``: PKCS#11 sessions opened over this connection (p11-kit remote's own
+        # start-up opens some); ``used``: false when no login, key event, refusal or
+        # operation happened over it (an HA group kit's warm standby that was not needed,
+        # docs/clients.md).
         self._log(client, client.account, client.source, "pkcs11-disconnect", "ok",
-                  {"exit": code, "pid": proc.pid})  # fmt: skip
+                  {"exit": code, "pid": proc.pid, "sessions": opened,
+                   "used": used})  # fmt: skip
         with contextlib.suppress(OSError):
             protocol.send(sock, {"type": "result", "exit": 0 if code == 0 else 1})
 
@@ -301,9 +306,12 @@ class P11Service:
             self.running.setdefault(client.name, set()).add(proc)
         return proc
 
-    def _follow(self, client: Client, read_end: int) -> set[int]:
-        """Log the module's events until the process ends; the sessions left open."""
+    def _follow(self, client: Client, read_end: int) -> tuple[set[int], int, bool]:
+        """Log the module's events until the process ends; the sessions left open, how
+        many were opened, and whether anything was done (:func:`did_something`)."""
         open_sessions: set[int] = set()
+        opened = 0
+        used = False
         with open(read_end, "rb") as events:
             for line in _lines(events):
                 try:
@@ -320,10 +328,12 @@ class P11Service:
                 if isinstance(session, int):
                     if name == "pkcs11-session-open":
                         open_sessions.add(session)
+                        opened += 1
                     elif name == "pkcs11-session-close":
                         open_sessions.discard(session)
+                used = used or did_something(name, detail)
                 self._log(client, client.account, client.source, name, outcome, detail)
-        return open_sessions
+        return open_sessions, opened, used
 
     # -- revocation ------------------------------------------------------------------------
 
@@ -349,6 +359,21 @@ class P11Service:
     def sessions(self) -> dict[str, int]:
         with self.lock:
             return {name: len(procs) for name, procs in self.running.items() if procs}
+
+
+def did_something(event: str, detail: Mapping[str, Any]) -> bool:
+    """Whether a logged event shows the client used the service: a login, a key made,
+    imported or destroyed, a refusal, or a session closed after any operation (pure).
+    Sessions p11-kit remote opens and closes by itself when it starts do none of those."""
+    if event in ("pkcs11-login", "key-generated", "key-imported", "key-destroyed",
+                 "pkcs11-call"):  # fmt: skip
+        return True
+    ops = detail.get("ops")
+    return (
+        event == "pkcs11-session-close"
+        and isinstance(ops, dict)
+        and any(isinstance(v, int) and v > 0 for v in ops.values())
+    )
 
 
 def _account_name(uid: int) -> str:

@@ -204,7 +204,8 @@ def test_a_member_unreachable_is_exit_4_then_a_rerun_finishes(fo: Lab, group: st
     assert f"{ADDRESSES[A]}:22 {ADDRESSES[B]}:22" in config
     assert "StrictHostKeyChecking yes" in config and "ProxyUseFdpass yes" in config
     module = (kit / f"{APP}.module").read_text()
-    assert f"remote: |/usr/bin/ssh -F {kit / 'ssh_config'} -T hsm-group-{group}" in module
+    assert (f"remote: |/usr/bin/python3 -I -S {kit / 'connect.py'} --session {kit} "
+            f"hsm-group-{group} {ADDRESSES[A]}:22 {ADDRESSES[B]}:22\n") in module  # fmt: skip
     pin = (fo.home / "pin").read_text()
     for path in kit.iterdir():
         assert pin not in path.read_text(errors="replace"), path
@@ -410,9 +411,10 @@ def _connect_profile(fo: Lab, *extra: str, tries: int = 3) -> list[dict[str, Any
 
 
 def kit_remote_argv(fo: Lab) -> list[str]:
-    from hsmctl.clients.kit import remote_line
+    """The kit's ssh as its standby holder runs it (a new session, no holder)."""
+    from hsmctl.clients.kit import group_ssh_command
 
-    return remote_line((fo.kit() / f"{APP}.module").read_text())[1:].split()
+    return group_ssh_command(fo.kit(), GROUP)
 
 
 def _failover(lines: list[dict[str, Any]], point: str, lost: str, other: str) -> dict[str, Any]:
@@ -439,37 +441,48 @@ def _failover(lines: list[dict[str, Any]], point: str, lost: str, other: str) ->
     }
 
 
-def test_an_application_carries_on_within_2_s_when_its_member_is_detached(
-    fo: Lab, group: str
-) -> None:
-    from hsmctl.lab.control import fabric
-
+@pytest.fixture(scope="module")
+def installed(fo: Lab, group: str) -> str:
+    """The group kit installed for the application's user, the signing key on both
+    members; the key's public point (hex)."""
     if not (fo.kit() / f"{APP}.module").is_file():  # run alone: make the kit
         fo.ok("client", "register", "--group", group, "--name", APP, "--role",
               "crypto-officer", "--output", str(fo.kit()))  # fmt: skip
     fo.ok("key", "generate", A, "--label", KEY, "--type", "ec:p256")
     fo.ok("ha", "sync", group)
     d = Domains(fo.conf, fo.netns, fo.base, {}, {})
-    point = d.p11(A, _SIGN, [KEY])[KEY]["ec_point"]
+    point = str(d.p11(A, _SIGN, [KEY])[KEY]["ec_point"])
     assert d.p11(B, _SIGN, [KEY])[KEY]["ec_point"] == point
     modules = fo.home / ".config" / "pkcs11" / "modules"
     modules.mkdir(parents=True, exist_ok=True)
     (modules / f"{APP}.module").write_text((fo.kit() / f"{APP}.module").read_text())
     fo.chown()
+    return point
+
+
+def test_an_application_carries_on_within_2_s_when_its_member_is_detached(
+    fo: Lab, group: str, installed: str
+) -> None:
+    from hsmctl.lab.control import fabric
+
+    point = installed
     # the kit's key exchange against OpenSSH's default (sntrup761x25519-sha512)
     for extra in ((), ("-o", "KexAlgorithms=sntrup761x25519-sha512@openssh.com")):
         for p in _connect_profile(fo, *extra):
             print("new session:", " ".join(extra), json.dumps(p))
     by_label = {v: k for k, v in fo.labels.items()}
     stop = fo.home / "stop"
+    since = _log_ends()
     app = App(fo, stop)
     fab = fabric()
     detached: str | None = None
     try:
         app.wait_for("signatures", lambda ls: sum(x["event"] == "sig" for x in ls) >= 50)
-        first = next(x for x in app.lines if x["event"] == "sig")
-        detached = by_label[first["label"]]
+        last = [x for x in app.lines if x["event"] == "sig"][-1]
+        detached = by_label[last["label"]]
         other = B if detached == A else A
+        # the kit's standby: a session opened ahead on the other member (connector.py)
+        _wait_for_record(other, since[other], "pkcs11-connect")
         t_detach = time.monotonic()
         fab.detach(detached)
 
@@ -504,3 +517,65 @@ def test_an_application_carries_on_within_2_s_when_its_member_is_detached(
     assert got == {("private-key", "fo-outage"), ("public-key", "fo-outage")}, out
     status = fo.ok("ha", "status", group)
     assert all(m["in_sync"] and m["reachable"] for m in status["members"]), status
+
+
+def _log_ends() -> dict[str, int]:
+    from tests.lab.takeover_helpers import audit_records
+
+    return {a: int(audit_records(a)[-1]["seq"]) for a in (A, B)}
+
+
+def _wait_for_record(appliance: str, after: int, event: str, timeout: float = 120,
+                     **detail: Any) -> dict[str, Any]:  # fmt: skip
+    """The first record of ``event`` by the application's client after ``after`` (with
+    these detail values), waited for."""
+    from tests.lab.takeover_helpers import audit_records
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for r in audit_records(appliance):
+            d = r.get("detail") or {}
+            if (int(r["seq"]) > after and r.get("event") == event and d.get("client") == APP
+                    and all(d.get(k) == v for k, v in detail.items())):  # fmt: skip
+                return dict(r)
+        assert time.monotonic() < deadline, f"{appliance}: no {event} {detail} of {APP}"
+        time.sleep(0.5)
+
+
+def _p11_processes(appliance: str) -> int:
+    out = console(appliance, "sh", "-c", "pgrep -f '^/usr/bin/p11-kit remote' | wc -l")
+    return int(out.stdout.decode().strip() or 0)
+
+
+def test_a_standby_never_used_is_logged_so_and_leaves_nothing_on_the_device(
+    fo: Lab, installed: str
+) -> None:
+    """An application that ends while its standby was never used: the standby's
+    connection is closed with it (the holder ends with the application), the member logs
+    its disconnect with ``sessions: 0``, and no p11-kit remote is left on either member."""
+    since = _log_ends()
+    stop = fo.home / "stop-2"
+    app = App(fo, stop)
+    try:
+        app.wait_for("signatures", lambda ls: sum(x["event"] == "sig" for x in ls) >= 25)
+        last = [x for x in app.lines if x["event"] == "sig"][-1]
+        on = {v: k for k, v in fo.labels.items()}[last["label"]]
+        spare = B if on == A else A
+        connect = _wait_for_record(spare, since[spare], "pkcs11-connect")
+        stop.touch()
+        app.wait_for("end", lambda ls: ls and ls[-1]["event"] == "end")
+        assert app.proc.wait(60) == 0
+    finally:
+        stop.touch()
+        if app.proc.poll() is None:
+            app.proc.kill()
+        app.close()
+    gone = _wait_for_record(spare, since[spare], "pkcs11-disconnect", used=False,
+                            pid=connect["detail"]["pid"])  # fmt: skip
+    assert gone["outcome"] == "ok"
+    # the session the application did use is told apart
+    _wait_for_record(on, since[on], "pkcs11-disconnect", used=True)
+    deadline = time.monotonic() + 60
+    while any(_p11_processes(a) for a in (A, B)):
+        assert time.monotonic() < deadline, "p11-kit remote left running on a member"
+        time.sleep(0.5)
