@@ -116,6 +116,10 @@ rm -rf /var/lib/softhsm/tokens/*
 
 # PAM for sshd: login uid is optional in containers; slow failed logins per source.
 sed -i -E 's/^(session\s+)required(\s+pam_loginuid\.so)/\1optional\2/' /etc/pam.d/sshd
+# No Debian message of the day (pam_motd runs run-parts /etc/update-motd.d, five
+# processes, in every SSH session: ~10 ms of the device's CPU a connection, and it showed
+# the kernel's uname to whoever logged in) and no mail check: an appliance has neither.
+sed -i -E '/^\s*session\s+\S+\s+pam_(motd|mail)\.so/d' /etc/pam.d/sshd
 if ! grep -q hsm-backoff /etc/pam.d/sshd; then
   sed -i '1i auth optional pam_exec.so quiet /usr/local/sbin/hsm-backoff' /etc/pam.d/sshd
 fi
