@@ -15,18 +15,23 @@ does not descend from sshd at all is local (the console, when root).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
 import sys
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hsmctl.appliance import paths, store
 from hsmctl.appliance.roles import Access
 
 SSHD_EXES = frozenset({"/usr/sbin/sshd", "/usr/lib/openssh/sshd-session"})
 ESTABLISHED = "01"  # the state column of /proc/net/tcp
+TCP_ESTABLISHED = 1  # the same state, as TCP_INFO's first byte says it
+PIDFD_GETFD = 438  # the syscall's number (one number on every architecture since 5.1)
 MAX_DEPTH = 64
 READ_ATTEMPTS = 3
 
@@ -121,10 +126,91 @@ def _socket_inodes(pid: int) -> set[int]:
     return found
 
 
+def _address(text: str) -> str:
+    """``getsockname``'s host as /proc/net/tcp's is shown (IPv4-mapped as IPv4)."""
+    addr = ipaddress.ip_address(text.partition("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+_LIBC: list[Any] = []
+
+
+def _getfd(pidfd: int, fd: int) -> int:
+    """pidfd_getfd(2): a duplicate of another process's descriptor; -errno on failure."""
+    import ctypes
+
+    if not _LIBC:
+        _LIBC.append(ctypes.CDLL(None, use_errno=True))
+    dup = int(_LIBC[0].syscall(PIDFD_GETFD, pidfd, fd, 0))
+    return dup if dup >= 0 else -ctypes.get_errno()
+
+
+def _fd_connections(pid: int) -> list[tuple[str, str]] | None:
+    """The established TCP connections among ``pid``'s sockets, asked of the sockets
+    themselves: each is duplicated (pidfd_getfd), its state and addresses read, the
+    duplicate closed (never shut down: the connection is the monitor's). The kernel
+    prints /proc/net/tcp by walking its whole connection hash table, shared by all
+    namespaces (~2.5 ms of system time per read here, twice a session); this is a few
+    system calls. None when this kernel or process cannot (then the table is read)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return None
+    found: list[tuple[str, str]] = []
+    try:
+        for fd in _socket_fds(pid):
+            dup = _getfd(pidfd, fd)
+            if dup == -errno.EBADF:
+                continue  # closed since it was listed
+            if dup < 0:
+                return None
+            try:
+                sock = socket.socket(fileno=dup)
+            except OSError:  # the number was reused for something else meanwhile
+                os.close(dup)
+                raise
+            with sock:
+                if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                if sock.type != socket.SOCK_STREAM:
+                    continue
+                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+                if state != TCP_ESTABLISHED:
+                    continue
+                found.append((_address(sock.getsockname()[0]), _address(sock.getpeername()[0])))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(pidfd)
+    return found
+
+
+def _socket_fds(pid: int) -> list[int]:
+    fds: list[int] = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            fds.append(int(fd))
+    return fds
+
+
 def _connections(pid: int) -> list[tuple[str, str]]:
-    """The established TCP connections among ``pid``'s sockets. The table is read again
+    """The established TCP connections among ``pid``'s sockets: from the sockets
+    (:func:`_fd_connections`), else from the kernel's table. The table is read again
     when the socket was missed (a concurrent change while the kernel printed it); a
     monitor whose one connection stays missing is refused, never guessed."""
+    direct = _fd_connections(pid)
+    if direct is not None:
+        return direct
+    return _table_connections(pid)
+
+
+def _table_connections(pid: int) -> list[tuple[str, str]]:
     inodes = _socket_inodes(pid)
     found: list[tuple[str, str]] = []
     for _ in range(READ_ATTEMPTS):

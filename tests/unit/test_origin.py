@@ -7,6 +7,10 @@ connection (socket inode 1839187) from the tenant's client at 198.19.1.4.
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+
 import pytest
 
 from hsmctl.appliance import daemon, origin
@@ -92,3 +96,54 @@ def test_a_socket_printed_twice_counts_once() -> None:
     conns = established(doubled, {1839187}, "little")
     assert conns == [("198.19.0.233", "198.19.1.4")]
     assert decide(conns, ADDRESSES) == (Access.DATA, "198.19.1.4")
+
+
+def _loopback_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname(), timeout=10)
+    accepted, _ = server.accept()
+    return server, client, accepted
+
+
+def test_the_sockets_say_what_the_table_says() -> None:
+    """A process holding a listening socket (not counted), a Unix socket pair (not TCP),
+    and both ends of an established loopback connection: read from the sockets
+    themselves (pidfd_getfd), the same connections as from /proc/net/tcp."""
+    server, client, accepted = _loopback_pair()
+    a, b = socket.socketpair()
+    try:
+        direct = origin._fd_connections(os.getpid())
+        table = origin._table_connections(os.getpid())
+        assert direct is not None, "pidfd_getfd is unavailable"
+        assert sorted(direct) == sorted(table)
+        assert sorted(direct) == [("127.0.0.1", "127.0.0.1")] * 2  # not the listener
+    finally:
+        for s in (server, client, accepted, a, b):
+            s.close()
+
+
+def test_a_closed_connection_is_not_established() -> None:
+    """The peer hung up (CLOSE_WAIT on our end): not an established connection, as in
+    the table's state column."""
+    server, client, accepted = _loopback_pair()
+    try:
+        client.close()
+        accepted.recv(1)  # the FIN has arrived
+        assert origin._fd_connections(os.getpid()) == []
+        assert origin._table_connections(os.getpid()) == []
+    finally:
+        server.close()
+        accepted.close()
+
+
+def test_without_pidfd_getfd_the_table_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    server, client, accepted = _loopback_pair()
+    try:
+        monkeypatch.setattr(origin, "_getfd", lambda pidfd, fd: -errno.ENOSYS)
+        assert origin._fd_connections(os.getpid()) is None
+        assert sorted(origin._connections(os.getpid())) == [("127.0.0.1", "127.0.0.1")] * 2
+    finally:
+        for s in (server, client, accepted):
+            s.close()
