@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -21,6 +23,9 @@ import time
 from pathlib import Path
 
 from hsmctl.appliance import paths
+
+IDLE_WAIT = 1.0  # seconds between the supervisor's looks when no signal woke it
+RESTART_DELAY = 1.0  # a service is started again at most once a second
 
 
 def log(message: str) -> None:
@@ -107,6 +112,12 @@ class Supervisor:
             proc.wait()
 
     def run(self) -> int:
+        # Signals wake the loop at once (a child's end, a reconcile, a stop); otherwise it
+        # looks every IDLE_WAIT seconds. It used to poll every 0.2 s, scanning /proc each
+        # time: ~1.2 ms of CPU a second on every idle appliance (0.12 CPU-s/s for 100).
+        wake, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, self._on_chld)
         signal.signal(signal.SIGUSR1, self._on_usr1)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
@@ -123,15 +134,19 @@ class Supervisor:
                 self.reconcile = False
                 self.stop("sshd-data")
                 self.start("sshd-data")
+            timeout = IDLE_WAIT
             for name in ("hsmd", "sshd-mgmt", "sshd-data"):
                 proc = self.children.get(name)
                 if proc is not None and proc.poll() is not None:
                     del self.children[name]
                     log(f"{name} exited with {proc.returncode}; restarting")
                 wanted = name not in self.children and (name != "sshd-data" or data_address())
-                if wanted and time.monotonic() - self.restarts.get(name, 0.0) > 1.0:
+                since = time.monotonic() - self.restarts.get(name, 0.0)
+                if wanted and since > RESTART_DELAY:
                     self.start(name)
-            time.sleep(0.2)
+                elif wanted:  # look again when it may be started
+                    timeout = min(timeout, RESTART_DELAY - since + 0.01)
+            self._wait(wake, timeout)
         for name in list(self.children):
             self.stop(name)
         return 0
@@ -158,6 +173,17 @@ class Supervisor:
                     os.waitpid(int(entry.name), os.WNOHANG)
         except OSError:
             pass
+
+    def _wait(self, wake: int, timeout: float) -> None:
+        """Until a signal arrives (its number is written to ``wake``) or ``timeout``."""
+        if not self.stopping and not self.reconcile:
+            select.select([wake], [], [], max(timeout, 0.0))
+        with contextlib.suppress(BlockingIOError):
+            while os.read(wake, 512):
+                pass
+
+    def _on_chld(self, signum: int, frame: object) -> None:
+        """Nothing to do here: the loop (woken by the signal) reaps and restarts."""
 
     def _on_usr1(self, signum: int, frame: object) -> None:
         self.reconcile = True
