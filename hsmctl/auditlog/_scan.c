@@ -312,10 +312,67 @@ scan(PyObject *module, PyObject *args)
     return Py_BuildValue("nN", pos, out);
 }
 
+/* scan_buffer(data, pos, running, first, limit) -> (end, count, running): the same over
+   the lines of a buffer from byte ``pos``, each ended by '\n' and at most ``limit`` bytes
+   without it; stops before the first line it does not take (or an unended rest). */
+static PyObject *
+scan_buffer(PyObject *module, PyObject *args)
+{
+    Py_buffer data;
+    Py_ssize_t pos, limit, count = 0;
+    const char *start;
+    Py_ssize_t start_len;
+    long long first;
+    unsigned char running[HEX_LEN];
+    EVP_MD_CTX *ctx;
+    PyObject *out;
+
+    (void)module;
+    if (!PyArg_ParseTuple(args, "y*ny#Ln:scan_buffer", &data, &pos, &start, &start_len, &first,
+                          &limit))
+        return NULL;
+    if (start_len != HEX_LEN || pos < 0 || pos > data.len || limit < 0 || first < 1 ||
+        first > 1000000000000000000LL - data.len) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "scan_buffer: argument out of range");
+        return NULL;
+    }
+    memcpy(running, start, HEX_LEN);
+    ctx = EVP_MD_CTX_new();
+    if (ctx == NULL) {
+        PyBuffer_Release(&data);
+        return PyErr_NoMemory();
+    }
+    Py_BEGIN_ALLOW_THREADS
+    ptr base = (ptr)data.buf, end = base + data.len, last = running;
+    while (base + pos < end) {
+        ptr line = base + pos, nl = memchr(line, '\n', (size_t)(end - line)), claimed;
+        if (nl == NULL || nl - line > limit ||
+            !link_line(ctx, line, (size_t)(nl - line), last, (uint64_t)first + (uint64_t)count,
+                       &claimed))
+            break;
+        last = claimed;
+        count++;
+        pos = nl + 1 - base;
+    }
+    if (last != running)
+        memcpy(running, last, HEX_LEN);
+    Py_END_ALLOW_THREADS
+    EVP_MD_CTX_free(ctx);
+    PyBuffer_Release(&data);
+    out = PyBytes_FromStringAndSize((const char *)running, HEX_LEN);
+    if (out == NULL)
+        return NULL;
+    return Py_BuildValue("nnN", pos, count, out);
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_VARARGS,
      "scan(lines, pos, running, first) -> (end, running): link lines[pos:end] of the "
      "common shape on their bytes (see hsmctl.auditlog.blockscan)."},
+    {"scan_buffer", scan_buffer, METH_VARARGS,
+     "scan_buffer(data, pos, running, first, limit) -> (end, count, running): the same over "
+     "the newline-ended lines of a buffer from byte pos."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -32,6 +32,10 @@ class ScanModule(Protocol):
         self, lines: list[bytes], pos: int, running: bytes, first: int, /
     ) -> tuple[int, bytes]: ...
 
+    def scan_buffer(
+        self, data: bytes, pos: int, running: bytes, first: int, limit: int, /
+    ) -> tuple[int, int, bytes]: ...
+
 
 def _compiled() -> ScanModule | None:
     try:
@@ -242,3 +246,77 @@ def verify_block(
     ):
         return full()
     return report
+
+
+def verify_buffer(
+    data: bytes,
+    trusted_keys: Mapping[str, str],
+    *,
+    device: str | None,
+    start: Head,
+    retired_keys: Iterable[str],
+    record_bytes: int,
+) -> tuple[VerifyReport, int] | None:
+    """:func:`verify_block` of ``data``'s lines, without splitting ``data`` into them,
+    when the compiled scan is built and every line is whole (ends with a newline), at most
+    ``record_bytes`` long, links and verifies: the report and how many bytes of ``data``
+    end with its last verified checkpoint (0 if none). Otherwise None — the caller then
+    splits the lines and verifies them (:func:`verify_block`), which also names what is
+    wrong. Each line is decided as :func:`_link_scan` decides it (the compiled scan takes
+    it, or the Python scan does), and the signed records are verified as in
+    :func:`verify_block`, so a report given here is the one it gives."""
+    scan = SCAN
+    first, size = start.seq + 1, len(data)
+    if (
+        scan is None
+        or type(data) is not bytes
+        or not data.endswith(b"\n")
+        or type(first) is not int
+        or not 1 <= first <= _SEQ_LIMIT - size
+        or not _HEX64.fullmatch(start.hash)
+    ):
+        return None
+    running = start.hash.encode("ascii")
+    pos = count = 0
+    signed: list[tuple[int, bytes, int, int]] = []  # index, hash before, line start, end
+    while True:
+        pos, taken, running = scan.scan_buffer(data, pos, running, first + count, record_bytes)
+        count += taken
+        if pos == size:
+            break
+        end = data.index(b"\n", pos)
+        if end - pos > record_bytes:
+            return None
+        found: list[tuple[int, bytes]] = []
+        linked, claimed = _scan_lines((data[pos:end],), running, first + count, found, count)
+        if not linked:
+            return None
+        if found:
+            signed.append((count, running, pos, end))
+        running = claimed
+        count += 1
+        pos = end + 1
+    verifier = ChainVerifier(
+        trusted_keys, device=device, start=start, retired_keys=tuple(retired_keys)
+    )
+    done = 0
+    for index, before, lo, hi in signed:
+        if index > done:
+            verifier._advance(index - done, Head(start.seq + index, before.decode()))
+        verifier.feed(data[lo:hi])
+        done = index + 1
+        if verifier.done:
+            return None
+    if count > done:
+        verifier._advance(count - done, Head(start.seq + count, running.decode()))
+    report = verifier.finish()
+    last = report.last_checkpoint_seq
+    if report.violations or (signed and (last is None or last < start.seq + signed[-1][0] + 1)):
+        return None
+    if last is None:
+        return report, 0
+    through = last - start.seq - 1  # the index of the last checkpoint's line
+    ends = [hi + 1 for index, _, _, hi in signed if index == through]
+    if not ends:
+        return None
+    return report, ends[0]

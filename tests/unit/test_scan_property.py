@@ -14,7 +14,8 @@ case, off by one). Every change is tried as a tamperer leaves it and "rehashed" 
 line's own hash made to match, the rest of the chain rebuilt on it, checkpoints
 re-signed), so the grammar, not only the hash, decides. And the fast verifier with the C
 scan on still equals the full verifier (test_verify_property's property, here with the
-scan asserted present).
+scan asserted present), and a chunk verified on its bytes without being split into lines
+(``blockscan.verify_buffer``) gives the ``verify_chunk`` result its lines give.
 
 In CI (``CI=true``) the extension must have been built: the speed path is exercised there.
 """
@@ -36,6 +37,7 @@ from hsmctl.auditlog.blockscan import ScanModule, _link_scan
 from hsmctl.auditlog.chain import GENESIS, GENESIS_HEAD, Head, Record, make_record, record_line
 from hsmctl.auditlog.signing import make_checkpoint, make_key_rotation
 from hsmctl.auditlog.verify import verify_block, verify_lines
+from hsmctl.collect.pipeline import RECORD_BYTES, TrustState, verify_chunk
 from tests.unit.test_verify_property import _LONG_STEPS as LONG_STEPS
 from tests.unit.test_verify_property import (
     DEVICE,
@@ -405,6 +407,55 @@ def test_compiled_and_python_scans_agree_on_one_hostile_line(case: Case) -> None
     fast = _link_scan(case.lines, start)
     assert fast == _link_scan(case.lines, start, compiled=False), case.what
     event(f"linked: {fast[0]}")
+
+
+def same_chunk_result(case: Case, ending: bytes, record_bytes: int) -> None:
+    """verify_chunk with the compiled scan over the unsplit chunk (blockscan.verify_buffer)
+    gives the ChunkResult the pure-Python path gives the split lines: verdict, counts,
+    head, trust state and the covered bytes."""
+    compiled_scan()
+    data = b"\n".join(case.lines) + ending
+    state = TrustState(pins(), frozenset(), DEVICE)
+    start = case.start or GENESIS_HEAD
+    fast = verify_chunk(data, state, start, None, record_bytes)
+    saved = blockscan.SCAN
+    blockscan.SCAN = None
+    try:
+        reference = verify_chunk(data, state, start, None, record_bytes)
+    finally:
+        blockscan.SCAN = saved
+    assert fast == reference, case.what
+    event(f"{'violation' if reference.violations else 'verified'}, covered {bool(fast.covered)}")
+
+
+@settings(PROPERTY, max_examples=400)
+@given(
+    hostile_scan(),
+    st.sampled_from([b"\n", b"\n", b"", b"\n\n"]),
+    st.sampled_from([RECORD_BYTES, RECORD_BYTES, 300, 600]),
+)
+def test_a_chunk_verified_on_its_bytes_is_verified_as_its_lines(
+    case: Case, ending: bytes, record_bytes: int
+) -> None:
+    """Also with lines over the record limit, an unended last line and empty lines."""
+    same_chunk_result(case, ending, record_bytes)
+
+
+@st.composite
+def clean_chunk(draw: st.DrawFn) -> Case:
+    steps = draw(_STEPS)
+    seq = draw(_START_SEQS)
+    start = GENESIS_HEAD if seq == 0 else Head(seq, "ab" * 32)
+    return Case(build(steps, start), start, "clean")
+
+
+@settings(PROPERTY, max_examples=150)
+@given(clean_chunk(), st.sampled_from([b"\n", b""]), st.sampled_from([RECORD_BYTES, 500]))
+def test_a_clean_chunk_verified_on_its_bytes_is_verified_as_its_lines(
+    case: Case, ending: bytes, record_bytes: int
+) -> None:
+    """Chunks that verify (the fast path's own case), from genesis or any head."""
+    same_chunk_result(case, ending, record_bytes)
 
 
 # -- examples -------------------------------------------------------------------------------------
