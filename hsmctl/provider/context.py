@@ -4,6 +4,7 @@ way to open pinned management sessions."""
 from __future__ import annotations
 
 import importlib.util
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -12,6 +13,7 @@ from hsmctl import config as config_mod
 from hsmctl.errors import ConfigError
 from hsmctl.inventory.load import load_inventory
 from hsmctl.inventory.model import Inventory
+from hsmctl.provider.sessions import SessionPool
 from hsmctl.ssh import DeviceConnection, PinnedHostKeys
 from hsmctl.state.store import Store
 
@@ -21,6 +23,9 @@ class ProviderContext:
     """Lifecycle: :func:`open_context` → use → :meth:`close` (closes the store)."""
 
     config: config_mod.Config
+    sessions: SessionPool | None = None
+    """The run's management connections (:mod:`hsmctl.provider.sessions`), when the
+    context serves a step of ``hsmctl provision``; None: a connection per session."""
 
     @cached_property
     def inventory(self) -> Inventory:
@@ -60,6 +65,14 @@ class ProviderContext:
             key=self.config.require("provider_key"),
         )
 
+    def management(self, appliance: str) -> AbstractContextManager[DeviceConnection]:
+        """``with ctx.management(appliance) as conn:`` a connected session as
+        ``provider``: the run's pooled connection when the context has a pool (kept open
+        after the block), otherwise a connection of its own (closed after the block)."""
+        if self.sessions is None:
+            return self.provider_session(appliance)
+        return self.sessions.lease(appliance, lambda: self.provider_session(appliance))
+
     def monitor_session(self, appliance: str) -> DeviceConnection:
         inv = self.inventory.appliance(appliance)
         return DeviceConnection(
@@ -81,11 +94,14 @@ class ProviderContext:
             self.store.close()
 
 
-def context_with(config: config_mod.Config, inventory: Inventory) -> ProviderContext:
+def context_with(
+    config: config_mod.Config, inventory: Inventory, sessions: SessionPool | None = None
+) -> ProviderContext:
     """A context over an already loaded configuration and inventory (both only read):
     the steps of one ``hsmctl provision`` run share the run's, instead of each parsing
-    the inventory file again. Its store is its own, as :func:`open_context`'s."""
-    ctx = ProviderContext(config)
+    the inventory file again, and its management connections (``sessions``). Its store
+    is its own, as :func:`open_context`'s."""
+    ctx = ProviderContext(config, sessions)
     ctx.__dict__["inventory"] = inventory  # the cached_property's slot
     return ctx
 

@@ -32,6 +32,7 @@ from hsmctl.progress import NullProgress, Progress
 from hsmctl.provider.context import ProviderContext, context_with, open_context
 from hsmctl.provider.drivers import fabric_for
 from hsmctl.provider.journal import StoreJournal
+from hsmctl.provider.sessions import SessionPool
 from hsmctl.runner import adapter
 from hsmctl.secret import generate_password
 from hsmctl.state.model import (
@@ -142,7 +143,7 @@ def _diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
 
 
 def step_verify(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
-    with ctx.provider_session(alloc.appliance) as conn:
+    with ctx.management(alloc.appliance) as conn:
         info = HSM_INFO.on(conn, alloc.appliance)
     if info.id != alloc.appliance:
         raise ConflictError(f"{alloc.appliance}: the device says it is {info.id!r}")
@@ -169,7 +170,7 @@ def step_attach(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> d
 def step_network(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
     cidr, gateway = _gateway(ctx, alloc)
     want = {"address": f"{alloc.ip}/{cidr.prefixlen}", "gateway": gateway}
-    with ctx.provider_session(alloc.appliance) as conn:
+    with ctx.management(alloc.appliance) as conn:
         now = NETWORK.on(conn, alloc.appliance)
         before = {"address": now.address, "gateway": now.gateway}
         changed = before != want or not now.is_live(want["address"])
@@ -183,7 +184,7 @@ def step_monitor(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> 
     the provider's when this request installed it (journaled) and the account is still
     enabled; otherwise it is installed again."""
     ours = _journaled_ok(ctx, alloc, ProvisionStep.MONITOR)
-    with ctx.provider_session(alloc.appliance) as conn:
+    with ctx.management(alloc.appliance) as conn:
         info = HSM_INFO.on(conn, alloc.appliance)
         before = {
             "monitor": info.monitor.value,
@@ -208,8 +209,8 @@ def _handed_over(ctx: ProviderContext, alloc: Allocation) -> None:
 
 def step_handoff(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
     # One management session for the whole step (the device logs and checkpoints every
-    # session: one fewer per appliance), its first reply kept for the serial.
-    with ctx.provider_session(alloc.appliance) as conn:
+    # session; served steps share one for the run), its first reply kept for the serial.
+    with ctx.management(alloc.appliance) as conn:
         info = HSM_INFO.on(conn, alloc.appliance)
         owner = info.owner_state
         done = _last_ok(ctx, alloc, ProvisionStep.HANDOFF)
@@ -266,6 +267,20 @@ _STEPS = {
 }
 
 
+def _call(
+    ctx: ProviderContext,
+    appliance: str,
+    which: ProvisionStep,
+    alloc: Allocation,
+    opts: StepOptions,
+) -> dict[str, Any]:
+    """The step; with the run's pooled connections, once more on a new connection when
+    the pooled one turned out dead (:meth:`~hsmctl.provider.sessions.SessionPool.run`)."""
+    if ctx.sessions is None:
+        return _STEPS[which](ctx, alloc, opts)
+    return ctx.sessions.run(appliance, lambda: _STEPS[which](ctx, alloc, opts))
+
+
 def run_step(
     config_path: str,
     appliance: str,
@@ -289,7 +304,7 @@ def run_step(
             alloc = _allocation(ctx, appliance, request_id)
             which = ProvisionStep(step)
             if check:
-                return _STEPS[which](ctx, alloc, opts)
+                return _call(ctx, appliance, which, alloc, opts)
             # Ansible runs one task at a time, so a plan of one step, never skipped: every
             # step decides from the device (and the journal) what is left, and reports
             # `changed` only when it changed something. The host keys go to the pins,
@@ -301,18 +316,22 @@ def run_step(
                 request_id=request_id,
                 unjournaled=("data_host_keys",),
             )
-            plan = {which: lambda: _STEPS[which](ctx, alloc, opts)}
+            plan = {which: lambda: _call(ctx, appliance, which, alloc, opts)}
             return dict(steps.run(plan, journal, subject=appliance)[which])
     finally:
         ctx.close()
 
 
-def serve_steps(hosts: Collection[str]) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+def serve_steps(
+    hosts: Collection[str], sessions: SessionPool | None = None
+) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """The steps of one run as ``hsmctl provision`` serves them to the playbook's modules
     (:mod:`hsmctl.runner.stepserver`): what the module would run in its own process,
     :func:`run_step`, run here for the run's own appliances only. The configuration
     file and the inventory are read once per run (parsing the inventory was most of a
-    step's ~13 ms of CPU to open its context); each step still opens the store."""
+    step's ~13 ms of CPU to open its context); each step still opens the store. With
+    ``sessions`` (the caller closes it when the run ends), the steps of one appliance
+    share one management connection (:mod:`hsmctl.provider.sessions`)."""
     loaded: dict[str, tuple[Config, Inventory]] = {}
     lock = threading.Lock()
 
@@ -322,7 +341,7 @@ def serve_steps(hosts: Collection[str]) -> Callable[[Mapping[str, Any]], dict[st
                 first = open_context(path)
                 loaded[path] = (first.config, first.inventory)
             config, inventory = loaded[path]
-        return context_with(config, inventory)
+        return context_with(config, inventory, sessions)
 
     def handle(request: Mapping[str, Any]) -> dict[str, Any]:
         appliance, step = request.get("appliance"), request.get("step")
@@ -399,9 +418,12 @@ def provision(
             {"hsm_config": str(ctx.config.source)},
             forks=count,
         )
-        outcomes = adapter.run(
-            spec, progress, serve=serve_steps({a.appliance for a in allocations})
-        )
+        # The steps of an appliance share one management connection for the run (the
+        # device pays ~30-40 ms of CPU per connection); all closed when the run ends.
+        with SessionPool() as sessions:
+            outcomes = adapter.run(
+                spec, progress, serve=serve_steps({a.appliance for a in allocations}, sessions)
+            )
         provisioned: list[Provisioned] = []
         failures: dict[str, HsmctlError] = {}
         for a in allocations:
