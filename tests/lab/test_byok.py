@@ -189,9 +189,10 @@ def test_imported_keys_are_not_local_sensitive_and_never_extractable(
     assert (imported["byok-ec"]["type"], imported["byok-ec"]["size"]) == ("ec", 256)
     rows = listed(host)
     # SoftHSM 2.6.1 records no CKA_VALUE_LEN for an unwrapped secret key (read-only but
-    # for generate/derive), so `key list` cannot tell an imported AES key's size; the
-    # import reports it from the wrapped blob (docs/keys.md, "BYOK").
-    assert rows["byok-aes"] == {**imported["byok-aes"], "size": None}
+    # for generate/derive): the import records the size from the wrapped blob beside the
+    # key, and `key list` reads it (docs/keys.md, "BYOK"; issue 12: it was null).
+    assert rows["byok-aes"] == imported["byok-aes"]
+    assert rows["byok-aes"]["size"] == 256
     assert rows["byok-ec"] == imported["byok-ec"]
     for label in ("byok-aes", "byok-ec"):
         assert (rows[label]["local"], rows[label]["extractable"], rows[label]["sensitive"]) == (
