@@ -18,7 +18,8 @@ bridges.
   provisionable to tenant2.
 * races: four ``hsmctl provision`` processes for two appliances.
 * kill -9 in the middle of the playbook, rerun with the same --request-id.
-* ``--count 2`` spreads over both stamps.
+* ``--count 2`` spreads over both stamps, one management connection (``login``) per
+  appliance for the whole run.
 """
 
 from __future__ import annotations
@@ -485,11 +486,21 @@ def test_two_orchestrator_hosts_on_one_postgresql_never_share_or_interleave(
     assert fleet(confs[0])[RACERS[0]]["state"] == "provisioned"
 
 
+def device_log(appliance: str) -> list[dict[str, Any]]:
+    """The appliance's own activity log (its hash-chained audit log), read out of band."""
+    out = console(appliance, "cat", "/var/log/hsm/audit.jsonl").stdout.decode()
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
 def test_count_two_provisions_in_parallel_across_stamps(
     mine: dict[str, Any], tmp_path: Path
 ) -> None:
+    """Also: the steps of an appliance share ONE management connection for the whole run
+    (hsmctl.provider.sessions): the device logs a ``login`` per connection, and finds one
+    provider login per appliance in its log."""
     factory_reset(*RACERS)
     conf = provider_config(tmp_path, RACERS)
+    before = {a: max((e["seq"] for e in device_log(a)), default=-1) for a in RACERS}
     started = time.monotonic()
     proc = subprocess.run(_provision_argv(conf, "--count", "2"), capture_output=True, timeout=300)
     took = time.monotonic() - started
@@ -497,6 +508,15 @@ def test_count_two_provisions_in_parallel_across_stamps(
     items = one_json(proc)["appliances"]
     assert sorted(i["appliance"] for i in items) == RACERS
     assert {fleet(conf)[a]["stamp"] for a in RACERS} == {"stamp1", "stamp2"}
+    for appliance in RACERS:
+        run = [e for e in device_log(appliance) if e["seq"] > before[appliance]]
+        ours = [e for e in run if e["actor"] == "provider"]  # not a monitor poll's
+        logins = [e for e in ours if e["event"] == "login"]
+        assert [(e["outcome"], e["detail"]["interface"]) for e in logins] == [("ok", "mgmt")]
+        # ... and that connection ran every step's commands.
+        commands = [e["detail"]["command"] for e in ours if e["event"] == "command"]
+        for wanted in ("hsm show", "network set", "user enable monitor", "user otp set"):
+            assert any(c.startswith(wanted) for c in commands), (wanted, commands)
     print(f"provision --count 2: {took:.1f} s")
 
 
