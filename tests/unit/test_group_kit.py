@@ -323,3 +323,24 @@ def test_a_link_goes_to_one_member_through_the_connector() -> None:
     assert argv == ["/usr/bin/ssh", "-F", "/srv/kit/ssh_config", "-o",
                     f"ProxyCommand=/usr/bin/python3 -I -S /srv/kit/connect.py --only /srv/kit {M2}",
                     "-T", "hsm-group-g"]  # fmt: skip
+
+
+def test_a_standby_that_dies_is_replaced_and_the_session_goes_on(
+    tmp_path: Path, fake_ssh: Path
+) -> None:
+    kitdir = tmp_path / "kit"
+    kitdir.mkdir()
+    app = subprocess.Popen(["sleep", "300"])
+    try:
+        s = _session(kitdir, app.pid)
+        assert _call(s, b"a") == f"{M1}:a".encode()
+        _until("the standby", lambda: _pids(fake_ssh, M2))
+        (standby,) = _pids(fake_ssh, M2)
+        os.kill(standby, signal.SIGKILL)  # its member lost while it waited
+        _until("a new standby", lambda: [p for p in _pids(fake_ssh, M2) if p != standby])
+        assert _call(s, b"b") == f"{M1}:b".encode()  # the session was not disturbed
+        assert len(_pids(fake_ssh, M1)) == 1
+        s.close()
+    finally:
+        app.kill()
+        app.wait()
