@@ -36,7 +36,7 @@ src = Path(sys.argv[2]) / "hsmctl"
 for name in firmware.FIRMWARE_FILES:
     path = src / name
     if path.is_dir():
-        shutil.copytree(path, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(path, dest / name, ignore=firmware.FIRMWARE_IGNORE)
     else:
         shutil.copy2(path, dest / name)
 firmware._build_policy_module(dest / "appliance" / "p11")

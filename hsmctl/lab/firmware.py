@@ -26,6 +26,9 @@ FIRMWARE_FILES = (
 )
 
 
+FIRMWARE_IGNORE = shutil.ignore_patterns("__pycache__", "*.so")
+
+
 def firmware_dir(base: Path | None = None) -> Path:
     """A snapshot of the device side of the working tree, bind-mounted read-only (the
     VM tier copies it into its box instead), under ``base`` (the lab directory)."""
@@ -38,9 +41,8 @@ def firmware_dir(base: Path | None = None) -> Path:
     for name in FIRMWARE_FILES:
         path = src / name
         if path.is_dir():
-            shutil.copytree(
-                path, tmp / "hsmctl" / name, ignore=shutil.ignore_patterns("__pycache__")
-            )
+            # No host-built extension (the log scan's): the firmware is standard library.
+            shutil.copytree(path, tmp / "hsmctl" / name, ignore=FIRMWARE_IGNORE)
         else:
             shutil.copy2(path, tmp / "hsmctl" / name)
     _build_policy_module(tmp / "hsmctl" / "appliance" / "p11")
