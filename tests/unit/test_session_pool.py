@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from hsmctl.errors import UnreachableError
+from hsmctl.provider import context, provisioning
 from hsmctl.provider.sessions import SessionPool
 from hsmctl.ssh import DeviceCommandFailed, DeviceConnection, DeviceDenied, PinnedHostKeys
 from tests.unit.loopback_sshd import USER, Sshd, needs_root
@@ -174,3 +177,28 @@ def test_threads_of_different_appliances_never_share(sshd: Sshd) -> None:
     assert all(len(s) == 1 for s in seen.values()), seen
     assert len(set().union(*seen.values())) == len(appliances)
     assert pool.opened == len(appliances)
+
+
+def test_served_steps_get_the_runs_pool_and_a_plain_context_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``serve_steps`` hands the run's pool to every step's context; a context of its own
+    (plain ansible-playbook, AWX: the module's process) has none, so ``management`` is a
+    connection of its own."""
+    loaded = SimpleNamespace(config=object(), inventory=object())
+    monkeypatch.setattr(provisioning, "open_context", lambda path: loaded)
+    got: list[context.ProviderContext] = []
+
+    def fake_run_step(config: str, appliance: str, request_id: str, step: str, **kw: Any) -> Any:
+        got.append(kw["opener"](config))
+        return {"changed": False}
+
+    monkeypatch.setattr(provisioning, "run_step", fake_run_step)
+    with SessionPool() as pool:
+        handle = provisioning.serve_steps({"hsm01"}, pool)
+        for step in ("verify", "handoff"):
+            handle({"config": "/x.yaml", "appliance": "hsm01", "request_id": "r", "step": step})
+    assert [c.sessions for c in got] == [pool, pool]
+    assert got[0].inventory is loaded.inventory
+    plain = context.ProviderContext(got[0].config)
+    assert plain.sessions is None
