@@ -143,7 +143,7 @@ def test_health_reports_a_garbage_reply_as_exit_3() -> None:
 
 
 def test_provisioning_refuses_a_garbage_hsm_show() -> None:
-    ctx = SimpleNamespace(provider_session=lambda appliance: Conn(DEEP))
+    ctx = SimpleNamespace(management=lambda appliance: Conn(DEEP))
     alloc = SimpleNamespace(appliance="unit01")
     with pytest.raises(IntegrityError, match="unit01: reply to 'hsm show'"):
         provisioning.step_verify(ctx, alloc, False)  # type: ignore[arg-type]
