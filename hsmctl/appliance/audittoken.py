@@ -10,6 +10,7 @@ from typing import Any
 
 import PyKCS11
 
+from hsmctl.appliance import tokenlock
 from hsmctl.appliance.tokenhelper import call_helper
 from hsmctl.appliance.tokenlib import (
     DEFAULT_LIB,
@@ -99,7 +100,7 @@ class AuditSigner:
         self._cm = shared_library(lib_path)
         self._lib = self._cm.__enter__()
         try:
-            with LOCK:
+            with LOCK, tokenlock.shared():
                 audit = find_audit(list_slots(self._lib))
                 if audit is None:
                     raise TokenStateError("the audit token does not exist")
@@ -122,8 +123,8 @@ class AuditSigner:
     def _login(self) -> None:
         session = open_session(self._lib, self._slot, "opening the audit token")
         try:
-            with pkcs11_errors("audit token login"):
-                session.login(self._pin.reveal())
+            with pkcs11_errors("audit token login"), tokenlock.exclusive():
+                session.login(self._pin.reveal())  # rewrites the token's token.object
         except BaseException:
             close_session(session)
             raise
@@ -152,7 +153,7 @@ class AuditSigner:
         """ECDSA (CKM_ECDSA) over a 32-byte digest: the raw 64-byte r||s."""
         if not isinstance(digest, bytes) or len(digest) != DIGEST_BYTES:
             raise UsageError(f"the digest must be {DIGEST_BYTES} bytes")
-        with LOCK:
+        with LOCK, tokenlock.shared():
             if self._lib is None:
                 raise TokenStateError("the audit signer is closed")
             for attempt in (1, 2):
@@ -186,7 +187,7 @@ class AuditSigner:
 
     def public_key_pem(self, key_label: str) -> str:
         """Like :func:`audit_public_key_pem`, through this session."""
-        with LOCK:
+        with LOCK, tokenlock.shared():
             if self._lib is None:
                 raise TokenStateError("the audit signer is closed")
             with pkcs11_errors("reading the audit public key"):
@@ -211,9 +212,10 @@ class AuditSigner:
             self._keys.clear()
             self._lib = None
             if session is not None:
-                with contextlib.suppress(PyKCS11.PyKCS11Error):
-                    session.logout()
-                close_session(session)
+                with tokenlock.shared():
+                    with contextlib.suppress(PyKCS11.PyKCS11Error):
+                        session.logout()
+                    close_session(session)
             self._cm.__exit__(None, None, None)
 
 

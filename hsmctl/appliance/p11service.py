@@ -29,9 +29,10 @@ import threading
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hsmctl.appliance import origin, paths, protocol, store, token
+from hsmctl.appliance import origin, paths, protocol, store, token, tokenlock
 from hsmctl.appliance.logwriter import LogUnavailable
 from hsmctl.appliance.roles import Access
 
@@ -290,6 +291,9 @@ class P11Service:
             "HSM_P11_CLIENT": client.name,
             "HSM_P11_EVENTS_FD": str(events_fd),
         }
+        lock = tokenlock.lock_path(Path(env["SOFTHSM2_CONF"]))
+        if lock is not None:  # the token store's lock, shared with the daemon (tokenlock)
+            env["HSM_P11_TOKEN_LOCK"] = str(lock)
         argv = [paths.P11_KIT, "remote", "--provider", str(paths.P11_POLICY), token_uri(label)]
         with self.lock:
             if client.name not in load_clients():

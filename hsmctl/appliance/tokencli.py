@@ -18,7 +18,7 @@ from typing import Any
 
 import PyKCS11
 
-from hsmctl.appliance import domainkey
+from hsmctl.appliance import domainkey, tokenlock
 from hsmctl.appliance import token as t
 from hsmctl.errors import CommandFailed, HsmctlError, UsageError
 
@@ -408,18 +408,25 @@ OPS: dict[str, Op] = {
 }
 
 
+# Operations that only read the token files; every other one may write (a login rewrites
+# token.object) and holds the token store's lock exclusively for its whole run
+# (:mod:`tokenlock`).
+READ_ONLY = frozenset({"customer_status"})
+
+
 def run(op: str, request: Mapping[str, Any]) -> object:
     lib_path = str(request.get("lib") or t.DEFAULT_LIB)
     args = request.get("args") or {}
     if not isinstance(args, dict):
         raise UsageError("args must be an object")
-    if op == "customer_zeroize":
-        return _customer_zeroize(lib_path)
-    func = OPS.get(op)
-    if func is None:
+    if op != "customer_zeroize" and op not in OPS:
         raise UsageError(f"unknown token operation {op!r}")
-    with t.shared_library(lib_path) as lib:
-        return func(lib, args)
+    hold = tokenlock.shared if op in READ_ONLY else tokenlock.exclusive
+    with hold():
+        if op == "customer_zeroize":
+            return _customer_zeroize(lib_path)
+        with t.shared_library(lib_path) as lib:
+            return OPS[op](lib, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import PyKCS11
 
+from hsmctl.appliance import tokenlock
 from hsmctl.errors import ConflictError, HsmctlError, UsageError
 from hsmctl.secret import Secret
 
@@ -168,13 +169,14 @@ def _unload(lib: Any) -> None:
 def shared_library(lib_path: str = DEFAULT_LIB) -> Iterator[Any]:
     """This process's one PyKCS11 library, loaded (C_Initialize) by its first user and
     finalised by its last, so nobody finalises it under a live :class:`AuditSigner`.
-    Hold ``LOCK`` around calls made with it."""
+    Hold ``LOCK`` around calls made with it, and the token store's lock
+    (:mod:`tokenlock`: shared to read, exclusive to write)."""
     with LOCK:
         entry = _LOADED.get(lib_path)
         if entry is None:
             lib = PyKCS11.PyKCS11Lib()
-            with pkcs11_errors(f"loading {lib_path}"):
-                lib.load(lib_path)
+            with pkcs11_errors(f"loading {lib_path}"), tokenlock.shared():
+                lib.load(lib_path)  # C_Initialize reads every token's files
             entry = _LOADED[lib_path] = [lib, 0]
         entry[1] += 1
     try:
@@ -184,7 +186,7 @@ def shared_library(lib_path: str = DEFAULT_LIB) -> Iterator[Any]:
             entry[1] -= 1
             if entry[1] == 0:
                 del _LOADED[lib_path]
-                with contextlib.suppress(PyKCS11.PyKCS11Error):
+                with contextlib.suppress(PyKCS11.PyKCS11Error), tokenlock.shared():
                     _unload(entry[0])
 
 

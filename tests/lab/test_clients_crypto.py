@@ -568,15 +568,23 @@ def test_eight_clients_sign_concurrently_every_signature_verifies_and_the_log_ad
                                 cwd=app.home)  # fmt: skip
         procs.append((name, out, proc))
     made: dict[str, int] = {}
-    for name, out, proc in procs:
-        stdout, stderr = proc.communicate(timeout=CONCURRENT_SECONDS + 120)
-        assert proc.returncode == 0, stderr.decode()[-2000:]
-        rows = json.loads(out.read_text())
-        for data_hex, sig_hex in rows:
-            key.public.verify(raw_ecdsa_to_der(bytes.fromhex(sig_hex)), bytes.fromhex(data_hex),
-                              ec.ECDSA(utils.Prehashed(hashes.SHA256())))  # fmt: skip
-        made[name] = len(rows)
-        assert json.loads(stdout.decode().splitlines()[-1]) == {"signed": len(rows)}
+    try:
+        for name, out, proc in procs:
+            stdout, stderr = proc.communicate(timeout=CONCURRENT_SECONDS + 120)
+            assert proc.returncode == 0, stderr.decode()[-2000:]
+            rows = json.loads(out.read_text())
+            for data_hex, sig_hex in rows:
+                key.public.verify(raw_ecdsa_to_der(bytes.fromhex(sig_hex)),
+                                  bytes.fromhex(data_hex),
+                                  ec.ECDSA(utils.Prehashed(hashes.SHA256())))  # fmt: skip
+            made[name] = len(rows)
+            assert json.loads(stdout.decode().splitlines()[-1]) == {"signed": len(rows)}
+    finally:  # a failure above leaves no client running into the next test
+        for _name, _out, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            if proc.stdout is not None and not proc.stdout.closed:
+                proc.communicate()  # reaps it and closes its pipes
     assert all(n > 0 for n in made.values()), made
 
     def counted() -> dict[str, int]:

@@ -5,7 +5,6 @@ the layer refuses and logs. Reuses the policy tests' throwaway token and child r
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from textwrap import dedent
@@ -24,17 +23,8 @@ Lab = base.Lab
 SO_PIN = base.SO_PIN
 
 
-@pytest.fixture(scope="module")
-def domain_so(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None or not base.HEADER.exists():
-        pytest.skip("cannot build the policy module (gcc, libp11-kit-dev)")
-    out = tmp_path_factory.mktemp("p11domain") / "hsm-policy.so"
-    subprocess.run(["bash", str(base.BUILD), str(out)], check=True)
-    return out
-
-
 @pytest.fixture
-def lab(tmp_path: Path, domain_so: Path) -> Lab:
+def lab(tmp_path: Path, policy_so: Path) -> Lab:
     """The policy tests' throwaway token (label, PINs) and the module built here."""
     tokens = tmp_path / "tokens"
     tokens.mkdir()
@@ -47,7 +37,7 @@ def lab(tmp_path: Path, domain_so: Path) -> Lab:
          "--so-pin", SO_PIN, "--pin", base.USER_PIN],
         env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, capture_output=True,
     )  # fmt: skip
-    return Lab(domain_so, conf, tmp_path / "events.jsonl")
+    return Lab(policy_so, conf, tmp_path / "events.jsonl")
 
 
 pytestmark = [pytest.mark.softhsm]

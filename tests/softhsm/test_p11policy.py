@@ -33,8 +33,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
 ROOT = Path(__file__).resolve().parents[2]
-BUILD = ROOT / "hsmctl" / "appliance" / "p11" / "build.sh"
-HEADER = Path("/usr/include/p11-kit-1/p11-kit/pkcs11.h")
 
 pytestmark = [
     pytest.mark.softhsm,
@@ -48,23 +46,6 @@ LABEL = "policy-test"
 SO_PIN, USER_PIN = "so-pin-Zq81", "user-pin-Kx27"
 NEW_PIN = "new-pin-Wv55"
 ALL_PINS = (SO_PIN, USER_PIN, NEW_PIN)
-
-
-@pytest.fixture(scope="session")
-def policy_so(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    missing = [
-        name
-        for name, ok in (("gcc", shutil.which("gcc")), ("libp11-kit-dev", HEADER.exists()))
-        if not ok
-    ]
-    if missing:
-        reason = f"cannot build the policy module: {', '.join(missing)} not installed"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason + " (CI installs it: scripts/install-deps.sh)")
-        pytest.skip(reason)
-    out = tmp_path_factory.mktemp("p11policy") / "hsm-policy.so"
-    subprocess.run(["bash", str(BUILD), str(out)], check=True)
-    return out
 
 
 @dataclass

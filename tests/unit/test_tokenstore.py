@@ -154,6 +154,9 @@ def test_the_real_helper_and_a_real_softhsm_store(
     monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
     cache = StatusCache[object](clock=_later(5))
     monkeypatch.setattr(customertoken, "_STATUS", cache)
+    # The store's first reader creates its lock file (appliance/tokenlock.py): a change.
+    customertoken.customer_status()
+    assert (tokens / ".hsmctl-token.lock").is_file()
     first = customertoken.customer_status()
     assert not first.initialised
     assert customertoken.customer_status() is first  # answered from the cache

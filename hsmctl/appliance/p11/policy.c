@@ -9,6 +9,9 @@
  *   HSM_P11_ROLE       crypto-officer | crypto-user; anything else: no session, no login
  *   HSM_P11_CLIENT     the client's name, for the events only
  *   HSM_P11_EVENTS_FD  an open descriptor; one JSON object per line is written to it
+ *   HSM_P11_TOKEN_LOCK the token store's lock file (see "the token store's lock" below);
+ *                      unset: no lock (the module alone, outside a device); set but not
+ *                      openable: C_Initialize fails (CKR_GENERAL_ERROR)
  *
  * Every refusal returns a CKR_* code and writes {"event":"denied","rule":...}. Rules
  * (stable names; README.md in this folder has the full table with functions and codes):
@@ -35,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -73,6 +77,72 @@ struct session {
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static CK_FUNCTION_LIST_PTR real;
+
+/* ---- the token store's lock ------------------------------------------------------- */
+/*
+ * SoftHSM (2.6.1) rewrites a token's token.object at every C_Login (the PIN-count flags)
+ * and reads it again in other processes at C_Initialize and at most token calls. Its own
+ * fcntl locking does not keep a reader from taking a torn file: measured, 8 processes
+ * that C_Initialize and C_Login at once lose the token in about 40 % of them, and a
+ * process that reads a torn token.object drops the token for its lifetime ("Token
+ * integrity check failed"; softhsm/SoftHSMv2#757). So every SoftHSM user on the device
+ * takes one lock file beside the token store (flock; hsmctl/appliance/tokenlock.py is the
+ * daemon's and the token helper's side): shared around every call forwarded here,
+ * exclusive around the ones that may write a token file (C_Login; C_CreateObject,
+ * C_CopyObject, C_DestroyObject, C_SetAttributeValue, C_GenerateKey(Pair), C_UnwrapKey,
+ * C_DeriveKey; C_InitToken, C_InitPIN and C_SetPIN are refused before they are forwarded).
+ * The cause is SoftHSM's File::unlock in 2.6.1: it releases the lock before its buffered
+ * write reaches the file (truncate, unlock, write). A call waits while another process
+ * logs in or makes a key (a long RSA key generation holds the others for its length);
+ * nothing is ever read torn. token_mutex keeps this process's threads to one flock state
+ * at a time. C_WaitForSlotEvent is not locked (it may block; SoftHSM does not support it).
+ */
+static int token_lock_fd = -1;
+static pthread_mutex_t token_mutex = PTHREAD_MUTEX_INITIALIZER;
+
+static CK_RV open_token_lock(void)
+{
+	const char *path = getenv("HSM_P11_TOKEN_LOCK");
+	if (token_lock_fd >= 0 || !path || !*path)
+		return CKR_OK;
+	token_lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+	return token_lock_fd >= 0 ? CKR_OK : CKR_GENERAL_ERROR;
+}
+
+static int token_hold(int how)
+{
+	pthread_mutex_lock(&token_mutex);
+	if (token_lock_fd < 0)
+		return 0;
+	while (flock(token_lock_fd, how) != 0) {
+		if (errno != EINTR) {
+			pthread_mutex_unlock(&token_mutex);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static void token_release(void)
+{
+	if (token_lock_fd >= 0)
+		flock(token_lock_fd, LOCK_UN);
+	pthread_mutex_unlock(&token_mutex);
+}
+
+/* Forward a call under the shared (SH) or exclusive (EX) token lock; CKR_GENERAL_ERROR
+ * when the lock cannot be taken (fail closed: never a call without it). */
+#define FORWARD(how, fn, ...)                                        \
+	({                                                           \
+		CK_RV fwd_rv_ = CKR_GENERAL_ERROR;                   \
+		if (token_hold(how) == 0) {                          \
+			fwd_rv_ = real->fn(__VA_ARGS__);             \
+			token_release();                             \
+		}                                                    \
+		fwd_rv_;                                             \
+	})
+#define SH(fn, ...) FORWARD(LOCK_SH, fn, __VA_ARGS__)
+#define EX(fn, ...) FORWARD(LOCK_EX, fn, __VA_ARGS__)
 static void *real_handle;
 static enum role role;
 static char client[CLIENT_CAP + 1];
@@ -638,7 +708,7 @@ static int get_fixed(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE 
 		     void *buf, CK_ULONG len)
 {
 	CK_ATTRIBUTE a = {type, buf, len};
-	return real->C_GetAttributeValue(h, o, &a, 1) == CKR_OK && a.ulValueLen == len;
+	return SH(C_GetAttributeValue, h, o, &a, 1) == CKR_OK && a.ulValueLen == len;
 }
 
 /* A variable-length attribute, at most CAP bytes kept; returns its full length or -1. */
@@ -647,7 +717,7 @@ static long get_var(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t
 {
 	CK_ATTRIBUTE a = {type, NULL, 0};
 	*kept = 0;
-	if (real->C_GetAttributeValue(h, o, &a, 1) != CKR_OK ||
+	if (SH(C_GetAttributeValue, h, o, &a, 1) != CKR_OK ||
 	    a.ulValueLen == CK_UNAVAILABLE_INFORMATION || a.ulValueLen > MAX_VALUE_LEN)
 		return -1;
 	CK_ULONG full = a.ulValueLen;
@@ -657,7 +727,7 @@ static long get_var(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_TYPE t
 	if (!tmp)
 		return -1;
 	a.pValue = tmp;
-	if (real->C_GetAttributeValue(h, o, &a, 1) != CKR_OK || a.ulValueLen != full) {
+	if (SH(C_GetAttributeValue, h, o, &a, 1) != CKR_OK || a.ulValueLen != full) {
 		free(tmp);
 		return -1;
 	}
@@ -777,7 +847,7 @@ static CK_RV post_check_sized(CK_SESSION_HANDLE h, const char *fn, CK_OBJECT_HAN
 	const char *rule = key_verdict(ki, &rv);
 	if (!rule)
 		return CKR_OK;
-	real->C_DestroyObject(h, o);
+	EX(C_DestroyObject, h, o);
 	return deny(h, fn, rule, rv, "detail", "object read back");
 }
 
@@ -820,16 +890,16 @@ static int domain_present(CK_SESSION_HANDLE h)
 	};
 	CK_OBJECT_HANDLE o;
 	CK_ULONG found = 0;
-	if (real->C_GetSessionInfo(h, &info) != CKR_OK)
+	if (SH(C_GetSessionInfo, h, &info) != CKR_OK)
 		return 0;
-	if (real->C_OpenSession(info.slotID, CKF_SERIAL_SESSION, NULL, NULL, &own) != CKR_OK)
+	if (SH(C_OpenSession, info.slotID, CKF_SERIAL_SESSION, NULL, NULL, &own) != CKR_OK)
 		return 0;
-	if (real->C_FindObjectsInit(own, q, 2) == CKR_OK) {
-		if (real->C_FindObjects(own, &o, 1, &found) != CKR_OK)
+	if (SH(C_FindObjectsInit, own, q, 2) == CKR_OK) {
+		if (SH(C_FindObjects, own, &o, 1, &found) != CKR_OK)
 			found = 0;
-		real->C_FindObjectsFinal(own);
+		SH(C_FindObjectsFinal, own);
 	}
-	real->C_CloseSession(own);
+	SH(C_CloseSession, own);
 	return found > 0;
 }
 
@@ -1051,17 +1121,19 @@ static CK_RV w_Initialize(CK_VOID_PTR args)
 	CK_RV rv;
 	pthread_mutex_lock(&lock);
 	read_config();
-	rv = load_real();
+	rv = open_token_lock();
+	if (rv == CKR_OK)
+		rv = load_real();
 	pthread_mutex_unlock(&lock);
 	if (rv != CKR_OK)
 		return rv;
-	return real->C_Initialize(args);
+	return SH(C_Initialize, args);
 }
 
 static CK_RV w_Finalize(CK_VOID_PTR reserved_arg)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_Finalize(reserved_arg);
+	CK_RV rv = SH(C_Finalize, reserved_arg);
 	if (rv == CKR_OK) {
 		pthread_mutex_lock(&lock);
 		for (size_t i = 0; i < nsessions; i++)
@@ -1075,7 +1147,7 @@ static CK_RV w_Finalize(CK_VOID_PTR reserved_arg)
 static CK_RV w_GetInfo(CK_INFO_PTR info)
 {
 	NEED_REAL();
-	return real->C_GetInfo(info);
+	return SH(C_GetInfo, info);
 }
 
 EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out)
@@ -1089,19 +1161,19 @@ EXPORT CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR out)
 static CK_RV w_GetSlotList(CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR n)
 {
 	NEED_REAL();
-	return real->C_GetSlotList(present, list, n);
+	return SH(C_GetSlotList, present, list, n);
 }
 
 static CK_RV w_GetSlotInfo(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info)
 {
 	NEED_REAL();
-	return real->C_GetSlotInfo(slot, info);
+	return SH(C_GetSlotInfo, slot, info);
 }
 
 static CK_RV w_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
 {
 	NEED_REAL();
-	return real->C_GetTokenInfo(slot, info);
+	return SH(C_GetTokenInfo, slot, info);
 }
 
 /* Mechanisms the policy refuses in every use are not advertised. */
@@ -1112,7 +1184,7 @@ static CK_RV w_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_
 	NEED_REAL();
 	if (!n)
 		return CKR_ARGUMENTS_BAD;
-	rv = real->C_GetMechanismList(slot, NULL, &all);
+	rv = SH(C_GetMechanismList, slot, NULL, &all);
 	if (rv != CKR_OK)
 		return rv;
 	if (all > MAX_MECHS)
@@ -1120,7 +1192,7 @@ static CK_RV w_GetMechanismList(CK_SLOT_ID slot, CK_MECHANISM_TYPE_PTR list, CK_
 	CK_MECHANISM_TYPE *tmp = calloc(all ? all : 1, sizeof *tmp);
 	if (!tmp)
 		return CKR_HOST_MEMORY;
-	rv = real->C_GetMechanismList(slot, tmp, &all);
+	rv = SH(C_GetMechanismList, slot, tmp, &all);
 	if (rv == CKR_OK) {
 		for (CK_ULONG i = 0; i < all; i++)
 			if (!mech_hidden(tmp[i]))
@@ -1140,7 +1212,7 @@ static CK_RV w_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECH
 	NEED_REAL();
 	if (mech_hidden(type))
 		return CKR_MECHANISM_INVALID;
-	return real->C_GetMechanismInfo(slot, type, info);
+	return SH(C_GetMechanismInfo, slot, type, info);
 }
 
 /* ---- token and PIN management stay in hsmsh --------------------------------------- */
@@ -1180,13 +1252,13 @@ static CK_RV w_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_
 			    CKR_ACTION_PROHIBITED, NULL, NULL);
 	if (!out)
 		return CKR_ARGUMENTS_BAD;
-	rv = real->C_OpenSession(slot, flags, app, notify, out);
+	rv = SH(C_OpenSession, slot, flags, app, notify, out);
 	if (rv != CKR_OK)
 		return rv;
 	pthread_mutex_lock(&lock);
 	if (nsessions == MAX_SESSIONS) {
 		pthread_mutex_unlock(&lock);
-		real->C_CloseSession(*out);
+		SH(C_CloseSession, *out);
 		*out = CK_INVALID_HANDLE;
 		return CKR_SESSION_COUNT;
 	}
@@ -1207,7 +1279,7 @@ static CK_RV w_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_
 static CK_RV w_CloseSession(CK_SESSION_HANDLE h)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_CloseSession(h);
+	CK_RV rv = SH(C_CloseSession, h);
 	if (rv != CKR_OK)
 		return rv;
 	pthread_mutex_lock(&lock);
@@ -1225,7 +1297,7 @@ static CK_RV w_CloseSession(CK_SESSION_HANDLE h)
 static CK_RV w_CloseAllSessions(CK_SLOT_ID slot)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_CloseAllSessions(slot);
+	CK_RV rv = SH(C_CloseAllSessions, slot);
 	if (rv != CKR_OK)
 		return rv;
 	pthread_mutex_lock(&lock);
@@ -1244,7 +1316,7 @@ static CK_RV w_CloseAllSessions(CK_SLOT_ID slot)
 static CK_RV w_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR info)
 {
 	NEED_REAL();
-	return real->C_GetSessionInfo(h, info);
+	return SH(C_GetSessionInfo, h, info);
 }
 
 /* An operation state is opaque key-bearing bytes: neither handed out nor taken in. */
@@ -1274,7 +1346,7 @@ static CK_RV w_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin
 		return deny(h, "C_Login", "role-unknown", CKR_ACTION_PROHIBITED, NULL, NULL);
 	if (user != CKU_USER && user != CKU_CONTEXT_SPECIFIC)
 		return deny_num(h, "C_Login", "so-login", CKR_USER_TYPE_INVALID, "user_type", user);
-	CK_RV rv = real->C_Login(h, user, pin, len);
+	CK_RV rv = EX(C_Login, h, user, pin, len);
 	pthread_mutex_lock(&lock);
 	jb_begin(&b, "login");
 	jb_ulong(&b, "session", h);
@@ -1288,7 +1360,7 @@ static CK_RV w_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin
 static CK_RV w_Logout(CK_SESSION_HANDLE h)
 {
 	NEED_REAL();
-	return real->C_Logout(h);
+	return SH(C_Logout, h);
 }
 
 /* ---- objects --------------------------------------------------------------------- */
@@ -1320,7 +1392,7 @@ static CK_RV w_CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n,
 	}
 	if (cls == CKO_PUBLIC_KEY && (rv = check_key_template(h, fn, t, n)) != CKR_OK)
 		return rv;
-	rv = real->C_CreateObject(h, t, n, out);
+	rv = EX(C_CreateObject, h, t, n, out);
 	if (rv != CKR_OK || !out)
 		return rv;
 	if ((rv = post_check(h, fn, *out, &ki)) != CKR_OK) {
@@ -1402,7 +1474,7 @@ static CK_RV w_CopyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_
 		return rv;
 	if ((rv = check_changes(h, fn, o, t, n)) != CKR_OK)
 		return rv;
-	rv = real->C_CopyObject(h, o, t, n, out);
+	rv = EX(C_CopyObject, h, o, t, n, out);
 	if (rv != CKR_OK || !out)
 		return rv;
 	if ((rv = post_check(h, fn, *out, &ki)) != CKR_OK) {
@@ -1424,7 +1496,7 @@ static CK_RV w_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
 	if (domain_guard(h, fn, o, CKR_ACTION_PROHIBITED, &rv))
 		return rv;
 	describe(h, o, &ki);
-	rv = real->C_DestroyObject(h, o);
+	rv = EX(C_DestroyObject, h, o);
 	if (rv != CKR_OK)
 		return rv;
 	count_op(h, OP_DESTROY);
@@ -1436,7 +1508,7 @@ static CK_RV w_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
 static CK_RV w_GetObjectSize(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ULONG_PTR size)
 {
 	NEED_REAL();
-	return real->C_GetObjectSize(h, o, size);
+	return SH(C_GetObjectSize, h, o, size);
 }
 
 /*
@@ -1461,13 +1533,13 @@ static CK_RV w_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATT
 		if (is_secret_component(t[i].type))
 			hidden++;
 	if (hidden == 0)
-		return real->C_GetAttributeValue(h, o, t, n);
+		return SH(C_GetAttributeValue, h, o, t, n);
 	CK_ATTRIBUTE ca = {CKA_CLASS, &cls, sizeof cls};
-	rv = real->C_GetAttributeValue(h, o, &ca, 1);
+	rv = SH(C_GetAttributeValue, h, o, &ca, 1);
 	if (rv != CKR_OK)
 		return rv;
 	if (!is_protected_class(cls))
-		return real->C_GetAttributeValue(h, o, t, n);
+		return SH(C_GetAttributeValue, h, o, t, n);
 	for (CK_ULONG i = 0; i < n; i++) {
 		if (is_secret_component(t[i].type)) {
 			if (first == 0)
@@ -1480,7 +1552,7 @@ static CK_RV w_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATT
 	}
 	rv = CKR_OK;
 	if (k > 0) {
-		rv = real->C_GetAttributeValue(h, o, copy, k);
+		rv = SH(C_GetAttributeValue, h, o, copy, k);
 		for (CK_ULONG j = 0; j < k; j++)
 			t[idx[j]].ulValueLen = copy[j].ulValueLen;
 	}
@@ -1503,7 +1575,7 @@ static CK_RV w_SetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATT
 		return rv;
 	if ((rv = check_changes(h, fn, o, t, n)) != CKR_OK)
 		return rv;
-	return real->C_SetAttributeValue(h, o, t, n);
+	return EX(C_SetAttributeValue, h, o, t, n);
 }
 
 static CK_RV w_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n)
@@ -1512,20 +1584,20 @@ static CK_RV w_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG
 	NEED_REAL();
 	if ((rv = tmpl_in(h, "C_FindObjectsInit", t, n)) != CKR_OK)
 		return rv;
-	return real->C_FindObjectsInit(h, t, n);
+	return SH(C_FindObjectsInit, h, t, n);
 }
 
 static CK_RV w_FindObjects(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR list, CK_ULONG max,
 			   CK_ULONG_PTR n)
 {
 	NEED_REAL();
-	return real->C_FindObjects(h, list, max, n);
+	return SH(C_FindObjects, h, list, max, n);
 }
 
 static CK_RV w_FindObjectsFinal(CK_SESSION_HANDLE h)
 {
 	NEED_REAL();
-	return real->C_FindObjectsFinal(h);
+	return SH(C_FindObjectsFinal, h);
 }
 
 /* ---- crypto operations: mechanism checked at Init, counted when an output is made ---- */
@@ -1540,14 +1612,14 @@ static CK_RV w_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HA
 		return rv;
 	if (domain_guard(h, "C_EncryptInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
-	return real->C_EncryptInit(h, m, k);
+	return SH(C_EncryptInit, h, m, k);
 }
 
 static CK_RV w_Encrypt(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR o,
 		       CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_Encrypt(h, d, dl, o, ol);
+	CK_RV rv = SH(C_Encrypt, h, d, dl, o, ol);
 	if (OUT_MADE(rv, o))
 		count_op(h, OP_ENCRYPT);
 	return rv;
@@ -1557,13 +1629,13 @@ static CK_RV w_EncryptUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK
 			     CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	return real->C_EncryptUpdate(h, d, dl, o, ol);
+	return SH(C_EncryptUpdate, h, d, dl, o, ol);
 }
 
 static CK_RV w_EncryptFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR o, CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_EncryptFinal(h, o, ol);
+	CK_RV rv = SH(C_EncryptFinal, h, o, ol);
 	if (OUT_MADE(rv, o))
 		count_op(h, OP_ENCRYPT);
 	return rv;
@@ -1577,14 +1649,14 @@ static CK_RV w_DecryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HA
 		return rv;
 	if (domain_guard(h, "C_DecryptInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
-	return real->C_DecryptInit(h, m, k);
+	return SH(C_DecryptInit, h, m, k);
 }
 
 static CK_RV w_Decrypt(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR o,
 		       CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_Decrypt(h, d, dl, o, ol);
+	CK_RV rv = SH(C_Decrypt, h, d, dl, o, ol);
 	if (OUT_MADE(rv, o))
 		count_op(h, OP_DECRYPT);
 	return rv;
@@ -1594,13 +1666,13 @@ static CK_RV w_DecryptUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK
 			     CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	return real->C_DecryptUpdate(h, d, dl, o, ol);
+	return SH(C_DecryptUpdate, h, d, dl, o, ol);
 }
 
 static CK_RV w_DecryptFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR o, CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_DecryptFinal(h, o, ol);
+	CK_RV rv = SH(C_DecryptFinal, h, o, ol);
 	if (OUT_MADE(rv, o))
 		count_op(h, OP_DECRYPT);
 	return rv;
@@ -1612,14 +1684,14 @@ static CK_RV w_DigestInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m)
 	NEED_REAL();
 	if ((rv = check_mech(h, "C_DigestInit", m, 0)) != CKR_OK)
 		return rv;
-	return real->C_DigestInit(h, m);
+	return SH(C_DigestInit, h, m);
 }
 
 static CK_RV w_Digest(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR o,
 		      CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_Digest(h, d, dl, o, ol);
+	CK_RV rv = SH(C_Digest, h, d, dl, o, ol);
 	if (OUT_MADE(rv, o))
 		count_op(h, OP_DIGEST);
 	return rv;
@@ -1628,7 +1700,7 @@ static CK_RV w_Digest(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_P
 static CK_RV w_DigestUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl)
 {
 	NEED_REAL();
-	return real->C_DigestUpdate(h, d, dl);
+	return SH(C_DigestUpdate, h, d, dl);
 }
 
 static CK_RV w_DigestKey(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE k)
@@ -1639,13 +1711,13 @@ static CK_RV w_DigestKey(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE k)
 		return rv;
 	if (domain_guard(h, "C_DigestKey", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
-	return real->C_DigestKey(h, k);
+	return SH(C_DigestKey, h, k);
 }
 
 static CK_RV w_DigestFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR o, CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_DigestFinal(h, o, ol);
+	CK_RV rv = SH(C_DigestFinal, h, o, ol);
 	if (OUT_MADE(rv, o))
 		count_op(h, OP_DIGEST);
 	return rv;
@@ -1659,7 +1731,7 @@ static CK_RV w_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDL
 		return rv;
 	if (domain_guard(h, "C_SignInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
-	rv = real->C_SignInit(h, m, k);
+	rv = SH(C_SignInit, h, m, k);
 	if (rv == CKR_OK) {
 		pthread_mutex_lock(&lock);
 		struct session *s = sess_find(h);
@@ -1674,16 +1746,16 @@ static CK_RV w_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDL
 static void sign_discard(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl)
 {
 	CK_ULONG len = 0;
-	if (real->C_Sign(h, d, dl, NULL, &len) != CKR_OK || len == 0 || len > 4096) {
+	if (SH(C_Sign, h, d, dl, NULL, &len) != CKR_OK || len == 0 || len > 4096) {
 		unsigned char small[1];
 		len = sizeof small;
-		real->C_Sign(h, d, dl, small, &len); /* CKR_BUFFER_TOO_SMALL keeps it active */
+		SH(C_Sign, h, d, dl, small, &len); /* CKR_BUFFER_TOO_SMALL keeps it active */
 		return;
 	}
 	unsigned char *buf = malloc(len);
 	if (!buf)
 		return;
-	real->C_Sign(h, d, dl, buf, &len);
+	SH(C_Sign, h, d, dl, buf, &len);
 	explicit_bzero(buf, len);
 	free(buf);
 }
@@ -1707,7 +1779,7 @@ static CK_RV w_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR
 					"data_len", dl);
 		}
 	}
-	CK_RV rv = real->C_Sign(h, d, dl, o, ol);
+	CK_RV rv = SH(C_Sign, h, d, dl, o, ol);
 	if (OUT_MADE(rv, o))
 		count_op(h, OP_SIGN);
 	return rv;
@@ -1716,13 +1788,13 @@ static CK_RV w_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR
 static CK_RV w_SignUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl)
 {
 	NEED_REAL();
-	return real->C_SignUpdate(h, d, dl);
+	return SH(C_SignUpdate, h, d, dl);
 }
 
 static CK_RV w_SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR o, CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_SignFinal(h, o, ol);
+	CK_RV rv = SH(C_SignFinal, h, o, ol);
 	if (OUT_MADE(rv, o))
 		count_op(h, OP_SIGN);
 	return rv;
@@ -1736,14 +1808,14 @@ static CK_RV w_SignRecoverInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJEC
 		return rv;
 	if (domain_guard(h, "C_SignRecoverInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
-	return real->C_SignRecoverInit(h, m, k);
+	return SH(C_SignRecoverInit, h, m, k);
 }
 
 static CK_RV w_SignRecover(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR o,
 			   CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_SignRecover(h, d, dl, o, ol);
+	CK_RV rv = SH(C_SignRecover, h, d, dl, o, ol);
 	if (OUT_MADE(rv, o))
 		count_op(h, OP_SIGN);
 	return rv;
@@ -1757,14 +1829,14 @@ static CK_RV w_VerifyInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAN
 		return rv;
 	if (domain_guard(h, "C_VerifyInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
-	return real->C_VerifyInit(h, m, k);
+	return SH(C_VerifyInit, h, m, k);
 }
 
 static CK_RV w_Verify(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR sig,
 		      CK_ULONG sl)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_Verify(h, d, dl, sig, sl);
+	CK_RV rv = SH(C_Verify, h, d, dl, sig, sl);
 	if (rv == CKR_OK)
 		count_op(h, OP_VERIFY);
 	return rv;
@@ -1773,13 +1845,13 @@ static CK_RV w_Verify(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_P
 static CK_RV w_VerifyUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl)
 {
 	NEED_REAL();
-	return real->C_VerifyUpdate(h, d, dl);
+	return SH(C_VerifyUpdate, h, d, dl);
 }
 
 static CK_RV w_VerifyFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG sl)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_VerifyFinal(h, sig, sl);
+	CK_RV rv = SH(C_VerifyFinal, h, sig, sl);
 	if (rv == CKR_OK)
 		count_op(h, OP_VERIFY);
 	return rv;
@@ -1793,14 +1865,14 @@ static CK_RV w_VerifyRecoverInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJ
 		return rv;
 	if (domain_guard(h, "C_VerifyRecoverInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
-	return real->C_VerifyRecoverInit(h, m, k);
+	return SH(C_VerifyRecoverInit, h, m, k);
 }
 
 static CK_RV w_VerifyRecover(CK_SESSION_HANDLE h, CK_BYTE_PTR sig, CK_ULONG sl, CK_BYTE_PTR o,
 			     CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	CK_RV rv = real->C_VerifyRecover(h, sig, sl, o, ol);
+	CK_RV rv = SH(C_VerifyRecover, h, sig, sl, o, ol);
 	if (OUT_MADE(rv, o))
 		count_op(h, OP_VERIFY);
 	return rv;
@@ -1810,28 +1882,28 @@ static CK_RV w_DigestEncryptUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG 
 				   CK_BYTE_PTR o, CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	return real->C_DigestEncryptUpdate(h, d, dl, o, ol);
+	return SH(C_DigestEncryptUpdate, h, d, dl, o, ol);
 }
 
 static CK_RV w_DecryptDigestUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl,
 				   CK_BYTE_PTR o, CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	return real->C_DecryptDigestUpdate(h, d, dl, o, ol);
+	return SH(C_DecryptDigestUpdate, h, d, dl, o, ol);
 }
 
 static CK_RV w_SignEncryptUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl, CK_BYTE_PTR o,
 				 CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	return real->C_SignEncryptUpdate(h, d, dl, o, ol);
+	return SH(C_SignEncryptUpdate, h, d, dl, o, ol);
 }
 
 static CK_RV w_DecryptVerifyUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG dl,
 				   CK_BYTE_PTR o, CK_ULONG_PTR ol)
 {
 	NEED_REAL();
-	return real->C_DecryptVerifyUpdate(h, d, dl, o, ol);
+	return SH(C_DecryptVerifyUpdate, h, d, dl, o, ol);
 }
 
 /* ---- key making: pre-check, force, forward, read back, log ------------------------ */
@@ -1859,7 +1931,7 @@ static CK_RV w_GenerateKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE
 		return rv;
 	if (!out)
 		return CKR_ARGUMENTS_BAD;
-	rv = real->C_GenerateKey(h, m, forced, fn_count, out);
+	rv = EX(C_GenerateKey, h, m, forced, fn_count, out);
 	if (rv != CKR_OK)
 		return rv;
 	if ((rv = post_check(h, fn, *out, &ki)) != CKR_OK) {
@@ -1896,16 +1968,16 @@ static CK_RV w_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRI
 		return rv;
 	if (!pub || !priv)
 		return CKR_ARGUMENTS_BAD;
-	rv = real->C_GenerateKeyPair(h, m, pt, pn, forced, fcount, pub, priv);
+	rv = EX(C_GenerateKeyPair, h, m, pt, pn, forced, fcount, pub, priv);
 	if (rv != CKR_OK)
 		return rv;
 	rv = post_check(h, fn, *priv, &ski);
 	if (rv == CKR_OK) {
 		rv = post_check(h, fn, *pub, &pki);
 		if (rv != CKR_OK)
-			real->C_DestroyObject(h, *priv);
+			EX(C_DestroyObject, h, *priv);
 	} else {
-		real->C_DestroyObject(h, *pub);
+		EX(C_DestroyObject, h, *pub);
 	}
 	if (rv != CKR_OK) {
 		*pub = *priv = CK_INVALID_HANDLE;
@@ -1942,11 +2014,11 @@ static CK_RV w_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE
 		return deny(h, fn, "domain-wrap", CKR_KEY_NOT_WRAPPABLE, "detail",
 			    "a cloneable key leaves under the domain key only");
 	}
-	if ((rv = real->C_GetAttributeValue(h, k, &ea, 1)) != CKR_OK)
+	if ((rv = SH(C_GetAttributeValue, h, k, &ea, 1)) != CKR_OK)
 		return rv;
 	if (ea.ulValueLen != sizeof ext || !ext)
 		return deny(h, fn, "extractable", CKR_KEY_UNEXTRACTABLE, NULL, NULL);
-	rv = real->C_WrapKey(h, m, wk, k, o, ol);
+	rv = SH(C_WrapKey, h, m, wk, k, o, ol);
 	if (OUT_MADE(rv, o))
 		count_op(h, OP_WRAP);
 	return rv;
@@ -1998,7 +2070,7 @@ static CK_RV probe_secret_len(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT
 	if (kt)
 		tmpl[k++] = *kt;
 	pthread_mutex_lock(&probe_lock);
-	CK_RV rv = real->C_UnwrapKey(h, m, uk, w, wl, tmpl, k, &o);
+	CK_RV rv = EX(C_UnwrapKey, h, m, uk, w, wl, tmpl, k, &o);
 	if (rv != CKR_OK) {
 		pthread_mutex_unlock(&probe_lock);
 		return rv;
@@ -2007,8 +2079,8 @@ static CK_RV probe_secret_len(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT
 	probe_obj = o;
 	pthread_mutex_unlock(&lock);
 	CK_ATTRIBUTE v = {CKA_VALUE, NULL, 0};
-	rv = real->C_GetAttributeValue(h, o, &v, 1);
-	real->C_DestroyObject(h, o);
+	rv = SH(C_GetAttributeValue, h, o, &v, 1);
+	EX(C_DestroyObject, h, o);
 	pthread_mutex_lock(&lock);
 	probe_obj = CK_INVALID_HANDLE;
 	pthread_mutex_unlock(&lock);
@@ -2076,7 +2148,7 @@ static CK_RV w_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 		if (!aes_len_ok(secret_len))
 			return deny_dec(h, fn, "aes-size", CKR_KEY_SIZE_RANGE, "bits", secret_len * 8);
 	}
-	rv = real->C_UnwrapKey(h, m, uk, w, wl, forced, fcount, out);
+	rv = EX(C_UnwrapKey, h, m, uk, w, wl, forced, fcount, out);
 	if (rv != CKR_OK)
 		return rv;
 	if ((rv = post_check_sized(h, fn, *out, &ki, secret_len * 8)) != CKR_OK) {
@@ -2107,7 +2179,7 @@ static CK_RV w_DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 		return rv;
 	if (!out)
 		return CKR_ARGUMENTS_BAD;
-	rv = real->C_DeriveKey(h, m, base, forced, fcount, out);
+	rv = EX(C_DeriveKey, h, m, base, forced, fcount, out);
 	if (rv != CKR_OK)
 		return rv;
 	if ((rv = post_check(h, fn, *out, &ki)) != CKR_OK) {
@@ -2124,25 +2196,25 @@ static CK_RV w_DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 static CK_RV w_SeedRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR s, CK_ULONG sl)
 {
 	NEED_REAL();
-	return real->C_SeedRandom(h, s, sl);
+	return SH(C_SeedRandom, h, s, sl);
 }
 
 static CK_RV w_GenerateRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR o, CK_ULONG ol)
 {
 	NEED_REAL();
-	return real->C_GenerateRandom(h, o, ol);
+	return SH(C_GenerateRandom, h, o, ol);
 }
 
 static CK_RV w_GetFunctionStatus(CK_SESSION_HANDLE h)
 {
 	NEED_REAL();
-	return real->C_GetFunctionStatus(h);
+	return SH(C_GetFunctionStatus, h);
 }
 
 static CK_RV w_CancelFunction(CK_SESSION_HANDLE h)
 {
 	NEED_REAL();
-	return real->C_CancelFunction(h);
+	return SH(C_CancelFunction, h);
 }
 
 static CK_RV w_WaitForSlotEvent(CK_FLAGS flags, CK_SLOT_ID_PTR slot, CK_VOID_PTR rsv)
