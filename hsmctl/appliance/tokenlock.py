@@ -10,13 +10,18 @@ loses the token: ``get_token`` finds no token, or a login fails with
 ``CKR_GENERAL_ERROR``. Measured: 8 processes that initialise and log in together lose the
 token in about 40 % of them; with this lock, in none (tests/unit/test_tokenlock.py).
 
-The rule, the same in ``appliance/p11/policy.c`` (the PKCS#11 service's side): a call that
-may write a token file (log in, PIN and token management, create/copy/destroy an object,
-set attributes, generate, unwrap, derive, delete a token) holds the lock exclusively;
-every other call into SoftHSM, loading the library included, holds it shared. Here:
-:func:`shared` and :func:`exclusive`, re-entrant within a process (an exclusive hold
-inside a shared one upgrades it for its duration). A process has one descriptor for the
-lock, so its own holds never conflict with each other.
+The rule, the same in ``appliance/p11/policy.c`` (the PKCS#11 service's side): a call
+that rewrites a file other processes read (a login rewrites ``token.object``; PIN and
+token management; changing an object's attributes; deleting a token) holds the lock
+exclusively; every other call into SoftHSM, loading the library included, holds it
+shared. A new object needs no exclusive hold: SoftHSM writes it completely before it
+bumps the token's generation (which is what makes other processes look), and keeps an
+object it read too early to read it again; so a long RSA key generation holds nobody.
+The token helper holds the lock shared for a status read and exclusively for the whole of
+any other operation (they are short); the audit signer shared per call, exclusively to
+log in. Here: :func:`shared` and :func:`exclusive`, re-entrant within a process (an
+exclusive hold inside a shared one upgrades it for its duration). A process has one
+descriptor for the lock, so its own holds never conflict with each other.
 
 Where: ``<directories.tokendir>/.hsmctl-token.lock`` (SoftHSM looks only at directories
 there). No token store configured: no lock (nothing to protect). A store whose lock file

@@ -15,8 +15,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +42,11 @@ START = """
 import json, sys
 import pkcs11
 req = json.loads(sys.stdin.read())
+lib = pkcs11.lib(req["module"])  # C_Initialize: a failure here is a traceback, exit 1
 try:
-    lib = pkcs11.lib(req["module"])
     token = lib.get_token(token_label=req["label"])
-except pkcs11.exceptions.NoSuchToken:
-    print(json.dumps({"outcome": "no-token"})); sys.exit(0)
+except pkcs11.exceptions.PKCS11Error as exc:  # NoSuchToken, or GeneralError reading it
+    print(json.dumps({"outcome": "token-" + type(exc).__name__})); sys.exit(0)
 try:
     with token.open(user_pin=req["pin"], rw=True):
         pass
@@ -180,6 +182,83 @@ def test_the_token_helper_and_the_service_share_the_lock(policy_so: Path, store:
         for status in replies[:3]:
             assert status["initialised"] and status["label"] == LABEL, status
         assert replies[3] == {"match": True}
+
+
+# Steps a client takes one at a time, each after the test's "go" on stdin, saying what it
+# did on stdout: log in; generate an RSA-2048 token key pair; relabel the private key.
+STEPS = """
+import json, sys
+import pkcs11
+from pkcs11 import Attribute, KeyType, ObjectClass
+req = json.loads(sys.stdin.readline())
+def step(name):
+    assert sys.stdin.readline() == "go\\n"
+    return name
+lib = pkcs11.lib(req["module"])
+token = lib.get_token(token_label=req["label"])
+step("login")
+session = token.open(user_pin=req["pin"], rw=True)
+print("logged-in", flush=True)
+step("generate")
+pub, priv = session.generate_keypair(KeyType.RSA, 2048, store=True, label="held")
+print("generated", flush=True)
+step("relabel")
+priv[Attribute.LABEL] = "relabelled"
+print("relabelled", flush=True)
+session.close()
+"""
+
+
+def test_a_key_generation_holds_nobody_a_login_and_an_attribute_change_wait(
+    policy_so: Path, store: Store
+) -> None:
+    """Which calls the module holds exclusively, seen from outside: while the test holds
+    the lock shared (as another client mid-call would), the client's key generation
+    completes but its login and its attribute change wait until the test lets go. No
+    timing decides the result: a call that must wait cannot finish while the lock is
+    held, however slow the machine; one that must not wait is awaited without bound."""
+    lock = tokenlock.lock_path(store.conf)
+    assert lock is not None
+    env = store.env(HSM_P11_TOKEN_LOCK=str(lock))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STEPS], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, env=env, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    holder = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        proc.stdin.write(json.dumps({"module": str(policy_so), "label": LABEL,
+                                     "pin": USER_PIN}) + "\n")  # fmt: skip
+        proc.stdin.flush()
+
+        def go_and_wait_while_held(expect: str) -> None:
+            fcntl.flock(holder, fcntl.LOCK_SH)
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            time.sleep(1.0)  # the call has had time to finish if it were not waiting
+            assert proc.poll() is None
+            ready, _, _ = select.select([proc.stdout], [], [], 0)
+            assert not ready, f"{expect}: finished while the lock was held shared"
+            fcntl.flock(holder, fcntl.LOCK_UN)
+            assert proc.stdout.readline().strip() == expect
+
+        go_and_wait_while_held("logged-in")
+        fcntl.flock(holder, fcntl.LOCK_SH)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # no bound would hang
+        assert ready, "the key generation waited for the shared lock"
+        assert proc.stdout.readline().strip() == "generated"  # under our shared hold
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        go_and_wait_while_held("relabelled")
+        proc.stdin.close()
+        assert proc.wait(timeout=120) == 0, proc.stdout.read()[-2000:]
+    finally:
+        os.close(holder)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
 
 
 @pytest.fixture

@@ -88,14 +88,16 @@ static CK_FUNCTION_LIST_PTR real;
  * integrity check failed"; softhsm/SoftHSMv2#757). So every SoftHSM user on the device
  * takes one lock file beside the token store (flock; hsmctl/appliance/tokenlock.py is the
  * daemon's and the token helper's side): shared around every call forwarded here,
- * exclusive around the ones that may write a token file (C_Login; C_CreateObject,
- * C_CopyObject, C_DestroyObject, C_SetAttributeValue, C_GenerateKey(Pair), C_UnwrapKey,
- * C_DeriveKey; C_InitToken, C_InitPIN and C_SetPIN are refused before they are forwarded).
- * The cause is SoftHSM's File::unlock in 2.6.1: it releases the lock before its buffered
- * write reaches the file (truncate, unlock, write). A call waits while another process
- * logs in or makes a key (a long RSA key generation holds the others for its length);
- * nothing is ever read torn. token_mutex keeps this process's threads to one flock state
- * at a time. C_WaitForSlotEvent is not locked (it may block; SoftHSM does not support it).
+ * exclusive around the ones that rewrite a file other processes read (C_Login rewrites
+ * token.object, C_SetAttributeValue the object's file; C_InitToken, C_InitPIN and
+ * C_SetPIN are refused before they are forwarded). The cause is SoftHSM's File::unlock
+ * in 2.6.1: the lock goes before the buffered write reaches the file (truncate, unlock,
+ * write). A new object (generate, create, copy, unwrap, derive) is written completely
+ * before SoftHSM bumps the token's generation, which is what makes other processes look
+ * at it, and a destroyed one is unlinked: those stay shared, so a long RSA key
+ * generation holds no other call. token_mutex keeps this process's threads to one flock
+ * state at a time. C_WaitForSlotEvent is not locked (it may block; SoftHSM does not
+ * support it).
  */
 static int token_lock_fd = -1;
 static pthread_mutex_t token_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -847,7 +849,7 @@ static CK_RV post_check_sized(CK_SESSION_HANDLE h, const char *fn, CK_OBJECT_HAN
 	const char *rule = key_verdict(ki, &rv);
 	if (!rule)
 		return CKR_OK;
-	EX(C_DestroyObject, h, o);
+	SH(C_DestroyObject, h, o);
 	return deny(h, fn, rule, rv, "detail", "object read back");
 }
 
@@ -1392,7 +1394,7 @@ static CK_RV w_CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n,
 	}
 	if (cls == CKO_PUBLIC_KEY && (rv = check_key_template(h, fn, t, n)) != CKR_OK)
 		return rv;
-	rv = EX(C_CreateObject, h, t, n, out);
+	rv = SH(C_CreateObject, h, t, n, out);
 	if (rv != CKR_OK || !out)
 		return rv;
 	if ((rv = post_check(h, fn, *out, &ki)) != CKR_OK) {
@@ -1474,7 +1476,7 @@ static CK_RV w_CopyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_
 		return rv;
 	if ((rv = check_changes(h, fn, o, t, n)) != CKR_OK)
 		return rv;
-	rv = EX(C_CopyObject, h, o, t, n, out);
+	rv = SH(C_CopyObject, h, o, t, n, out);
 	if (rv != CKR_OK || !out)
 		return rv;
 	if ((rv = post_check(h, fn, *out, &ki)) != CKR_OK) {
@@ -1496,7 +1498,7 @@ static CK_RV w_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
 	if (domain_guard(h, fn, o, CKR_ACTION_PROHIBITED, &rv))
 		return rv;
 	describe(h, o, &ki);
-	rv = EX(C_DestroyObject, h, o);
+	rv = SH(C_DestroyObject, h, o);
 	if (rv != CKR_OK)
 		return rv;
 	count_op(h, OP_DESTROY);
@@ -1931,7 +1933,7 @@ static CK_RV w_GenerateKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE
 		return rv;
 	if (!out)
 		return CKR_ARGUMENTS_BAD;
-	rv = EX(C_GenerateKey, h, m, forced, fn_count, out);
+	rv = SH(C_GenerateKey, h, m, forced, fn_count, out);
 	if (rv != CKR_OK)
 		return rv;
 	if ((rv = post_check(h, fn, *out, &ki)) != CKR_OK) {
@@ -1968,16 +1970,16 @@ static CK_RV w_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRI
 		return rv;
 	if (!pub || !priv)
 		return CKR_ARGUMENTS_BAD;
-	rv = EX(C_GenerateKeyPair, h, m, pt, pn, forced, fcount, pub, priv);
+	rv = SH(C_GenerateKeyPair, h, m, pt, pn, forced, fcount, pub, priv);
 	if (rv != CKR_OK)
 		return rv;
 	rv = post_check(h, fn, *priv, &ski);
 	if (rv == CKR_OK) {
 		rv = post_check(h, fn, *pub, &pki);
 		if (rv != CKR_OK)
-			EX(C_DestroyObject, h, *priv);
+			SH(C_DestroyObject, h, *priv);
 	} else {
-		EX(C_DestroyObject, h, *pub);
+		SH(C_DestroyObject, h, *pub);
 	}
 	if (rv != CKR_OK) {
 		*pub = *priv = CK_INVALID_HANDLE;
@@ -2070,7 +2072,7 @@ static CK_RV probe_secret_len(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT
 	if (kt)
 		tmpl[k++] = *kt;
 	pthread_mutex_lock(&probe_lock);
-	CK_RV rv = EX(C_UnwrapKey, h, m, uk, w, wl, tmpl, k, &o);
+	CK_RV rv = SH(C_UnwrapKey, h, m, uk, w, wl, tmpl, k, &o);
 	if (rv != CKR_OK) {
 		pthread_mutex_unlock(&probe_lock);
 		return rv;
@@ -2080,7 +2082,7 @@ static CK_RV probe_secret_len(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT
 	pthread_mutex_unlock(&lock);
 	CK_ATTRIBUTE v = {CKA_VALUE, NULL, 0};
 	rv = SH(C_GetAttributeValue, h, o, &v, 1);
-	EX(C_DestroyObject, h, o);
+	SH(C_DestroyObject, h, o);
 	pthread_mutex_lock(&lock);
 	probe_obj = CK_INVALID_HANDLE;
 	pthread_mutex_unlock(&lock);
@@ -2148,7 +2150,7 @@ static CK_RV w_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 		if (!aes_len_ok(secret_len))
 			return deny_dec(h, fn, "aes-size", CKR_KEY_SIZE_RANGE, "bits", secret_len * 8);
 	}
-	rv = EX(C_UnwrapKey, h, m, uk, w, wl, forced, fcount, out);
+	rv = SH(C_UnwrapKey, h, m, uk, w, wl, forced, fcount, out);
 	if (rv != CKR_OK)
 		return rv;
 	if ((rv = post_check_sized(h, fn, *out, &ki, secret_len * 8)) != CKR_OK) {
@@ -2179,7 +2181,7 @@ static CK_RV w_DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 		return rv;
 	if (!out)
 		return CKR_ARGUMENTS_BAD;
-	rv = EX(C_DeriveKey, h, m, base, forced, fcount, out);
+	rv = SH(C_DeriveKey, h, m, base, forced, fcount, out);
 	if (rv != CKR_OK)
 		return rv;
 	if ((rv = post_check(h, fn, *out, &ki)) != CKR_OK) {
