@@ -356,3 +356,66 @@ def test_results_are_found_by_the_step_the_module_returns() -> None:
     assert handoff["handoff"] == "/x/hsm01-r.json"
     with pytest.raises(HsmctlError, match="hsm01: the playbook run reported no monitor step"):
         provisioning.step_result(outcome, provisioning.ProvisionStep.MONITOR)
+
+
+# -- run: Ansible's settings and what lands in the artifact directory ----------------------
+
+CONFIG_PLAYBOOK = """\
+- hosts: all
+  gather_facts: false
+  tasks:
+    - name: Read the poll interval
+      ansible.builtin.debug:
+        msg: "{{ lookup('ansible.builtin.config', 'DEFAULT_INTERNAL_POLL_INTERVAL') }}"
+    - name: Say hello
+      ansible.builtin.debug:
+        msg: "hello {{ inventory_hostname }}"
+"""
+
+
+class ArtifactWatcher(Recorder):
+    """Notes every file of the run's private directory each time an event arrives."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp)
+        self.files: set[str] = set()
+
+    def step(self, message: str) -> None:
+        super().step(message)
+        for d in self.tmp.glob("hsmctl-run-*"):
+            self.files.update(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+
+def test_ansible_cfg_exact_output() -> None:
+    assert adapter.ansible_cfg() == "[defaults]\ninternal_poll_interval = 0.005\n"
+
+
+def test_run_reads_only_its_own_config_and_writes_no_event_or_output_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    # An operator's configuration does not reach hsmctl's runs.
+    operator = tmp_path / "operator.cfg"
+    operator.write_text("[defaults]\ninternal_poll_interval = 0.5\n")
+    monkeypatch.setenv("ANSIBLE_CONFIG", str(operator))
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(CONFIG_PLAYBOOK)
+    base = adapter.build_run("provision.yml", {"h1": {}, "h2": {}}, {})
+    watcher = ArtifactWatcher(tmp)
+    outcomes = adapter.run(RunSpec(playbook, base.inventory, base.extravars, 2), watcher)
+
+    for host in ("h1", "h2"):
+        assert outcomes[host].status is HostStatus.OK
+        assert float(outcomes[host].results["Read the poll interval"]["msg"]) == 0.005
+        assert outcomes[host].results["Say hello"]["msg"] == f"hello {host}"
+    assert "h2: Say hello: ok" in watcher.lines
+    assert "ansible.cfg" in watcher.files  # the run's own, in its private directory
+    artifacts = {f for f in watcher.files if f.startswith("artifacts/")}
+    assert artifacts  # the run's artifact directory was looked at while it ran ...
+    names = {Path(f).name for f in artifacts}
+    # ... and holds no event files (a result's data included), no copy of the output
+    assert not any(f.split("/")[-2] == "job_events" and "partial" not in f for f in artifacts)
+    assert not names & {"stdout", "stderr"}
+    assert list(tmp.iterdir()) == []
