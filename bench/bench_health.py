@@ -10,7 +10,11 @@ The stores' first run (migration, inventory sync) is not timed.
 
 Reported per scenario: the median wall time of ``--runs`` runs, and the machine's busy
 CPU seconds over the same runs (from /proc/stat: the devices' sshd and shells count
-too); then the ratio all/one, whose target is <= 3.
+too); then where the CPU went, per run: this host's ``hsmctl`` process (its rusage), the
+devices' management sshd (each listener with the connections it forked and reaped:
+accept, re-exec, key exchange, authentication, PAM) and device daemons (``hsmd``: it logs
+every login), read from /proc over all the lab's appliances before and after the runs;
+then the ratio all/one, whose target is <= 3.
 
 Usage (root, lab up): ``python -m bench health [--runs N] [--one hsm31]``.
 """
@@ -19,14 +23,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from bench.bench_lab import LAB_STATE, _below, _processes, role_of
 from hsmctl.lab.rig import HSMCTL, provider_config
 
 TARGET = 3.0
@@ -36,6 +43,35 @@ def _busy() -> float:
     with open("/proc/stat") as fh:
         v = [int(x) for x in fh.readline().split()[1:]]
     return (sum(v) - v[3] - v[4]) / 100.0
+
+
+def _host_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _device_cpu(launchers: Mapping[str, int]) -> dict[str, float]:
+    """CPU seconds so far of every appliance's management sshd (with the connections it
+    reaped) and device daemon, summed over the lab."""
+    procs = _processes()
+    ticks = os.sysconf("SC_CLK_TCK")
+    out = {"sshd-mgmt": 0.0, "hsmd": 0.0}
+    for launcher in launchers.values():
+        for proc in _below(procs, launcher):
+            role = role_of(proc.cmdline)
+            if role not in out:
+                continue
+            try:
+                stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[role] += sum(int(x) for x in stat[11:15]) / ticks
+    return out
+
+
+def _launchers() -> dict[str, int]:
+    state = json.loads(LAB_STATE.read_text())
+    return {k: int(v) for k, v in (state.get("launchers") or {}).items()}
 
 
 def _lab_appliances() -> list[str]:
@@ -70,21 +106,27 @@ def main(argv: list[str]) -> int:
         fleet = provider_config(Path(tmp) / "all", every)
         _run(one, [args.one])  # migrate + sync, not timed
         _run(fleet, ["--all"])
+        launchers = _launchers()
         results = {}
         for name, conf, target in (
             ("one", one, [args.one]),
             ("all", fleet, ["--all"]),
         ):
             walls, cpus = [], []
+            host0, dev0 = _host_children(), _device_cpu(launchers)
             for _ in range(args.runs):
                 wall, used, n = _run(conf, target)
                 walls.append(wall)
                 cpus.append(used)
+            time.sleep(0.5)  # the devices' sshd reap their last connections
+            host, dev1 = (_host_children() - host0) / args.runs, _device_cpu(launchers)
+            dev = {k: (dev1[k] - dev0[k]) / args.runs for k in dev0}
             results[name] = (statistics.median(walls), statistics.median(cpus), n)
             runs = ", ".join(f"{w:.2f}" for w in walls)
             print(
                 f"health {name:>3} ({n:3d} appliances): median {results[name][0]:6.2f} s wall, "
-                f"{results[name][1]:6.2f} CPU-s busy (runs: {runs})",
+                f"{results[name][1]:6.2f} CPU-s busy (runs: {runs}); per run: hsmctl "
+                f"{host:.2f} CPU-s, devices' sshd {dev['sshd-mgmt']:.2f}, hsmd {dev['hsmd']:.2f}",
                 flush=True,
             )
     ratio = results["all"][0] / results["one"][0]
