@@ -80,8 +80,7 @@ def health(
     Exit code: the most severe over the appliances (3 host key mismatch, 4 unreachable,
     1 failed); 4 also when the syslog receiver cannot be reached (the poll and its
     alerts are stored all the same). Alerts themselves do not change the exit code."""
-    from hsmctl.provider import metrics
-    from hsmctl.provider.health import health as run
+    from hsmctl.provider.pollplan import plan_poll
 
     if appliance and all_:
         raise click.UsageError("give an appliance id or --all, not both")
@@ -89,15 +88,22 @@ def health(
         as_json = True
     if as_json and fmt == "prometheus":
         raise click.UsageError("give --json or --format prometheus, not both")
-    with CliProgress() as progress:
-        report = run(
-            config_path(ctx),
-            [appliance] if appliance else None,
-            progress=progress,
-            alert_polls=alert_polls,
-            alert_window_minutes=alert_window,
-            syslog=syslog,
-        )
+    targets = [appliance] if appliance else None
+    # Planned (and the devices contacted) before the heavy imports: see hsmctl.provider.health.
+    with plan_poll(config_path(ctx), targets) as plan:
+        from hsmctl.provider import metrics
+        from hsmctl.provider.health import health as run
+
+        with CliProgress() as progress:
+            report = run(
+                config_path(ctx),
+                targets,
+                progress=progress,
+                alert_polls=alert_polls,
+                alert_window_minutes=alert_window,
+                syslog=syslog,
+                plan=plan,
+            )
     payload = report.as_dict()
     if textfile is not None or fmt == "prometheus":
         text = metrics.render(report)

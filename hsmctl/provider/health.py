@@ -17,6 +17,14 @@ the first password change locks the provider).
 Each poll is stored (``health_polls``) and judged by :mod:`hsmctl.provider.alerts` in the
 same transaction; alerts that were raised or cleared go to syslog.
 
+At scale (issue 15: ``--all`` over 100 <= 3x one): the command plans the poll with light
+modules only (:mod:`hsmctl.provider.pollplan`: configuration, inventory, targets) and
+starts every appliance's first TCP connection (:mod:`hsmctl.provider.ahead`) before it
+imports this module, so the devices accept and fork while this host imports the SSH
+library and the state store and opens it; the logins
+(:class:`hsmctl.provider.sessions.PollLogins`) use the two keys loaded once per run (a
+missing or unreadable key is exit 2 before any login).
+
 A login that gets as far as a verified host key reached the device, even when the device
 then closed the connection (sshd disconnects a locked account after its key was offered):
 that is a refusal, not an outage.
@@ -36,6 +44,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from hsmctl import config as config_mod
 from hsmctl.contract import OwnerState
 from hsmctl.device import HSM_INFO, Fact, HsmInfo
 from hsmctl.device.fact import Fields
@@ -44,12 +53,13 @@ from hsmctl.errors import (
     HsmctlError,
     IntegrityError,
     UnreachableError,
-    UsageError,
     most_severe,
 )
 from hsmctl.progress import NullProgress, Progress
 from hsmctl.provider import alerts as al
-from hsmctl.provider.context import ProviderContext, open_context
+from hsmctl.provider.context import ProviderContext, context_with
+from hsmctl.provider.pollplan import PollPlan, plan_poll
+from hsmctl.provider.sessions import PollLogins, load_key
 from hsmctl.ssh import AuthenticationFailed, DeviceConnection
 from hsmctl.state.healthlog import AlertRow, PollRow
 from hsmctl.state.model import ApplianceState, Operation, StepStatus
@@ -215,6 +225,28 @@ class SensorReader(Protocol):
     def read(self, appliance: str) -> Mapping[str, Any]: ...
 
 
+class Logins(Protocol):
+    """Where a probe's logins come from: unconnected management sessions, pinned."""
+
+    def provider(self, appliance: str) -> DeviceConnection: ...
+
+    def monitor(self, appliance: str) -> DeviceConnection: ...
+
+
+@dataclass(frozen=True)
+class _RunLogins:
+    """A run's :class:`Logins`: :class:`PollLogins`' connections, pinned by the context."""
+
+    ctx: ProviderContext
+    logins: PollLogins
+
+    def provider(self, appliance: str) -> DeviceConnection:
+        return self.logins.connection(appliance, "provider", self.ctx.mgmt_pins(appliance))
+
+    def monitor(self, appliance: str) -> DeviceConnection:
+        return self.logins.connection(appliance, "monitor", self.ctx.mgmt_pins(appliance))
+
+
 def sensors_for(kind: str) -> SensorReader | None:
     """The out-of-band sensor driver (lab: the emulated BMC); None where there is none."""
     if kind == "lab":
@@ -225,7 +257,7 @@ def sensors_for(kind: str) -> SensorReader | None:
 
 
 def probe(
-    ctx: ProviderContext,
+    logins: Logins,
     appliance: str,
     expected: ApplianceState | None = None,
     reader: SensorReader | None = None,
@@ -235,14 +267,14 @@ def probe(
     if expected == ApplianceState.AVAILABLE:
         # A spare: monitoring is enabled only by provisioning, so its account is locked;
         # the provider key answers the question. Monitor only if that key is refused.
-        provider = attempt(ctx.provider_session(appliance), None, appliance)
+        provider = attempt(logins.provider(appliance), None, appliance)
         monitor = (
             Attempt(Login.SKIPPED)
             if provider.login is Login.OK
-            else attempt(ctx.monitor_session(appliance), MONITOR_VIEW, appliance)
+            else attempt(logins.monitor(appliance), MONITOR_VIEW, appliance)
         )
     else:
-        monitor = attempt(ctx.monitor_session(appliance), MONITOR_VIEW, appliance)
+        monitor = attempt(logins.monitor(appliance), MONITOR_VIEW, appliance)
     if provider is not None:
         pass
     elif monitor.login is Login.OK:
@@ -251,9 +283,7 @@ def probe(
         # The owner state only where the provider should still hold the device and the
         # store does not already know it is factory-fresh.
         need_info = expected not in (None, ApplianceState.AVAILABLE)
-        provider = attempt(
-            ctx.provider_session(appliance), HSM_INFO if need_info else None, appliance
-        )
+        provider = attempt(logins.provider(appliance), HSM_INFO if need_info else None, appliance)
     customer_choice = monitor.login is Login.REFUSED and provider.login is Login.REFUSED
     if reader is None or customer_choice:
         return Probe(appliance, monitor, provider)
@@ -423,11 +453,13 @@ def _iso(t: datetime) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def rule_of(ctx: ProviderContext, polls: int | None, window_minutes: int | None) -> al.AlertRule:
+def rule_of(
+    config: config_mod.Config, polls: int | None, window_minutes: int | None
+) -> al.AlertRule:
     """The alert rule: flags over the configuration over the defaults (3 within 60 min)."""
     return al.AlertRule(
-        polls=polls or ctx.config.health_alert_polls,
-        window=timedelta(minutes=window_minutes or ctx.config.health_alert_window_minutes),
+        polls=polls or config.health_alert_polls,
+        window=timedelta(minutes=window_minutes or config.health_alert_window_minutes),
     )
 
 
@@ -441,35 +473,37 @@ def health(
     alert_window_minutes: int | None = None,
     syslog: str | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    plan: PollPlan | None = None,
 ) -> HealthReport:
     """Probe ``appliances`` (None: every appliance of the inventory), store the poll,
-    raise and clear alerts, send them to syslog, and update the store's states."""
+    raise and clear alerts, send them to syslog, and update the store's states. ``plan``:
+    made already by :func:`~hsmctl.provider.pollplan.plan_poll` for these arguments
+    (``config_path`` and ``appliances`` are then not read again); closed here."""
     progress = progress or NullProgress()
-    ctx = open_context(config_path)
+    if plan is None:
+        plan = plan_poll(config_path, appliances, open_ahead=prober is probe)
+    config, inventory, targets = plan.config, plan.inventory, plan.targets
+    ctx: ProviderContext | None = None
     try:
-        known = [a.id for a in ctx.inventory.appliances]
-        if appliances is None:
-            targets = sorted(known)
-        else:
-            unknown = [a for a in appliances if a not in known]
-            if unknown:
-                raise UsageError(
-                    f"{', '.join(map(str, ctx.inventory.sources))}: no appliance "
-                    f"{', '.join(repr(a) for a in unknown)} (appliances: {', '.join(known)})"
-                )
-            targets = list(appliances)
-        rule = rule_of(ctx, alert_polls, alert_window_minutes)
-        destination = syslog or ctx.config.health_syslog
+        rule = rule_of(config, alert_polls, alert_window_minutes)
+        destination = syslog or config.health_syslog
+        logins = None
+        if prober is probe:
+            keys = {"provider": "provider_key", "monitor": "monitor_key"}
+            logins = PollLogins(
+                {a.id: str(a.mgmt_ip) for a in inventory.appliances},
+                {user: load_key(config.require(name)) for user, name in keys.items()},
+                plan.ahead,
+            )
+        ctx = context_with(config, inventory)
+        run_logins = _RunLogins(ctx, logins) if logins is not None else None
         records = {r.id: r for r in ctx.store.list_appliances()}
         states = {k: r.state for k, r in records.items()}
-        # Configuration problems (no monitoring key) surface once, before any login.
-        ctx.config.require("monitor_key")
-        ctx.config.require("provider_key")
-        reader = sensors_for(ctx.config.out_of_band) if prober is probe else None
+        reader = sensors_for(config.out_of_band) if prober is probe else None
 
         def one(a: str) -> Probe:
-            if prober is probe:
-                return probe(ctx, a, states[a], reader)
+            if run_logins is not None:
+                return probe(run_logins, a, states[a], reader)
             return prober(ctx, a)
 
         with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL, len(targets)))) as pool:
@@ -542,7 +576,9 @@ def health(
             capacity[(rec.region, rec.stamp, st.value)] += 1
         return HealthReport(rows, raised, cleared, notify_error, dict(capacity))
     finally:
-        ctx.close()
+        plan.close()
+        if ctx is not None:
+            ctx.close()
 
 
 def _decider(

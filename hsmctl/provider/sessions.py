@@ -24,23 +24,39 @@ Rules:
   the network dropped between steps: :meth:`SessionPool.run` drops it and runs the step
   once more on a new connection (steps are idempotent). A failure on a fresh connection
   is reported as it is.
+
+A fleet poll (``hsmctl health``) has :class:`PollLogins` instead: every login of the poll
+is a connection of its own (a poll logs in once or twice per appliance and runs at most
+one command), but the keys are loaded once per run and each appliance's first TCP
+connection may have been opened ahead (:mod:`hsmctl.provider.ahead`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-from hsmctl.errors import HsmctlError, UnreachableError
+import paramiko
+from paramiko.ssh_exception import SSHException
+
+from hsmctl.errors import HsmctlError, UnreachableError, UsageError
+from hsmctl.provider.ahead import OpenAhead
 from hsmctl.ssh import (
     DeviceCommandFailed,
     DeviceConnection,
     OutputLimitExceeded,
+    PinnedHostKeys,
     SshProtocolError,
+    Timeouts,
+    tcp_connect,
 )
+from hsmctl.ssh.hostkeys import SSH_PORT
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +213,63 @@ class SessionPool:
     def _stale(self, appliance: str) -> None:
         with self._lock:
             self._stale_failed.add(appliance)
+
+
+# -- a fleet poll: keys loaded once, first connections opened ahead ---------------------------
+
+
+def load_key(path: str | os.PathLike[str]) -> paramiko.PKey:
+    """An OpenSSH private key file (unencrypted), loaded once for a whole run: a
+    :class:`~hsmctl.ssh.DeviceConnection` given a path reads and parses it at every
+    connect. The message never quotes the file."""
+    try:
+        return paramiko.PKey.from_path(Path(path))
+    except (OSError, SSHException, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
+        raise UsageError(f"cannot load the SSH private key {path}: {reason}") from exc
+
+
+class PollLogins:
+    """The management logins of one fleet poll (``hsmctl health``): each a connection of
+    its own, with the run's keys (loaded once, not at every connect) and, for an
+    appliance's first login, the TCP connection :class:`~hsmctl.provider.ahead.OpenAhead`
+    opened for it (see there: nothing about trust changes).
+
+    Lifecycle: create (no I/O) → :meth:`connection` from any thread (an unconnected
+    :class:`~hsmctl.ssh.DeviceConnection`, used and closed as usual). The
+    :class:`~hsmctl.provider.ahead.OpenAhead` belongs to the caller, who closes it.
+    """
+
+    def __init__(
+        self,
+        addresses: Mapping[str, str],
+        keys: Mapping[str, paramiko.PKey],
+        ahead: OpenAhead | None = None,
+        *,
+        port: int = SSH_PORT,
+        timeouts: Timeouts | None = None,
+    ) -> None:
+        self._addresses = dict(addresses)
+        self._keys = dict(keys)
+        self._ahead = ahead
+        self._port = port
+        self._timeouts = timeouts or Timeouts()
+
+    def connection(self, appliance: str, user: str, pinned: PinnedHostKeys) -> DeviceConnection:
+        """A login as ``user`` (one of the keys' accounts) at the appliance's management
+        address, pinned to ``pinned``; not yet connected."""
+        ahead = self._ahead
+
+        def connect_socket(host: str, port: int, timeout: float) -> socket.socket:
+            sock = ahead.take(appliance, host, port, timeout) if ahead is not None else None
+            return sock if sock is not None else tcp_connect(host, port, timeout)
+
+        return DeviceConnection(
+            self._addresses[appliance],
+            username=user,
+            pinned=pinned,
+            key=self._keys[user],
+            port=self._port,
+            connect_socket=connect_socket,
+            timeouts=self._timeouts,
+        )

@@ -1,0 +1,219 @@
+"""TCP connections to the appliances opened ahead of their logins (``hsmctl health``).
+
+A fleet poll of spares is one key-only login per appliance, and the device's sshd spends
+about a third of that login's CPU before the key exchange starts: accepting, forking and
+re-executing itself, sending its banner. The poll knows every address as soon as it has
+read the inventory, but can log in only once it knows each appliance's state (the order of
+its logins depends on it), after this host has imported and opened the state store, most
+of its fixed cost, on one thread. :class:`OpenAhead` opens each appliance's first TCP
+connection in a background thread at that point, so the devices do their part meanwhile
+instead of afterwards.
+
+Trust is unchanged: an opened-ahead socket is the TCP connection the login would have made
+a moment later; the key exchange, the host-key check against the pins and the
+authentication all happen on it at login, as on any other connection. A socket the device
+has closed meanwhile (peeked just before use) gives way to a fresh connection; a
+connection that failed ahead is reported as a direct connect would report it (the
+appliance is unreachable; no second wait). Only an appliance's first login gets it.
+
+Standard library only, so it can start before the heavier modules are imported.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+
+SSH_PORT = 22
+
+MAX_AHEAD = 128
+"""Connections opened ahead at most (the first appliances in poll order): bounds the file
+descriptors, and the devices' idle pre-authentication connections, of a large fleet."""
+
+
+class _Entry:
+    """One appliance's connection: pending, then a socket or an error."""
+
+    __slots__ = ("abandoned", "done", "error", "sock", "taken")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.taken = False
+        self.abandoned = False
+        self.sock: socket.socket | None = None
+        self.error: OSError | None = None
+
+
+class OpenAhead:
+    """Lifecycle: create (no I/O) → :meth:`start` (returns at once; a background thread
+    connects) → :meth:`take` from any thread, once per appliance (its socket, now owned by
+    the caller) → :meth:`close` (closes what was never taken, waits for the thread;
+    idempotent). Also a context manager."""
+
+    def __init__(
+        self, addresses: Mapping[str, str], *, port: int = SSH_PORT, timeout: float = 10.0
+    ) -> None:
+        self._addresses = dict(addresses)
+        self.port = port
+        self._timeout = timeout
+        self._cond = threading.Condition()
+        self._entries: dict[str, _Entry] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.taken = 0
+        """Sockets handed to a login (for tests and measurements)."""
+
+    def start(self, appliances: Sequence[str]) -> None:
+        """Connect to (up to :data:`MAX_AHEAD` of) ``appliances``; call once."""
+        todo: list[tuple[str, str]] = []
+        with self._cond:
+            if self._closed or self._thread is not None:
+                return
+            for a in appliances:
+                host = self._addresses.get(a)
+                if host is None or a in self._entries or not _is_ip(host):
+                    continue
+                self._entries[a] = _Entry()
+                todo.append((a, host))
+                if len(todo) >= MAX_AHEAD:
+                    break
+            if not todo:
+                return
+            self._thread = threading.Thread(
+                target=self._connect_all, args=(todo,), name="hsmctl-open-ahead", daemon=True
+            )
+        self._thread.start()
+
+    def take(self, appliance: str, host: str, port: int, timeout: float) -> socket.socket | None:
+        """The appliance's socket, connected and blocking with ``timeout``, the first time
+        it is asked for at its own address; None if there is none (connect afresh). Waits
+        at most ``timeout`` for a pending connection. Raises the OSError its connection
+        failed with."""
+        with self._cond:
+            entry = self._entries.get(appliance)
+            if (
+                entry is None
+                or entry.taken
+                or (host, port) != (self._addresses[appliance], self.port)
+            ):
+                return None
+            entry.taken = True
+            if not self._cond.wait_for(lambda: entry.done, timeout=timeout):
+                entry.abandoned = True  # the thread closes it when it connects
+                return None
+            sock, entry.sock = entry.sock, None
+            if entry.error is not None:
+                raise entry.error
+        assert sock is not None
+        if not _alive(sock):
+            sock.close()
+            return None
+        sock.setblocking(True)
+        sock.settimeout(timeout)
+        with self._cond:
+            self.taken += 1
+        return sock
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        with self._cond:
+            for entry in self._entries.values():
+                if entry.sock is not None:
+                    entry.sock.close()
+                    entry.sock = None
+
+    def __enter__(self) -> OpenAhead:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the background thread -----------------------------------------------------------
+
+    def _connect_all(self, todo: list[tuple[str, str]]) -> None:
+        """Non-blocking connects to all of ``todo`` at once, bounded by the timeout."""
+        deadline = time.monotonic() + self._timeout
+        with selectors.DefaultSelector() as sel:
+            for appliance, host in todo:
+                try:
+                    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+                except OSError as exc:
+                    self._finish(appliance, None, exc)
+                    continue
+                sock.setblocking(False)
+                rc = sock.connect_ex((host, self.port))
+                if rc in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+                    sel.register(sock, selectors.EVENT_WRITE, (appliance, sock))
+                else:
+                    sock.close()
+                    self._finish(appliance, None, OSError(rc, os.strerror(rc)))
+            while sel.get_map():
+                with self._cond:
+                    if self._closed:
+                        break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                for key, _ in sel.select(min(left, 0.1)):
+                    appliance, sock = key.data
+                    sel.unregister(sock)
+                    rc = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if rc:
+                        sock.close()
+                        self._finish(appliance, None, OSError(rc, os.strerror(rc)))
+                    else:
+                        self._finish(appliance, sock, None)
+            for key in list(sel.get_map().values()):  # timed out, or closed meanwhile
+                appliance, sock = key.data
+                sel.unregister(sock)
+                sock.close()
+                self._finish(appliance, None, TimeoutError(errno.ETIMEDOUT, "timed out"))
+
+    def _finish(self, appliance: str, sock: socket.socket | None, error: OSError | None) -> None:
+        with self._cond:
+            entry = self._entries[appliance]
+            if sock is not None and (entry.abandoned or self._closed):
+                sock.close()
+                sock = None
+            entry.sock, entry.error, entry.done = sock, error, True
+            self._cond.notify_all()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+
+def _alive(sock: socket.socket) -> bool:
+    """Whether the device still holds the connection: nothing to read yet, or its banner;
+    not end-of-file, not reset."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
