@@ -27,9 +27,18 @@ around the run: hsmctl, ansible-playbook, its workers and modules), and the devi
 of the children they reaped, before and after; all the run's appliances together) as
 ``SCENARIO_device_cpu`` (**handover**: ``provision_device_cpu``, ``takeover_device_cpu``).
 
+**parts** (``--parts``, once, not among the scenarios): where the CPU of one ``hsmctl
+provision --count N`` goes, measured in-process (the same ``provision()`` the command
+calls, in this process, with timing hooks): this process's main thread (allocation,
+ansible-runner's output loop and event handling), the served steps (each step's thread
+CPU, by step), paramiko's transport threads (one per appliance), the rest of this
+process; ansible-playbook's main process and its workers (the ``/proc`` stat of the
+process tree below this one, read every 20 ms: the main process's own CPU, and its reaped
+children's), and the devices'.
+
 Usage (root, lab up, nothing else using hsm85 … hsm100):
 ``python -m bench provision [--runs N] [--count N] [--scenarios one,many,plain1,plainN]
-[--json]``.
+[--parts] [--json]``.
 """
 
 from __future__ import annotations
@@ -228,6 +237,153 @@ def one_run(scenario: str, count: int, root: Path, times: dict[str, list[float]]
     return took
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def parse_stat(text: str) -> tuple[str, int, tuple[int, int, int, int]]:
+    """``/proc/PID/stat``: (name, parent pid, (utime, stime, cutime, cstime) in ticks). Pure."""
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    fields = text.rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(f) for f in fields[11:15])
+    return name, int(fields[1]), (utime, stime, cutime, cstime)
+
+
+class TreeWatch:
+    """The last seen CPU ticks of every process below this one (``/proc``, every
+    ``interval`` s, in a thread): a process's last reading before it ends is kept."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        import threading
+
+        self.interval = interval
+        self.seen: dict[int, tuple[str, int, tuple[int, int, int, int], str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> TreeWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            procs: dict[int, tuple[str, int, tuple[int, int, int, int]]] = {}
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    try:
+                        procs[int(entry.name)] = parse_stat(
+                            Path(f"/proc/{entry.name}/stat").read_text()
+                        )
+                    except (OSError, ValueError):
+                        continue
+            below, grew = {me}, True
+            while grew:
+                new = {p for p, (_, ppid, _) in procs.items() if ppid in below} - below
+                below |= new
+                grew = bool(new)
+            for pid in below - {me}:
+                name, ppid, ticks = procs[pid]
+                cmd = self.seen[pid][3] if pid in self.seen else ""
+                if not cmd:
+                    try:
+                        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                        cmd = " ".join(a.decode(errors="replace") for a in argv[:3])
+                    except OSError:
+                        pass
+                self.seen[pid] = (name, ppid, ticks, cmd)
+            self._stop.wait(self.interval)
+
+    def ansible(self) -> dict[str, float]:
+        """CPU seconds of ansible-playbook's main process (itself) and of its workers
+        (the children it reaped), and of the guard that runs it."""
+        guards = {p for p, v in self.seen.items() if "hsmctl.runner.guard" in v[3]}
+        mains = [p for p, v in self.seen.items() if v[1] in guards and "ansible-playbook" in v[3]]
+        out = {"ansible_main": 0.0, "ansible_workers": 0.0, "guard": 0.0}
+        for pid in mains:
+            _, _, (ut, st, cut, cst), _ = self.seen[pid]
+            out["ansible_main"] += (ut + st) / TICK
+            out["ansible_workers"] += (cut + cst) / TICK
+        for pid in guards:
+            _, _, (ut, st, _, _), _ = self.seen[pid]
+            out["guard"] += (ut + st) / TICK
+        return out
+
+
+def run_parts(directory: Path, appliances: Sequence[str]) -> dict[str, Any]:
+    """One ``provision()`` of ``appliances`` in this process, with timing hooks (see the
+    module's docstring, **parts**). Changes nothing of hsmctl's: the hooks wrap."""
+    import threading
+    from collections import defaultdict
+
+    import paramiko
+
+    from hsmctl.provider import provisioning
+
+    steps: dict[str, float] = defaultdict(float)
+    lock = threading.Lock()
+    serve, transport_run = provisioning.serve_steps, paramiko.Transport.run
+    transports: list[float] = []
+
+    def timed_serve(hosts: Any, sessions: Any = None) -> Any:
+        handle = serve(hosts, sessions)
+
+        def timed(request: Any) -> Any:
+            t = time.thread_time()
+            try:
+                return handle(request)
+            finally:
+                with lock:
+                    steps[str(request.get("step"))] += time.thread_time() - t
+
+        return timed
+
+    def timed_run(self: paramiko.Transport) -> None:
+        try:
+            transport_run(self)
+        finally:
+            with lock:
+                transports.append(time.thread_time())
+
+    conf = _config(directory, appliances)
+    self0 = resource.getrusage(resource.RUSAGE_SELF)
+    main0, tree0, dev0 = time.thread_time(), children_cpu(), device_cpu(*appliances)
+    provisioning.serve_steps = timed_serve
+    paramiko.Transport.run = timed_run  # type: ignore[method-assign]
+    started = time.monotonic()
+    try:
+        with TreeWatch() as watch:
+            outcome = provisioning.provision(
+                str(conf), tenant=TENANT, vnet=VNET, subnet=SUBNET, count=len(appliances)
+            )
+    finally:
+        provisioning.serve_steps = serve
+        paramiko.Transport.run = transport_run  # type: ignore[method-assign]
+    took = time.monotonic() - started
+    self1 = resource.getrusage(resource.RUSAGE_SELF)
+    if outcome.failures:
+        raise SystemExit(f"bench provision --parts: failed: {outcome.failures}")
+    process = (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime)
+    main = time.thread_time() - main0
+    served = sum(steps.values())
+    return {
+        "count": len(appliances),
+        "wall_s": round(took, 2),
+        "hsmctl_process": round(process, 2),
+        "hsmctl_main_thread": round(main, 2),
+        "hsmctl_steps": round(served, 2),
+        "hsmctl_steps_by_step": {k: round(v, 3) for k, v in sorted(steps.items())},
+        "hsmctl_ssh_transports": round(sum(transports), 2),
+        "hsmctl_other_threads": round(process - main - served - sum(transports), 2),
+        **{k: round(v, 2) for k, v in watch.ansible().items()},
+        "ansible_tree": round(children_cpu() - tree0, 2),
+        "devices": round(device_cpu(*appliances) - dev0, 2),
+    }
+
+
 def summarise(times: dict[str, list[float]], count: int) -> dict[str, Any]:
     """Medians and the ratios against the baselines of the same run. Pure."""
     med = {k: statistics.median(v) for k, v in times.items() if v}
@@ -257,6 +413,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--count", type=int, default=len(APPLIANCES))
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--parts", action="store_true", help="where the CPU goes (once)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
@@ -265,6 +422,16 @@ def main(argv: list[str]) -> int:
         parser.error(f"scenarios from {SCENARIOS}; --count 1..{len(APPLIANCES)}")
     from hsmctl.lab.rig import factory_reset
 
+    if args.parts:
+        appliances = APPLIANCES[: args.count]
+        factory_reset(*appliances)
+        with tempfile.TemporaryDirectory(prefix="bench-provision-") as tmp:
+            try:
+                parts = run_parts(Path(tmp), appliances)
+            finally:
+                factory_reset(*appliances)
+        print(json.dumps(parts, indent=None if args.json else 1))
+        return 0
     times: dict[str, list[float]] = {s: [] for s in scenarios}
     with tempfile.TemporaryDirectory(prefix="bench-provision-") as tmp:
         try:

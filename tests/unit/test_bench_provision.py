@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,47 @@ def test_summary_medians_and_ratios() -> None:
     assert summary["median_s"] == {"one": 4.0, "many": 14.0, "one_cpu": 1.7, "handover": 8.0}
     assert summary["many_over_one"] == 3.5
     assert summary["one_over_plain1"] is None
+
+
+def test_parse_stat_reads_name_parent_and_ticks() -> None:
+    # A name with a space and a parenthesis, as the kernel writes it.
+    line = "4242 (ansible (x) y) S 4241 4242 4242 0 -1 4194560 1 2 3 4 17 5 23 7 20 0 1 0"
+    assert bench_provision.parse_stat(line) == ("ansible (x) y", 4241, (17, 5, 23, 7))
+    _, ppid, ticks = bench_provision.parse_stat(Path("/proc/self/stat").read_text())
+    assert ppid == os.getppid() and len(ticks) == 4
+
+
+def test_tree_watch_splits_ansible_main_and_workers(tmp_path: Path) -> None:
+    """A stand-in ``ansible-playbook`` run by the real guard: it burns CPU itself, then
+    forks a worker that burns more and reaps it; the watch tells the two apart. The
+    stand-in stays until the watch has seen the reaped worker (a deadline, no sleep)."""
+    fake = tmp_path / "ansible-playbook"
+    fake.write_text(
+        f"#!{sys.executable}\nimport os, sys\n{BURN}"
+        "pid = os.fork()\nif pid == 0:\n"
+        + "".join(f"    {line}\n" for line in BURN.splitlines())
+        + "    os._exit(0)\nos.waitpid(pid, 0)\n"
+        "sys.stdout.write('reaped\\n'); sys.stdout.flush(); sys.stdin.read()\n"
+    )
+    fake.chmod(0o700)
+    env = {k: v for k, v in os.environ.items() if k != "HSMCTL_RUNNER_PARENT"}
+    with bench_provision.TreeWatch(0.01) as watch:
+        guard = subprocess.Popen(
+            [sys.executable, "-m", "hsmctl.runner.guard", str(fake)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        try:
+            assert guard.stdout is not None
+            assert guard.stdout.readline() == "reaped\n"
+            deadline = time.monotonic() + 60
+            while watch.ansible()["ansible_workers"] < 0.2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            guard.communicate("")
+    parts = watch.ansible()
+    assert parts["ansible_main"] >= 0.2
+    assert parts["ansible_workers"] >= 0.2
+    assert parts["guard"] < 0.2
