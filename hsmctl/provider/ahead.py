@@ -37,13 +37,19 @@ MAX_AHEAD = 128
 """Connections opened ahead at most (the first appliances in poll order): bounds the file
 descriptors, and the devices' idle pre-authentication connections, of a large fleet."""
 
+MAX_AGE = 20.0
+"""Seconds an opened-ahead connection is used for at most: well inside the time a device's
+sshd waits for a login before it hangs up (``LoginGraceTime``: 30 s on the appliances), so
+that the device cannot close it between the check before use and the key exchange."""
+
 
 class _Entry:
     """One appliance's connection: pending, then a socket or an error."""
 
-    __slots__ = ("abandoned", "done", "error", "sock", "taken")
+    __slots__ = ("abandoned", "done", "error", "since", "sock", "taken")
 
     def __init__(self) -> None:
+        self.since = 0.0  # when it connected (time.monotonic())
         self.done = False
         self.taken = False
         self.abandoned = False
@@ -93,9 +99,10 @@ class OpenAhead:
 
     def take(self, appliance: str, host: str, port: int, timeout: float) -> socket.socket | None:
         """The appliance's socket, connected and blocking with ``timeout``, the first time
-        it is asked for at its own address; None if there is none (connect afresh). Waits
-        at most ``timeout`` for a pending connection. Raises the OSError its connection
-        failed with."""
+        it is asked for at its own address; None if there is none, or none younger than
+        :data:`MAX_AGE` that the device still holds (connect afresh). Waits at most
+        ``timeout`` for a pending connection. Raises the OSError its connection failed
+        with."""
         with self._cond:
             entry = self._entries.get(appliance)
             if (
@@ -112,7 +119,7 @@ class OpenAhead:
             if entry.error is not None:
                 raise entry.error
         assert sock is not None
-        if not _alive(sock):
+        if time.monotonic() - entry.since > MAX_AGE or not _alive(sock):
             sock.close()
             return None
         sock.setblocking(True)
@@ -193,6 +200,7 @@ class OpenAhead:
                 sock.close()
                 sock = None
             entry.sock, entry.error, entry.done = sock, error, True
+            entry.since = time.monotonic()
             self._cond.notify_all()
 
 

@@ -91,6 +91,23 @@ def test_a_connection_the_device_closed_meanwhile_gives_way_to_a_fresh_one(
         assert ahead.taken == 0
 
 
+def test_an_old_connection_gives_way_to_a_fresh_one(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = port_of(listener)
+    with OpenAhead({"a1": "127.0.0.1", "a2": "127.0.0.1"}, port=port) as ahead:
+        ahead.start(["a1", "a2"])
+        accepted = [listener.accept()[0] for _ in range(2)]
+        first = ahead.take("a1", "127.0.0.1", port, 10.0)
+        assert first is not None
+        first.close()
+        monkeypatch.setattr(ah, "MAX_AGE", -1.0)  # a2's is now too old to trust
+        assert ahead.take("a2", "127.0.0.1", port, 10.0) is None
+        assert ahead.taken == 1
+        for s in accepted:
+            s.close()
+
+
 def test_a_refused_connection_is_reported_as_a_direct_connect_would(
     listener: socket.socket,
 ) -> None:
