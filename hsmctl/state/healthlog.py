@@ -165,8 +165,9 @@ def record(
             ],
         )
     history: dict[str, list[PollRow]] = defaultdict(list)
-    q = (
-        sa.select(health_polls)
+    c = health_polls.c
+    q = (  # not ``detail``: decoding every poll's report in the window was most of this query
+        sa.select(c.appliance, c.time, c.reachable, c.ok, c.telemetry, c.problems)
         .where(health_polls.c.time > since, health_polls.c.appliance.in_(ids))
         .order_by(health_polls.c.time, health_polls.c.id)
     )
