@@ -2,13 +2,14 @@
 ``hsmctl provision`` against a plain ``ansible-playbook`` doing the same device steps.
 
 Scenarios, each timed end to end as a user runs it, each the median of ``--runs`` runs,
-on lab appliances hsm85 … hsm100 (the benchmark's own; factory-reset before every run,
+on lab appliances hsm81 … hsm100 (the benchmark's own; factory-reset before every run,
 not timed), each run with a fresh provider configuration and state store of its own,
 into tenant1's ``hsm2`` subnet:
 
 * **one** — ``hsmctl provision --tenant tenant1 --vnet vnet1 --subnet hsm2 --json``:
   allocation, then ``provision.yml`` through ansible-runner (five steps);
-* **many** — the same with ``--count N`` (default: all 16 benchmark appliances): one run;
+* **many** — the same with ``--count N`` (default: all 20 benchmark appliances, the
+  issue's N): one run;
 * **handover** — provision one appliance (as **one**), then ``hsmctl takeover`` of it
   from tenant1's client namespace with a tenant configuration of its own: the two
   together (issue 15 target <= 8 s); the takeover alone is reported as **takeover**;
@@ -36,7 +37,7 @@ process; ansible-playbook's main process and its workers (the ``/proc`` stat of 
 process tree below this one, read every 20 ms: the main process's own CPU, and its reaped
 children's), and the devices'.
 
-Usage (root, lab up, nothing else using hsm85 … hsm100):
+Usage (root, lab up, nothing else using hsm81 … hsm100):
 ``python -m bench provision [--runs N] [--count N] [--scenarios one,many,plain1,plainN]
 [--parts] [--json]``.
 """
@@ -58,7 +59,7 @@ from typing import Any
 
 import yaml
 
-APPLIANCES = tuple(f"hsm{i}" for i in range(85, 101))
+APPLIANCES = tuple(f"hsm{i}" for i in range(81, 101))
 TENANT, VNET, SUBNET = "tenant1", "vnet1", "hsm2"
 SCENARIOS = ("one", "many", "plain1", "plainN", "handover")
 HSMCTL = str(Path(sys.executable).with_name("hsmctl"))
