@@ -4,9 +4,9 @@ every log collected (``logs collect --all``), and ``hsmctl health --all`` over a
 appliances of the lab.
 
 Appliances: APPLIANCE_SETS["scale"]. Provisioned and taken over: hsm51..hsm70 (the 20)
-and hsm71 (one appliance alone, the baseline of the ratios); hsm81..hsm84 are lent to
-the log-collection benchmark and hsm85..hsm100 to the provisioning benchmarks, so none
-of those is changed here. The health poll reads every appliance of the lab through the
+and hsm71 (one appliance alone, the baseline of the ratios); hsm78..hsm80 are the keys
+benchmark's and hsm81..hsm100 the provisioning benchmark's, so none of those is changed
+here. The health poll reads every appliance of the lab through the
 ``monitor`` account only (nothing changes on a device) with a provider configuration of
 its own (its own state store, an inventory listing all 100), so no one else's store is
 written. Addresses: tenant2's ``hsm`` subnet from .4 up (other lab tests take .101 and
@@ -41,7 +41,7 @@ from tests.conftest import (
 pytestmark = [pytest.mark.lab, pytest.mark.scale]
 
 TENANT = "tenant2"
-LENT = {"hsm81", "hsm82", "hsm83", "hsm84"}  # helper benchmarks' appliances
+LENT = {f"hsm{i}" for i in range(78, 101)}  # the benchmarks' appliances
 TWENTY = [f"hsm{i}" for i in range(51, 71)]
 ONE = "hsm71"
 ONE_IP = "198.19.8.30"  # tenant2/hsm, beside the 20 (.4 .. .23)
