@@ -48,11 +48,12 @@ def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _spec(playbook: str | Path, interpreter: str | None) -> RunSpec:
     host: dict[str, Any] = {"hsm_request_id": "r-1"}
+    extra: dict[str, Any] = {"hsm_config": "/nowhere/p.yaml"}
     if interpreter is not None:
-        host["ansible_python_interpreter"] = interpreter
-    spec = adapter.build_run(
-        "provision.yml", {"hsm01": host, "hsm02": host}, {"hsm_config": "/nowhere/p.yaml"}
-    )
+        # An extra var: provision.yml's play vars set ansible_python_interpreter, over
+        # an inventory variable.
+        extra["ansible_python_interpreter"] = interpreter
+    spec = adapter.build_run("provision.yml", {"hsm01": host, "hsm02": host}, extra)
     return RunSpec(Path(playbook) if isinstance(playbook, Path) else spec.playbook,
                    spec.inventory, spec.extravars, spec.forks)  # fmt: skip
 

@@ -251,7 +251,6 @@ def test_the_playbook_passes_references_only() -> None:
             "config": "{{ hsm_config }}",
             "appliance": "{{ inventory_hostname }}",
             "request_id": "{{ hsm_request_id }}",
-            "reissue_otp": "{{ hsm_reissue_otp | default(false) }}",
         }
     }
     steps = []

@@ -10,12 +10,22 @@ argument checks as the module (its argument spec, below), the same result keys.
 
 Without the socket (plain ``ansible-playbook``, AWX) it runs the module as any task
 does: the module runs the step in its own process, as before.
+
+On both paths a task that gives no ``reissue_otp`` gets the value of the variable
+``hsm_reissue_otp`` (``-e``, inventory, play or task vars, with Ansible's precedence),
+else false: what ``provision.yml``'s ``module_defaults`` did with ``{{ hsm_reissue_otp |
+default(false) }}``. Read here, the variable costs no template with a filter in every
+worker (``default`` made each worker load all of Ansible's filter plugins: ~60 % of a
+worker's CPU under ``hsmctl provision``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ansible.errors import AnsibleActionFail
+from ansible.module_utils.common.arg_spec import ArgumentSpecValidator
+from ansible.module_utils.errors import UnsupportedError
 from ansible.plugins.action import ActionBase
 
 # Exactly the module's argument_spec (plugins/modules/hsm_provision.py; a unit test keeps
@@ -32,13 +42,29 @@ ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
     "reissue_otp": {"type": "bool", "default": False},
 }
 
+REISSUE_VAR = "hsm_reissue_otp"
+"""The variable a task without ``reissue_otp`` takes it from (absent: false)."""
+
 
 class ActionModule(ActionBase):  # type: ignore[misc]
     TRANSFERS_FILES = False
     _VALID_ARGS = frozenset(ARGUMENT_SPEC)
 
+    def _module_args(self, task_vars: dict[str, Any] | None) -> dict[str, Any]:
+        """The task's arguments (module_defaults merged in by Ansible), with
+        ``reissue_otp`` from :data:`REISSUE_VAR` when the task gives none: an argument
+        set on the task or in module_defaults wins, as it did over the playbook's
+        module_defaults; the variable's value comes from wherever Ansible's precedence
+        puts it, templated as ``{{ hsm_reissue_otp }}`` was (an undefined variable is not
+        an error: the module's default, false)."""
+        args = dict(self._task.args)
+        if "reissue_otp" not in args and task_vars is not None and REISSUE_VAR in task_vars:
+            args["reissue_otp"] = self._templar.resolve_variable_expression(REISSUE_VAR)
+        return args
+
     def run(self, tmp: Any = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
         result: dict[str, Any] = super().run(tmp, task_vars)
+        module_args = self._module_args(task_vars)
         try:
             from hsmctl.runner import stepclient
         except ImportError:
@@ -48,12 +74,19 @@ class ActionModule(ActionBase):  # type: ignore[misc]
             result.update(
                 self._execute_module(
                     module_name="hsmctl.fleet.hsm_provision",
-                    module_args=self._task.args,
+                    module_args=module_args,
                     task_vars=task_vars,
                 )
             )
             return result
-        args = self.validate_argument_spec(argument_spec=ARGUMENT_SPEC)[1]
+        # As ActionBase.validate_argument_spec, which checks self._task.args only.
+        checked = ArgumentSpecValidator(ARGUMENT_SPEC).validate(module_args)
+        if checked.error_messages:
+            msg = checked.errors.msg
+            if isinstance(checked.errors.errors[0], UnsupportedError):
+                msg = f"Unsupported parameters for ({self._load_name}) module: {msg}"
+            raise AnsibleActionFail(msg, obj=self._task.args)
+        args = checked.validated_parameters
         try:
             reply = stepclient.call(
                 served,

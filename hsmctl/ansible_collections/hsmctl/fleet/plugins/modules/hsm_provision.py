@@ -52,6 +52,9 @@ options:
       - Without it such a hand-off is left as it is (C(changed=false), the journaled
         bundle path returned) - a password the tenant may hold is never silently
         replaced.
+      - When the task (and its C(module_defaults)) gives none, the action plugin of the
+        same name takes the value of the variable C(hsm_reissue_otp) (extra vars,
+        inventory, play or task variables, with Ansible's precedence), else V(false).
     type: bool
     default: false
 attributes:
@@ -80,13 +83,13 @@ EXAMPLES = r"""
     appliance: "{{ inventory_hostname }}"
     request_id: "{{ hsm_request_id }}"
 
-- name: Write the hand-off bundle (a new one-time password only if asked)
+- name: Write the hand-off bundle, with a new one-time password even if one was handed off
   hsmctl.fleet.hsm_provision:
     step: handoff
     config: "{{ hsm_config }}"
     appliance: "{{ inventory_hostname }}"
     request_id: "{{ hsm_request_id }}"
-    reissue_otp: "{{ hsm_reissue_otp | default(false) }}"
+    reissue_otp: true
   register: hsm_handoff
 """
 
