@@ -76,7 +76,7 @@ if [[ -n "$firmware" ]]; then
   p11=/opt/hsmctl/lib/hsmctl/appliance/p11
   if [[ -f "$p11/policy.c" && ! -f "$p11/hsm-policy.so" ]]; then
     # Only for the build: an appliance carries no compiler.
-    build_deps=(gcc libc6-dev libp11-kit-dev)
+    build_deps=(gcc libc6-dev libp11-kit-dev libssl-dev)
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${build_deps[@]}" >/dev/null
     bash "$p11/build.sh" "$p11/hsm-policy.so"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the key-policy PKCS#11 module (policy.c) into OUTPUT (a .so path).
-# Usage: build.sh OUTPUT. Needs gcc and the PKCS#11 header of libp11-kit-dev.
+# Usage: build.sh OUTPUT. Needs gcc, the PKCS#11 header of libp11-kit-dev and libssl-dev
+# (libcrypto: the OAEP decoding of BYOK wrapping keys).
 set -euo pipefail
 
 if (($# != 1)); then
@@ -15,4 +16,4 @@ cflags=(
   "-Wl,-z,relro" "-Wl,-z,now" "-Wl,-z,noexecstack"
   -I/usr/include/p11-kit-1
 )
-gcc "${cflags[@]}" -o "$out" "$here/policy.c" -ldl -lpthread
+gcc "${cflags[@]}" -o "$out" "$here/policy.c" -ldl -lpthread -lcrypto

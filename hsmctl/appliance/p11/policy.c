@@ -18,7 +18,13 @@
  *   rsa-size, ec-curve, aes-size, key-type, sensitive, extractable, plaintext-import,
  *   object-class, weakening-change, sensitive-read, mechanism-md5, mechanism-sha1-sign,
  *   mechanism-raw-rsa, so-login, token-management, operation-state, role-crypto-user,
- *   role-unknown, malformed.
+ *   role-unknown, malformed, wrapping-key, oaep-params, byok-unwrap.
+ *
+ * BYOK wrapping keys (SPEC §12; "BYOK wrapping keys" below): SoftHSM 2.6.1 does RSA-OAEP
+ * with SHA-1 only, so for an RSA key marked CKA_ALLOWED_MECHANISMS={CKM_RSA_X_509} this
+ * layer does the OAEP unwrap itself: a raw RSA decrypt inside SoftHSM, OpenSSL's
+ * constant-time OAEP decoding (SHA-256 or SHA-1), and the AES key made in SoftHSM as a
+ * session object. Clients get no other use of such a key, and none of raw RSA.
  *
  * Shape: every policy decision is made before the call is forwarded (template checks),
  * and every object the layer lets SoftHSM create is read back and judged again
@@ -43,6 +49,15 @@
 #include <unistd.h>
 
 #include <p11-kit/pkcs11.h>
+
+/* RSA_padding_check_PKCS1_OAEP_mgf1 is deprecated in OpenSSL 3.0 but is its only OAEP
+ * decoder that takes an encoded message rather than an RSA key (the key stays inside
+ * SoftHSM): declared without the deprecation attribute so -Werror builds. */
+#define OPENSSL_SUPPRESS_DEPRECATED
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/rsa.h>
 
 #define EXPORT __attribute__((visibility("default")))
 
@@ -182,7 +197,9 @@ static const struct { CK_RV rv; const char *name; } rv_names[] = {
 	{CKR_FUNCTION_NOT_SUPPORTED, "CKR_FUNCTION_NOT_SUPPORTED"},
 	{CKR_KEY_SIZE_RANGE, "CKR_KEY_SIZE_RANGE"},
 	{CKR_KEY_UNEXTRACTABLE, "CKR_KEY_UNEXTRACTABLE"},
+	{CKR_KEY_FUNCTION_NOT_PERMITTED, "CKR_KEY_FUNCTION_NOT_PERMITTED"},
 	{CKR_MECHANISM_INVALID, "CKR_MECHANISM_INVALID"},
+	{CKR_MECHANISM_PARAM_INVALID, "CKR_MECHANISM_PARAM_INVALID"},
 	{CKR_PIN_INCORRECT, "CKR_PIN_INCORRECT"},
 	{CKR_PIN_LOCKED, "CKR_PIN_LOCKED"},
 	{CKR_SESSION_COUNT, "CKR_SESSION_COUNT"},
@@ -936,6 +953,95 @@ static CK_MECHANISM_PTR wire_kwp(CK_MECHANISM_PTR m, CK_MECHANISM *kwp)
 	return m;
 }
 
+/* ---- BYOK wrapping keys (SPEC §12) ------------------------------------------------- */
+/*
+ * SoftHSM 2.6.1 refuses every RSA-OAEP hash but SHA-1 (MechParamCheckRSAPKCSOAEP), and
+ * SPEC §12 asks for RSA-OAEP-SHA256. So `hsmctl key wrapping-key` makes an RSA pair whose
+ * private half is *marked*: CKA_ALLOWED_MECHANISMS={CKM_RSA_X_509} and CKA_DECRYPT=true
+ * (SoftHSM enforces both in C_DecryptInit: isMechanismPermitted and the CKA_DECRYPT check),
+ * and C_UnwrapKey(CKM_RSA_PKCS_OAEP) with such a key is done here (byok_unwrap): the raw
+ * RSA decrypt inside SoftHSM in a session of this layer's own, OpenSSL's constant-time OAEP
+ * decoding with SHA-256/MGF1-SHA-256 or SHA-1/MGF1-SHA-1, and the AES key it holds made in
+ * SoftHSM as a session object with the caller's template after the usual rules. Clients
+ * never see raw RSA (check_mech refuses CKM_RSA_X_509 everywhere) and may use a marked key
+ * for nothing else (byok_guard: every *Init, digest, derive, wrap, copy, attribute change).
+ * Only a crypto-officer's C_GenerateKeyPair in the wrapping-key shape makes a marked key
+ * (byok_shape); every other template naming CKM_RSA_X_509 in CKA_ALLOWED_MECHANISMS is
+ * refused. A marked key is never cloneable (a copy restored under the domain key would
+ * lose the mark and keep CKA_DECRYPT), not modifiable and not copyable. Wrapping keys made
+ * before the mark keep SoftHSM's own OAEP (SHA-1) path.
+ */
+
+/* 1 when the attribute (a CK_MECHANISM_TYPE array) names CKM_RSA_X_509, 0 when it does
+ * not, -1 when it is not a well-formed array. */
+static int names_raw_rsa(const CK_ATTRIBUTE *a)
+{
+	CK_MECHANISM_TYPE m;
+	if (a->ulValueLen % sizeof m != 0 || (a->ulValueLen && a->pValue == NULL))
+		return -1;
+	for (CK_ULONG i = 0; i < a->ulValueLen / sizeof m; i++) {
+		memcpy(&m, (const unsigned char *)a->pValue + i * sizeof m, sizeof m);
+		if (m == CKM_RSA_X_509)
+			return 1;
+	}
+	return 0;
+}
+
+/* Refuse a template that would mark a key (or is malformed there); 0 when it does not. */
+static int marks_key(CK_SESSION_HANDLE h, const char *fn, CK_ATTRIBUTE_PTR t, CK_ULONG n,
+		     CK_RV *rv)
+{
+	CK_ATTRIBUTE_PTR a = attr_find(t, n, CKA_ALLOWED_MECHANISMS);
+	int named = a ? names_raw_rsa(a) : 0;
+	if (named < 0)
+		*rv = deny(h, fn, "malformed", CKR_ATTRIBUTE_VALUE_INVALID, "attribute",
+			   "CKA_ALLOWED_MECHANISMS");
+	else if (named > 0)
+		*rv = deny(h, fn, "wrapping-key", CKR_TEMPLATE_INCONSISTENT, "detail",
+			   "CKM_RSA_X_509 in CKA_ALLOWED_MECHANISMS: BYOK wrapping keys only");
+	return named != 0;
+}
+
+/* Whether O is a marked private key. One call for the common case (class and a short
+ * list); a longer list is read whole. Any failure: not marked (SoftHSM still enforces the
+ * key's CKA_ALLOWED_MECHANISMS, and this layer refuses CKM_RSA_X_509 to every client). */
+static int is_byok_key(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o)
+{
+	CK_OBJECT_CLASS cls = CKO_DATA;
+	CK_MECHANISM_TYPE few[8];
+	CK_ATTRIBUTE q[2] = {
+		{CKA_CLASS, &cls, sizeof cls},
+		{CKA_ALLOWED_MECHANISMS, few, sizeof few},
+	};
+	CK_RV rv = SH(C_GetAttributeValue, h, o, q, 2);
+	if (q[0].ulValueLen != sizeof cls || cls != CKO_PRIVATE_KEY)
+		return 0;
+	if (rv == CKR_OK)
+		return names_raw_rsa(&q[1]) == 1;
+	if (rv != CKR_BUFFER_TOO_SMALL)
+		return 0;
+	CK_ATTRIBUTE a = {CKA_ALLOWED_MECHANISMS, NULL, 0};
+	if (SH(C_GetAttributeValue, h, o, &a, 1) != CKR_OK || a.ulValueLen == 0 ||
+	    a.ulValueLen > MAX_VALUE_LEN)
+		return 0;
+	int marked = 0;
+	a.pValue = malloc(a.ulValueLen);
+	if (a.pValue && SH(C_GetAttributeValue, h, o, &a, 1) == CKR_OK)
+		marked = names_raw_rsa(&a) == 1;
+	free(a.pValue);
+	return marked;
+}
+
+/* Refuse any use of a marked key but the OAEP unwrap (byok_unwrap). */
+static int byok_guard(CK_SESSION_HANDLE h, const char *fn, CK_OBJECT_HANDLE k, CK_RV code,
+		      CK_RV *rv)
+{
+	if (k == CK_INVALID_HANDLE || !is_byok_key(h, k))
+		return 0;
+	*rv = deny(h, fn, "wrapping-key", code, "detail", "a BYOK wrapping key only unwraps");
+	return 1;
+}
+
 static void emit_key(CK_SESSION_HANDLE h, const char *event, const char *fn,
 		     const char *cls, const struct keyinfo *ki)
 {
@@ -1394,6 +1500,8 @@ static CK_RV w_CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n,
 	}
 	if (cls == CKO_PUBLIC_KEY && (rv = check_key_template(h, fn, t, n)) != CKR_OK)
 		return rv;
+	if (marks_key(h, fn, t, n, &rv))
+		return rv;
 	rv = SH(C_CreateObject, h, t, n, out);
 	if (rv != CKR_OK || !out)
 		return rv;
@@ -1472,7 +1580,11 @@ static CK_RV w_CopyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATTRIBUTE_
 		return rv;
 	if (domain_guard(h, fn, o, CKR_ACTION_PROHIBITED, &rv))
 		return rv;
+	if (byok_guard(h, fn, o, CKR_ACTION_PROHIBITED, &rv))
+		return rv;
 	if ((rv = tmpl_in(h, fn, t, n)) != CKR_OK)
+		return rv;
+	if (marks_key(h, fn, t, n, &rv))
 		return rv;
 	if ((rv = check_changes(h, fn, o, t, n)) != CKR_OK)
 		return rv;
@@ -1575,6 +1687,10 @@ static CK_RV w_SetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE o, CK_ATT
 		return rv;
 	if (domain_guard(h, fn, o, CKR_ACTION_PROHIBITED, &rv))
 		return rv;
+	if (byok_guard(h, fn, o, CKR_ACTION_PROHIBITED, &rv))
+		return rv;
+	if (marks_key(h, fn, t, n, &rv))
+		return rv;
 	if ((rv = check_changes(h, fn, o, t, n)) != CKR_OK)
 		return rv;
 	return EX(C_SetAttributeValue, h, o, t, n);
@@ -1614,6 +1730,8 @@ static CK_RV w_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HA
 		return rv;
 	if (domain_guard(h, "C_EncryptInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
+	if (byok_guard(h, "C_EncryptInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
 	return SH(C_EncryptInit, h, m, k);
 }
 
@@ -1650,6 +1768,8 @@ static CK_RV w_DecryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HA
 	if ((rv = check_mech(h, "C_DecryptInit", m, 0)) != CKR_OK)
 		return rv;
 	if (domain_guard(h, "C_DecryptInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
+	if (byok_guard(h, "C_DecryptInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
 	return SH(C_DecryptInit, h, m, k);
 }
@@ -1713,6 +1833,8 @@ static CK_RV w_DigestKey(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE k)
 		return rv;
 	if (domain_guard(h, "C_DigestKey", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
+	if (byok_guard(h, "C_DigestKey", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
 	return SH(C_DigestKey, h, k);
 }
 
@@ -1732,6 +1854,8 @@ static CK_RV w_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDL
 	if ((rv = check_mech(h, "C_SignInit", m, 1)) != CKR_OK)
 		return rv;
 	if (domain_guard(h, "C_SignInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
+	if (byok_guard(h, "C_SignInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
 	rv = SH(C_SignInit, h, m, k);
 	if (rv == CKR_OK) {
@@ -1810,6 +1934,8 @@ static CK_RV w_SignRecoverInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJEC
 		return rv;
 	if (domain_guard(h, "C_SignRecoverInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
+	if (byok_guard(h, "C_SignRecoverInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
 	return SH(C_SignRecoverInit, h, m, k);
 }
 
@@ -1830,6 +1956,8 @@ static CK_RV w_VerifyInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAN
 	if ((rv = check_mech(h, "C_VerifyInit", m, 1)) != CKR_OK)
 		return rv;
 	if (domain_guard(h, "C_VerifyInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
+	if (byok_guard(h, "C_VerifyInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
 	return SH(C_VerifyInit, h, m, k);
 }
@@ -1866,6 +1994,8 @@ static CK_RV w_VerifyRecoverInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJ
 	if ((rv = check_mech(h, "C_VerifyRecoverInit", m, 1)) != CKR_OK)
 		return rv;
 	if (domain_guard(h, "C_VerifyRecoverInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
+	if (byok_guard(h, "C_VerifyRecoverInit", k, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
 	return SH(C_VerifyRecoverInit, h, m, k);
 }
@@ -1908,6 +2038,62 @@ static CK_RV w_DecryptVerifyUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR d, CK_ULONG 
 	return SH(C_DecryptVerifyUpdate, h, d, dl, o, ol);
 }
 
+/*
+ * The BYOK wrapping-key shape, asked for by C_GenerateKeyPair's private template naming
+ * CKM_RSA_X_509 in CKA_ALLOWED_MECHANISMS: an RSA pair, the private half with
+ * CKA_ALLOWED_MECHANISMS exactly {CKM_RSA_X_509}, CKA_DECRYPT=true and CKA_UNWRAP=true,
+ * and CKA_SIGN, CKA_SIGN_RECOVER, CKA_DERIVE, CKA_MODIFIABLE and CKA_COPYABLE false (added
+ * where absent; true is refused). Returns 0 when not asked for (OUT untouched), 1 with
+ * the template in OUT (room for n + 5), -1 when refused (*rv set).
+ */
+static int byok_shape(CK_SESSION_HANDLE h, const char *fn, CK_MECHANISM_PTR m,
+		      CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_ATTRIBUTE *out, CK_ULONG *outn,
+		      CK_RV *rv)
+{
+	static const CK_ATTRIBUTE_TYPE must[] = {CKA_DECRYPT, CKA_UNWRAP};
+	static const CK_ATTRIBUTE_TYPE never[] = {CKA_SIGN, CKA_SIGN_RECOVER, CKA_DERIVE,
+						  CKA_MODIFIABLE, CKA_COPYABLE};
+	CK_ATTRIBUTE_PTR a = attr_find(t, n, CKA_ALLOWED_MECHANISMS);
+	CK_BBOOL v;
+	CK_ULONG k = 0;
+	int named = a ? names_raw_rsa(a) : 0;
+	if (named == 0)
+		return 0;
+	if (named < 0) {
+		*rv = deny(h, fn, "malformed", CKR_ATTRIBUTE_VALUE_INVALID, "attribute",
+			   "CKA_ALLOWED_MECHANISMS");
+		return -1;
+	}
+	if (m->mechanism != CKM_RSA_PKCS_KEY_PAIR_GEN ||
+	    a->ulValueLen != sizeof(CK_MECHANISM_TYPE)) {
+		*rv = deny(h, fn, "wrapping-key", CKR_TEMPLATE_INCONSISTENT, "detail",
+			   "a BYOK wrapping key is RSA, CKA_ALLOWED_MECHANISMS={CKM_RSA_X_509}");
+		return -1;
+	}
+	for (size_t i = 0; i < sizeof must / sizeof must[0]; i++) {
+		CK_ATTRIBUTE_PTR b = attr_find(t, n, must[i]);
+		if (!b || !attr_bool(b, &v) || !v) {
+			*rv = deny_num(h, fn, "wrapping-key", CKR_TEMPLATE_INCONSISTENT,
+				       "attribute", must[i]);
+			return -1;
+		}
+	}
+	for (CK_ULONG i = 0; i < n; i++)
+		out[k++] = t[i];
+	for (size_t i = 0; i < sizeof never / sizeof never[0]; i++) {
+		CK_ATTRIBUTE_PTR b = attr_find(t, n, never[i]);
+		if (!b) {
+			out[k++] = (CK_ATTRIBUTE){never[i], &ck_false, sizeof ck_false};
+		} else if (!attr_bool(b, &v) || v) {
+			*rv = deny_num(h, fn, "wrapping-key", CKR_TEMPLATE_INCONSISTENT,
+				       "attribute", never[i]);
+			return -1;
+		}
+	}
+	*outn = k;
+	return 1;
+}
+
 /* ---- key making: pre-check, force, forward, read back, log ------------------------ */
 
 static CK_RV w_GenerateKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE_PTR t,
@@ -1928,6 +2114,8 @@ static CK_RV w_GenerateKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRIBUTE
 	if ((rv = tmpl_in(h, fn, t, n)) != CKR_OK)
 		return rv;
 	if ((rv = check_key_template(h, fn, t, n)) != CKR_OK)
+		return rv;
+	if (marks_key(h, fn, t, n, &rv))
 		return rv;
 	if ((rv = force_protected(h, fn, t, n, forced, &fn_count, domain_present(h))) != CKR_OK)
 		return rv;
@@ -1950,8 +2138,8 @@ static CK_RV w_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRI
 			       CK_OBJECT_HANDLE_PTR pub, CK_OBJECT_HANDLE_PTR priv)
 {
 	static const char fn[] = "C_GenerateKeyPair";
-	CK_ATTRIBUTE forced[MAX_ATTRS + 3];
-	CK_ULONG fcount;
+	CK_ATTRIBUTE shaped[MAX_ATTRS + 5], forced[MAX_ATTRS + 8];
+	CK_ULONG scount = 0, fcount;
 	struct keyinfo pki, ski;
 	CK_RV rv;
 	NEED_REAL();
@@ -1966,7 +2154,17 @@ static CK_RV w_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRI
 	if ((rv = check_key_template(h, fn, pt, pn)) != CKR_OK ||
 	    (rv = check_key_template(h, fn, st, sn)) != CKR_OK)
 		return rv;
-	if ((rv = force_protected(h, fn, st, sn, forced, &fcount, domain_present(h))) != CKR_OK)
+	if (marks_key(h, fn, pt, pn, &rv))
+		return rv;
+	/* A BYOK wrapping key is never cloneable: see "BYOK wrapping keys". */
+	int wrapping = byok_shape(h, fn, m, st, sn, shaped, &scount, &rv);
+	if (wrapping < 0)
+		return rv;
+	if (wrapping)
+		rv = force_protected(h, fn, shaped, scount, forced, &fcount, 0);
+	else
+		rv = force_protected(h, fn, st, sn, forced, &fcount, domain_present(h));
+	if (rv != CKR_OK)
 		return rv;
 	if (!pub || !priv)
 		return CKR_ARGUMENTS_BAD;
@@ -1974,6 +2172,10 @@ static CK_RV w_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_ATTRI
 	if (rv != CKR_OK)
 		return rv;
 	rv = post_check(h, fn, *priv, &ski);
+	if (rv == CKR_OK && wrapping && !is_byok_key(h, *priv)) {
+		SH(C_DestroyObject, h, *priv);
+		rv = deny(h, fn, "wrapping-key", CKR_GENERAL_ERROR, "detail", "object read back");
+	}
 	if (rv == CKR_OK) {
 		rv = post_check(h, fn, *pub, &pki);
 		if (rv != CKR_OK)
@@ -2003,6 +2205,9 @@ static CK_RV w_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE
 	if ((rv = check_mech(h, fn, m, 0)) != CKR_OK)
 		return rv;
 	if (probe_guard(h, fn, k, &rv))
+		return rv;
+	if (byok_guard(h, fn, wk, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv) ||
+	    byok_guard(h, fn, k, CKR_KEY_UNEXTRACTABLE, &rv))
 		return rv;
 	/* The domain key wraps cloneable keys only, and only it wraps them. */
 	if (is_domain_key(h, wk)) {
@@ -2040,6 +2245,8 @@ static CK_RV prepare_made_key(CK_SESSION_HANDLE h, const char *fn, CK_ATTRIBUTE_
 	if (cls != CKO_SECRET_KEY && cls != CKO_PRIVATE_KEY)
 		return deny_num(h, fn, "key-type", CKR_TEMPLATE_INCONSISTENT, "class", cls);
 	if ((rv = check_key_template(h, fn, t, n)) != CKR_OK)
+		return rv;
+	if (marks_key(h, fn, t, n, &rv))
 		return rv;
 	return force_protected(h, fn, t, n, forced, fcount, cloneable);
 }
@@ -2093,6 +2300,115 @@ static CK_RV probe_secret_len(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT
 	return CKR_OK;
 }
 
+/*
+ * C_UnwrapKey(CKM_RSA_PKCS_OAEP) with a marked key (see "BYOK wrapping keys"): every
+ * check that does not depend on the wrapped bytes first (mechanism, parameters, template,
+ * role already), then the raw RSA decrypt in a session of this layer's own (so no
+ * decrypt operation is ever left active in the client's session), OpenSSL's constant-time
+ * OAEP decoding, the key made with C_CreateObject in the caller's session as a session
+ * object, read back and judged. Every failure from the decrypt on returns the same code
+ * (CKR_GENERAL_ERROR, what SoftHSM's own OAEP unwrap answers) and writes the same event
+ * (rule byok-unwrap): no padding oracle. Buffers holding decrypted bytes are cleansed.
+ */
+static CK_RV byok_unwrap(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE uk,
+			 CK_BYTE_PTR w, CK_ULONG wl, CK_ATTRIBUTE_PTR t, CK_ULONG n,
+			 CK_OBJECT_HANDLE_PTR out)
+{
+	static const char fn[] = "C_UnwrapKey";
+	enum { MAX_MODULUS = 8192 / 8 };
+	CK_ATTRIBUTE made[MAX_ATTRS + 5];
+	CK_ULONG mcount;
+	CK_RSA_PKCS_OAEP_PARAMS p;
+	const EVP_MD *md;
+	CK_ATTRIBUTE_PTR a;
+	CK_BBOOL v;
+	CK_ULONG cls = CKO_SECRET_KEY, kt = CKK_GENERIC_SECRET;
+	CK_RV rv;
+	if (m->mechanism != CKM_RSA_PKCS_OAEP)
+		return deny_num(h, fn, "wrapping-key", CKR_MECHANISM_INVALID, "mechanism",
+				m->mechanism);
+	if (m->pParameter == NULL || m->ulParameterLen != sizeof p)
+		return deny(h, fn, "oaep-params", CKR_MECHANISM_PARAM_INVALID, "detail",
+			    "not CK_RSA_PKCS_OAEP_PARAMS");
+	memcpy(&p, m->pParameter, sizeof p);
+	if (p.hashAlg == CKM_SHA256 && p.mgf == CKG_MGF1_SHA256)
+		md = EVP_sha256();
+	else if (p.hashAlg == CKM_SHA_1 && p.mgf == CKG_MGF1_SHA1)
+		md = EVP_sha1();
+	else
+		return deny_num(h, fn, "oaep-params", CKR_MECHANISM_PARAM_INVALID, "hash",
+				p.hashAlg);
+	if (p.source != CKZ_DATA_SPECIFIED || p.ulSourceDataLen != 0)
+		return deny(h, fn, "oaep-params", CKR_MECHANISM_PARAM_INVALID, "detail",
+			    "an OAEP label");
+	if (md == NULL)
+		return CKR_GENERAL_ERROR;
+	if ((a = attr_find(t, n, CKA_TOKEN)) && attr_bool(a, &v) && v)
+		return deny(h, fn, "wrapping-key", CKR_TEMPLATE_INCONSISTENT, "detail",
+			    "a BYOK wrapping key unwraps session keys only");
+	if ((a = attr_find(t, n, CKA_VALUE)) || (a = attr_find(t, n, CKA_VALUE_LEN)))
+		return deny_num(h, fn, "wrapping-key", CKR_TEMPLATE_INCONSISTENT, "attribute",
+				a->type);
+	if ((rv = prepare_made_key(h, fn, t, n, made, &mcount, 0)) != CKR_OK)
+		return rv;
+	if ((a = attr_find(t, n, CKA_CLASS)))
+		attr_ulong(a, &cls); /* checked by prepare_made_key */
+	if (!(a = attr_find(t, n, CKA_KEY_TYPE)) || !attr_ulong(a, &kt) || cls != CKO_SECRET_KEY ||
+	    kt != CKK_AES)
+		return deny_num(h, fn, "key-type", CKR_TEMPLATE_INCONSISTENT, "key_type", kt);
+	if (!attr_find(t, n, CKA_TOKEN))
+		made[mcount++] = (CK_ATTRIBUTE){CKA_TOKEN, &ck_false, sizeof ck_false};
+	if (!out || (!w && wl))
+		return CKR_ARGUMENTS_BAD;
+
+	unsigned char em[MAX_MODULUS], key[MAX_MODULUS];
+	CK_ATTRIBUTE mod = {CKA_MODULUS, NULL, 0};
+	CK_MECHANISM raw = {CKM_RSA_X_509, NULL, 0};
+	CK_SESSION_INFO info;
+	CK_SESSION_HANDLE own;
+	CK_ULONG k = 0, emlen = sizeof em;
+	CK_OBJECT_HANDLE o = CK_INVALID_HANDLE;
+	struct keyinfo ki;
+	int klen = -1, decrypted = 0;
+	*out = CK_INVALID_HANDLE;
+	if (SH(C_GetAttributeValue, h, uk, &mod, 1) == CKR_OK && mod.ulValueLen <= MAX_MODULUS)
+		k = mod.ulValueLen;
+	if (k != 0 && wl == k && SH(C_GetSessionInfo, h, &info) == CKR_OK &&
+	    SH(C_OpenSession, info.slotID, CKF_SERIAL_SESSION, NULL, NULL, &own) == CKR_OK) {
+		if (SH(C_DecryptInit, own, &raw, uk) == CKR_OK &&
+		    SH(C_Decrypt, own, w, wl, em, &emlen) == CKR_OK && emlen == k)
+			decrypted = 1;
+		SH(C_CloseSession, own); /* ends any operation left in it */
+	}
+	if (decrypted) {
+		klen = RSA_padding_check_PKCS1_OAEP_mgf1(key, (int)k, em, (int)k, (int)k, NULL, 0,
+							 md, md);
+		ERR_clear_error();
+	}
+	OPENSSL_cleanse(em, sizeof em);
+	if (klen > 0 && aes_len_ok((CK_ULONG)klen)) {
+		made[mcount++] = (CK_ATTRIBUTE){CKA_VALUE, key, (CK_ULONG)klen};
+		if (SH(C_CreateObject, h, made, mcount, &o) != CKR_OK)
+			o = CK_INVALID_HANDLE;
+	}
+	OPENSSL_cleanse(key, sizeof key);
+	if (o != CK_INVALID_HANDLE) {
+		describe(h, o, &ki);
+		if (ki.cls == CKO_SECRET_KEY && (!ki.have_bits || ki.bits == 0)) {
+			ki.bits = (unsigned long)klen * 8;
+			ki.have_bits = 1;
+		}
+		if (key_verdict(&ki, &rv) == NULL) {
+			*out = o;
+			count_op(h, OP_UNWRAP);
+			emit_key(h, "key-imported", fn, class_name(ki.cls), &ki);
+			return CKR_OK;
+		}
+		SH(C_DestroyObject, h, o);
+	}
+	return deny(h, fn, "byok-unwrap", CKR_GENERAL_ERROR, "detail", "the key did not unwrap");
+}
+
 static CK_RV w_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE uk,
 			 CK_BYTE_PTR w, CK_ULONG wl, CK_ATTRIBUTE_PTR t, CK_ULONG n,
 			 CK_OBJECT_HANDLE_PTR out)
@@ -2127,6 +2443,8 @@ static CK_RV w_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 		return rv;
 	if ((rv = check_mech(h, fn, m, 0)) != CKR_OK)
 		return rv;
+	if (is_byok_key(h, uk))
+		return byok_unwrap(h, m, uk, w, wl, t, n, out);
 	/* What the domain key unwraps stays cloneable (a copy of a cloneable key). */
 	int from_domain = is_domain_key(h, uk);
 	if (from_domain && !domain_mech_ok(m->mechanism))
@@ -2176,6 +2494,8 @@ static CK_RV w_DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 	if ((rv = check_mech(h, fn, m, 0)) != CKR_OK)
 		return rv;
 	if (domain_guard(h, fn, base, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
+		return rv;
+	if (byok_guard(h, fn, base, CKR_KEY_FUNCTION_NOT_PERMITTED, &rv))
 		return rv;
 	if ((rv = prepare_made_key(h, fn, t, n, forced, &fcount, 0)) != CKR_OK)
 		return rv;
