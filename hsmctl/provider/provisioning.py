@@ -11,6 +11,7 @@ encrypted to the tenant in the bundle within the same call; the provider keeps n
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import threading
@@ -23,7 +24,7 @@ from typing import Any
 from hsmctl import contract, steps
 from hsmctl.config import Config
 from hsmctl.contract import OwnerState
-from hsmctl.device import AUDIT_KEY, HOST_KEYS, HSM_INFO, NETWORK, Switch
+from hsmctl.device import AUDIT_KEY, HOST_KEYS, HSM_INFO, NETWORK, HsmInfo, Switch
 from hsmctl.errors import ConflictError, HsmctlError, UsageError, most_severe
 from hsmctl.handoff import make_bundle, write_bundle
 from hsmctl.inventory.load import check_placement
@@ -96,14 +97,38 @@ def handoff_path(ctx: ProviderContext, alloc: Allocation) -> Path:
     return path
 
 
+class Readings:
+    """``hsm show`` as the ``verify`` step of this run read it, per appliance: the
+    ``monitor`` and ``handoff`` steps of the same run use it instead of asking the device
+    again where that is sound (see each step; each ``hsm show`` costs the device a
+    command, ~20 ms of CPU, and this host a round trip). One per ``hsmctl provision`` run
+    (:func:`serve_steps`), never shared across runs; plain ``ansible-playbook``/AWX runs
+    (a process per step) have none and read the device in every step, as before.
+    Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[str, HsmInfo] = {}
+
+    def put(self, appliance: str, info: HsmInfo) -> None:
+        with self._lock:
+            self._seen[appliance] = info
+
+    def get(self, appliance: str) -> HsmInfo | None:
+        with self._lock:
+            return self._seen.get(appliance)
+
+
 @dataclass(frozen=True)
 class StepOptions:
     """How a step runs: ``check`` (report what would change, change nothing, journal
-    nothing) and ``reissue_otp`` (make a new one-time password even when the appliance
-    already holds one and its bundle exists)."""
+    nothing), ``reissue_otp`` (make a new one-time password even when the appliance
+    already holds one and its bundle exists) and ``readings`` (the run's
+    :class:`Readings`, when the run serves its steps)."""
 
     check: bool = False
     reissue_otp: bool = False
+    readings: Readings | None = None
 
 
 class HandoffAction(enum.Enum):
@@ -149,6 +174,8 @@ def step_verify(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> d
         raise ConflictError(f"{alloc.appliance}: the device says it is {info.id!r}")
     if info.owner_state is OwnerState.CUSTOMER_OWNED:
         raise ConflictError(f"{alloc.appliance} is customer-owned; it must be deprovisioned")
+    if opts.readings is not None:
+        opts.readings.put(alloc.appliance, info)
     return {"changed": False, "owner_state": info.owner_state.value}
 
 
@@ -182,10 +209,21 @@ def step_network(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> 
 def step_monitor(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> dict[str, Any]:
     """The device shows whether ``monitor`` is enabled, not which key it holds: the key is
     the provider's when this request installed it (journaled) and the account is still
-    enabled; otherwise it is installed again."""
+    enabled; otherwise it is installed again.
+
+    In a served run the ``monitor`` switch is taken from ``verify``'s reading of the same
+    run (:class:`Readings`): the steps between (``attach``: the fabric; ``network``: the
+    data address) do not touch the account, and nothing else on the provider's side
+    disables it (provisioning only enables it; a customer cannot log in before the
+    hand-off, which comes after this step). A reading that says enabled when the device
+    no longer is would need the device reset under the running request, which undoes the
+    earlier steps' work just the same and is not what this step guards against; a rerun
+    of the request reads the device again. Without a reading (plain ansible-playbook,
+    AWX, a run that began after ``verify``) the device is asked."""
     ours = _journaled_ok(ctx, alloc, ProvisionStep.MONITOR)
+    seen = opts.readings.get(alloc.appliance) if opts.readings is not None else None
     with ctx.management(alloc.appliance) as conn:
-        info = HSM_INFO.on(conn, alloc.appliance)
+        info = seen if seen is not None else HSM_INFO.on(conn, alloc.appliance)
         before = {
             "monitor": info.monitor.value,
             "key": "provider" if ours and info.monitor is Switch.ENABLED else "not the provider's",
@@ -195,6 +233,10 @@ def step_monitor(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> 
         if changed and not opts.check:
             conn.run("user credential set monitor", [ctx.monitor_public_key()])
             conn.run("user enable monitor")
+            if seen is not None and opts.readings is not None:
+                opts.readings.put(
+                    alloc.appliance, dataclasses.replace(seen, monitor=Switch.ENABLED)
+                )
     return {"changed": changed, "diff": _diff(before, want)}
 
 
@@ -211,9 +253,20 @@ def step_handoff(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> 
     # One management session for the whole step (the device logs and checkpoints every
     # session; served steps share one for the run), its first reply kept for the serial.
     with ctx.management(alloc.appliance) as conn:
-        info = HSM_INFO.on(conn, alloc.appliance)
-        owner = info.owner_state
         done = _last_ok(ctx, alloc, ProvisionStep.HANDOFF)
+        # The rule: never re-issue a password a tenant may hold. That is decided by the
+        # journal (read now, under the appliance's lock) together with the device's
+        # owner state; the device's state matters only when the journal holds this
+        # request's hand-off as done (KEEP or, for a reset device, ISSUE), and then it is
+        # read now, never taken from an earlier step. When the journal holds no finished
+        # hand-off the action is ISSUE whatever the device says (no tenant holds a
+        # password of this request; a password set by an interrupted hand-off is
+        # replaced: decide_handoff), so verify's reading of this run (Readings) serves for
+        # what is left: the serial (fixed at manufacturing) and `reissued` (whether the
+        # device held a password when verify read it).
+        seen = opts.readings.get(alloc.appliance) if opts.readings is not None else None
+        info = seen if done is None and seen is not None else HSM_INFO.on(conn, alloc.appliance)
+        owner = info.owner_state
         action = decide_handoff(owner, done is not None, opts.reissue_otp)
         if action is HandoffAction.KEEP and done is not None:
             if not opts.check:
@@ -290,12 +343,14 @@ def run_step(
     check: bool = False,
     reissue_otp: bool = False,
     opener: Callable[[str], ProviderContext] = open_context,
+    readings: Readings | None = None,
 ) -> dict[str, Any]:
     """One step for one appliance (what the ``hsm_provision`` module calls). In check
     mode the step only reads (device, fabric, store) and nothing is journaled.
     ``opener``: how the step's context is opened (served steps share their run's
-    configuration and inventory, :func:`serve_steps`)."""
-    opts = StepOptions(check=check, reissue_otp=reissue_otp)
+    configuration and inventory, :func:`serve_steps`); ``readings``: the run's
+    :class:`Readings` (served steps only)."""
+    opts = StepOptions(check=check, reissue_otp=reissue_otp, readings=readings)
     ctx = opener(config_path)
     try:
         # One step at a time per appliance, across hosts when the store is PostgreSQL
@@ -334,6 +389,7 @@ def serve_steps(
     share one management connection (:mod:`hsmctl.provider.sessions`)."""
     loaded: dict[str, tuple[Config, Inventory]] = {}
     lock = threading.Lock()
+    readings = Readings()
 
     def opener(path: str) -> ProviderContext:
         with lock:
@@ -354,7 +410,14 @@ def serve_steps(
         if not (isinstance(check, bool) and isinstance(reissue, bool)):
             raise UsageError("check and reissue_otp are booleans")
         return run_step(
-            config, appliance, request_id, step, check=check, reissue_otp=reissue, opener=opener
+            config,
+            appliance,
+            request_id,
+            step,
+            check=check,
+            reissue_otp=reissue,
+            opener=opener,
+            readings=readings,
         )
 
     return handle

@@ -497,7 +497,7 @@ def test_count_two_provisions_in_parallel_across_stamps(
 ) -> None:
     """Also: the steps of an appliance share ONE management connection for the whole run
     (hsmctl.provider.sessions): the device logs a ``login`` per connection, and finds one
-    provider login per appliance in its log."""
+    provider login per appliance in its log; and one ``hsm show`` per appliance."""
     factory_reset(*RACERS)
     conf = provider_config(tmp_path, RACERS)
     before = {a: max((e["seq"] for e in device_log(a)), default=-1) for a in RACERS}
@@ -517,6 +517,9 @@ def test_count_two_provisions_in_parallel_across_stamps(
         commands = [e["detail"]["command"] for e in ours if e["event"] == "command"]
         for wanted in ("hsm show", "network set", "user enable monitor", "user otp set"):
             assert any(c.startswith(wanted) for c in commands), (wanted, commands)
+        # One `hsm show` (verify's): monitor and the hand-off of the same run use its
+        # reading (provisioning.Readings; the journal holds no finished hand-off here).
+        assert commands.count("hsm show") == 1, commands
     print(f"provision --count 2: {took:.1f} s")
 
 
