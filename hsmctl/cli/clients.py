@@ -320,14 +320,17 @@ def key_wrapping_key(
 ) -> None:
     """Make the RSA-3072 import key for BYOK on APPLIANCE and print its public key.
 
-    The private half unwraps only (no decrypt, no sign), is sensitive and never leaves
-    the device. Run again with the same label: the same public key is printed
-    ("created": false). Wrap keys for it as docs/keys.md ("BYOK") shows, then
-    `hsmctl key import`.
+    The private half serves one purpose: the device unwraps RSA-OAEP-SHA256 (or -SHA1)
+    with it; every client use of it (decrypt, sign, copy, change) is refused by the
+    device. It is sensitive and never leaves the device. Run again with the same label:
+    the same public key is printed ("created": false). Wrap keys for it as docs/keys.md
+    ("BYOK") shows, then `hsmctl key import`.
 
     \b
     Output: {"appliance", "label", "id", "bits", "public_key" (PEM), "fingerprint"
-    (hex SHA-256 of the DER public key), "created", "scheme"}.
+    (hex SHA-256 of the DER public key), "created", "scheme", "oaep_hashes" (what
+    --oaep-hash of `key import` this key takes: a key made before SHA-256 support
+    takes sha1 only)}.
     Exit 2: bad label, the label names another kind of key, --output exists."""
     from hsmctl.customer.context import open_tenant_context
     from hsmctl.keys.byok import make_wrapping_key
@@ -351,6 +354,10 @@ def key_wrapping_key(
               help="The label of the key made with `hsmctl key wrapping-key`.")  # fmt: skip
 @click.option("--type", "key_type", metavar="aes:BITS|ec:CURVE|rsa:BITS",
               help="What the file must hold (default: told by its length).")  # fmt: skip
+@click.option("--oaep-hash", "oaep_hash", type=click.Choice(["sha256", "sha1"]),
+              default="sha256", show_default=True,
+              help="The hash (and MGF1 hash) of the file's RSA-OAEP part: sha1 for blobs "
+                   "made for RSA_OAEP_3072_SHA1_AES_256-style imports.")  # fmt: skip
 @_kit
 @_pin_file
 @_identity
@@ -363,6 +370,7 @@ def key_import(
     wrapped: Path,
     wrapping_key: str,
     key_type: str | None,
+    oaep_hash: str,
     kit_dir: Path | None,
     pin_file: Path | None,
     identity: str | None,
@@ -370,20 +378,24 @@ def key_import(
 ) -> None:
     """Import a key wrapped outside the HSM (BYOK) into APPLIANCE's token.
 
-    The key lands as a token object that is sensitive, never extractable and
-    CKA_LOCAL=false; the ephemeral AES key is destroyed. docs/keys.md ("BYOK") has the
-    OpenSSL commands for the customer's side.
+    The file is RSA-OAEP-SHA256 (MGF1-SHA256; --oaep-hash sha1 for SHA-1) of an
+    ephemeral AES key, then AES key wrap with padding (RFC 5649) of the key. The key
+    lands as a token object that is sensitive, never extractable and CKA_LOCAL=false;
+    the ephemeral AES key is destroyed. docs/keys.md ("BYOK") has the OpenSSL commands
+    for the customer's side.
 
     \b
     Output: {"appliance", "key": {"label", "id", "type", "size", "local", ...},
     "wrapping_key", "scheme"}.
-    Exit 2: bad label or type, missing or empty file, unknown or wrong wrapping key,
-    the label exists, a key-policy refusal; 3: the file does not unwrap (altered, or
-    wrapped for another key) — nothing was imported; 5: not taken over from here."""
+    Exit 2: bad label or type, missing or empty file, unknown or wrong wrapping key
+    (or one made before SHA-256 support, without --oaep-hash sha1), the label exists,
+    a key-policy refusal; 3: the file does not unwrap (altered, wrapped for another key
+    or with another OAEP hash) — nothing was imported; 5: not taken over from here."""
     from hsmctl.customer.context import open_tenant_context
     from hsmctl.keys.byok import import_key
 
     tctx = open_tenant_context(config_path(ctx), identity)
-    result = import_key(tctx, appliance, label, wrapped, wrapping_key, key_type, kit_dir, pin_file)
+    result = import_key(tctx, appliance, label, wrapped, wrapping_key, key_type, kit_dir, pin_file,
+                        oaep_hash)  # fmt: skip
     emit(as_json, result, lambda p: f"{p['appliance']}: imported\n" + table(
         _KEY_COLUMNS, [_key_row(p["key"])]))  # fmt: skip

@@ -8,7 +8,8 @@ on the customer's side (docs/keys.md, "BYOK")::
 
 the first part exactly as long as the wrapping key's modulus, the target the raw AES key
 bytes or a PKCS#8 ``PrivateKeyInfo`` (DER) for a private key. On the device: the first
-part is unwrapped with ``CKM_RSA_PKCS_OAEP`` into a *session* AES key (sensitive, not
+part is unwrapped with ``CKM_RSA_PKCS_OAEP`` (SHA-256 and MGF1-SHA-256 by default, SPEC
+§12; SHA-1 with ``--oaep-hash sha1``) into a *session* AES key (sensitive, not
 extractable, unwrap only), the second with AES key wrap with padding (RFC 5649) into a
 token object (``CKA_SENSITIVE=true``, ``CKA_EXTRACTABLE=false``; ``CKA_LOCAL`` is false
 for any unwrapped key), and the session key is destroyed.
@@ -16,17 +17,21 @@ for any unwrapped key), and the session key is destroyed.
 What the lab's versions force (measured, docs/keys.md):
 
 - SoftHSM 2.6.1 does RSA-OAEP with SHA-1 and MGF1-SHA1 only (``MechParamCheckRSAPKCSOAEP``
-  refuses anything else with CKR_ARGUMENTS_BAD), so the transport is RSA-OAEP-SHA1 —
-  Google Cloud KMS's ``RSA_OAEP_3072_SHA1_AES_256`` import method, byte for byte.
+  refuses anything else with CKR_ARGUMENTS_BAD). So the wrapping key is *marked*
+  (``CKA_ALLOWED_MECHANISMS={CKM_RSA_X_509}``, ``CKA_DECRYPT=true``) and the device's
+  policy layer does the OAEP unwrap for it (appliance/p11/policy.c, ``byok_unwrap``): the
+  raw RSA decrypt inside SoftHSM, OpenSSL's constant-time OAEP decoding, the AES key made
+  inside SoftHSM; every other use of the key is refused to every client. A wrapping key
+  made before the mark keeps SoftHSM's own OAEP: SHA-1 only (``--oaep-hash sha1``).
 - p11-kit 0.24.1's RPC does not carry ``CKM_AES_KEY_WRAP_PAD``: the client refuses it
   before sending. hsmctl sends ``CKM_KEY_WRAP_LYNKS`` (parameterless, carried, not a
   SoftHSM mechanism) and the device's policy layer unwraps with ``CKM_AES_KEY_WRAP_PAD``
   (appliance/p11/policy.c, ``w_UnwrapKey``). The key material never leaves the device.
 
-Errors: bad input (file, label, type, wrapping key) exits 2 before the device changes;
-a blob the device cannot unwrap (a flipped byte, wrapped for another key, OAEP with
-another hash) exits 3 and nothing is imported; a refusal of the key policy exits 2 with
-its rule.
+Errors: bad input (file, label, type, wrapping key, ``--oaep-hash sha256`` with a
+wrapping key made before the mark) exits 2 before the device changes; a blob the device
+cannot unwrap (a flipped byte, wrapped for another key, OAEP with another hash) exits 3
+and nothing is imported; a refusal of the key policy exits 2 with its rule.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +56,11 @@ WRAPPING_BITS = 3072
 # reads as CKM_AES_KEY_WRAP_PAD (see the module doc).
 KWP_ON_THE_WIRE = 0x400
 TRANSPORT_LABEL = "byok-transport"
-SCHEME = "RSA-OAEP-SHA1 + AES-KWP (RFC 5649)"
+# --oaep-hash: the OAEP hash (and MGF1 hash) of the RSA part -> the scheme's name.
+OAEP_HASHES = ("sha256", "sha1")
+SCHEMES = {h: f"RSA-OAEP-{h.upper()} + AES-KWP (RFC 5649)" for h in OAEP_HASHES}
+SCHEME = SCHEMES["sha256"]
+CKM_RSA_X_509 = 0x3  # the mark of a wrapping key (see the module doc)
 # What a wrapped-key blob's unwrap failing means: it did not decrypt (SoftHSM reports a
 # failed OAEP decoding or RFC 5649 integrity check as CKR_GENERAL_ERROR).
 _DID_NOT_DECRYPT = {
@@ -67,6 +77,9 @@ _DID_NOT_DECRYPT = {
     "EncryptedDataLenRange",
     "DataLenRange",
 }
+# OAEP parameters the device does not take (SoftHSM's own OAEP: SHA-1 only).
+_PARAMS_REFUSED = {"CKR_ARGUMENTS_BAD", "CKR_MECHANISM_PARAM_INVALID", "ArgumentsBad",
+                   "MechanismParamInvalid"}  # fmt: skip
 # Policy refusals of an unwrap (appliance/p11/README.md): CKR -> rule.
 _IMPORT_RULES = {
     "CKR_KEY_SIZE_RANGE": "size",
@@ -117,6 +130,31 @@ def fingerprint(spki_der: bytes) -> str:
     return hashlib.sha256(spki_der).hexdigest()
 
 
+_ULONG = struct.Struct("L")  # CK_ULONG / CK_MECHANISM_TYPE, as the platform's C has it
+
+
+def pack_mechanisms(mechanisms: Any) -> bytes:
+    """A ``CK_MECHANISM_TYPE`` array attribute's value (pure)."""
+    return b"".join(_ULONG.pack(int(m)) for m in mechanisms)
+
+
+def unpack_mechanisms(value: bytes) -> list[int]:
+    """The mechanisms of a ``CK_MECHANISM_TYPE`` array attribute's value (pure)."""
+    if len(value) % _ULONG.size:
+        raise ValueError(f"{len(value)} bytes is not a CK_MECHANISM_TYPE array")
+    return [m for (m,) in _ULONG.iter_unpack(value)]
+
+
+def _register_allowed_mechanisms() -> None:
+    """python-pkcs11 0.10 has no handler for ``CKA_ALLOWED_MECHANISMS``; each session's
+    attribute mapper copies ``ATTRIBUTE_TYPES`` when the session opens, so the handler is
+    added there before (idempotent)."""
+    from pkcs11 import Attribute
+    from pkcs11.attributes import ATTRIBUTE_TYPES
+
+    ATTRIBUTE_TYPES.setdefault(Attribute.ALLOWED_MECHANISMS, (pack_mechanisms, unpack_mechanisms))
+
+
 def _public_pem(modulus: bytes, exponent: bytes) -> tuple[str, str]:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -146,6 +184,7 @@ class ByokToken(RemoteToken):
     """The remote token with BYOK's operations."""
 
     def __enter__(self) -> ByokToken:
+        _register_allowed_mechanisms()
         super().__enter__()
         return self
 
@@ -197,6 +236,21 @@ class ByokToken(RemoteToken):
             raise translate(exc, self.appliance, "list") from exc
         return key
 
+    def marked(self, key: Any) -> bool:
+        """Whether the wrapping key carries the mark (``CKA_ALLOWED_MECHANISMS`` naming
+        ``CKM_RSA_X_509``): the device's layer does OAEP-SHA256 and -SHA1 with it; without
+        it, SoftHSM's own OAEP does SHA-1 only."""
+        import pkcs11
+        from pkcs11 import Attribute
+
+        try:
+            allowed = key[Attribute.ALLOWED_MECHANISMS]
+        except (pkcs11.AttributeTypeInvalid, pkcs11.AttributeSensitive):
+            return False
+        except pkcs11.PKCS11Error as exc:
+            raise translate(exc, self.appliance, "list") from exc
+        return CKM_RSA_X_509 in allowed
+
     def describe_wrapping_key(self, label: str, key: Any) -> dict[str, Any]:
         import pkcs11
         from pkcs11 import Attribute
@@ -208,20 +262,27 @@ class ByokToken(RemoteToken):
             bits = len(bytes(pub[Attribute.MODULUS]).lstrip(b"\0")) * 8
         except pkcs11.PKCS11Error as exc:
             raise translate(exc, self.appliance, "list") from exc
+        hashes = list(OAEP_HASHES) if self.marked(key) else ["sha1"]
         return {"label": label, "id": key_id.hex(), "bits": bits, "public_key": pem,
-                "fingerprint": fp}  # fmt: skip
+                "fingerprint": fp, "scheme": SCHEMES[hashes[0]],
+                "oaep_hashes": hashes}  # fmt: skip
 
     def make_wrapping_key(self, label: str, key_id: bytes) -> Any:
-        """An RSA-3072 pair whose private half unwraps only (no decrypt, no sign),
-        sensitive, never extractable, a token object; its public half wraps only."""
+        """An RSA-3072 pair whose private half is marked for the device's OAEP unwrap
+        (``CKA_ALLOWED_MECHANISMS={CKM_RSA_X_509}``, ``CKA_DECRYPT=true`` for the device's
+        own raw decrypt, ``CKA_UNWRAP=true``; no sign, no derive), sensitive, never
+        extractable, a token object; the device's policy refuses every client use of it
+        but the unwrap, and adds ``CKA_MODIFIABLE=false``/``CKA_COPYABLE=false``. Its
+        public half wraps only."""
         import pkcs11
         from pkcs11 import Attribute, KeyType, MechanismFlag
 
-        hold = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
+        hold = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+                Attribute.ALLOWED_MECHANISMS: [CKM_RSA_X_509]}  # fmt: skip
         try:
             _pub, priv = self._session.generate_keypair(
                 KeyType.RSA, WRAPPING_BITS, id=key_id, label=label, store=True,
-                capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP | MechanismFlag.DECRYPT,
                 private_template=hold)  # fmt: skip
         except pkcs11.PKCS11Error as exc:
             raise translate(exc, self.appliance, "generate-rsa") from exc
@@ -241,21 +302,22 @@ class ByokToken(RemoteToken):
             raise translate(exc, self.appliance, "list") from exc
 
     def unwrap(self, wrapping: Any, blob: Wrapped, kind: Kind, label: str,
-               key_id: bytes) -> spec.KeyRow:  # fmt: skip
+               key_id: bytes, oaep_hash: str = "sha256") -> spec.KeyRow:  # fmt: skip
         """The two unwraps; the transport key is destroyed whatever happens."""
         import pkcs11
         from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
         from pkcs11.constants import DEFAULT
 
+        oaep = {"sha256": (Mechanism.SHA256, MGF.SHA256, None),
+                "sha1": (Mechanism.SHA_1, MGF.SHA1, None)}[oaep_hash]  # fmt: skip
         try:
             transport = wrapping.unwrap_key(
                 ObjectClass.SECRET_KEY, KeyType.AES, blob.transport, label=TRANSPORT_LABEL,
-                mechanism=Mechanism.RSA_PKCS_OAEP,
-                mechanism_param=(Mechanism.SHA_1, MGF.SHA1, None),
+                mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=oaep,
                 store=False, capabilities=MechanismFlag.UNWRAP,
                 template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})  # fmt: skip
         except pkcs11.PKCS11Error as exc:
-            raise self._refusal(exc, "the RSA-OAEP part", kind) from exc
+            raise self._refusal(exc, "the RSA-OAEP part", kind, oaep_hash) from exc
         hold: dict[Any, Any] = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False}
         if kind is Kind.AES:
             cls, key_type, caps = ObjectClass.SECRET_KEY, KeyType.AES, None
@@ -275,7 +337,7 @@ class ByokToken(RemoteToken):
                     mechanism=Mechanism(KWP_ON_THE_WIRE), store=True, capabilities=caps,
                     template=hold)  # fmt: skip
             except pkcs11.PKCS11Error as exc:
-                raise self._refusal(exc, "the AES-KWP part", kind) from exc
+                raise self._refusal(exc, "the AES-KWP part", kind, oaep_hash) from exc
         finally:
             with contextlib.suppress(pkcs11.PKCS11Error):  # a session object: gone anyway
                 transport.destroy()
@@ -294,13 +356,22 @@ class ByokToken(RemoteToken):
             return dataclasses.replace(made[0], size=bits)
         return made[0]
 
-    def _refusal(self, exc: Exception, part: str, kind: Kind) -> HsmctlError:
+    def _refusal(
+        self, exc: Exception, part: str, kind: Kind, oaep_hash: str = "sha256"
+    ) -> HsmctlError:
         ckr = ckr_name(exc)
         if ckr in _DID_NOT_DECRYPT:
             return IntegrityError(
                 f"{self.appliance}: {part} of the wrapped key did not unwrap ({ckr}): the file "
                 "was altered, or wrapped for another wrapping key or with another scheme "
-                f"(this device takes {SCHEME}); nothing was imported",
+                f"(this import took {SCHEMES[oaep_hash]}; --oaep-hash names the RSA-OAEP "
+                "hash); nothing was imported",
+                detail={"ckr": ckr},
+            )
+        if ckr in _PARAMS_REFUSED and part.endswith("OAEP part"):
+            return UsageError(
+                f"{self.appliance}: the wrapping key does not take RSA-OAEP-"
+                f"{oaep_hash.upper()} ({ckr}); nothing was imported",
                 detail={"ckr": ckr},
             )
         if ckr in ("CKR_FUNCTION_FAILED", "FunctionFailed") and part.endswith("KWP part"):
@@ -358,7 +429,7 @@ def make_wrapping_key(
         shown = token.describe_wrapping_key(label, key)
     if output is not None:
         _write_new(output, shown["public_key"].encode("ascii"))
-    return {"appliance": appliance, **shown, "created": created, "scheme": SCHEME,
+    return {"appliance": appliance, **shown, "created": created,
             **({"output": str(output)} if output is not None else {})}  # fmt: skip
 
 
@@ -382,8 +453,11 @@ def import_key(
     key_type: str | None = None,
     kit_dir: Path | None = None,
     pin_file: Path | None = None,
+    oaep_hash: str = "sha256",
 ) -> dict[str, Any]:
     """``hsmctl key import``: see the module doc."""
+    if oaep_hash not in OAEP_HASHES:
+        raise UsageError(f"--oaep-hash {oaep_hash}: one of {', '.join(OAEP_HASHES)}")
     try:
         spec.check_label(label)
         spec.check_label(wrapping_label)
@@ -397,6 +471,11 @@ def import_key(
         if token.keys(label):
             raise UsageError(f"{appliance}: a key labelled {label!r} exists; nothing changed")
         wrapping = token.wrapping_key(wrapping_label)
+        if oaep_hash != "sha1" and not token.marked(wrapping):
+            raise UsageError(f"{appliance}: the wrapping key {wrapping_label!r} was made "
+                             "before RSA-OAEP-SHA256 was supported and takes RSA-OAEP-SHA1 "
+                             "only: wrap with SHA-1 and give --oaep-hash sha1, or make a new "
+                             "wrapping key; nothing changed")  # fmt: skip
         blob = split(data, token.modulus_len(wrapping), wrapped)
         kind = blob.kind
         if wanted is not None and wanted.kind is not kind:
@@ -407,10 +486,10 @@ def import_key(
             bits = (len(blob.kwp) - 8) * 8
             raise UsageError(f"--type {key_type}: the wrapped key holds a {bits}-bit AES key; "
                              "nothing changed")  # fmt: skip
-        made = token.unwrap(wrapping, blob, kind, label, os.urandom(8))
+        made = token.unwrap(wrapping, blob, kind, label, os.urandom(8), oaep_hash)
         if wanted is not None and made.size != wanted.bits:
             token.destroy(label)
             raise UsageError(f"--type {key_type}: the imported key is {made.type}:{made.size}; "
                              "it was destroyed again")  # fmt: skip
     return {"appliance": appliance, "key": made.as_dict(), "wrapping_key": wrapping_label,
-            "scheme": SCHEME}  # fmt: skip
+            "scheme": SCHEMES[oaep_hash]}  # fmt: skip

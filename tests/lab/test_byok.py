@@ -7,8 +7,11 @@ them, and ``openssl`` checks the results with the customer's own copies of the k
 
 What the lab's versions allow, and what this test therefore does (docs/keys.md, "BYOK"):
 
-- The transport is RSA-OAEP with SHA-1 (SoftHSM 2.6.1 refuses any other OAEP hash with
-  CKR_ARGUMENTS_BAD); a blob made with ``rsa_oaep_md:sha256`` is refused with exit 3.
+- The transport is RSA-OAEP with SHA-256 (SPEC §12). SoftHSM 2.6.1 refuses every OAEP
+  hash but SHA-1, so the wrapping key is marked and the device's key-policy layer decodes
+  the OAEP itself (appliance/p11/README.md, "BYOK wrapping keys"); the device runs the
+  working tree's policy.c only after ``scripts/dev-firmware.sh hsm48 hsm49`` or the next
+  ``lab up``. A SHA-1 blob imports with ``--oaep-hash sha1``; given as SHA-256 it exits 3.
 - p11-kit 0.24.1's RPC carries no parameters for ``CKM_AES_GCM`` or ``CKM_AES_CBC_PAD``
   (the client refuses them before sending; GCM arrives with p11-kit 0.25), so the issue's
   AES-GCM round trip cannot run through the remote path here. The AES round trip is
@@ -52,7 +55,7 @@ CUSTOMER_WRAP = """\
 wrap() {  # wrap KEYFILE OUT: KEYFILE is the raw AES key or a PKCS#8 DER private key
   openssl rand -out eph.key 32
   openssl pkeyutl -encrypt -pubin -inkey kek.pem -in eph.key -out "$2.rsa" \\
-    -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha1 -pkeyopt rsa_mgf1_md:sha1
+    -pkeyopt rsa_padding_mode:oaep -pkeyopt rsa_oaep_md:sha256 -pkeyopt rsa_mgf1_md:sha256
   openssl enc -id-aes256-wrap-pad -iv A65959A6 \\
     -K "$(od -An -v -tx1 eph.key | tr -d ' \\n')" -in "$1" -out "$2.kwp"
   cat "$2.rsa" "$2.kwp" > "$2"
@@ -70,9 +73,13 @@ wrap ec.p8 ec.wrapped
 
 # The application (python-pkcs11 through p11-kit-proxy.so and the officer's kit).
 USE = """
-import json, os, sys
+import json, os, struct, sys
 import pkcs11
-from pkcs11 import Attribute, Mechanism, ObjectClass
+from pkcs11 import MGF, Attribute, Mechanism, ObjectClass
+from pkcs11.attributes import ATTRIBUTE_TYPES
+ATTRIBUTE_TYPES[Attribute.ALLOWED_MECHANISMS] = (
+    lambda v: b"".join(struct.pack("L", m) for m in v),
+    lambda b: [m for (m,) in struct.iter_unpack("L", b)])
 lib = pkcs11.lib(sys.argv[1])
 token = lib.get_token(token_label=sys.argv[2])
 pin = open(sys.argv[3]).read()
@@ -105,8 +112,21 @@ with token.open(user_pin=pin, rw=True) as s:
             Attribute.TOKEN)}
     kek = s.get_key(label="byok-kek", object_class=ObjectClass.PRIVATE_KEY)
     attrs["byok-kek"] = {a.name: bool(kek[a]) for a in (Attribute.UNWRAP, Attribute.DECRYPT,
-        Attribute.SIGN, Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.TOKEN)}
+        Attribute.SIGN, Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.TOKEN,
+        Attribute.MODIFIABLE, Attribute.COPYABLE)}
+    attrs["byok-kek"]["ALLOWED_MECHANISMS"] = kek[Attribute.ALLOWED_MECHANISMS]
     out["attrs"] = attrs
+    # The application's own attempts at the wrapping key's private operation: refused.
+    tries = {"oaep_sha1": (Mechanism.RSA_PKCS_OAEP, (Mechanism.SHA_1, MGF.SHA1, None)),
+             "oaep_sha256": (Mechanism.RSA_PKCS_OAEP, (Mechanism.SHA256, MGF.SHA256, None)),
+             "pkcs1": (Mechanism.RSA_PKCS, None), "raw": (Mechanism.RSA_X_509, None)}
+    out["kek_decrypt"] = {}
+    for name, (mech, param) in tries.items():
+        try:
+            kek.decrypt(bytes(384), mechanism=mech, mechanism_param=param)
+            out["kek_decrypt"][name] = "decrypted"
+        except pkcs11.PKCS11Error as exc:  # python-pkcs11 0.10 names no class for 0x68
+            out["kek_decrypt"][name] = type(exc).__name__ + (f" {exc}" if str(exc) else "")
     out["session_secret_keys"] = len([k for k in s.get_objects({Attribute.CLASS:
         ObjectClass.SECRET_KEY, Attribute.TOKEN: False})])
 print(json.dumps(out))
@@ -154,6 +174,8 @@ def test_wrapping_key_is_rsa3072_unwrap_only_and_a_rerun_shows_the_same_key(
                                    "byok-kek", "--json").stdout)  # fmt: skip
     assert again["created"] is False and again["label"] == "byok-kek"
     assert {"appliance", "label", "public_key", "fingerprint"} <= set(again)
+    assert again["scheme"] == "RSA-OAEP-SHA256 + AES-KWP (RFC 5649)"
+    assert again["oaep_hashes"] == ["sha256", "sha1"]
     pub = serialization.load_pem_public_key(again["public_key"].encode())
     assert pub.key_size == 3072  # type: ignore[attr-defined]
     spki = pub.public_bytes(serialization.Encoding.DER,
@@ -176,6 +198,7 @@ def imported(host: AppHost, customer: Path) -> dict[str, dict[str, Any]]:
         started = time.monotonic()
         out = json.loads(host.hsmctl(*argv, *(("--type", key_type) if key_type else ())).stdout)
         print(f"hsmctl key import {label}: {time.monotonic() - started:.2f} s")
+        assert out["scheme"] == "RSA-OAEP-SHA256 + AES-KWP (RFC 5649)"
         rows[label] = out["key"]
     logged = [r for r in host.records(seq) if r["event"] == "key-imported"]
     assert {r["detail"]["label"] for r in logged} >= {"byok-aes", "byok-ec"}
@@ -212,7 +235,8 @@ def used(host: AppHost, customer: Path, imported: dict[str, dict[str, Any]]) -> 
        f"-out {work / 'openssl.ct'}", customer)  # fmt: skip
     host.chown()
     host.use("officer")
-    return dict(host.python(USE, PROXY, host.label, str(host.pin_file), str(work)))
+    seq = host.last_seq()
+    return {**host.python(USE, PROXY, host.label, str(host.pin_file), str(work)), "seq": seq}
 
 
 def test_the_imported_ec_key_signs_and_the_customers_public_key_verifies(
@@ -241,14 +265,26 @@ def test_the_imported_aes_key_matches_the_customers_copy_both_ways(
         True, "MechanismInvalid")  # fmt: skip
 
 
-def test_device_attributes_of_the_imported_and_the_wrapping_key(used: dict[str, Any]) -> None:
+def test_device_attributes_of_the_imported_and_the_wrapping_key(
+    host: AppHost, used: dict[str, Any]
+) -> None:
     attrs = used["attrs"]
     for label in ("byok-ec", "byok-aes"):
         assert attrs[label] == {"LOCAL": False, "SENSITIVE": True, "EXTRACTABLE": False,
                                 "ALWAYS_SENSITIVE": False, "NEVER_EXTRACTABLE": False,
                                 "TOKEN": True}, (label, attrs[label])  # fmt: skip
-    assert attrs["byok-kek"] == {"UNWRAP": True, "DECRYPT": False, "SIGN": False, "TOKEN": True,
-                                 "SENSITIVE": True, "EXTRACTABLE": False}  # fmt: skip
+    # DECRYPT is the device layer's own raw decrypt (CKA_ALLOWED_MECHANISMS: CKM_RSA_X_509
+    # only); no client may use it: every decrypt the application tried was refused.
+    assert attrs["byok-kek"] == {"UNWRAP": True, "DECRYPT": True, "SIGN": False, "TOKEN": True,
+                                 "SENSITIVE": True, "EXTRACTABLE": False, "MODIFIABLE": False,
+                                 "COPYABLE": False, "ALLOWED_MECHANISMS": [3]}  # fmt: skip
+    refused = "PKCS11Error Unmapped error code 0x68"  # CKR_KEY_FUNCTION_NOT_PERMITTED
+    assert used["kek_decrypt"] == {"oaep_sha1": refused, "oaep_sha256": refused,
+                                   "pkcs1": refused, "raw": "MechanismInvalid"
+                                   }, used["kek_decrypt"]  # fmt: skip
+    denied = [r["detail"] for r in host.records(used["seq"]) if r["outcome"] == "denied"]
+    assert [(d["function"], d["rule"]) for d in denied if d["rule"] == "wrapping-key"] == [
+        ("C_DecryptInit", "wrapping-key")] * 3, denied  # fmt: skip
     assert used["session_secret_keys"] == 0
 
 
@@ -266,22 +302,24 @@ def test_a_tampered_blob_is_refused_with_exit_3_and_nothing_is_imported(
     seq = host.last_seq()
     ec_blob = customer / "ec.wrapped"
     aes_blob = customer / "aes256.wrapped"
-    sha256 = customer / "sha256"
-    sha256.mkdir(exist_ok=True)
-    (sha256 / "kek.pem").write_bytes((customer / "kek.pem").read_bytes())
-    (sha256 / "aes256.key").write_bytes((customer / "aes256.key").read_bytes())
-    sh(CUSTOMER_WRAP.replace(":sha1", ":sha256") + "wrap aes256.key aes256.wrapped\n", sha256)
+    sha1 = customer / "sha1"
+    sha1.mkdir(exist_ok=True)
+    (sha1 / "kek.pem").write_bytes((customer / "kek.pem").read_bytes())
+    (sha1 / "aes256.key").write_bytes((customer / "aes256.key").read_bytes())
+    sh(CUSTOMER_WRAP.replace(":sha256", ":sha1") + "wrap aes256.key aes256.wrapped\n", sha1)
     cases = {
         "t-rsa-ec": _flipped(ec_blob, customer / "t1", 100),  # in the RSA-OAEP part
         "t-kwp-ec": _flipped(ec_blob, customer / "t2", 384 + 20),  # in the AES-KWP part
         "t-rsa-aes": _flipped(aes_blob, customer / "t3", 0),
         "t-kwp-aes": _flipped(aes_blob, customer / "t4", len(aes_blob.read_bytes()) - 1),
-        "t-oaep-sha256": sha256 / "aes256.wrapped",  # another scheme than the device takes
+        "t-oaep-sha1": sha1 / "aes256.wrapped",  # OAEP-SHA1, given as SHA-256 (default)
+        "t-oaep-sha256-as-sha1": aes_blob,  # OAEP-SHA256, given as SHA-1
     }
     for label, path in cases.items():
+        hash_ = ("--oaep-hash", "sha1") if label.endswith("as-sha1") else ()
         proc = host.hsmctl("key", "import", host.rig.appliance, "--label", label,
-                           "--wrapped", str(path), "--wrapping-key", "byok-kek", "--json",
-                           check=False)  # fmt: skip
+                           "--wrapped", str(path), "--wrapping-key", "byok-kek", *hash_,
+                           "--json", check=False)  # fmt: skip
         assert proc.returncode == 3, (label, proc.returncode, proc.stderr.decode())
         message = json.loads(proc.stdout)["error"]["message"]
         assert "did not unwrap" in message and "nothing was imported" in message, message
@@ -289,6 +327,31 @@ def test_a_tampered_blob_is_refused_with_exit_3_and_nothing_is_imported(
     records = host.records(seq)
     assert not [r for r in records if r["event"] == "key-imported"
                 and r["detail"]["label"] in cases], records  # fmt: skip
+    # The device answered each RSA-part failure alike (no padding oracle): one rule.
+    refused = [r["detail"] for r in records if r["outcome"] == "denied"]
+    assert {(d["rule"], d["function"]) for d in refused} == {("byok-unwrap", "C_UnwrapKey")}
+    assert len(refused) == 4, refused  # t-rsa-ec, t-rsa-aes, t-oaep-sha1, -sha256-as-sha1
+
+
+def test_an_oaep_sha1_blob_imports_with_oaep_hash_sha1(
+    host: AppHost, customer: Path, imported: dict[str, dict[str, Any]]
+) -> None:
+    """The GCP-style RSA_OAEP_3072_SHA1_AES_256 layout: the device's layer decodes SHA-1
+    for the marked key too (RFC 5649's integrity check of the second part proves the
+    ephemeral key came out right)."""
+    sha1 = customer / "sha1-import"
+    sha1.mkdir(exist_ok=True)
+    (sha1 / "kek.pem").write_bytes((customer / "kek.pem").read_bytes())
+    sh(CUSTOMER_WRAP.replace(":sha256", ":sha1") + "openssl rand -out aes128.key 16\n"
+       "wrap aes128.key aes128.wrapped\n", sha1)  # fmt: skip
+    out = json.loads(host.hsmctl("key", "import", host.rig.appliance, "--label", "byok-sha1",
+                                 "--wrapped", str(sha1 / "aes128.wrapped"), "--wrapping-key",
+                                 "byok-kek", "--oaep-hash", "sha1", "--json").stdout)  # fmt: skip
+    assert out["scheme"] == "RSA-OAEP-SHA1 + AES-KWP (RFC 5649)"
+    key = out["key"]
+    assert (key["type"], key["size"], key["local"], key["extractable"], key["sensitive"]) == (
+        "aes", 128, False, False, True)  # fmt: skip
+    assert listed(host)["byok-sha1"] == key
 
 
 def test_bad_input_exits_2_or_5_with_a_clear_message_and_nothing_changed(
@@ -427,3 +490,52 @@ def test_the_log_holds_each_import_and_its_transport_key_and_no_pin(
     assert transports and len(destroyed) == len(transports)
     assert all(r["detail"]["class"] == "secret-key" for r in transports)
     assert host.pin not in json.dumps(records)
+
+
+OLD_KEK = """
+import json, sys
+import pkcs11
+from pkcs11 import Attribute, KeyType, MechanismFlag
+lib = pkcs11.lib(sys.argv[1])
+token = lib.get_token(token_label=sys.argv[2])
+with token.open(user_pin=open(sys.argv[3]).read(), rw=True) as s:
+    s.generate_keypair(KeyType.RSA, 2048, label="old-kek", id=b"\\x0d\\x1d", store=True,
+                       capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                       private_template={Attribute.SENSITIVE: True,
+                                         Attribute.EXTRACTABLE: False})
+print(json.dumps({"made": True}))
+"""
+
+
+def test_a_wrapping_key_made_before_sha256_support_takes_oaep_sha1_only(
+    host: AppHost, customer: Path
+) -> None:
+    """As made by hsmctl before the mark (no CKA_ALLOWED_MECHANISMS): SoftHSM's own OAEP,
+    SHA-1 only. `wrapping-key` says so, the default SHA-256 exits 2 before anything is
+    sent, and `--oaep-hash sha1` imports."""
+    host.use("officer")
+    host.python(OLD_KEK, PROXY, host.label, str(host.pin_file))
+    old = customer / "old-kek"
+    old.mkdir(exist_ok=True)
+    shown = json.loads(host.hsmctl("key", "wrapping-key", host.rig.appliance, "--label",
+                                   "old-kek", "--output", str(old / "kek.pem"),
+                                   "--json").stdout)  # fmt: skip
+    assert (shown["created"], shown["bits"], shown["oaep_hashes"]) == (False, 2048, ["sha1"])
+    assert shown["scheme"] == "RSA-OAEP-SHA1 + AES-KWP (RFC 5649)"
+    sh(CUSTOMER_WRAP + "openssl rand -out aes.key 32\nwrap aes.key aes256.wrapped\n", old)
+    sh(CUSTOMER_WRAP.replace(":sha256", ":sha1") + "wrap aes.key aes256-sha1.wrapped\n", old)
+    before = listed(host)
+    seq = host.last_seq()
+    proc = host.hsmctl("key", "import", host.rig.appliance, "--label", "old-256", "--wrapped",
+                       str(old / "aes256.wrapped"), "--wrapping-key", "old-kek", "--json",
+                       check=False)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr.decode()
+    assert "--oaep-hash sha1" in json.loads(proc.stdout)["error"]["message"]
+    assert listed(host) == before
+    assert not [r for r in host.records(seq) if r["event"] == "key-imported"]
+    out = json.loads(host.hsmctl("key", "import", host.rig.appliance, "--label", "old-sha1",
+                                 "--wrapped", str(old / "aes256-sha1.wrapped"),
+                                 "--wrapping-key", "old-kek", "--oaep-hash", "sha1",
+                                 "--json").stdout)  # fmt: skip
+    assert (out["key"]["type"], out["key"]["size"], out["scheme"]) == (
+        "aes", 256, "RSA-OAEP-SHA1 + AES-KWP (RFC 5649)")  # fmt: skip

@@ -516,7 +516,7 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap_with_padding
 kek = serialization.load_pem_public_key(open(sys.argv[1], "rb").read())
 for bits, out in zip((256, 128), sys.argv[2:]):
     eph = os.urandom(32)
-    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), label=None)
+    oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
     blob = kek.encrypt(eph, oaep) + aes_key_wrap_with_padding(eph, os.urandom(bits // 8))
     open(out, "wb").write(blob)
 """

@@ -62,3 +62,28 @@ def test_a_blob_that_does_not_unwrap_is_integrity(exc: Exception) -> None:
 def test_a_policy_refusal_names_the_rule() -> None:
     err = _Token()._refusal(pkcs11.KeySizeRange(), "the AES-KWP part", Kind.AES)
     assert isinstance(err, UsageError) and err.detail["rule"] == "aes-size"
+
+
+def test_allowed_mechanisms_pack_as_the_platforms_ulong_array() -> None:
+    import struct
+
+    packed = byok.pack_mechanisms([byok.CKM_RSA_X_509, 0x9])
+    assert packed == struct.pack("LL", 3, 9)
+    assert byok.unpack_mechanisms(packed) == [3, 9]
+    assert byok.unpack_mechanisms(b"") == []
+    with pytest.raises(ValueError, match="not a CK_MECHANISM_TYPE array"):
+        byok.unpack_mechanisms(b"\x03")
+
+
+def test_oaep_parameters_the_wrapping_key_does_not_take_are_usage() -> None:
+    """SoftHSM's own OAEP (a wrapping key made before the mark) refuses SHA-256 with
+    CKR_ARGUMENTS_BAD: not an altered file, a choice to change (exit 2)."""
+    err = _Token()._refusal(pkcs11.ArgumentsBad(), "the RSA-OAEP part", Kind.AES, "sha256")
+    assert isinstance(err, UsageError) and "RSA-OAEP-SHA256" in err.message
+
+
+@pytest.mark.parametrize("oaep_hash", ["sha256", "sha1"])
+def test_a_blob_that_does_not_unwrap_names_the_scheme_tried(oaep_hash: str) -> None:
+    err = _Token()._refusal(pkcs11.GeneralError(), "the RSA-OAEP part", Kind.AES, oaep_hash)
+    assert isinstance(err, IntegrityError)
+    assert f"RSA-OAEP-{oaep_hash.upper()} + AES-KWP" in err.message
