@@ -18,7 +18,8 @@ segment list with each one's seq range, record count and uncompressed length. Co
 
 1. append records (already verified) past the committed length, compress closed segments
    to ``.zst`` (temporary, fsync, rename);
-2. fsync every segment written, then the directory;
+2. fsync every segment written (a closed one as its ``.zst``: its ``.jsonl`` only if
+   compression failed and the cursor is to name it), then the directory;
 3. write ``cursor.json`` atomically (temporary, fsync, rename, fsync the directory);
 4. delete what the new cursor no longer names (the ``.jsonl`` of a compressed segment).
 
@@ -102,6 +103,14 @@ class ArchiveDamaged(IntegrityError):
 
 def _now() -> str:
     return utc.stamp()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Archive:
@@ -309,15 +318,18 @@ class Appender:
             return
         if not data.endswith(b"\n") or not 0 <= covered <= len(data):
             raise ValueError("append() takes whole lines and a covered prefix of them")
-        rest = data[covered:]
-        tail = rest.count(b"\n")  # after the last checkpoint: short
+        view = memoryview(data)  # written from where it lies: a chunk is copied once
+        tail = data.count(b"\n", covered)  # after the last checkpoint: short
         if covered:
             head = data.count(b"\n", 0, covered) if records is None else records - tail
-            self._write(data[:covered], head, covered=True)
-        if rest:
-            self._write(rest, tail, covered=False)
+            last = data[data.rfind(b"\n", 0, covered - 1) + 1 : covered]
+            self._write(view[:covered], head, covered_line=last)
+        if covered < len(data):
+            self._write(view[covered:], tail)
 
-    def _write(self, data: bytes, n: int, *, covered: bool) -> None:
+    def _write(self, data: memoryview, n: int, *, covered_line: bytes | None = None) -> None:
+        """Write ``data`` (``n`` lines); ``covered_line``: its last line, a signed record
+        (everything written so far is covered)."""
         o = self._open
         if o is None:
             seg = Segment(segment_name(self._next_seq, False), self._next_seq, 0, 0)
@@ -330,23 +342,26 @@ class Appender:
             os.lseek(o.fd, o.seg.bytes, os.SEEK_SET)
         fd = o.fd
         assert fd is not None
-        view = memoryview(data)
+        view = data
         while view:
             view = view[os.write(fd, view) :]
         o.seg = replace(o.seg, records=o.seg.records + n, bytes=o.seg.bytes + len(data))
         self._next_seq += n
         self.appended += n
-        if covered:
+        if covered_line is not None:
             o.covered_bytes, o.covered_records = o.seg.bytes, o.seg.records
-            start = data.rfind(b"\n", 0, len(data) - 1) + 1
-            self._covered_line = data[start:]
+            self._covered_line = covered_line
             if o.seg.bytes >= self.archive.segment_bytes:
                 self._rotate()
 
     def _rotate(self) -> None:
         o = self._open
         assert o is not None and o.fd is not None
-        os.fsync(o.fd)
+        # Not fsynced here: the segment becomes durable as its compressed copy (fsynced by
+        # compress_segment, its own thread), and the ``.jsonl`` is deleted after the
+        # commit; only if compression fails is the ``.jsonl`` fsynced, before the cursor
+        # names it (:meth:`_finish_compression`). An fsync here held the collecting
+        # thread for the disk write of a whole segment (64 MiB) while the channel filled.
         os.close(o.fd)
         o.fd = None
         self._closed.append(o)
@@ -364,7 +379,10 @@ class Appender:
 
     # -- ending -----------------------------------------------------------------------------
 
-    def _finish_compression(self) -> dict[str, bool]:
+    def _finish_compression(self, *, durable: bool = False) -> dict[str, bool]:
+        """Wait for the compressions: which segments have a ``.zst`` (fsynced). With
+        ``durable`` (a commit), a segment that stays uncompressed is fsynced now, as the
+        cursor is about to name its ``.jsonl`` (:meth:`_rotate` did not)."""
         done: dict[str, bool] = {}
         for name, fut in self._compressing.items():
             try:
@@ -372,6 +390,8 @@ class Appender:
                 done[name] = True
             except Exception:  # disk full...: stays uncompressed, the next run tries again
                 done[name] = False
+                if durable:
+                    _fsync_file(self.archive.dir / name)
         if self._compress is not None:
             self._compress.shutdown(wait=True)
             self._compress = None
@@ -422,7 +442,7 @@ class Appender:
                 os.fsync(o.fd)
         self._close_fds()
         keep = [o for o in keep if o.seg.records]
-        gz = self._finish_compression()
+        gz = self._finish_compression(durable=True)
         final = [replace(s, name=segment_name(s.first_seq, True), compressed=True)
                  if gz.get(s.name) else s for s in self._done]  # fmt: skip
         for o in keep:

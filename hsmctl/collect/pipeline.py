@@ -306,7 +306,7 @@ class ChunkedVerifier:
         self._on_verified = on_verified
         self._pool = pool
         self._chunk_bytes = chunk_bytes
-        self._pieces: list[bytes] = []  # received, not yet a whole chunk
+        self._pieces: list[bytes | memoryview] = []  # received, not yet a whole chunk
         self._held = 0  # their length
         self._inflight: deque[_Pending] = deque()
         self._dispatched = 0
@@ -323,8 +323,13 @@ class ChunkedVerifier:
         if self._violations:
             raise Halted("verification already failed")
         # Cut chunks from ``data`` where it lies and hold only the unfinished rest, as
-        # pieces: one copy a byte, whatever the size of the reads.
+        # pieces: views of the reads (immutable bytes; anything else is copied first), so
+        # a chunk's join is the one copy of a byte here. A view keeps its read alive until
+        # the chunk is whole: one read (at most the channel window) beyond the chunk.
+        if type(data) is not bytes:
+            data = bytes(data)
         size, pos = self._chunk_bytes, 0
+        view = memoryview(data)
         while self._held + len(data) - pos >= size:
             cut = data.rfind(b"\n", pos, pos + size - self._held) + 1
             if cut == 0:  # the chunk's last line end is in what is held, if anywhere
@@ -344,12 +349,12 @@ class ChunkedVerifier:
                 self._pieces, self._held = [held[end:]], len(held) - end
                 self._dispatch(held[:end])
                 continue
-            self._pieces.append(data[pos:cut])
+            self._pieces.append(view[pos:cut])
             chunk = b"".join(self._pieces)
             self._pieces, self._held, pos = [], 0, cut
             self._dispatch(chunk)
         if pos < len(data):
-            self._pieces.append(data[pos:] if pos else data)
+            self._pieces.append(view[pos:] if pos else data)
             self._held += len(data) - pos
         while self._inflight and self._inflight[0].future.done():
             self._accept_pending(self._inflight.popleft())

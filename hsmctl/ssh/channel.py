@@ -14,6 +14,7 @@ import logging
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -63,6 +64,59 @@ else:
     _BytesPipe = BufferedPipe
 
 
+class Packets:
+    """What a channel's receive buffer holds: the packets' bytes as they arrived, in order.
+
+    paramiko's buffer is an ``array`` that copies every packet in (on its transport
+    thread, holding the GIL) and out again at each read; here a packet is kept as the
+    ``bytes`` it came in and a read joins them (one copy, none for a single packet). The
+    operations paramiko's :class:`BufferedPipe` uses on its ``_buffer``: ``len``,
+    ``frombytes``, ``del buf[:n]``, and reads through :meth:`take`.
+    """
+
+    __slots__ = ("_items", "_size")
+
+    def __init__(self) -> None:
+        self._items: deque[bytes] = deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def frombytes(self, data: bytes) -> None:
+        if data:
+            self._items.append(bytes(data))
+            self._size += len(data)
+
+    def take(self, limit: int | None = None) -> bytes:
+        """The first ``limit`` bytes (all if None), left in place."""
+        if limit is None or limit >= self._size:
+            return b"".join(self._items)
+        parts: list[bytes] = []
+        need = limit
+        for item in self._items:
+            if len(item) >= need:
+                parts.append(item[:need])
+                break
+            parts.append(item)
+            need -= len(item)
+        return b"".join(parts)
+
+    def __delitem__(self, where: slice) -> None:
+        if not isinstance(where, slice) or where.start is not None or where.step is not None:
+            raise TypeError("only a leading slice can be dropped")
+        drop = self._size if where.stop is None else min(max(where.stop, 0), self._size)
+        self._size -= drop
+        items = self._items
+        while drop:
+            first = items[0]
+            if len(first) > drop:
+                items[0] = first[drop:]
+                break
+            items.popleft()
+            drop -= len(first)
+
+
 class Inbox(_BytesPipe):
     """A channel's receive buffer (stdout or stderr) that drops data beyond the window.
 
@@ -70,11 +124,19 @@ class Inbox(_BytesPipe):
     more only as we read, so a compliant device never makes both buffers together hold more
     than the window. paramiko does not check: a device ignoring the window would make its
     transport thread buffer without bound while we verify. One length check a packet.
+    Packets are held as they came (:class:`Packets`), not copied into an array.
     """
 
     def __init__(self, flow: FlowControl) -> None:
         super().__init__()
         self._flow = flow
+        self._buffer: Packets = Packets()
+
+    def _buffer_frombytes(self, data: bytes) -> None:
+        self._buffer.frombytes(data)
+
+    def _buffer_tobytes(self, limit: int | None = None) -> bytes:
+        return self._buffer.take(limit)
 
     def feed(self, data: bytes) -> None:
         if self._flow.admits(len(data)):

@@ -176,6 +176,61 @@ def test_gzip_segments_of_older_archives_are_read_and_checked(
         list(archive.blocks(archive.cursor()))
 
 
+def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the name of every file or directory fsynced, in order."""
+    seen: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        seen.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return seen
+
+
+def test_a_closed_segment_is_durable_as_its_compressed_copy(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rotation does not fsync the closed .jsonl in the collecting thread: its .zst is
+    # fsynced (compression thread) before the cursor names it, and the .jsonl goes.
+    seen = _fsyncs(monkeypatch)
+    dev, archive = _rotated(tmp_path, key_a, 2)
+    cursor = archive.cursor()
+    closed = [s for s in cursor.segments if s.compressed]
+    assert closed
+    cursors = [i for i, name in enumerate(seen) if name.startswith(".cursor.json.")]
+    for seg in closed:
+        plain = seg.name.removesuffix(".zst")
+        assert plain not in seen
+        assert seen.index(seg.name + ".tmp") < cursors[-1]
+        assert not (archive.dir / plain).exists()
+    assert archived(archive) == dev.data()
+
+
+def test_a_segment_left_uncompressed_is_fsynced_before_the_cursor_names_it(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hsmctl.collect.archive as archive_module
+
+    def disk_full(src: Path, dst: Path, level: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(archive_module, "compress_segment", disk_full)
+    seen = _fsyncs(monkeypatch)
+    dev, archive = _rotated(tmp_path, key_a, 1)
+    (seg,) = archive.cursor().segments
+    assert not seg.compressed and seg.bytes >= archive.segment_bytes  # closed, kept plain
+    cursor_written = next(i for i, name in enumerate(seen) if name.startswith(".cursor.json."))
+    assert seen.index(seg.name) < cursor_written
+    monkeypatch.undo()  # compression works again: the next run appends and compresses it
+    for _ in range(4):
+        dev.session(6, size=40)
+    cursor = collect(archive, dev.stream(), trust(key_a))
+    assert cursor.segments[0].compressed and cursor.seq == len(dev.lines)
+    assert archived(archive) == dev.data()
+
+
 # -- the lock -------------------------------------------------------------------------------------
 
 
