@@ -58,6 +58,12 @@ class ProvisionStep(enum.StrEnum):
 
 STEPS: tuple[ProvisionStep, ...] = tuple(ProvisionStep)
 PLAYBOOK = "provision.yml"
+SERVED_TAG = "hsmctl_served"
+"""The tag of provision.yml's one task that runs the five steps (``step: all``):
+``hsmctl provision`` runs only it, one task per appliance instead of five (Ansible's cost
+is per task and host: a worker process, the main process's scheduling and events); each
+step is still its own served, journaled step. Plain ansible-playbook / AWX runs skip it
+(``never``) and run the five tasks."""
 
 
 @dataclass(frozen=True)
@@ -480,13 +486,13 @@ def provision(
             {a.appliance: {"hsm_request_id": rid} for a in allocations},
             {"hsm_config": str(ctx.config.source)},
             forks=count,
+            tags=(SERVED_TAG,),
         )
         # The steps of an appliance share one management connection for the run (the
         # device pays ~30-40 ms of CPU per connection); all closed when the run ends.
         with SessionPool() as sessions:
-            outcomes = adapter.run(
-                spec, progress, serve=serve_steps({a.appliance for a in allocations}, sessions)
-            )
+            handle = serve_steps({a.appliance for a in allocations}, sessions)
+            outcomes = adapter.run(spec, progress, serve=_reporting(handle, progress))
         provisioned: list[Provisioned] = []
         failures: dict[str, HsmctlError] = {}
         for a in allocations:
@@ -497,9 +503,15 @@ def provision(
                     ctx.store.set_state(a.appliance, ApplianceState.PROVISIONED)
                 provisioned.append(Provisioned(a.appliance, a.ip, handoff))
             else:
-                reason = f"{outcome.failed_task}: {outcome.message}"
+                failed = outcome.results.get(outcome.failed_task or "", {}) or {}
+                # `step: all` names its failed step in its message ("network: ...").
+                reason = (
+                    str(outcome.message)
+                    if failed.get("failed_step")
+                    else f"{outcome.failed_task}: {outcome.message}"
+                )
                 ctx.store.set_state(a.appliance, ApplianceState.FAILED, reason=reason)
-                code = (outcome.results.get(outcome.failed_task or "", {}) or {}).get(
+                code = failed.get(
                     "exit_code", 4 if outcome.status is adapter.HostStatus.UNREACHABLE else 1
                 )
                 failures[a.appliance] = _error(code, f"{a.appliance}: {reason}")
@@ -516,11 +528,32 @@ def provision(
 
 def step_result(outcome: adapter.HostOutcome, step: ProvisionStep) -> dict[str, Any]:
     """The result of ``step`` in a host's run, found by the ``step`` field hsm_provision
-    returns (never by a task's title, which the playbook is free to reword)."""
+    returns (never by a task's title, which the playbook is free to reword), also among
+    the ``steps`` of a ``step: all`` task."""
     for result in outcome.results.values():
-        if result.get("step") == step.value:
-            return dict(result)
+        for one in [result, *(result.get("steps") or [])]:
+            if isinstance(one, dict) and one.get("step") == step.value:
+                return dict(one)
     raise HsmctlError(f"{outcome.host}: the playbook run reported no {step.value} step")
+
+
+def _reporting(
+    handle: Callable[[Mapping[str, Any]], dict[str, Any]], progress: Progress
+) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
+    """``handle``, with a progress line as each served step ends (``hsm01: network:
+    changed``): a run's one task per appliance (SERVED_TAG) says nothing per step."""
+
+    def handle_reporting(request: Mapping[str, Any]) -> dict[str, Any]:
+        who, step = request.get("appliance"), request.get("step")
+        try:
+            result = handle(request)
+        except HsmctlError as exc:
+            progress.step(f"{who}: {step}: failed: {exc}")
+            raise
+        progress.step(f"{who}: {step}: {'changed' if result.get('changed') else 'ok'}")
+        return result
+
+    return handle_reporting
 
 
 def _error(code: int, message: str) -> HsmctlError:

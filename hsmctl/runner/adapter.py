@@ -73,6 +73,8 @@ class RunSpec:
     inventory: dict[str, Any]
     extravars: dict[str, Any]
     forks: int
+    tags: tuple[str, ...] = ()
+    """Only the tasks with one of these tags run (``--tags``); none: every task."""
 
 
 def build_run(
@@ -81,6 +83,7 @@ def build_run(
     extravars: Mapping[str, Any],
     *,
     forks: int = 8,
+    tags: tuple[str, ...] = (),
 ) -> RunSpec:
     """Everything the run needs, as plain data (tested for exact output).
 
@@ -104,6 +107,7 @@ def build_run(
         inventory={"all": {"hosts": host_vars}},
         extravars=dict(sorted(extravars.items())),
         forks=max(1, min(forks, len(host_vars) or 1)),
+        tags=tuple(tags),
     )
 
 
@@ -252,6 +256,7 @@ def run(
             inventory=spec.inventory,
             extravars=spec.extravars,
             forks=spec.forks,
+            tags=",".join(spec.tags) or None,
             event_handler=events,
             quiet=True,
             # No copy of the playbook's output in the artifact directory (nobody reads

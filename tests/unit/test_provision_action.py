@@ -199,3 +199,72 @@ def test_served_steps_read_the_configuration_and_inventory_once_per_run(
     assert len({id(c) for c in contexts}) == 10
     assert len({id(c.inventory) for c in contexts}) == 1
     assert len({id(c.config) for c in contexts}) == 1
+
+
+def _served_spec(interpreter: str = "/bin/false") -> RunSpec:
+    """provision.yml as ``hsmctl provision`` runs it: only the task tagged
+    SERVED_TAG (``step: all``)."""
+    from hsmctl.provider.provisioning import SERVED_TAG
+
+    spec = _spec("provision.yml", interpreter)
+    return RunSpec(spec.playbook, spec.inventory, spec.extravars, spec.forks, (SERVED_TAG,))
+
+
+def test_hsmctl_runs_one_task_per_appliance_that_serves_the_five_steps(
+    private_tmp: Path,
+) -> None:
+    """Each host: one task (one event of a result), whose five steps reach the handler
+    in order, each a request of its own with the same references; each step's result
+    is in ``steps``, with its own ``changed``; no module process (interpreter
+    /bin/false)."""
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: Mapping[str, Any]) -> Mapping[str, Any]:
+        seen.append(dict(request))
+        extra = (
+            {"handoff": f"/b/{request['appliance']}.json"} if request["step"] == "handoff" else {}
+        )
+        return {"changed": request["step"] in ("attach", "handoff"), "diff": {"x": 1}, **extra}
+
+    outcomes = adapter.run(_served_spec(), serve=handler)
+    for host in ("hsm01", "hsm02"):
+        mine = [r for r in seen if r["appliance"] == host]
+        assert [r["step"] for r in mine] == STEPS
+        assert all(
+            r == {"config": "/nowhere/p.yaml", "appliance": host, "request_id": "r-1",
+                  "step": r["step"], "check": False, "reissue_otp": False}
+            for r in mine
+        )  # fmt: skip
+        outcome = outcomes[host]
+        assert outcome.status is HostStatus.OK
+        (result,) = outcome.results.values()  # one task
+        assert result["step"] == "all" and result["changed"] is True
+        assert [(s["step"], s["changed"]) for s in result["steps"]] == [
+            ("verify", False), ("attach", True), ("network", False), ("monitor", False),
+            ("handoff", True),
+        ]  # fmt: skip
+        assert all("diff" not in s for s in result["steps"])
+        assert result["steps"][-1]["handoff"] == f"/b/{host}.json"
+
+
+def test_the_five_in_one_task_stop_at_the_first_failure(private_tmp: Path) -> None:
+    from hsmctl.errors import ConflictError
+
+    seen: list[str] = []
+
+    def handler(request: Mapping[str, Any]) -> Mapping[str, Any]:
+        seen.append(request["step"])
+        if request["step"] == "network":
+            raise ConflictError(f"{request['appliance']} is busy")
+        return {"changed": True}
+
+    outcomes = adapter.run(_served_spec(), serve=handler)
+    assert seen.count("monitor") == seen.count("handoff") == 0
+    assert seen.count("network") == 2
+    for host, outcome in outcomes.items():
+        assert outcome.status is HostStatus.FAILED
+        assert outcome.message == f"network: {host} is busy"
+        failed = outcome.results[outcome.failed_task or ""]
+        assert (failed["exit_code"], failed["error"]) == (5, "ConflictError")
+        assert failed["failed_step"] == "network"
+        assert [s["step"] for s in failed["steps"]] == ["verify", "attach"]

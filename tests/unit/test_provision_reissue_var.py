@@ -56,12 +56,12 @@ CASES: list[tuple[dict[str, Any], dict[str, bool]]] = [
 # AnsiballZ payload it is piped (pipelining) as the real interpreter would.
 STAND_IN = """\
 #!{python}
-import json, sys, types
+import json, os, sys, types
 
 def run_step(config, appliance, request_id, step, *, check=False, reissue_otp=False):
     with open({record!r}, "a") as f:
         f.write(json.dumps({{"appliance": appliance, "step": step, "check": check,
-                            "reissue_otp": reissue_otp}}) + "\\n")
+                            "reissue_otp": reissue_otp, "pid": os.getpid()}}) + "\\n")
     return {{"changed": False, "handoff": "/b/" + appliance}}
 
 fake = types.ModuleType("hsmctl.provider.provisioning")
@@ -75,7 +75,12 @@ exec(compile(code, "<ansiballz>", "exec"), {{"__name__": "__main__"}})
 """
 
 
-def _plain(tmp: Path, extravars: Mapping[str, Any], playbook: Path) -> list[dict[str, Any]]:
+def _plain(
+    tmp: Path,
+    extravars: Mapping[str, Any],
+    playbook: Path,
+    args: tuple[str, ...] = ("--start-at-task", HANDOFF_TASK),
+) -> list[dict[str, Any]]:
     record = tmp / "record.jsonl"
     record.unlink(missing_ok=True)
     stand_in = tmp / "python-stand-in"
@@ -91,8 +96,7 @@ def _plain(tmp: Path, extravars: Mapping[str, Any], playbook: Path) -> list[dict
     argv = [str(Path(sys.executable).with_name("ansible-playbook")), str(playbook),
             "-i", str(inventory), "-e", "hsm_config=/nowhere/p.yaml",
             # over the play's own ansible_python_interpreter (extra vars win)
-            "-e", f"ansible_python_interpreter={stand_in}",
-            "--start-at-task", HANDOFF_TASK]  # fmt: skip
+            "-e", f"ansible_python_interpreter={stand_in}", *args]  # fmt: skip
     for key, value in extravars.items():
         argv += ["-e", f"{key}={value}"]  # key=value: a string, as on a command line
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "HSMCTL_"))}
@@ -188,3 +192,30 @@ def test_served_an_explicit_argument_wins_over_the_variable(
     playbook.write_text(EXPLICIT)
     seen = _served(playbook, {"hsm_reissue_otp": "true"})
     assert seen == {h: [False] for h in INVENTORY_VARS}
+
+
+STEPS = ["verify", "attach", "network", "monitor", "handoff"]
+
+
+def test_plain_ansible_playbook_runs_five_tasks(tmp_path: Path) -> None:
+    """Without tags (a plain run, AWX) the playbook is what it was: five tasks, each
+    step in a module process of its own; hsmctl's one task (`never`) does not run."""
+    seen = _plain(tmp_path, {}, PLAYBOOKS / "provision.yml", ())
+    for host in INVENTORY_VARS:
+        mine = [r for r in seen if r["appliance"] == host]
+        assert [r["step"] for r in mine] == STEPS
+        assert len({r["pid"] for r in mine}) == 5
+
+
+def test_plain_ansible_playbook_with_hsmctls_tag_runs_the_five_in_one_task(
+    tmp_path: Path,
+) -> None:
+    """`--tags hsmctl_served` without hsmctl's step server: the module runs the five
+    steps in order in one process per host."""
+    from hsmctl.provider.provisioning import SERVED_TAG
+
+    seen = _plain(tmp_path, {}, PLAYBOOKS / "provision.yml", ("--tags", SERVED_TAG))
+    for host in INVENTORY_VARS:
+        mine = [r for r in seen if r["appliance"] == host]
+        assert [r["step"] for r in mine] == STEPS
+        assert len({r["pid"] for r in mine}) == 1

@@ -257,8 +257,13 @@ def test_the_playbook_passes_references_only() -> None:
     for task in play["tasks"]:
         args = task["hsmctl.fleet.hsm_provision"]
         assert set(args) == {"step"}, task
-        steps.append(args["step"])
-    assert steps == [s.value for s in provisioning.STEPS]
+        steps.append((args["step"], task.get("tags")))
+    # hsmctl provision's one task per appliance (only with its tag), then the five steps
+    # that a plain ansible-playbook or AWX run runs (no tags).
+    assert steps == [
+        ("all", ["never", provisioning.SERVED_TAG]),
+        *((s.value, None) for s in provisioning.STEPS),
+    ]
 
 
 # -- the dynamic inventory plugin ------------------------------------------------------------

@@ -34,13 +34,18 @@ ARGUMENT_SPEC: dict[str, dict[str, Any]] = {
     "step": {
         "type": "str",
         "required": True,
-        "choices": ["verify", "attach", "network", "monitor", "handoff"],
+        "choices": ["verify", "attach", "network", "monitor", "handoff", "all"],
     },
     "config": {"type": "path", "required": True},
     "appliance": {"type": "str", "required": True},
     "request_id": {"type": "str", "required": True},
     "reissue_otp": {"type": "bool", "default": False},
 }
+
+STEPS = ("verify", "attach", "network", "monitor", "handoff")
+ALL = "all"
+"""``step: all``: the five steps in order, each its own request (journaled as when it
+runs alone), stopping at the first that fails; each step's result in ``steps``."""
 
 REISSUE_VAR = "hsm_reissue_otp"
 """The variable a task without ``reissue_otp`` takes it from (absent: false)."""
@@ -87,27 +92,36 @@ class ActionModule(ActionBase):  # type: ignore[misc]
                 msg = f"Unsupported parameters for ({self._load_name}) module: {msg}"
             raise AnsibleActionFail(msg, obj=self._task.args)
         args = checked.validated_parameters
-        try:
-            reply = stepclient.call(
-                served,
-                {
-                    "config": args["config"],
-                    "appliance": args["appliance"],
-                    "request_id": args["request_id"],
-                    "step": args["step"],
-                    "check": bool(self._task.check_mode),
-                    "reissue_otp": args["reissue_otp"],
-                },
-            )
-        except stepclient.StepFailed as exc:
-            result.update(failed=True, msg=str(exc), exit_code=exc.exit_code, error=exc.error)
-            return result
-        except OSError as exc:
-            result.update(
-                failed=True, msg=f"hsmctl's step server: {exc}", exit_code=1, error="OSError"
-            )
-            return result
-        if not self._task.diff:
-            reply.pop("diff", None)
-        result.update(changed=bool(reply.pop("changed", False)), step=args["step"], **reply)
+        names = STEPS if args["step"] == ALL else (args["step"],)
+        done: list[dict[str, Any]] = []
+        for name in names:
+            try:
+                reply = stepclient.call(
+                    served,
+                    {
+                        "config": args["config"],
+                        "appliance": args["appliance"],
+                        "request_id": args["request_id"],
+                        "step": name,
+                        "check": bool(self._task.check_mode),
+                        "reissue_otp": args["reissue_otp"],
+                    },
+                )
+            except (stepclient.StepFailed, OSError) as exc:
+                if isinstance(exc, stepclient.StepFailed):
+                    msg, code, error = str(exc), exc.exit_code, exc.error
+                else:
+                    msg, code, error = f"hsmctl's step server: {exc}", 1, "OSError"
+                if args["step"] == ALL:  # the steps before it stand (each journaled)
+                    result.update(failed_step=name, steps=done)
+                    msg = f"{name}: {msg}"
+                result.update(failed=True, msg=msg, exit_code=code, error=error)
+                return result
+            if not self._task.diff:
+                reply.pop("diff", None)
+            done.append({"changed": bool(reply.pop("changed", False)), "step": name, **reply})
+        if args["step"] == ALL:
+            result.update(changed=any(r["changed"] for r in done), step=ALL, steps=done)
+        else:
+            result.update(done[0])
         return result

@@ -28,10 +28,17 @@ author:
 version_added: "0.1.0"
 options:
   step:
-    description: The provisioning step to run.
+    description:
+      - The provisioning step to run.
+      - V(all) runs the five in order (verify, attach, network, monitor, handoff), each
+        journaled as when it runs alone, and stops at the first that fails; each step's
+        result is in RV(steps). C(hsmctl.fleet.provision) runs it as its only task per
+        appliance when C(hsmctl provision) runs the playbook (tag C(hsmctl_served)); a
+        plain C(ansible-playbook) or AWX run of the playbook runs the five steps as five
+        tasks.
     required: true
     type: str
-    choices: [verify, attach, network, monitor, handoff]
+    choices: [verify, attach, network, monitor, handoff, all]
   config:
     description: Path of the hsmctl provider configuration file.
     required: true
@@ -95,10 +102,23 @@ EXAMPLES = r"""
 
 RETURN = r"""
 step:
-  description: The step that ran.
+  description: The step that ran (V(all) for the five).
   type: str
   returned: success
   sample: handoff
+steps:
+  description:
+    - For O(step=all), the result of each step that ran, in order, each with its RV(step)
+      and the keys that step returns alone; on a failure, the steps before the one that
+      failed.
+  type: list
+  elements: dict
+  returned: step is all
+failed_step:
+  description: For O(step=all), the step that failed.
+  type: str
+  returned: failure of step all
+  sample: network
 owner_state:
   description: The device's owner state as C(verify) found it.
   type: str
@@ -149,6 +169,8 @@ error:
   sample: ConflictError
 """
 
+from typing import Any  # noqa: E402 - Ansible wants DOCUMENTATION first
+
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402 - Ansible wants DOCUMENTATION first
 
 # The action plugin of the same name (plugins/action/hsm_provision.py) checks a served
@@ -157,13 +179,67 @@ ARGUMENT_SPEC = {
     "step": {
         "type": "str",
         "required": True,
-        "choices": ["verify", "attach", "network", "monitor", "handoff"],
+        "choices": ["verify", "attach", "network", "monitor", "handoff", "all"],
     },
     "config": {"type": "path", "required": True},
     "appliance": {"type": "str", "required": True},
     "request_id": {"type": "str", "required": True},
     "reissue_otp": {"type": "bool", "default": False},
 }
+
+
+STEPS = ("verify", "attach", "network", "monitor", "handoff")
+ALL = "all"
+
+
+class _Failed(Exception):
+    def __init__(self, msg: str, exit_code: int, error: str) -> None:
+        super().__init__(msg)
+        self.msg, self.exit_code, self.error = msg, exit_code, error
+
+
+def _run(module: AnsibleModule, stepclient: Any, step: str) -> dict[str, Any]:
+    """One step's result; raises _Failed."""
+    p = module.params
+    served = stepclient.served_socket()
+    if served is not None:
+        # Run by hsmctl provision: the step runs in that process, which has the library
+        # loaded (hsmctl.runner.stepserver); this process only asks. (The action plugin
+        # asks without starting this module at all; this path is for a module run by
+        # other means, e.g. `ansible -m` beside a served run.)
+        try:
+            result: dict[str, Any] = stepclient.call(
+                served,
+                {
+                    "config": p["config"],
+                    "appliance": p["appliance"],
+                    "request_id": p["request_id"],
+                    "step": step,
+                    "check": module.check_mode,
+                    "reissue_otp": p["reissue_otp"],
+                },
+            )
+        except stepclient.StepFailed as exc:
+            raise _Failed(str(exc), exc.exit_code, exc.error) from None
+        except OSError as exc:
+            raise _Failed(f"hsmctl's step server: {exc}", 1, "OSError") from None
+        return result
+    try:
+        from hsmctl.errors import HsmctlError
+        from hsmctl.provider import provisioning
+    except ImportError as exc:  # the interpreter is not hsmctl's virtualenv
+        raise _Failed(f"hsmctl is not importable: {exc}", 1, "ImportError") from None
+    try:
+        return provisioning.run_step(
+            p["config"],
+            p["appliance"],
+            p["request_id"],
+            step,
+            check=module.check_mode,
+            reissue_otp=p["reissue_otp"],
+        )
+    except HsmctlError as exc:
+        raise _Failed(str(exc), exc.exit_code, type(exc).__name__) from None
 
 
 def main() -> None:
@@ -174,52 +250,25 @@ def main() -> None:
     except ImportError as exc:  # the interpreter is not hsmctl's virtualenv
         module.fail_json(msg=f"hsmctl is not importable: {exc}")
         return
-    served = stepclient.served_socket()
-    if served is not None:
-        # Run by hsmctl provision: the step runs in that process, which has the library
-        # loaded (hsmctl.runner.stepserver); this process only asks. (The action plugin
-        # asks without starting this module at all; this path is for a module run by
-        # other means, e.g. `ansible -m` beside a served run.)
+    names = STEPS if p["step"] == ALL else (p["step"],)
+    done: list[dict[str, Any]] = []
+    for name in names:
         try:
-            result = stepclient.call(
-                served,
-                {
-                    "config": p["config"],
-                    "appliance": p["appliance"],
-                    "request_id": p["request_id"],
-                    "step": p["step"],
-                    "check": module.check_mode,
-                    "reissue_otp": p["reissue_otp"],
-                },
-            )
-        except stepclient.StepFailed as exc:
-            module.fail_json(msg=str(exc), exit_code=exc.exit_code, error=exc.error)
+            result = _run(module, stepclient, name)
+        except _Failed as exc:
+            if p["step"] != ALL:
+                module.fail_json(msg=exc.msg, exit_code=exc.exit_code, error=exc.error)
+            else:  # the steps before it stand (each is journaled); the rest did not run
+                module.fail_json(msg=f"{name}: {exc.msg}", exit_code=exc.exit_code,
+                                 error=exc.error, failed_step=name, steps=done)  # fmt: skip
             return
-        except OSError as exc:
-            module.fail_json(msg=f"hsmctl's step server: {exc}", exit_code=1, error="OSError")
-            return
+        if not module._diff:
+            result.pop("diff", None)
+        done.append({"step": name, **result})
+    if p["step"] != ALL:
+        module.exit_json(**done[0])
     else:
-        try:
-            from hsmctl.errors import HsmctlError
-            from hsmctl.provider import provisioning
-        except ImportError as exc:  # the interpreter is not hsmctl's virtualenv
-            module.fail_json(msg=f"hsmctl is not importable: {exc}")
-            return
-        try:
-            result = provisioning.run_step(
-                p["config"],
-                p["appliance"],
-                p["request_id"],
-                p["step"],
-                check=module.check_mode,
-                reissue_otp=p["reissue_otp"],
-            )
-        except HsmctlError as exc:
-            module.fail_json(msg=str(exc), exit_code=exc.exit_code, error=type(exc).__name__)
-            return
-    if not module._diff:
-        result.pop("diff", None)
-    module.exit_json(step=p["step"], **result)
+        module.exit_json(step=ALL, changed=any(bool(r.get("changed")) for r in done), steps=done)
 
 
 if __name__ == "__main__":
