@@ -76,7 +76,7 @@ def public(pub):
 
 def session_aes(extra=()):
     return [(P.CKA_CLASS, P.CKO_SECRET_KEY), (P.CKA_KEY_TYPE, P.CKK_AES),
-            (P.CKA_ENCRYPT, True), (P.CKA_UNWRAP, True), (P.CKA_LABEL, "eph")] + list(extra)
+            (P.CKA_UNWRAP, True), (P.CKA_LABEL, "eph")] + list(extra)
 
 def secrets():
     return len(se.findObjects([(P.CKA_CLASS, P.CKO_SECRET_KEY)]))
@@ -162,15 +162,18 @@ def test_the_wrapping_key_is_marked_unwrap_only_and_never_cloneable(
 def test_oaep_sha256_and_sha1_unwrap_into_a_usable_protected_session_key(
     lab: Lab, role: str
 ) -> None:
+    """The AES key comes out right (it AES-KWP-unwraps a known key, whose ECB output is
+    checked), sensitive, a session object, and good for AES key wrap only."""
     kek = make_kek(lab)
     eph256, eph128, eph_sha1 = os.urandom(32), os.urandom(16), os.urandom(32)
-    target = os.urandom(16)
+    targets = {name: os.urandom(16) for name in ("sha256", "sha256_128", "sha1")}
     data = {
         "sha256": kek.encrypt(eph256, OAEP_SHA256).hex(),
         "sha256_128": kek.encrypt(eph128, OAEP_SHA256).hex(),
         "sha1": kek.encrypt(eph_sha1, OAEP_SHA1).hex(),
-        "kwp": aes_key_wrap_with_padding(eph256, target).hex(),
     }
+    for name, eph in (("sha256", eph256), ("sha256_128", eph128), ("sha1", eph_sha1)):
+        data[f"{name}_kwp"] = aes_key_wrap_with_padding(eph, targets[name]).hex()
     lab.clear()
     out = lab.run(
         with_kek(
@@ -178,35 +181,45 @@ def test_oaep_sha256_and_sha1_unwrap_into_a_usable_protected_session_key(
         (kek,) = find("kek", P.CKO_PRIVATE_KEY)
         d = {k: bytes.fromhex(v) for k, v in req["data"].items()}
         block = bytes(range(16))
+        tmpl = [(P.CKA_CLASS, P.CKO_SECRET_KEY), (P.CKA_KEY_TYPE, P.CKK_AES),
+                (P.CKA_ENCRYPT, True), (P.CKA_LABEL, "target")]
+        uses = [P.CKA_ENCRYPT, P.CKA_DECRYPT, P.CKA_SIGN, P.CKA_VERIFY, P.CKA_WRAP,
+                P.CKA_DERIVE, P.CKA_UNWRAP]
         for name, mech in (("sha256", SHA256), ("sha256_128", SHA256), ("sha1", SHA1)):
             key = se.unwrapKey(kek, d[name], session_aes(), mech)
+            # The session key unwraps what the customer wrapped with it (AES-KWP).
+            target = se.unwrapKey(key, d[name + "_kwp"], tmpl,
+                                  P.Mechanism(P.CKM_AES_KEY_WRAP_PAD))
             out[name] = {
                 "prot": protection(key),
                 "token": bool(se.getAttributeValue(key, [P.CKA_TOKEN])[0]),
                 "local": bool(se.getAttributeValue(key, [P.CKA_LOCAL])[0]),
                 "value": raw_get(key, P.CKA_VALUE),
-                "ecb": bytes(se.encrypt(key, block, P.Mechanism(P.CKM_AES_ECB))).hex(),
+                "uses": [bool(v) for v in se.getAttributeValue(key, uses)],
+                "allowed": bytes(se.getAttributeValue(key, [P.CKA_ALLOWED_MECHANISMS],
+                                                      True)[0]).hex(),
+                "ecb": ckr(se.encrypt, key, block, P.Mechanism(P.CKM_AES_ECB)),
+                "target_ecb": bytes(se.encrypt(target, block,
+                                               P.Mechanism(P.CKM_AES_ECB))).hex(),
             }
-            if name == "sha256":
-                eph = key
-        # The session key unwraps what the customer wrapped with it (AES-KWP), as BYOK does.
-        tmpl = [(P.CKA_CLASS, P.CKO_SECRET_KEY), (P.CKA_KEY_TYPE, P.CKK_AES),
-                (P.CKA_ENCRYPT, True), (P.CKA_LABEL, "target")]
-        target = se.unwrapKey(eph, d["kwp"], tmpl, P.Mechanism(P.CKM_AES_KEY_WRAP_PAD))
-        out["target_ecb"] = bytes(se.encrypt(target, block, P.Mechanism(P.CKM_AES_ECB))).hex()
         """
         ),
         role=role,
         data=data,
     )
     block = bytes(range(16))
-    for name, eph in (("sha256", eph256), ("sha256_128", eph128), ("sha1", eph_sha1)):
+    for name in ("sha256", "sha256_128", "sha1"):
         got = out[name]
-        assert got["ecb"] == ecb(eph, block), name
+        assert got["target_ecb"] == ecb(targets[name], block), name
         assert got["prot"] == [True, False] and got["token"] is False and got["local"] is False
         assert got["value"] == "CKR_ATTRIBUTE_SENSITIVE"
-    assert out["target_ecb"] == ecb(target, block)
+        # encrypt, decrypt, sign, verify, wrap, derive: no; unwrap: yes, by AES key wrap only
+        assert got["uses"] == [False] * 6 + [True]
+        allowed = [m for (m,) in struct.iter_unpack("L", bytes.fromhex(got["allowed"]))]
+        assert sorted(allowed) == [0x2109, 0x210A]  # CKM_AES_KEY_WRAP, CKM_AES_KEY_WRAP_PAD
+        assert got["ecb"] == "CKR_KEY_FUNCTION_NOT_PERMITTED"
     imported = [e for e in lab.events("key-imported") if e["label"] == "eph"]
+    assert len([e for e in lab.events("key-imported") if e["label"] == "target"]) == 3
     assert [(e["key_type"], e["bits"], e["class"]) for e in imported] == [
         ("aes", 256, "secret-key"),
         ("aes", 128, "secret-key"),
@@ -288,6 +301,8 @@ def test_other_oaep_parameters_templates_and_mechanisms_are_refused_before_decry
                                  (P.CKA_KEY_TYPE, P.CKK_GENERIC_SECRET)]),
             "extractable": (SHA256, session_aes([(P.CKA_EXTRACTABLE, True)])),
             "marking": (SHA256, session_aes([(P.CKA_ALLOWED_MECHANISMS, RAW_ONLY)])),
+            "encrypt": (SHA256, session_aes([(P.CKA_ENCRYPT, True)])),
+            "decrypt": (SHA256, session_aes([(P.CKA_DECRYPT, True)])),
         }
         for name, (mech, tmpl) in cases.items():
             out[name] = ckr(se.unwrapKey, kek, blob, tmpl, mech)
@@ -307,6 +322,8 @@ def test_other_oaep_parameters_templates_and_mechanisms_are_refused_before_decry
         "generic": ("CKR_TEMPLATE_INCONSISTENT", "key-type"),
         "extractable": ("CKR_TEMPLATE_INCONSISTENT", "extractable"),
         "marking": ("CKR_TEMPLATE_INCONSISTENT", "wrapping-key"),
+        "encrypt": ("CKR_TEMPLATE_INCONSISTENT", "wrapping-key"),
+        "decrypt": ("CKR_TEMPLATE_INCONSISTENT", "wrapping-key"),
     }
     assert {k: out[k] for k in want} == {k: v[0] for k, v in want.items()}
     assert [e["rule"] for e in lab.events("denied")] == [v[1] for v in want.values()]

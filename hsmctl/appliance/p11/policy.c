@@ -962,7 +962,8 @@ static CK_MECHANISM_PTR wire_kwp(CK_MECHANISM_PTR m, CK_MECHANISM *kwp)
  * and C_UnwrapKey(CKM_RSA_PKCS_OAEP) with such a key is done here (byok_unwrap): the raw
  * RSA decrypt inside SoftHSM in a session of this layer's own, OpenSSL's constant-time OAEP
  * decoding with SHA-256/MGF1-SHA-256 or SHA-1/MGF1-SHA-1, and the AES key it holds made in
- * SoftHSM as a session object with the caller's template after the usual rules. Clients
+ * SoftHSM as a session object with the caller's template after the usual rules, good for
+ * AES key wrap only (no encrypt/decrypt: the client cannot run RFC 5649 itself). Clients
  * never see raw RSA (check_mech refuses CKM_RSA_X_509 everywhere) and may use a marked key
  * for nothing else (byok_guard: every *Init, digest, derive, wrap, copy, attribute change).
  * Only a crypto-officer's C_GenerateKeyPair in the wrapping-key shape makes a marked key
@@ -2316,7 +2317,12 @@ static CK_RV byok_unwrap(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 {
 	static const char fn[] = "C_UnwrapKey";
 	enum { MAX_MODULUS = 8192 / 8 };
-	CK_ATTRIBUTE made[MAX_ATTRS + 5];
+	/* The AES key unwraps (AES key wrap) and does nothing else: with encrypt or decrypt
+	 * a client could run RFC 3394/5649 itself and read the key it brought in. */
+	static const CK_ATTRIBUTE_TYPE uses[] = {CKA_ENCRYPT, CKA_DECRYPT, CKA_SIGN,
+						 CKA_VERIFY, CKA_WRAP, CKA_DERIVE};
+	static const CK_MECHANISM_TYPE kw_only[] = {CKM_AES_KEY_WRAP_PAD, CKM_AES_KEY_WRAP};
+	CK_ATTRIBUTE made[MAX_ATTRS + 16];
 	CK_ULONG mcount;
 	CK_RSA_PKCS_OAEP_PARAMS p;
 	const EVP_MD *md;
@@ -2346,11 +2352,23 @@ static CK_RV byok_unwrap(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HAND
 	if ((a = attr_find(t, n, CKA_TOKEN)) && attr_bool(a, &v) && v)
 		return deny(h, fn, "wrapping-key", CKR_TEMPLATE_INCONSISTENT, "detail",
 			    "a BYOK wrapping key unwraps session keys only");
-	if ((a = attr_find(t, n, CKA_VALUE)) || (a = attr_find(t, n, CKA_VALUE_LEN)))
+	if ((a = attr_find(t, n, CKA_VALUE)) || (a = attr_find(t, n, CKA_VALUE_LEN)) ||
+	    (a = attr_find(t, n, CKA_ALLOWED_MECHANISMS)))
 		return deny_num(h, fn, "wrapping-key", CKR_TEMPLATE_INCONSISTENT, "attribute",
 				a->type);
 	if ((rv = prepare_made_key(h, fn, t, n, made, &mcount, 0)) != CKR_OK)
 		return rv;
+	for (size_t i = 0; i < sizeof uses / sizeof uses[0]; i++) {
+		if (!(a = attr_find(t, n, uses[i]))) {
+			made[mcount++] = (CK_ATTRIBUTE){uses[i], &ck_false, sizeof ck_false};
+		} else if (!attr_bool(a, &v) || v) {
+			return deny_num(h, fn, "wrapping-key", CKR_TEMPLATE_INCONSISTENT,
+					"attribute", uses[i]);
+		}
+	}
+	if (!attr_find(t, n, CKA_UNWRAP))
+		made[mcount++] = (CK_ATTRIBUTE){CKA_UNWRAP, &ck_true, sizeof ck_true};
+	made[mcount++] = (CK_ATTRIBUTE){CKA_ALLOWED_MECHANISMS, (void *)kw_only, sizeof kw_only};
 	if ((a = attr_find(t, n, CKA_CLASS)))
 		attr_ulong(a, &cls); /* checked by prepare_made_key */
 	if (!(a = attr_find(t, n, CKA_KEY_TYPE)) || !attr_ulong(a, &kt) || cls != CKO_SECRET_KEY ||
