@@ -81,9 +81,9 @@ def session_aes(extra=()):
 def secrets():
     return len(se.findObjects([(P.CKA_CLASS, P.CKO_SECRET_KEY)]))
 
-def copy_object(obj, attr):
-    # C_CopyObject with ATTR empty (PyKCS11 has none): the loaded module's own function
-    # list through ctypes.
+def copy_object(obj, attr, value=b""):
+    # C_CopyObject with ATTR set to VALUE (PyKCS11 has none): the loaded module's own
+    # function list through ctypes.
     import ctypes as C
     so = C.CDLL(req["module"])
     flist = C.c_void_p()
@@ -94,7 +94,9 @@ def copy_object(obj, attr):
         _fields_ = [("type", U), ("pValue", C.c_void_p), ("ulValueLen", U)]
     copy = C.CFUNCTYPE(U, U, U, C.POINTER(Attr), U, C.POINTER(U))(table[1 + 21])
     made = U()
-    rv = copy(se.session.value(), obj.value(), (Attr * 1)(Attr(attr, None, 0)), 1,
+    buf = C.create_string_buffer(value, len(value)) if value else None
+    ptr = C.cast(buf, C.c_void_p) if buf is not None else None
+    rv = copy(se.session.value(), obj.value(), (Attr * 1)(Attr(attr, ptr, len(value))), 1,
               C.byref(made))
     return P.CKR.get(rv, hex(rv))
 """
@@ -408,6 +410,7 @@ def test_only_the_officers_wrapping_key_shape_makes_a_marked_key(lab: Lab) -> No
             P.MechanismRSAGENERATEKEYPAIR)
         (plain,) = find("plain", P.CKO_PRIVATE_KEY)
         out["set"] = ckr(se.setAttributeValue, plain, [(P.CKA_ALLOWED_MECHANISMS, RAW_ONLY)])
+        out["copy"] = copy_object(plain, P.CKA_ALLOWED_MECHANISMS, RAW_ONLY)
         out["aes"] = ckr(aes, "g", 32, [(P.CKA_ALLOWED_MECHANISMS, RAW_ONLY)])
         out["private_keys"] = len(se.findObjects([(P.CKA_CLASS, P.CKO_PRIVATE_KEY)]))
         """
@@ -416,9 +419,10 @@ def test_only_the_officers_wrapping_key_shape_makes_a_marked_key(lab: Lab) -> No
     want = {
         "two_mechs": "wrapping-key", "no_decrypt": "wrapping-key", "sign": "wrapping-key",
         "modifiable": "wrapping-key", "malformed": "malformed", "ec": "wrapping-key",
-        "public": "wrapping-key", "set": "wrapping-key", "aes": "wrapping-key",
+        "public": "wrapping-key", "set": "wrapping-key", "copy": "wrapping-key",
+        "aes": "wrapping-key",
     }  # fmt: skip
-    assert out["set"] == "CKR_TEMPLATE_INCONSISTENT"
+    assert out["set"] == out["copy"] == "CKR_TEMPLATE_INCONSISTENT"
     assert all(out[k] != "CKR_OK" for k in want), out
     assert [e["rule"] for e in lab.events("denied")] == list(want.values())
     assert out["private_keys"] == 1  # "plain" only
