@@ -268,3 +268,49 @@ def test_the_five_in_one_task_stop_at_the_first_failure(private_tmp: Path) -> No
         assert (failed["exit_code"], failed["error"]) == (5, "ConflictError")
         assert failed["failed_step"] == "network"
         assert [s["step"] for s in failed["steps"]] == ["verify", "attach"]
+
+
+def test_served_steps_migrate_and_sync_the_store_once_per_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's first step migrates the store and syncs it with the run's inventory;
+    every step still gets a store of its own (its own engine), not migrated or synced
+    again."""
+    from hsmctl.provider import provisioning
+    from hsmctl.state import engine
+    from hsmctl.state.store import Store
+    from tests.provider_env import make_env
+
+    env = make_env(tmp_path / "env")
+    calls: list[str] = []
+    real_sync, real_migrate = Store.sync_inventory, engine.Database.migrate
+
+    def sync(self: Store, inventory: Any) -> Any:
+        calls.append("sync")
+        return real_sync(self, inventory)
+
+    def migrate(self: engine.Database, on_applied: Any) -> None:
+        calls.append("migrate")
+        real_migrate(self, on_applied)
+
+    monkeypatch.setattr(Store, "sync_inventory", sync)
+    monkeypatch.setattr(engine.Database, "migrate", migrate)
+    stores: list[Store] = []
+
+    def fake_run_step(config: str, appliance: str, request_id: str, step: str, **kw: Any) -> Any:
+        ctx = kw["opener"](config)
+        try:
+            stores.append(ctx.store)
+            assert ctx.store.get_appliance(appliance).id == appliance  # synced, readable
+        finally:
+            ctx.close()
+        return {"changed": False}
+
+    monkeypatch.setattr(provisioning, "run_step", fake_run_step)
+    handle = provisioning.serve_steps({"unit01", "unit02"})
+    for appliance in ("unit01", "unit02"):
+        for step in STEPS:
+            handle({"config": str(env.config), "appliance": appliance, "request_id": "r",
+                    "step": step})  # fmt: skip
+    assert calls == ["migrate", "sync"]
+    assert len({id(s) for s in stores}) == 10
