@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hsmctl import auditlog
 from hsmctl.auditlog import blockscan
@@ -427,6 +427,119 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
+@dataclass
+class _Span:
+    wall: float = 0.0
+    cpu: float = 0.0
+    calls: int = 0
+
+
+def timeline(state: Path, sshd: Sshd) -> str:
+    """One verified collection (in-thread, the default) with timing hooks: where each
+    thread's time went, in wall and CPU seconds (``time.thread_time``), and how often the
+    collecting thread found the whole channel window buffered (the device then waits for
+    it). The hooks cost a little; the numbers are for finding the parts that do not
+    overlap, not for the ratio."""
+    import threading
+
+    import paramiko
+
+    import hsmctl.collect.archive as archive_mod
+    import hsmctl.collect.collector as collector_mod
+    import hsmctl.collect.pipeline as pipeline_mod
+    import hsmctl.ssh.channel as channel_mod
+    from hsmctl.ssh.limits import WINDOW_SIZE
+
+    spans: dict[str, _Span] = {}
+    lock = threading.Lock()
+    full_reads = reads = 0
+
+    def add(name: str, wall: float, cpu: float) -> None:
+        with lock:
+            s = spans.setdefault(name, _Span())
+            s.wall, s.cpu, s.calls = s.wall + wall, s.cpu + cpu, s.calls + 1
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*a: Any, **k: Any) -> Any:
+            w, c = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                add(name, time.perf_counter() - w, time.thread_time() - c)
+
+        return run
+
+    class Select:
+        @staticmethod
+        def select(*a: Any) -> Any:
+            return timed("collecting: waiting for data (select)", select_mod.select)(*a)
+
+    import select as select_mod
+
+    real_recv, real_run = paramiko.Channel.recv, paramiko.Transport.run
+
+    def recv(chan: paramiko.Channel, n: int) -> bytes:
+        nonlocal reads, full_reads
+        reads += 1
+        full_reads += len(chan.in_buffer) >= WINDOW_SIZE * 0.9
+        return cast(bytes, timed("collecting: channel reads", real_recv)(chan, n))
+
+    hooks: list[tuple[Any, str, Any]] = [
+        (paramiko.Channel, "recv", recv),
+        (paramiko.Transport, "run", timed("SSH transport thread (all)", real_run)),
+        (channel_mod, "select", Select),
+        (
+            pipeline_mod,
+            "verify_chunk",
+            timed("collecting: verify chunks", pipeline_mod.verify_chunk),
+        ),
+        (
+            archive_mod.Appender,
+            "append",
+            timed("collecting: archive appends", archive_mod.Appender.append),
+        ),
+        (
+            archive_mod.Appender,
+            "commit",
+            timed(
+                "collecting: commit (fsync, last compression, cursor)", archive_mod.Appender.commit
+            ),
+        ),
+        (
+            archive_mod,
+            "compress_segment",
+            timed("compression thread (per closed segment)", archive_mod.compress_segment),
+        ),
+        (collector_mod, "collect", timed("collecting thread (all)", collector_mod.collect)),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in hooks]
+    try:
+        for owner, name, value in hooks:
+            setattr(owner, name, value)
+        archive = state / "appliances" / DEVICE / "archive"
+        shutil.rmtree(archive, ignore_errors=True)
+        device = _device_cpu(sshd.pid)
+        start = time.perf_counter()
+        verified_collection(state, 0)
+        wall = time.perf_counter() - start
+        device = _device_cpu(sshd.pid) - device
+        shutil.rmtree(archive, ignore_errors=True)
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+    lines = [f"timeline of one verified collection (in-thread): {wall:.2f} s wall"]
+    lines += [
+        f"  {name:56} {s.wall:6.2f} s wall {s.cpu:6.2f} CPU-s {s.calls:6} calls"
+        for name, s in sorted(spans.items())
+    ]
+    lines.append(f"  {'device (sshd and its sessions)':56} {'':13} {device:6.2f} CPU-s")
+    lines.append(
+        f"  reads that found the channel window ({WINDOW_SIZE >> 20} MiB) full, the device "
+        f"waiting: {full_reads} of {reads}"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench collect", description=__doc__)
     parser.add_argument("--records", type=int, default=1_000_000)
@@ -437,6 +550,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "hsmctl-bench-collect"
     )
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="instead: one verified collection with timing hooks, each thread's wall and CPU",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench collect: needs root (a private sshd in its own mount namespace)")
@@ -449,6 +567,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     copy = args.workdir / "copy.jsonl"
     rows: list[Row] = []
     load_before = os.getloadavg()[0]
+    if args.timeline:
+        with private_sshd(args.workdir, log) as sshd:
+            state = customer_state(args.workdir, sshd, pinned)
+            verified_collection(state, 0)  # warm: imports, page cache
+            print(timeline(state, sshd))
+        return 0
     with private_sshd(args.workdir, log) as sshd:
         state = customer_state(args.workdir, sshd, pinned)
         archive = state / "appliances" / DEVICE / "archive"
