@@ -66,6 +66,40 @@ POLICY: Mapping[str, Any] = {
         {"rule": "so-login", "refuses": "any login but CKU_USER over the remote path"},
         {"rule": "token-management", "refuses": "C_InitToken, C_InitPIN, C_SetPIN"},
         {
+            "rule": "object-class",
+            "refuses": "creating objects other than public keys, certificates and data",
+        },
+        {
+            "rule": "operation-state",
+            "refuses": "C_GetOperationState and C_SetOperationState (a session's state)",
+        },
+        {
+            "rule": "domain-key",
+            "refuses": "any use of the cloning domain's key but wrapping and unwrapping "
+            "cloneable keys (SPEC §12)",
+        },
+        {
+            "rule": "domain-wrap",
+            "refuses": "wrapping a cloneable key under any key but the domain key, and the "
+            "domain key wrapping anything that is not cloneable",
+        },
+        {
+            "rule": "wrapping-key",
+            "refuses": "any use of a BYOK wrapping key but the RSA-OAEP unwrap of an AES "
+            "transport key (good for AES key wrap only), and any other key naming "
+            "CKM_RSA_X_509 in CKA_ALLOWED_MECHANISMS",
+        },
+        {
+            "rule": "oaep-params",
+            "allows": "RSA-OAEP with SHA-256/MGF1-SHA-256 or SHA-1/MGF1-SHA-1, no label, "
+            "for a BYOK unwrap",
+        },
+        {
+            "rule": "byok-unwrap",
+            "refuses": "a wrapped key that does not decrypt under the wrapping key (one answer "
+            "and one record for every such failure)",
+        },
+        {
             "rule": "role-crypto-user",
             "refuses": "generating, importing, copying, changing or destroying keys for a "
             "crypto-user client",
