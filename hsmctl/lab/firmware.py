@@ -70,7 +70,7 @@ def _build_policy_module(p11: Path) -> None:
     """The key-policy PKCS#11 module, built from the snapshot's own ``policy.c`` on the
     host (Debian 12, like the image), so the snapshot's source and binary always agree
     and a change to ``policy.c`` reaches the lab at the next ``lab up`` without an image
-    rebuild. Needs gcc and libp11-kit-dev (scripts/install-deps.sh)."""
+    rebuild. Needs gcc, libp11-kit-dev and libssl-dev (scripts/install-deps.sh)."""
     proc = subprocess.run(
         ["bash", str(p11 / "build.sh"), str(p11 / "hsm-policy.so")],
         capture_output=True,
@@ -79,6 +79,6 @@ def _build_policy_module(p11: Path) -> None:
     )
     if proc.returncode != 0:
         raise HsmctlError(
-            "building the key-policy module (appliance/p11/build.sh) failed; it needs gcc "
-            f"and libp11-kit-dev:\n{proc.stderr[-2000:]}"
+            "building the key-policy module (appliance/p11/build.sh) failed; it needs gcc, "
+            f"libp11-kit-dev and libssl-dev:\n{proc.stderr[-2000:]}"
         )

@@ -12,13 +12,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "hsmctl" / "appliance" / "p11" / "build.sh"
 HEADER = Path("/usr/include/p11-kit-1/p11-kit/pkcs11.h")
+OPENSSL_HEADER = Path("/usr/include/openssl/rsa.h")  # policy.c decodes OAEP with libcrypto
 
 
 @pytest.fixture(scope="session")
 def policy_so(tmp_path_factory: pytest.TempPathFactory) -> Path:
     missing = [
         name
-        for name, ok in (("gcc", shutil.which("gcc")), ("libp11-kit-dev", HEADER.exists()))
+        for name, ok in (
+            ("gcc", shutil.which("gcc")),
+            ("libp11-kit-dev", HEADER.exists()),
+            ("libssl-dev", OPENSSL_HEADER.exists()),
+        )
         if not ok
     ]
     if missing:
