@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 from hsmctl import contract, privatefiles
-from hsmctl.appliance import paths
+from hsmctl.appliance import paths, sshpub
 
 ACCOUNTS = ("provider", "monitor", "admin", "audit")
 
@@ -40,11 +40,12 @@ _KEY = re.compile(
 )
 
 
-def check_public_key(line: str) -> str:
-    """One OpenSSH public key line, validated by ssh-keygen; returns its fingerprint."""
-    line = line.strip()
-    if not _KEY.match(line):
-        raise AccountError("not an OpenSSH public key line (type, base64 blob, comment)")
+def _keygen_l(line: str) -> sshpub.KeyInfo:
+    """``ssh-keygen -l`` of one key line: in-process where :mod:`sshpub` can prove the
+    same answer (Ed25519, ECDSA), else ssh-keygen itself. AccountError: it refuses."""
+    info = sshpub.key_info(line)
+    if info is not None:
+        return info
     proc = subprocess.run(
         ["ssh-keygen", "-l", "-f", "-"],
         input=line + "\n",
@@ -52,9 +53,19 @@ def check_public_key(line: str) -> str:
         text=True,
         check=False,
     )
-    if proc.returncode != 0:
+    fields = proc.stdout.split()
+    if proc.returncode != 0 or len(fields) < 3:
         raise AccountError("the public key does not parse")
-    return proc.stdout.split()[1]
+    return sshpub.KeyInfo(int(fields[0]), fields[1], fields[-1].strip("()"))
+
+
+def check_public_key(line: str) -> str:
+    """One OpenSSH public key line, validated as ssh-keygen does; returns its
+    fingerprint."""
+    line = line.strip()
+    if not _KEY.match(line):
+        raise AccountError("not an OpenSSH public key line (type, base64 blob, comment)")
+    return _keygen_l(line).fingerprint
 
 
 def check_client_key(line: str) -> tuple[str, str]:
@@ -62,15 +73,8 @@ def check_client_key(line: str) -> tuple[str, str]:
     (fingerprint, "TYPE BITS")."""
     line = line.strip()
     fingerprint = check_public_key(line)
-    proc = subprocess.run(
-        ["ssh-keygen", "-l", "-f", "-"],
-        input=line + "\n",
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    fields = proc.stdout.split()
-    bits, kind = int(fields[0]), fields[-1].strip("()")
+    info = _keygen_l(line)
+    bits, kind = info.bits, info.kind
     if kind not in ("ED25519", "ECDSA", "RSA"):
         raise AccountError(f"a client key must be Ed25519, ECDSA or RSA, not {kind}")
     if kind == "RSA" and bits < 2048:
@@ -156,11 +160,43 @@ def disable(user: str) -> None:
 
 
 def is_enabled(user: str) -> bool:
+    """True when the account never expires, as ``chage -l`` says it ("Account expires:
+    never"); a date, even a future one, is disabled. Read from the shadow entry where
+    :func:`shadow_expiry` can prove chage's answer (every health poll's and
+    provisioning's ``hsm show`` asks), else from chage itself."""
+    try:
+        pwd.getpwnam(user)
+        text: str | None = paths.SHADOW.read_text(encoding="utf-8")
+    except (KeyError, OSError, UnicodeDecodeError):
+        text = None
+    known = shadow_expiry(text, user) if text is not None else None
+    if known is not None:
+        return known == "never"
     out = subprocess.run(["chage", "-l", user], capture_output=True, text=True, check=False)
     for line in out.stdout.splitlines():
         if line.startswith("Account expires"):
             return line.split(":", 1)[1].strip() == "never"
     return False
+
+
+_SHADOW_NUMBER = re.compile(r"[0-9]{1,9}")
+
+
+def shadow_expiry(shadow: str, user: str) -> str | None:
+    """``"never"`` or ``"date"``: what ``chage -l`` shows as "Account expires" for
+    ``user``, read from the text of /etc/shadow; None where that is not certain, so the
+    caller asks chage (the user not there, there twice, or an entry that is not exactly
+    9 fields of which the 7 numeric ones are empty or plain small numbers: chage's parser
+    drops an entry it cannot read and then shows "never"). An empty expiry field is
+    "never" (``usermod --expiredate ''``), a number a date (``--expiredate 1``: locked).
+    """
+    found = [line for line in shadow.split("\n") if line.split(":", 1)[0] == user]
+    if len(found) != 1:
+        return None
+    fields = found[0].split(":")
+    if len(fields) != 9 or not all(f == "" or _SHADOW_NUMBER.fullmatch(f) for f in fields[2:]):
+        return None
+    return "never" if fields[7] == "" else "date"
 
 
 def password_set(user: str) -> bool:

@@ -9,7 +9,7 @@ import subprocess
 import time
 from typing import TYPE_CHECKING, Any
 
-from hsmctl.appliance import accounts, paths, protocol, store, token
+from hsmctl.appliance import accounts, paths, protocol, sshpub, store, token
 from hsmctl.appliance.commands.audit import rotate_audit_key
 from hsmctl.appliance.commands.clients import revoke_all_clients
 from hsmctl.appliance.commands.common import (
@@ -72,16 +72,32 @@ def _key_lines(directory: Any) -> list[str]:
     return out
 
 
+def _fingerprint(pub: Any) -> str | None:
+    """``ssh-keygen -l -f PUB``'s fingerprint: computed here from the key's blob when
+    :mod:`sshpub` can prove the same answer (the device's own Ed25519 and ECDSA keys),
+    else from ssh-keygen. None: it does not parse."""
+    try:
+        lines = pub.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    if len(lines) == 1:
+        found = sshpub.fingerprint(lines[0])
+        if found is not None:
+            return found
+    proc = subprocess.run(
+        ["ssh-keygen", "-l", "-f", str(pub)], capture_output=True, text=True, check=False
+    )
+    return proc.stdout.split()[1] if proc.returncode == 0 else None
+
+
 def _fingerprints(directory: Any) -> list[str]:
     out = []
     for kind in paths.HOSTKEY_TYPES:
         pub = directory / f"ssh_host_{kind}_key.pub"
         if pub.exists():
-            proc = subprocess.run(
-                ["ssh-keygen", "-l", "-f", str(pub)], capture_output=True, text=True, check=False
-            )
-            if proc.returncode == 0:
-                out.append(f"{proc.stdout.split()[1]} ({kind})")
+            found = _fingerprint(pub)
+            if found is not None:
+                out.append(f"{found} ({kind})")
     return out
 
 
