@@ -28,7 +28,8 @@ non-extractable): device-like sessions, a checkpoint every ``--every`` records, 
 rotation half-way (the collector pins only the first key, as a customer pins the
 bundle's). It is cached in ``--workdir`` between runs.
 
-Usage: ``python -m bench collect [--records N] [--every N] [--runs N] [--workdir DIR]``
+Usage: ``python -m bench collect [--records N] [--every N] [--runs N] [--workdir DIR]
+[--timeline]``
 (root: the sshd runs in a private mount namespace).
 """
 
