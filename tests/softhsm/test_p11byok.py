@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -36,18 +35,7 @@ CKM_RSA_X_509 = 3
 @pytest.fixture
 def lab(tmp_path: Path, policy_so: Path) -> Lab:
     """The policy tests' throwaway token (label, PINs) and the module built here."""
-    tokens = tmp_path / "tokens"
-    tokens.mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", base.LABEL,
-         "--so-pin", base.SO_PIN, "--pin", base.USER_PIN],
-        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, capture_output=True,
-    )  # fmt: skip
-    return Lab(policy_so, conf, tmp_path / "events.jsonl")
+    return base.make_lab(tmp_path, policy_so)
 
 
 # The wrapping key as `hsmctl key wrapping-key` asks for it (byok.py make_wrapping_key):

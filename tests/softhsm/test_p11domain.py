@@ -4,8 +4,6 @@ the layer refuses and logs. Reuses the policy tests' throwaway token and child r
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 from textwrap import dedent
 from typing import Any
@@ -26,18 +24,7 @@ SO_PIN = base.SO_PIN
 @pytest.fixture
 def lab(tmp_path: Path, policy_so: Path) -> Lab:
     """The policy tests' throwaway token (label, PINs) and the module built here."""
-    tokens = tmp_path / "tokens"
-    tokens.mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", base.LABEL,
-         "--so-pin", SO_PIN, "--pin", base.USER_PIN],
-        env={**os.environ, "SOFTHSM2_CONF": str(conf)}, check=True, capture_output=True,
-    )  # fmt: skip
-    return Lab(policy_so, conf, tmp_path / "events.jsonl")
+    return base.make_lab(tmp_path, policy_so)
 
 
 pytestmark = [pytest.mark.softhsm]

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,8 +106,9 @@ class Lab:
         self.events_path.unlink(missing_ok=True)
 
 
-@pytest.fixture
-def lab(tmp_path: Path, policy_so: Path) -> Iterator[Lab]:
+def make_lab(tmp_path: Path, policy_so: Path) -> Lab:
+    """A throwaway token (LABEL, SO_PIN, USER_PIN) in TMP_PATH and the module built here;
+    the policy, domain and BYOK tests' ``lab`` fixture."""
     tokens = tmp_path / "tokens"
     tokens.mkdir()
     conf = tmp_path / "softhsm2.conf"
@@ -124,7 +124,12 @@ def lab(tmp_path: Path, policy_so: Path) -> Iterator[Lab]:
         check=True,
         capture_output=True,
     )
-    yield Lab(policy_so, conf, tmp_path / "events.jsonl")
+    return Lab(policy_so, conf, tmp_path / "events.jsonl")
+
+
+@pytest.fixture
+def lab(tmp_path: Path, policy_so: Path) -> Lab:
+    return make_lab(tmp_path, policy_so)
 
 
 # The child's prelude: a session (logged in unless told not to) and small key helpers.
