@@ -3,10 +3,10 @@
 ``python -m bench device [--runs 3] [--repeat 20] [--appliances hsm78,hsm79,hsm80]``
 
 What a provisioning asks of the device, without this host's side: on a factory-fresh
-appliance, one management connection as ``provider`` and the ten commands of a
-provisioning in its order (``hsm show``, ``network show``, ``network set``, ``hsm show``,
-``user credential set monitor``, ``user enable monitor``, ``hsm show``, ``user otp set``,
-``sysconf hostkey show``, ``audit key show``), then the connection closed; the device's
+appliance, one management connection as ``provider`` and the eight commands of a
+provisioning in its order (``hsm show``, ``network show``, ``network set``, ``user
+credential set monitor``, ``user enable monitor``, ``user otp set``, ``sysconf hostkey
+show``, ``audit key show``), then the connection closed; the device's
 CPU is the appliance's process tree below its launcher (user+sys with reaped children,
 ``bench_provision.device_cpu``), read before and after, with the connection's sshd
 reaped. Then, per command, ``--repeat`` runs of it over one connection (the CPU per
@@ -115,7 +115,9 @@ class Device:
         return self.ctx.provider_session(self.appliance).connect()
 
     def commands(self) -> list[tuple[str, list[Any]]]:
-        """The ten commands of a provisioning, in its order, with their stdin."""
+        """The eight commands of a provisioning served by ``hsmctl provision`` (one
+        ``hsm show``: its verify step's reading serves the later steps), in its order,
+        with their stdin."""
         from hsmctl.secret import generate_password
 
         otp = generate_password()
@@ -123,10 +125,8 @@ class Device:
             ("hsm show", []),
             ("network show", []),
             (f"network set --ip {self.address} --gateway {self.gateway}", []),
-            ("hsm show", []),
             ("user credential set monitor", [self.monitor_key]),
             ("user enable monitor", []),
-            ("hsm show", []),
             ("user otp set --expires-hours 72", [self.tenant_key, otp]),
             ("sysconf hostkey show", []),
             ("audit key show", []),
