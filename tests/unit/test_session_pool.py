@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from types import SimpleNamespace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -180,25 +180,29 @@ def test_threads_of_different_appliances_never_share(sshd: Sshd) -> None:
 
 
 def test_served_steps_get_the_runs_pool_and_a_plain_context_none(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """``serve_steps`` hands the run's pool to every step's context; a context of its own
     (plain ansible-playbook, AWX: the module's process) has none, so ``management`` is a
     connection of its own."""
-    loaded = SimpleNamespace(config=object(), inventory=object())
-    monkeypatch.setattr(provisioning, "open_context", lambda path: loaded)
+    from tests.provider_env import make_env
+
+    env = make_env(tmp_path / "env")
     got: list[context.ProviderContext] = []
 
     def fake_run_step(config: str, appliance: str, request_id: str, step: str, **kw: Any) -> Any:
-        got.append(kw["opener"](config))
+        ctx = kw["opener"](config)
+        got.append(ctx)
+        ctx.close()
         return {"changed": False}
 
     monkeypatch.setattr(provisioning, "run_step", fake_run_step)
     with SessionPool() as pool:
-        handle = provisioning.serve_steps({"hsm01"}, pool)
+        handle = provisioning.serve_steps({"unit01"}, pool)
         for step in ("verify", "handoff"):
-            handle({"config": "/x.yaml", "appliance": "hsm01", "request_id": "r", "step": step})
+            handle({"config": str(env.config), "appliance": "unit01", "request_id": "r",
+                    "step": step})  # fmt: skip
     assert [c.sessions for c in got] == [pool, pool]
-    assert got[0].inventory is loaded.inventory
+    assert got[0].inventory is got[1].inventory  # the run's one parse
     plain = context.ProviderContext(got[0].config)
     assert plain.sessions is None
