@@ -37,6 +37,7 @@ from hsmctl.appliance import (
     protocol,
     sshdlog,
     store,
+    tokenhelper,
 )
 from hsmctl.appliance.handlers import Context, Handlers, Reply
 from hsmctl.appliance.logwriter import ActivityLog, LogUnavailable, close_pieces, load_config
@@ -483,6 +484,7 @@ def main() -> int:
     os.umask(0o077)
     paths.RUN.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.RUN, 0o755)  # noqa: S103 - sessions must reach the socket inside
+    tokenhelper.prestart()  # its imports run beside ours, not in the first operation
     daemon = Daemon()
     threading.Thread(target=daemon.tailer.run, name="sshd-logs", daemon=True).start()
     threading.Thread(target=daemon.periodic, name="checkpoints", daemon=True).start()

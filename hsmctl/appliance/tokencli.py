@@ -18,7 +18,7 @@ from typing import Any
 
 import PyKCS11
 
-from hsmctl.appliance import domainkey, tokenlock
+from hsmctl.appliance import domainkey, tokenforks, tokenlock
 from hsmctl.appliance import token as t
 from hsmctl.errors import CommandFailed, HsmctlError, UsageError
 
@@ -429,25 +429,44 @@ def run(op: str, request: Mapping[str, Any]) -> object:
             return OPS[op](lib, args)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def handle(request: Any, op: str | None = None) -> tuple[dict[str, object], int]:
+    """One decoded request (``op`` from the command line, else the request's ``op``):
+    the reply object and the exit status. Never raises."""
     reply: dict[str, object]
     code = 0
     try:
-        if len(argv) != 1:
-            raise UsageError("usage: python3 -m hsmctl.appliance.tokencli OP < request.json")
-        try:
-            request = json.loads(sys.stdin.read())
-        except ValueError as exc:
-            raise UsageError("the request on stdin is not JSON") from exc
         if not isinstance(request, dict):
             raise UsageError("the request must be a JSON object")
-        reply = {"result": run(argv[0], request)}
+        op = op if op is not None else request.get("op")
+        if not isinstance(op, str):
+            raise UsageError("the request names no operation")
+        reply = {"result": run(op, request)}
     except HsmctlError as exc:
         reply, code = {"error": t.error_to_json(exc)}, exc.exit_code
     except Exception as exc:  # reported by class only: its text may hold a PIN
         reply = {"error": {"type": "TokenError", "message": f"internal {type(exc).__name__}"}}
         code = 1
+    return reply, code
+
+
+def _usage(message: str) -> tuple[dict[str, object], int]:
+    exc = UsageError(message)
+    return {"error": t.error_to_json(exc)}, exc.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--fork-server"]:
+        return tokenforks.serve(handle)
+    if len(argv) != 1:
+        reply, code = _usage("usage: python3 -m hsmctl.appliance.tokencli OP < request.json")
+    else:
+        try:
+            request = json.loads(sys.stdin.read())
+        except ValueError:
+            reply, code = _usage("the request on stdin is not JSON")
+        else:
+            reply, code = handle(request, argv[0])
     sys.stdout.write(json.dumps(reply) + "\n")
     sys.stdout.flush()
     return code

@@ -786,7 +786,8 @@ def test_secrets_appear_nowhere_on_the_device(
     sampler.stop()
     needles = sorted(SECRETS)
     assert len(needles) >= 8
-    # The sampler really watched: it saw the short-lived token helper that got PINs.
+    # The sampler really watched: it saw the token helper's short-lived children that got
+    # PINs (forked by its fork server, ``tokencli --fork-server``).
     assert sampler.samples > 100 and sampler.saw("hsmctl.appliance.tokencli")
     assert sampler.hits(needles) == []
     files: list[Path] = []

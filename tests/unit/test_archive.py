@@ -111,8 +111,10 @@ def test_recover_drops_what_an_interrupted_run_left(
     (archive.dir / "seg-000000000099.jsonl.zst.tmp").write_bytes(b"partial")
     (archive.dir / ".cursor.json.123.tmp").write_bytes(b"{")
     (archive.dir / ".cursor.json.123.0a1b2c3d.tmp").write_bytes(b"{")  # privatefiles' name
+    # Let its compression thread end first, as the process would die: a snapshot taken
+    # while it runs races its rename of a .zst.tmp (the planted one stands for that).
+    appender._finish_compression()
     assert snapshot(archive.dir) != before
-    appender._finish_compression()  # let its thread end, as the process would die
     del appender  # never committed, never aborted: the process died
     archive.recover()
     assert snapshot(archive.dir) == before
