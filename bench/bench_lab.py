@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 LAB_STATE = Path("/var/lib/hsmctl-lab/lab.json")
-ROLES = ("launcher", "hsm-boot", "hsmd", "sshd-mgmt", "sshd-data", "other")
+ROLES = ("launcher", "hsm-boot", "hsmd", "token-forks", "sshd-mgmt", "sshd-data", "other")
 
 
 def role_of(cmdline: str) -> str:
@@ -44,6 +44,8 @@ def role_of(cmdline: str) -> str:
         return "hsm-boot"
     if "/usr/local/sbin/hsmd" in cmdline:
         return "hsmd"
+    if "hsmctl.appliance.tokencli --fork-server" in cmdline:
+        return "token-forks"  # the token helper's fork server (and a child at work)
     if cmdline.startswith("sshd: /usr/sbin/sshd") or cmdline.startswith("/usr/sbin/sshd"):
         return "sshd-mgmt" if "sshd_mgmt_config" in cmdline else "sshd-data"
     return "other"

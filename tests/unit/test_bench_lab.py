@@ -16,6 +16,7 @@ pytestmark = pytest.mark.unit
         ("unshare --mount --uts --pid --fork --propagation private /x/boot.sh", "launcher"),
         ("/usr/bin/python3 -I /usr/local/sbin/hsm-boot", "hsm-boot"),
         ("/usr/bin/python3 -I /usr/local/sbin/hsmd", "hsmd"),
+        ("/usr/bin/python3 -m hsmctl.appliance.tokencli --fork-server", "token-forks"),
         ("sshd: /usr/sbin/sshd -D -f /etc/hsm/sshd_mgmt_config -o ListenAddress=x", "sshd-mgmt"),
         ("/usr/sbin/sshd -D -f /etc/hsm/sshd_data_config -o ListenAddress=y", "sshd-data"),
         ("sshd: admin@notty", "other"),
