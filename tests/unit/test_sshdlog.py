@@ -6,6 +6,8 @@ Every line here was recorded from a lab appliance's sshd-mgmt.log or sshd-data.l
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -258,3 +260,49 @@ def test_tailer_reads_a_flood_in_bounded_turns(
     for _ in range(10):
         t.poll()
     assert len(seen) == 1
+
+
+# --- woken by the kernel, not by a clock ----------------------------------------------------
+
+
+def test_changes_wake_for_the_logs_and_not_for_their_neighbours(tmp_path: Path) -> None:
+    mgmt, data = tmp_path / "sshd-mgmt.log", tmp_path / "sshd-data.log"
+    changes = sshdlog.Changes.watch([mgmt, data])
+    assert changes is not None
+    try:
+        assert changes.wait(0.05) is False  # nothing yet
+        (tmp_path / "audit.jsonl").write_text("the daemon's own log\n")
+        assert changes.wait(0.2) is False  # a neighbour's write is no reason to read
+        data.write_text("created\n")
+        assert changes.wait(5) is True
+        with mgmt.open("a") as fh:
+            fh.write("appended\n")
+        assert changes.wait(5) is True
+        assert changes.wait(0.05) is False  # each write reported once
+    finally:
+        changes.close()
+
+
+def test_the_tailer_logs_a_login_as_soon_as_sshd_writes_it(
+    logs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the safety-net read an hour away, only the kernel's wake-up can deliver it."""
+    monkeypatch.setattr(sshdlog, "IDLE_POLL", 3600.0)
+    got = threading.Event()
+    seen: list[tuple[str, LoginEvent]] = []
+
+    def emit(iface: str, event: LoginEvent) -> None:
+        seen.append((iface, event))
+        got.set()
+
+    t = Tailer(emit)
+    runner = threading.Thread(target=t.run, daemon=True)
+    runner.start()
+    time.sleep(0.2)  # the tailer is waiting
+    with logs["mgmt"].open("a") as fh:
+        fh.write(LOGINS[3][0] + "\n")
+    assert got.wait(10), "the login was not read"
+    assert [(i, e.user) for i, e in seen] == [("mgmt", "provider")]
+    t.stop()  # wakes the waiting tailer
+    runner.join(10)
+    assert not runner.is_alive()
