@@ -182,6 +182,13 @@ class Connections:
 IDLE_POLL = 2.0
 """Seconds between reads of the logs when no change is reported (a safety net only)."""
 
+GATHER = 0.05
+"""Seconds to let a login's lines arrive after the first: sshd writes four or five lines
+a connection, and one read for all of them is one offsets write instead of several."""
+
+UNSAVED_BYTES = 1 << 16
+"""Event-less lines read past the persisted offsets before they are persisted anyway."""
+
 _IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x8, 0x80, 0x100
 _IN_Q_OVERFLOW = 0x4000  # events were dropped: anything may have changed
 _IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
@@ -234,6 +241,10 @@ class Changes:
             if self._drain():
                 return True
 
+    def discard(self) -> None:
+        """Forget the changes reported so far (the caller reads the files next)."""
+        self._drain()
+
     def wake(self) -> None:
         """End a :meth:`wait` now (from another thread)."""
         with contextlib.suppress(BlockingIOError):
@@ -268,6 +279,7 @@ class Tailer:
         self.offsets: dict[str, int] = store.read_json(self.offsets_path, {})
         self._stop = threading.Event()
         self._changes: Changes | None = None
+        self._unsaved = 0  # bytes read past the persisted offsets, no event among them
         self._lock = threading.Lock()
         self.connections = {iface: Connections() for iface in paths.SSHD_LOGS}
 
@@ -307,7 +319,12 @@ class Tailer:
                 self.emit(iface, connections.attribute(event))
                 count += 1
         self.offsets[iface] = offset + end + 1
-        store.write_json(self.offsets_path, self.offsets)
+        self._unsaved += end + 1
+        if count or self._unsaved >= UNSAVED_BYTES:
+            # Persisted after every emitted event (a restart repeats none); lines that
+            # carry no event may be read again after a restart, which emits nothing.
+            store.write_json(self.offsets_path, self.offsets)
+            self._unsaved = 0
         return count
 
     def run(self) -> None:
@@ -320,8 +337,9 @@ class Tailer:
                     print(f"hsmd: sshd log tailer: {exc!r}", flush=True)
                 if changes is None:
                     time.sleep(self.interval)
-                else:
-                    changes.wait(IDLE_POLL)
+                elif changes.wait(IDLE_POLL) and not self._stop.is_set():
+                    time.sleep(GATHER)
+                    changes.discard()  # what the gathered lines reported: read next
         finally:
             self._changes = None
             if changes is not None:
