@@ -46,7 +46,12 @@ GO = b"g"
 
 
 class ServerBroken(Exception):
-    """The server answered out of order, too late or not at all: discard it."""
+    """The server answered out of order, too late or not at all: discard it.
+    ``sent``: whether the request may have reached it (if not, nothing ran)."""
+
+    def __init__(self, message: str, *, sent: bool = True) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 def frame(obj: object) -> bytes:
@@ -136,9 +141,16 @@ class ForkServer:
         without a reply: (None, status). Raises ServerBroken (then closed)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         deadline = time.monotonic() + timeout
+        if self.proc.poll() is not None:  # it died while idle: nothing was sent
+            self.close()
+            raise ServerBroken("the server had exited", sent=False)
         try:
             self.proc.stdin.write(GO + frame(dict(request)))
             self.proc.stdin.flush()
+        except OSError as exc:  # it died before reading the go: nothing ran
+            self.close()
+            raise ServerBroken(type(exc).__name__, sent=False) from exc
+        try:
             first = self._frame(deadline)
             if isinstance(first, dict) and set(first) == {"exit"}:
                 return None, int(first["exit"])

@@ -120,7 +120,14 @@ def call_helper(op: str, args: Mapping[str, Any], lib_path: str) -> Any:
         server = _server(env) if USE_FORK_SERVER else None
         if server is not None:
             try:
-                reply, status = server.call({"op": op, **request}, HELPER_TIMEOUT)
+                try:
+                    reply, status = server.call({"op": op, **request}, HELPER_TIMEOUT)
+                except ServerBroken as exc:
+                    retry = None if exc.sent else _server(env)
+                    if retry is None:
+                        raise
+                    # The server had died idle (nothing ran): once more on a new one.
+                    reply, status = retry.call({"op": op, **request}, HELPER_TIMEOUT)
             except ServerBroken as exc:
                 raise TokenError(f"token helper {op}: {exc}") from exc
             output = ""

@@ -144,6 +144,17 @@ def _state(pid: int) -> str:
     return m.group(1) if m else "Z"
 
 
+def test_a_server_that_died_idle_is_replaced_and_the_operation_runs() -> None:
+    """Nothing was sent to a dead server, so the operation runs once, on a new one."""
+    tokenhelper.prestart()
+    old = _server()
+    os.killpg(old.proc.pid, signal.SIGKILL)
+    old.proc.wait()
+    tok.customer_init("forks", SO)
+    assert tokenhelper.call_helper("customer_status", {}, tok.DEFAULT_LIB)["label"] == "forks"
+    assert old.broken and _server() is not old
+
+
 def test_an_environment_change_starts_a_new_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
