@@ -184,10 +184,8 @@ IDLE_POLL = 2.0
 
 GATHER = 0.05
 """Seconds to let a login's lines arrive after the first: sshd writes four or five lines
-a connection, and one read for all of them is one offsets write instead of several."""
-
-UNSAVED_BYTES = 1 << 16
-"""Event-less lines read past the persisted offsets before they are persisted anyway."""
+a connection, and one read for all of them is one offsets write (fsynced) instead of
+several."""
 
 _IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_CREATE = 0x2, 0x8, 0x80, 0x100
 _IN_Q_OVERFLOW = 0x4000  # events were dropped: anything may have changed
@@ -279,7 +277,6 @@ class Tailer:
         self.offsets: dict[str, int] = store.read_json(self.offsets_path, {})
         self._stop = threading.Event()
         self._changes: Changes | None = None
-        self._unsaved = 0  # bytes read past the persisted offsets, no event among them
         self._lock = threading.Lock()
         self.connections = {iface: Connections() for iface in paths.SSHD_LOGS}
 
@@ -319,12 +316,7 @@ class Tailer:
                 self.emit(iface, connections.attribute(event))
                 count += 1
         self.offsets[iface] = offset + end + 1
-        self._unsaved += end + 1
-        if count or self._unsaved >= UNSAVED_BYTES:
-            # Persisted after every emitted event (a restart repeats none); lines that
-            # carry no event may be read again after a restart, which emits nothing.
-            store.write_json(self.offsets_path, self.offsets)
-            self._unsaved = 0
+        store.write_json(self.offsets_path, self.offsets)
         return count
 
     def run(self) -> None:

@@ -56,8 +56,9 @@ def audit_records(appliance: str) -> list[dict[str, Any]]:
 
 def settle_logins(appliance: str, timeout: float = 20.0) -> None:
     """Wait until the device has logged every login sshd has written so far. hsmd reads
-    sshd's log files every 0.2 s (hsmctl.appliance.sshdlog.Tailer), so under load a
-    login can reach the activity log well after the client's command returned: a test
+    sshd's log files when inotify reports a write, ~50 ms after it
+    (hsmctl.appliance.sshdlog.Tailer), so under load a login can reach the activity log
+    after the client's command returned: a test
     that takes "the log's end" must take it after that, or the login shows up later as
     if it were new activity."""
     probe = (

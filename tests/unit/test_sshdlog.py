@@ -230,21 +230,6 @@ def test_tailer_follows_both_files_and_survives_a_restart(logs: dict[str, Path])
     assert tailer(seen).poll() == 0
 
 
-def test_lines_without_a_login_are_not_persisted_each_time(logs: dict[str, Path]) -> None:
-    """sshd writes several lines a connection; only a read that logged something writes
-    the offsets (fsynced): a restart reads the event-less lines again and logs nothing."""
-    seen: list[tuple[str, LoginEvent]] = []
-    offsets = paths.STATE / "sshd-offsets.json"
-    logs["mgmt"].write_text(NOT_EVENTS[0] + "\n")
-    t = tailer(seen)
-    assert t.poll() == 0 and not offsets.exists()
-    assert tailer(seen).poll() == 0 and seen == []  # restarted: read again, nothing logged
-    with logs["mgmt"].open("a") as fh:
-        fh.write(LOGINS[3][0] + "\n")
-    assert t.poll() == 1 and offsets.exists()
-    assert tailer(seen).poll() == 0 and len(seen) == 1  # restarted: no login twice
-
-
 def test_tailer_starts_over_on_a_new_file(logs: dict[str, Path]) -> None:
     seen: list[tuple[str, LoginEvent]] = []
     t = tailer(seen)
