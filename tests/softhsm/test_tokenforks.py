@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,31 +17,20 @@ PyKCS11 = pytest.importorskip("PyKCS11")
 from hsmctl.appliance import token as tok  # noqa: E402
 from hsmctl.appliance import tokenhelper  # noqa: E402
 from hsmctl.appliance.tokenforks import GO, ForkServer, ServerBroken  # noqa: E402
+from tests.softhsm import test_token as base  # noqa: E402
+from tests.softhsm.test_token import softhsm  # noqa: E402, F401 - the token store fixture
 
-pytestmark = [
-    pytest.mark.softhsm,
-    pytest.mark.skipif(
-        not Path(tok.DEFAULT_LIB).exists() or shutil.which("softhsm2-util") is None,
-        reason="SoftHSM2 is not installed",
-    ),
-]
+pytestmark = base.pytestmark
 
 AUDIT_SO, AUDIT_USER = "forks-audit-so-1", "forks-audit-user-1"
 SO, CO = "forks-cust-so-pin-7", "forks-cust-co-pin-7"
 
 
 @pytest.fixture(autouse=True)
-def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    tokens = tmp_path / "tokens"
-    tokens.mkdir()
-    conf = tmp_path / "softhsm2.conf"
-    conf.write_text(
-        f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n"
-    )
-    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
+def fork_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper's operations through the fork server, in a token store of the test's
+    own (``softhsm``, test_token's autouse fixture, imported above)."""
     monkeypatch.setattr(tokenhelper, "USE_FORK_SERVER", True)
-    yield tokens
-    assert not tok._LOADED
 
 
 def _server() -> ForkServer:
