@@ -111,6 +111,18 @@ def prestart() -> None:
             _server(_helper_env())
 
 
+def _via_server(server: ForkServer, env: dict[str, str], request: dict[str, Any]) -> Any:
+    """(reply, status) from a child of ``server``; once more on a new server when the
+    old one had died idle (nothing was sent, so nothing ran). Hold _HELPER_LOCK."""
+    try:
+        return server.call(request, HELPER_TIMEOUT)
+    except ServerBroken as exc:
+        retry = None if exc.sent else _server(env)
+        if retry is None:
+            raise
+        return retry.call(request, HELPER_TIMEOUT)
+
+
 def call_helper(op: str, args: Mapping[str, Any], lib_path: str) -> Any:
     """Run one operation in a fresh process and library; PINs travel on stdin only."""
     argv = [_python(), "-m", "hsmctl.appliance.tokencli", op]
@@ -120,14 +132,7 @@ def call_helper(op: str, args: Mapping[str, Any], lib_path: str) -> Any:
         server = _server(env) if USE_FORK_SERVER else None
         if server is not None:
             try:
-                try:
-                    reply, status = server.call({"op": op, **request}, HELPER_TIMEOUT)
-                except ServerBroken as exc:
-                    retry = None if exc.sent else _server(env)
-                    if retry is None:
-                        raise
-                    # The server had died idle (nothing ran): once more on a new one.
-                    reply, status = retry.call({"op": op, **request}, HELPER_TIMEOUT)
+                reply, status = _via_server(server, env, {"op": op, **request})
             except ServerBroken as exc:
                 raise TokenError(f"token helper {op}: {exc}") from exc
             output = ""
