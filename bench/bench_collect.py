@@ -509,7 +509,12 @@ def timeline(state: Path, sshd: Sshd) -> str:
         (
             archive_mod,
             "compress_segment",
-            timed("compression thread (per closed segment)", archive_mod.compress_segment),
+            timed("compression thread (a closed segment's file)", archive_mod.compress_segment),
+        ),
+        (
+            archive_mod,
+            "compress_pieces",
+            timed("compression thread (a closed segment held)", archive_mod.compress_pieces),
         ),
         (collector_mod, "collect", timed("collecting thread (all)", collector_mod.collect)),
     ]

@@ -17,7 +17,10 @@ state of the chain at the head (audit keys trusted and retired, the device name)
 segment list with each one's seq range, record count and uncompressed length. Commit:
 
 1. append records (already verified) past the committed length, compress closed segments
-   to ``.zst`` (temporary, fsync, rename);
+   to ``.zst`` (temporary, fsync, rename); a segment begun in this run is held in memory
+   (within :data:`HOLD_BYTES` for the whole process, else written as it grows) until it
+   closes, and is then compressed from memory, its ``.jsonl`` never written, or until the
+   commit writes it as the active segment;
 2. fsync every segment written (a closed one as its ``.zst``: its ``.jsonl`` only if
    compression failed and the cursor is to name it), then the directory;
 3. write ``cursor.json`` atomically (temporary, fsync, rename, fsync the directory);
@@ -44,6 +47,7 @@ import fcntl
 import json
 import os
 import re
+import threading
 import time
 import zlib
 from collections.abc import Iterator, Mapping
@@ -58,10 +62,12 @@ from hsmctl.collect.cursor import FORMAT, Cursor
 from hsmctl.collect.segments import (
     COMPRESSED,
     Segment,
+    compress_pieces,
     compress_segment,
     open_segment,
     segment_name,
     truncate_segment,
+    write_pieces,
 )
 from hsmctl.errors import ConflictError, HsmctlError, IntegrityError
 from hsmctl.privatefiles import fsync_dir, write_atomic
@@ -92,6 +98,9 @@ COMPRESS_LEVEL = 1
 a core, where gzip's fastest level gives 19% at ~150 MB/s: compression was the largest
 cost of a big collection after verification (bench/bench_collect.py)."""
 BLOCK = 4 * 1024 * 1024
+HOLD_BYTES = 2 * SEGMENT_BYTES
+"""Memory this process may hold for segments begun in a transaction and not written yet
+(:class:`Appender`); beyond it a segment is written as it grows, as before."""
 
 _SEGMENT_FILE = re.compile(r"seg-(\d{12})\.jsonl(\.zst|\.gz)?(\.tmp)?")
 _CURSOR_TMP = re.compile(r"\.cursor\.json\.\d+(\.[0-9a-f]+)?\.tmp")  # privatefiles temporaries
@@ -272,14 +281,63 @@ class Archive:
             )
 
 
+class _HoldBudget:
+    """Bytes of not-yet-written segments this process holds, across its collections."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.held + n > self.limit:
+                return False
+            self.held += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.held -= n
+
+
+_HOLD = _HoldBudget(HOLD_BYTES)
+
+
+class _Unwritten(Exception):
+    """A held segment that could be neither compressed nor written: nothing may name it."""
+
+
 @dataclass
 class _Open:
-    """A segment being appended to in this transaction."""
+    """A segment being appended to in this transaction: in its file (``fd``, or None
+    until the first write of a segment continued from the cursor), or, begun in this
+    transaction, ``held``: its bytes as appended, in memory until it closes (then
+    compressed from them: its plain file is never written) or the commit writes it."""
 
     seg: Segment
     fd: int | None
     covered_bytes: int
     covered_records: int
+    held: list[memoryview] | None = None
+
+
+def _compress_held(held: list[memoryview], size: int, src: Path, dst: Path, level: int) -> None:
+    """A closed segment held in memory: its ``.zst``; if that fails, its plain ``.jsonl``
+    (as a segment written as it grew would have it; fsynced by the commit that names it),
+    and if that fails too, _Unwritten. The memory goes back to the budget either way."""
+    try:
+        try:
+            compress_pieces(held, size, dst, level)
+        except Exception as exc:
+            try:
+                write_pieces(src, held)
+            except Exception as again:
+                raise _Unwritten(f"{src.name}: {again}") from again
+            raise exc
+    finally:
+        _HOLD.give(size)
+        held.clear()
 
 
 class Appender:
@@ -333,18 +391,19 @@ class Appender:
         o = self._open
         if o is None:
             seg = Segment(segment_name(self._next_seq, False), self._next_seq, 0, 0)
-            path = self.archive.dir / seg.name
-            new_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            o = self._open = _Open(seg, new_fd, 0, 0)
-        elif o.fd is None:
-            path = self.archive.dir / o.seg.name
-            o.fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
-            os.lseek(o.fd, o.seg.bytes, os.SEEK_SET)
-        fd = o.fd
-        assert fd is not None
-        view = data
-        while view:
-            view = view[os.write(fd, view) :]
+            o = self._open = _Open(seg, None, 0, 0, held=[])
+        if o.held is not None and not _HOLD.take(len(data)):
+            self._spill(o)  # over the process's budget: written as it grows from here
+        if o.held is not None:
+            o.held.append(data)  # a view of an immutable chunk: kept, not copied
+        else:
+            if o.fd is None:
+                path = self.archive.dir / o.seg.name
+                o.fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+                os.lseek(o.fd, o.seg.bytes, os.SEEK_SET)
+            view = data
+            while view:
+                view = view[os.write(o.fd, view) :]
         o.seg = replace(o.seg, records=o.seg.records + n, bytes=o.seg.bytes + len(data))
         self._next_seq += n
         self.appended += n
@@ -354,9 +413,28 @@ class Appender:
             if o.seg.bytes >= self.archive.segment_bytes:
                 self._rotate()
 
+    def _spill(self, o: _Open) -> None:
+        """Write a held segment to its file; it is appended to there from now on."""
+        assert o.held is not None
+        held, o.held = o.held, None
+        try:
+            write_pieces(self.archive.dir / o.seg.name, held)
+        finally:
+            _HOLD.give(sum(len(p) for p in held))
+        o.fd = os.open(self.archive.dir / o.seg.name, os.O_WRONLY | os.O_NOFOLLOW)
+        os.lseek(o.fd, o.seg.bytes, os.SEEK_SET)
+
     def _rotate(self) -> None:
         o = self._open
-        assert o is not None and o.fd is not None
+        assert o is not None
+        self._closed.append(o)
+        self._open = None
+        if o.held is not None:
+            # Never written: compressed from memory (the same frame as from its file).
+            held, o.held = o.held, None
+            self._start_compression(o.seg, held)
+            return
+        assert o.fd is not None
         # Not fsynced here: the segment becomes durable as its compressed copy (fsynced by
         # compress_segment, its own thread), and the ``.jsonl`` is deleted after the
         # commit; only if compression fails is the ``.jsonl`` fsynced, before the cursor
@@ -364,18 +442,19 @@ class Appender:
         # thread for the disk write of a whole segment (64 MiB) while the channel filled.
         os.close(o.fd)
         o.fd = None
-        self._closed.append(o)
-        self._open = None
         self._start_compression(o.seg)
 
-    def _start_compression(self, seg: Segment) -> None:
+    def _start_compression(self, seg: Segment, held: list[memoryview] | None = None) -> None:
         if self._compress is None:
             self._compress = ThreadPoolExecutor(1, thread_name_prefix="archive-compress")
         src = self.archive.dir / seg.name
         dst = self.archive.dir / segment_name(seg.first_seq, True)
-        self._compressing[seg.name] = self._compress.submit(
-            compress_segment, src, dst, self.archive.compress_level
-        )
+        level = self.archive.compress_level
+        if held is None:
+            job = self._compress.submit(compress_segment, src, dst, level)
+        else:
+            job = self._compress.submit(_compress_held, held, seg.bytes, src, dst, level)
+        self._compressing[seg.name] = job
 
     # -- ending -----------------------------------------------------------------------------
 
@@ -384,10 +463,13 @@ class Appender:
         ``durable`` (a commit), a segment that stays uncompressed is fsynced now, as the
         cursor is about to name its ``.jsonl`` (:meth:`_rotate` did not)."""
         done: dict[str, bool] = {}
+        unwritten: _Unwritten | None = None
         for name, fut in self._compressing.items():
             try:
                 fut.result()
                 done[name] = True
+            except _Unwritten as exc:  # neither a .zst nor a whole .jsonl: name neither
+                unwritten = unwritten or exc
             except Exception:  # disk full...: stays uncompressed, the next run tries again
                 done[name] = False
                 if durable:
@@ -395,7 +477,19 @@ class Appender:
         if self._compress is not None:
             self._compress.shutdown(wait=True)
             self._compress = None
+        self._compressing = {}
+        if unwritten is not None and durable:
+            raise HsmctlError(
+                f"{self.archive.appliance}: a closed segment could not be stored ({unwritten}); "
+                "nothing was committed"
+            ) from unwritten
         return done
+
+    def _drop_held(self) -> None:
+        o = self._open
+        if o is not None and o.held is not None:
+            _HOLD.give(sum(len(p) for p in o.held))
+            o.held = None
 
     def _close_fds(self) -> None:
         for o in (*self._closed, self._open):
@@ -405,6 +499,7 @@ class Appender:
 
     def abort(self) -> None:
         """Forget everything appended: the files go back to what the cursor says."""
+        self._drop_held()
         self._close_fds()
         self._finish_compression()
         self.archive.recover()
@@ -422,6 +517,8 @@ class Appender:
         if self._covered_line is None:
             self.abort()
             return self.base
+        if self._open is not None and self._open.held is not None:
+            self._spill(self._open)  # the active segment is a plain file, fsynced below
         segments = [*self._closed, *([self._open] if self._open else [])]
         # Keep up to the last covered byte: closed segments end covered, so only the
         # active one can hold an uncovered tail, or be all tail (then it goes).

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -110,3 +110,39 @@ def compress_segment(src: Path, dst: Path, level: int) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, dst)
+
+
+def compress_pieces(pieces: Sequence[bytes | memoryview], size: int, dst: Path, level: int) -> None:
+    """Compress a closed segment held in memory (``pieces``, ``size`` bytes in all) to
+    ``dst`` the way :func:`compress_segment` compresses its file: the same frame (level,
+    checksum, content size), via a temporary file fsynced before the rename. The pieces
+    go to zstd as they are, each a step in which it holds no GIL."""
+    if sum(len(p) for p in pieces) != size:
+        raise ValueError("the pieces do not add up to the segment's size")
+    tmp = dst.with_name(dst.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        with (
+            os.fdopen(os.dup(fd), "wb") as raw,
+            compressor.stream_writer(raw, size=size, write_size=COMPRESS_IO) as out,
+        ):
+            for piece in pieces:
+                out.write(piece)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dst)
+
+
+def write_pieces(path: Path, pieces: Sequence[bytes | memoryview]) -> None:
+    """Write a segment held in memory to its plain file (not fsynced: the caller fsyncs
+    before anything names it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)

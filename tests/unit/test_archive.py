@@ -21,7 +21,7 @@ from hsmctl.collect.collector import (
 from hsmctl.collect.pipeline import (
     VerifyPool,
 )
-from hsmctl.errors import ConflictError
+from hsmctl.errors import ConflictError, HsmctlError
 from tests.unit.logdevice import Device, archived, collect, snapshot, trust
 
 pytestmark = pytest.mark.unit
@@ -215,10 +215,11 @@ def test_a_segment_left_uncompressed_is_fsynced_before_the_cursor_names_it(
 ) -> None:
     import hsmctl.collect.archive as archive_module
 
-    def disk_full(src: Path, dst: Path, level: int) -> None:
+    def disk_full(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(archive_module, "compress_segment", disk_full)
+    monkeypatch.setattr(archive_module, "compress_pieces", disk_full)
     seen = _fsyncs(monkeypatch)
     dev, archive = _rotated(tmp_path, key_a, 1)
     (seg,) = archive.cursor().segments
@@ -231,6 +232,119 @@ def test_a_segment_left_uncompressed_is_fsynced_before_the_cursor_names_it(
     cursor = collect(archive, dev.stream(), trust(key_a))
     assert cursor.segments[0].compressed and cursor.seq == len(dev.lines)
     assert archived(archive) == dev.data()
+
+
+def _plain_writes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record the name of every plain segment file opened for writing, in order."""
+    opened: list[str] = []
+    real = os.open
+
+    def tracked(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        name = os.path.basename(str(path))
+        if flags & (os.O_WRONLY | os.O_RDWR) and name.endswith(".jsonl"):
+            opened.append(name)
+        return real(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", tracked)
+    return opened
+
+
+def test_a_segment_begun_in_a_run_is_compressed_from_memory_never_written_plain(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hsmctl.collect.archive as archive_module
+
+    dev = Device(key_a)
+    for _ in range(16):  # ~3.5 MB: a few of the verifier's 1 MiB chunks, each appended once
+        for _ in range(120):
+            dev.session(6, size=200)
+        dev.checkpoint()  # segments close at the end of an append, after a checkpoint
+    archive = Archive(tmp_path / "archive", "hsm-test", segment_bytes=100_000)
+    opened = _plain_writes(monkeypatch)
+    cursor = collect(archive, dev.stream(), trust(key_a))
+    monkeypatch.undo()
+    closed = [s for s in cursor.segments if s.compressed]
+    assert len(closed) >= 2
+    # Only the active segment is written plain (by the commit); no closed one ever was.
+    assert opened == [s.name for s in cursor.segments if not s.compressed]
+    for seg in closed:
+        text = dev.data()[len(b"".join(dev.lines[: seg.first_seq - 1])) :][: seg.bytes]
+        src = tmp_path / "plain.jsonl"
+        src.write_bytes(text)
+        compress_segment(src, tmp_path / "ref.zst", archive.compress_level)
+        # The very frame compress_segment makes from the file (level, checksum, size).
+        assert (archive.dir / seg.name).read_bytes() == (tmp_path / "ref.zst").read_bytes()
+    assert archived(archive) == dev.data()
+    assert archive_module._HOLD.held == 0
+
+
+def test_over_the_memory_budget_a_segment_is_written_as_it_grows(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hsmctl.collect.archive as archive_module
+
+    budget = archive_module._HoldBudget(6000)  # about one segment and a half
+    monkeypatch.setattr(archive_module, "_HOLD", budget)
+    peak = 0
+    real_take = budget.take
+
+    def take(n: int) -> bool:
+        nonlocal peak
+        ok = real_take(n)
+        peak = max(peak, budget.held)
+        return ok
+
+    monkeypatch.setattr(budget, "take", take)
+    dev, archive = _rotated(tmp_path, key_a, 4)
+    assert peak <= 6000 and budget.held == 0
+    cursor = archive.cursor()
+    assert sum(s.compressed for s in cursor.segments) >= 3
+    assert archived(archive) == dev.data()
+
+
+def test_a_held_segment_that_cannot_be_stored_fails_the_commit(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hsmctl.collect.archive as archive_module
+
+    dev, archive = _rotated(tmp_path, key_a, 1)
+    before = snapshot(archive.dir)
+
+    def disk_full(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(archive_module, "compress_pieces", disk_full)
+    monkeypatch.setattr(archive_module, "write_pieces", disk_full)
+    for _ in range(8):
+        dev.session(6, size=40)
+    with pytest.raises(HsmctlError, match="could not be stored"):
+        collect(archive, dev.stream(), trust(key_a))
+    monkeypatch.undo()
+    archive.recover()
+    assert snapshot(archive.dir) == before  # nothing named, nothing left
+    assert archive_module._HOLD.held == 0
+    assert collect(archive, dev.stream(), trust(key_a)).seq == len(dev.lines)
+    assert archived(archive) == dev.data()
+
+
+def test_an_aborted_run_gives_its_held_bytes_back(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner
+) -> None:
+    import hsmctl.collect.archive as archive_module
+
+    dev = Device(key_a)
+    dev.session(5)
+    archive = Archive(tmp_path / "archive", "hsm-test", segment_bytes=1_000_000)
+    archive.recover()  # the directory, empty
+    before = snapshot(archive.dir)
+    appender = archive.begin(archive.cursor())
+    data = dev.data()
+    appender.append(data, covered=len(data))
+    assert archive_module._HOLD.held == len(data)
+    assert snapshot(archive.dir) == before  # held, not written
+    appender.abort()
+    assert archive_module._HOLD.held == 0
+    assert snapshot(archive.dir) == before
 
 
 # -- the lock -------------------------------------------------------------------------------------
