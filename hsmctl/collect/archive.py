@@ -64,9 +64,11 @@ from hsmctl.collect.segments import (
     Segment,
     compress_pieces,
     compress_segment,
+    create_segment,
     open_segment,
     segment_name,
     truncate_segment,
+    write_all,
     write_pieces,
 )
 from hsmctl.errors import ConflictError, HsmctlError, IntegrityError
@@ -418,11 +420,10 @@ class Appender:
         assert o.held is not None
         held, o.held = o.held, None
         try:
-            write_pieces(self.archive.dir / o.seg.name, held)
+            o.fd = create_segment(self.archive.dir / o.seg.name)
+            write_all(o.fd, held)
         finally:
             _HOLD.give(sum(len(p) for p in held))
-        o.fd = os.open(self.archive.dir / o.seg.name, os.O_WRONLY | os.O_NOFOLLOW)
-        os.lseek(o.fd, o.seg.bytes, os.SEEK_SET)
 
     def _rotate(self) -> None:
         o = self._open

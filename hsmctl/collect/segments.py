@@ -135,14 +135,23 @@ def compress_pieces(pieces: Sequence[bytes | memoryview], size: int, dst: Path, 
     os.replace(tmp, dst)
 
 
+def create_segment(path: Path) -> int:
+    """A new plain segment file (0600, replacing any), open for writing."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+
+
+def write_all(fd: int, pieces: Sequence[bytes | memoryview]) -> None:
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(fd, view) :]
+
+
 def write_pieces(path: Path, pieces: Sequence[bytes | memoryview]) -> None:
     """Write a segment held in memory to its plain file (not fsynced: the caller fsyncs
     before anything names it)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = create_segment(path)
     try:
-        for piece in pieces:
-            view = memoryview(piece)
-            while view:
-                view = view[os.write(fd, view) :]
+        write_all(fd, pieces)
     finally:
         os.close(fd)
