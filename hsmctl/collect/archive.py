@@ -378,6 +378,8 @@ class Appender:
             return
         if not data.endswith(b"\n") or not 0 <= covered <= len(data):
             raise ValueError("append() takes whole lines and a covered prefix of them")
+        if type(data) is not bytes:  # a segment may hold it until the commit: immutable
+            data = bytes(data)
         view = memoryview(data)  # written from where it lies: a chunk is copied once
         tail = data.count(b"\n", covered)  # after the last checkpoint: short
         if covered:

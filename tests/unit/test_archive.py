@@ -329,6 +329,21 @@ def test_a_held_segment_that_cannot_be_stored_fails_the_commit(
     assert archived(archive) == dev.data()
 
 
+def test_a_held_segment_is_not_changed_by_its_callers_buffer(
+    tmp_path: Path, key_a: auditlog.SoftwareSigner
+) -> None:
+    dev = Device(key_a)
+    dev.session(5)
+    archive = Archive(tmp_path / "archive", "hsm-test")
+    archive.recover()
+    appender = archive.begin(archive.cursor())
+    data = bytearray(dev.data())
+    appender.append(data, covered=len(data))  # type: ignore[arg-type]
+    data[:] = b"x" * len(data)  # the caller reuses its buffer before the commit
+    appender.commit(trusted_keys={}, retired_keys=(), device=None)
+    assert archived(archive) == dev.data()
+
+
 def test_an_aborted_run_gives_its_held_bytes_back(
     tmp_path: Path, key_a: auditlog.SoftwareSigner
 ) -> None:
