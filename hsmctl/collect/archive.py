@@ -405,9 +405,7 @@ class Appender:
                 path = self.archive.dir / o.seg.name
                 o.fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
                 os.lseek(o.fd, o.seg.bytes, os.SEEK_SET)
-            view = data
-            while view:
-                view = view[os.write(o.fd, view) :]
+            write_all(o.fd, (data,))
         o.seg = replace(o.seg, records=o.seg.records + n, bytes=o.seg.bytes + len(data))
         self._next_seq += n
         self.appended += n

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -94,31 +94,26 @@ def compress_segment(src: Path, dst: Path, level: int) -> None:
     """Compress ``src`` to ``dst`` (zstd, with a checksum and the content size) via a
     temporary file, fsynced before the rename (the directory is fsynced by the commit
     that names ``dst``)."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
-        with open(src, "rb") as fin, os.fdopen(os.dup(fd), "wb") as raw:
-            compressor.copy_stream(
-                fin,
-                raw,
-                size=os.fstat(fin.fileno()).st_size,
-                read_size=COMPRESS_IO,
-                write_size=COMPRESS_IO,
-            )
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, dst)
+    with open(src, "rb") as fin:
+        size = os.fstat(fin.fileno()).st_size
+        _write_compressed(iter(lambda: fin.read(COMPRESS_IO), b""), size, dst, level)
 
 
 def compress_pieces(pieces: Sequence[bytes | memoryview], size: int, dst: Path, level: int) -> None:
     """Compress a closed segment held in memory (``pieces``, ``size`` bytes in all) to
-    ``dst`` the way :func:`compress_segment` compresses its file: the same frame (level,
-    checksum, content size), via a temporary file fsynced before the rename. The pieces
+    ``dst`` as :func:`compress_segment` compresses its file: the same frame. The pieces
     go to zstd as they are, each a step in which it holds no GIL."""
     if sum(len(p) for p in pieces) != size:
         raise ValueError("the pieces do not add up to the segment's size")
+    _write_compressed(pieces, size, dst, level)
+
+
+def _write_compressed(
+    pieces: Iterable[bytes | memoryview], size: int, dst: Path, level: int
+) -> None:
+    """One zstd frame (``level``, a checksum, the content ``size``) of ``pieces`` in
+    ``dst``, via a temporary file fsynced before the rename (the directory is fsynced by
+    the commit that names ``dst``). The frame does not depend on how the bytes are cut."""
     tmp = dst.with_name(dst.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
     try:
@@ -140,7 +135,8 @@ def create_segment(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
 
 
-def write_all(fd: int, pieces: Sequence[bytes | memoryview]) -> None:
+def write_all(fd: int, pieces: Iterable[bytes | memoryview]) -> None:
+    """Write every piece whole (``os.write`` may write less than asked)."""
     for piece in pieces:
         view = memoryview(piece)
         while view:
