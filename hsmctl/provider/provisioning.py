@@ -386,7 +386,9 @@ def run_step(
 
 
 def serve_steps(
-    hosts: Collection[str], sessions: SessionPool | None = None
+    hosts: Collection[str],
+    sessions: SessionPool | None = None,
+    store: tuple[str, Store] | None = None,
 ) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """The steps of one run as ``hsmctl provision`` serves them to the playbook's modules
     (:mod:`hsmctl.runner.stepserver`): what the module would run in its own process,
@@ -395,7 +397,12 @@ def serve_steps(
     step's ~13 ms of CPU to open its context), and the store migrated and synced with
     that inventory once; each step still opens a store of its own. With
     ``sessions`` (the caller closes it when the run ends), the steps of one appliance
-    share one management connection (:mod:`hsmctl.provider.sessions`)."""
+    share one management connection (:mod:`hsmctl.provider.sessions`). With ``store``
+    (a configuration file's path and the run's open store of that configuration, which
+    the caller closes when the run ends), the steps of that configuration use that
+    store's database, :meth:`~hsmctl.state.store.Store.borrowed`: one engine for the
+    run. A store (an engine) of its own for each step compiled every statement again
+    (SQLAlchemy caches them per engine): ~40% of a served step's CPU."""
     loaded: dict[str, tuple[Config, Inventory]] = {}
     lock = threading.Lock()
     readings = Readings()
@@ -413,11 +420,13 @@ def serve_steps(
                     first.close()
             config, inventory = loaded[path]
         ctx = context_with(config, inventory, sessions)
-        # A store (an engine) of its own for each step, as before, but not migrated and
-        # synced with the inventory again: done once above, with this same parsed
-        # inventory, moments before (on SQLite each was a write transaction taking the
-        # database's write lock, ~7 ms of CPU, twice per step).
-        ctx.__dict__["store"] = Store(Database.open(database_target(config)))
+        # Not migrated and synced with the inventory again: done once above, with this
+        # same parsed inventory, moments before (on SQLite each was a write transaction
+        # taking the database's write lock, ~7 ms of CPU, twice per step).
+        if store is not None and store[0] == path:
+            ctx.__dict__["store"] = store[1].borrowed()
+        else:
+            ctx.__dict__["store"] = Store(Database.open(database_target(config)))
         return ctx
 
     def handle(request: Mapping[str, Any]) -> dict[str, Any]:
@@ -506,7 +515,9 @@ def provision(
         # The steps of an appliance share one management connection for the run (the
         # device pays ~30-40 ms of CPU per connection); all closed when the run ends.
         with SessionPool() as sessions:
-            handle = serve_steps({a.appliance for a in allocations}, sessions)
+            handle = serve_steps(
+                {a.appliance for a in allocations}, sessions, (str(ctx.config.source), ctx.store)
+            )
             outcomes = adapter.run(spec, progress, serve=_reporting(handle, progress))
         provisioned: list[Provisioned] = []
         failures: dict[str, HsmctlError] = {}

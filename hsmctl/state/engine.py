@@ -217,6 +217,7 @@ def _make_engine(url: URL) -> Engine:
         url,
         isolation_level="SERIALIZABLE",
         pool_pre_ping=True,
+        max_overflow=-1,  # threads never wait for a connection (see _sqlite_engine)
         connect_args={"connect_timeout": CONNECT_TIMEOUT_S, **KEEPALIVES},
     )
 
@@ -278,7 +279,13 @@ def _sqlite_engine(url: URL) -> Engine:
         pass
     except OSError as exc:
         raise ConfigError(f"state store {path}: {exc.strerror}") from exc
-    engine = sa.create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    # The threads of one process (a provisioning run's steps) may share an engine: every
+    # transaction gets a connection at once, none waits for the pool (which keeps five
+    # open and closes the rest when they are given back); the database's own lock is
+    # where writers wait.
+    engine = sa.create_engine(
+        url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000}, max_overflow=-1
+    )
 
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: object) -> None:

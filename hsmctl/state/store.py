@@ -51,8 +51,9 @@ __all__ = ["DB_FILE", "Store", "database_target"]
 class Store:
     """The provider's state: see the module docstring for lifecycle and concurrency."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, owner: bool = True) -> None:
         self._db = db
+        self._owner = owner
 
     # lifecycle ----------------------------------------------------------------------
 
@@ -99,8 +100,16 @@ class Store:
         """The provider's database: ``database_url`` if set, else SQLite in state_dir."""
         return cls.open(database_target(config))
 
+    def borrowed(self) -> Store:
+        """This store's database for a part of the run that opened it, from any thread:
+        its :meth:`close` leaves the database open for the owner, who closes it. The
+        steps of one ``hsmctl provision`` run share their run's this way: one engine,
+        whose statements are compiled once for the run, not once per step."""
+        return Store(self._db, owner=False)
+
     def close(self) -> None:
-        self._db.close()
+        if self._owner:
+            self._db.close()
 
     def __enter__(self) -> Self:
         return self

@@ -206,3 +206,67 @@ def test_served_steps_get_the_runs_pool_and_a_plain_context_none(
     assert got[0].inventory is got[1].inventory  # the run's one parse
     plain = context.ProviderContext(got[0].config)
     assert plain.sessions is None
+
+
+def test_served_steps_share_the_runs_store_and_leave_it_open(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Given the run's open store, every step of that configuration writes through its
+    one database (one engine, its compiled statements shared), from many threads at once;
+    a step closing its context leaves the run's store open. Another configuration's step
+    gets a store of its own, closed with its context."""
+    from hsmctl.state.model import Operation, StepStatus
+    from tests.provider_env import make_env
+
+    env, other = make_env(tmp_path / "env"), make_env(tmp_path / "other")
+    run_ctx = context.open_context(str(env.config))
+    run_store = run_ctx.store
+    pool = run_store._db.engine.pool  # Engine.dispose() (a store's close) replaces it
+    seen: list[Any] = []
+    lock = threading.Lock()
+
+    def fake_run_step(config: str, appliance: str, request_id: str, step: str, **kw: Any) -> Any:
+        ctx = kw["opener"](config)
+        try:
+            for _ in range(5):
+                ctx.store.record_step(Operation.PROVISION, step, StepStatus.STARTED,
+                                      appliance=appliance, request_id=request_id)  # fmt: skip
+            with lock:
+                seen.append((config, ctx.store._db))
+        finally:
+            ctx.close()
+        return {"changed": False}
+
+    monkeypatch.setattr(provisioning, "run_step", fake_run_step)
+    try:
+        handle = provisioning.serve_steps({"unit01"}, None, (str(env.config), run_store))
+        request = {"config": str(env.config), "appliance": "unit01", "request_id": "r"}
+        errors: list[BaseException] = []
+
+        def work(step: str) -> None:
+            try:
+                handle({**request, "step": step})
+            except BaseException as exc:
+                errors.append(exc)
+
+        steps = ["verify", "attach", "network", "monitor", "handoff"] * 5  # 25 at once
+        threads = [threading.Thread(target=work, args=(s,)) for s in steps]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert {db for _, db in seen} == {run_store._db}
+        assert run_store._db.engine.pool is pool
+        # Still open after every step closed its context: the run's own writes go on.
+        run_store.record_step(Operation.PROVISION, "end", StepStatus.OK, appliance="unit01",
+                              request_id="r")  # fmt: skip
+        entries = run_store.journal(appliance="unit01", request_id="r")
+        assert len(entries) == 25 * 5 + 1
+
+        handle({"config": str(other.config), "appliance": "unit01", "request_id": "o",
+                "step": "verify"})  # fmt: skip
+        own = seen[-1][1]
+        assert seen[-1][0] == str(other.config) and own is not run_store._db
+    finally:
+        run_ctx.close()
