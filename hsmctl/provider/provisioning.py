@@ -239,8 +239,12 @@ def step_monitor(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> 
         want = {"monitor": Switch.ENABLED.value, "key": "provider"}
         changed = before != want
         if changed and not opts.check:
-            conn.run("user credential set monitor", [ctx.monitor_public_key()])
-            conn.run("user enable monitor")
+            # One exec for both (the device pays one session): the account is enabled
+            # only once its key is the provider's.
+            conn.run_batch(
+                [("user credential set monitor", [ctx.monitor_public_key()]),
+                 ("user enable monitor", [])]
+            )  # fmt: skip
             if seen is not None and opts.readings is not None:
                 opts.readings.put(
                     alloc.appliance, dataclasses.replace(seen, monitor=Switch.ENABLED)
@@ -290,9 +294,17 @@ def step_handoff(ctx: ProviderContext, alloc: Allocation, opts: StepOptions) -> 
         tenant = ctx.inventory.tenant(alloc.tenant)
         tenant_key = tenant.identity_public_key.line
         otp = generate_password()
-        conn.run(f"user otp set --expires-hours {contract.OTP_VALID_HOURS}", [tenant_key, otp])
-        hostkeys = HOST_KEYS.on(conn, alloc.appliance)
-        audit = AUDIT_KEY.on(conn, alloc.appliance)
+        # One exec (one device session) for the password and the two keys the bundle
+        # carries, read after it; the keys are read only if the password was set.
+        _, keys_reply, audit_reply = conn.run_batch(
+            [
+                (f"user otp set --expires-hours {contract.OTP_VALID_HOURS}", [tenant_key, otp]),
+                (HOST_KEYS.command, []),
+                (AUDIT_KEY.command, []),
+            ]
+        )
+        hostkeys = HOST_KEYS.process(keys_reply.stdout, alloc.appliance)
+        audit = AUDIT_KEY.process(audit_reply.stdout, alloc.appliance)
     data_keys = list(hostkeys.active_keys)
     ctx.store.pin_host_keys(alloc.appliance, Interface.DATA, data_keys)
     bundle = make_bundle(

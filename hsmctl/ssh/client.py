@@ -49,6 +49,7 @@ from paramiko.ssh_exception import IncompatiblePeer, SSHException
 
 from hsmctl.errors import HsmctlError, UnreachableError, UsageError
 from hsmctl.secret import Secret
+from hsmctl.ssh import batch
 from hsmctl.ssh.auth import KeyThenPassword, PinnedKeyPolicy
 from hsmctl.ssh.channel import BoundedPacketizer, execute, stdin_payload
 from hsmctl.ssh.errors import (
@@ -317,6 +318,32 @@ class DeviceConnection:
             raise device_error(self.label, result)
         return result
 
+    def run_batch(
+        self,
+        requests: Sequence[tuple[str, Sequence[Secret | str]]],
+        *,
+        timeout: float | None = None,
+    ) -> list[Result]:
+        """Run device commands in order in one exec (``hsmsh -c batch``): each
+        ``(command, stdin_lines)`` as :meth:`run` would, the device paying one channel,
+        one shell and one log session for all (:mod:`hsmctl.ssh.batch`). The first that
+        fails ends the batch and raises the exception :meth:`run` raises for it; the
+        ones after it do not run. Returns every command's :class:`Result`. A device
+        whose shell has no batch (exit 64 before any reply, its daemon naming the
+        unknown command) gets the commands one by one instead."""
+        data = batch.payload(requests)
+        commands = [line for line, _ in requests]
+        out = bytearray()
+        limit = batch.max_stdout(len(requests))
+        status, err = self._execute(batch.COMMAND, (), out.extend, timeout, limit, data)
+        results = batch.replies(self.label, commands, status, bytes(out), err)
+        older = status == DEVICE_EXIT_USAGE and not out and not err.startswith("hsmsh: batch:")
+        if older:  # a shell without batch: the daemon refused "batch" as a command
+            return [self.run(line, lines, timeout=timeout) for line, lines in requests]
+        if not results[-1].ok:
+            raise device_error(self.label, results[-1])
+        return results
+
     def run_stream(
         self,
         command: str,
@@ -407,10 +434,13 @@ class DeviceConnection:
         on_stdout: Callable[[bytes], object],
         timeout: float | None,
         max_stdout: int | None,
+        stdin: bytes | None = None,
     ) -> tuple[int, str]:
         """One command on a new channel (:func:`hsmctl.ssh.channel.execute`): its status
-        and the tail of its stderr."""
+        and the tail of its stderr. ``stdin``: given whole (a batch) instead of lines."""
         payload = stdin_payload(command, stdin_lines)
+        if stdin is not None:
+            payload = stdin
         transport = self._transport()
         return execute(
             transport, self.label, command, payload, on_stdout, self.timeouts, timeout, max_stdout

@@ -308,6 +308,37 @@ def test_key_exchange_is_ecdh_p256_and_the_cipher_gcm(
     assert "Cipher: aes128-gcm@openssh.com" in agreed
 
 
+def _activity(appliance: Appliance) -> list[dict[str, object]]:
+    log = lab_mod.appliance_dir(appliance.id) / "upper/var/log/hsm/audit.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_a_batch_is_one_device_session_and_ends_at_the_first_failure(
+    lab: Lab, appliance: Appliance
+) -> None:
+    """``run_batch`` against a real appliance (read-only commands): every command is
+    authorised, logged and answered as on its own, all in one device session; the
+    first refused command ends the batch, and the one after it never runs."""
+    before = _activity(appliance)[-1]["seq"]
+    reads = [("hsm show", []), ("audit key show", []), ("sysconf hostkey show", [])]
+    with provider(lab, appliance) as dev:
+        done = dev.run_batch(reads)  # type: ignore[arg-type]
+        with pytest.raises(DeviceDenied) as info:
+            dev.run_batch([("hsm show", []), ("audit show", []), ("audit key show", [])])
+    assert [r.command for r in done] == [c for c, _ in reads] and all(r.ok for r in done)
+    assert json.loads(done[0].stdout)["id"] == appliance.id
+    assert json.loads(done[2].stdout)["active"]
+    assert info.value.result.command == "audit show" and info.value.status == 77
+    ours = [
+        r for r in _activity(appliance)
+        if int(r["seq"]) > int(before) and r["event"] in ("session-start", "command")  # type: ignore[call-overload]
+    ]  # fmt: skip
+    assert [r["event"] for r in ours].count("session-start") == 2
+    commands = [r["detail"]["command"] for r in ours if r["event"] == "command"]  # type: ignore[index]
+    assert commands == ["hsm show", "audit key show", "sysconf hostkey show", "hsm show",
+                        "audit show"]  # fmt: skip
+
+
 # -- a real sshd on loopback for key + password ----------------------------------------------
 
 TWOFA_USER = "hsmtwofa"

@@ -33,6 +33,11 @@ class Device:
     owner: OwnerState = OwnerState.FACTORY
     monitor: Switch = Switch.DISABLED
     commands: list[str] = field(default_factory=list)
+    batches: list[list[str]] = field(default_factory=list)
+
+    def run_batch(self, requests: Any) -> list[SimpleNamespace]:
+        self.batches.append([command for command, _ in requests])
+        return [self.run(command, stdin) for command, stdin in requests]
 
     def run(self, command: str, stdin: Any = ()) -> SimpleNamespace:
         self.commands.append(command)
@@ -85,6 +90,7 @@ def test_monitor_uses_verify_reading_of_the_run() -> None:
     result = provisioning.step_monitor(ctx, ALLOC, opts)
     assert result["changed"] is True
     assert device.commands == ["user credential set monitor", "user enable monitor"]
+    assert device.batches == [device.commands]  # one exec, one device session
     # The run's reading follows the change it made: a second monitor step (a rerun of
     # the task in the same run) with the step journaled changes nothing, asks nothing.
     device.commands.clear()

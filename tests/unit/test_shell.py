@@ -7,6 +7,7 @@ the device's exit statuses. The daemon's side of the secrets request
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -285,6 +286,140 @@ def test_no_daemon_is_unavailable(tmp_path: Path) -> None:
 def test_usage(tmp_path: Path) -> None:
     proc = _run(str(tmp_path / "absent.sock"), "-x", "hsm show")
     assert proc.returncode == contract.EXIT_USAGE
+
+
+# -- hsmsh -c batch ---------------------------------------------------------------------------
+
+
+def _batch(*requests: dict[str, Any]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in requests)
+
+
+def _replies(stdout: bytes) -> list[tuple[int, bytes, str]]:
+    out = []
+    for line in stdout.splitlines():
+        r = json.loads(line)
+        out.append((r["exit"], base64.b64decode(r["stdout"]), r["stderr"]))
+    return out
+
+
+def test_a_batch_runs_its_commands_in_one_session_with_their_own_secrets(
+    daemon_at: Callable[[Serve], str],
+) -> None:
+    seen: list[Any] = []
+    body = bytes(range(256)) * 3
+
+    def commands(conn: socket.socket, rfile: Any, msg: dict[str, Any]) -> None:
+        if msg["line"] == "user otp set":
+            protocol.send(conn, {"type": "secrets", "names": ["ssh_public_key", "password"]})
+            seen.append(protocol.recv(rfile))
+            protocol.send(conn, {"type": "result", "exit": 0, "output": "set"})
+        elif msg["line"] == "audit export":
+            protocol.send(conn, {"type": "stream", "length": len(body)})
+            conn.sendall(body)
+            protocol.send(conn, {"type": "result", "exit": 0, "output": ""})
+        else:
+            protocol.send(conn, {"type": "result", "exit": 0, "output": '{"k": 1}'})
+
+    requests = _batch(
+        {"line": "user otp set", "secrets": ["ssh-ed25519 AAAA k", "One Time 1!"]},
+        {"line": "audit key show"},
+        {"line": "audit export", "secrets": []},
+    )
+    proc = _run(daemon_at(_session(commands, seen)), "-c", "batch", stdin=requests)
+    assert proc.returncode == 0, proc.stderr
+    assert _replies(proc.stdout) == [(0, b"set\n", ""), (0, b'{"k": 1}\n', ""), (0, body, "")]
+    assert seen == [
+        {"type": "hello", "interactive": False},  # one session for the three
+        {"type": "command", "line": "user otp set"},
+        {"type": "secrets", "values": ["ssh-ed25519 AAAA k", "One Time 1!"]},
+        {"type": "command", "line": "audit key show"},
+        {"type": "command", "line": "audit export"},
+        {"type": "bye"},
+    ]
+
+
+def test_a_batch_ends_at_the_first_failure_with_its_status(
+    daemon_at: Callable[[Serve], str],
+) -> None:
+    seen: list[Any] = []
+
+    def commands(conn: socket.socket, rfile: Any, msg: dict[str, Any]) -> None:
+        if msg["line"].startswith("network set"):
+            protocol.send(conn, {"type": "result", "exit": 64, "output": "", "error": "bad ip"})
+        else:
+            protocol.send(conn, {"type": "result", "exit": 0, "output": "ok"})
+
+    requests = _batch({"line": "network show"}, {"line": "network set --ip x"},
+                      {"line": "user enable monitor"})  # fmt: skip
+    proc = _run(daemon_at(_session(commands, seen)), "-c", "batch", stdin=requests)
+    assert proc.returncode == 64
+    assert _replies(proc.stdout) == [(0, b"ok\n", ""), (64, b"", "error: bad ip\n")]
+    assert [m.get("line") for m in seen if m.get("type") == "command"] == [
+        "network show",
+        "network set --ip x",
+    ]
+
+
+def test_secrets_that_do_not_match_what_the_daemon_names_are_not_sent(
+    daemon_at: Callable[[Serve], str],
+) -> None:
+    seen: list[Any] = []
+
+    def commands(conn: socket.socket, rfile: Any, msg: dict[str, Any]) -> None:
+        protocol.send(conn, {"type": "secrets", "names": ["ssh_public_key", "password"]})
+        seen.append(protocol.recv(rfile))
+        protocol.send(conn, {"type": "result", "exit": 64, "output": ""})
+
+    requests = _batch({"line": "user otp set", "secrets": ["only one"]})
+    proc = _run(daemon_at(_session(commands, seen)), "-c", "batch", stdin=requests)
+    assert proc.returncode == 64
+    assert {"type": "secrets", "cancel": True} in seen
+    assert b"only one" not in proc.stdout + proc.stderr
+
+
+def test_a_commands_output_over_the_batch_bound_fails_it(
+    daemon_at: Callable[[Serve], str],
+) -> None:
+    seen: list[Any] = []
+    size = shell.MAX_BATCH_OUTPUT + 1
+
+    def commands(conn: socket.socket, rfile: Any, msg: dict[str, Any]) -> None:
+        protocol.send(conn, {"type": "stream", "length": size})
+        conn.sendall(b"x" * size)
+        protocol.send(conn, {"type": "result", "exit": 0, "output": ""})
+
+    proc = _run(daemon_at(_session(commands, seen)), "-c", "batch",
+                stdin=_batch({"line": "audit export"}, {"line": "hsm show"}))  # fmt: skip
+    assert proc.returncode == contract.EXIT_FAILED
+    [(code, out, err)] = _replies(proc.stdout)
+    assert code == contract.EXIT_FAILED and out == b"" and "not in a batch" in err
+
+
+@pytest.mark.parametrize(
+    "stdin",
+    [
+        b"",
+        b"not json\n",
+        b'{"line": "hsm show", "stdin": ["x"]}\n',
+        b'{"line": 5}\n',
+        b'{"line": "hsm show", "secrets": "one"}\n',
+        b'{"line": "hsm show", "secrets": [1]}\n',
+        b'["hsm show"]\n',
+        b'{"line": "hsm show"}\n' * (shell.MAX_BATCH + 1),
+        b'{"line": "' + b"x" * shell.MAX_BATCH_INPUT + b'"}\n',
+        b'{"line": "\xff"}\n',
+    ],
+    ids=lambda stdin: f"{len(stdin)}-bytes",
+)
+def test_a_batch_that_cannot_be_read_is_a_usage_error_before_the_daemon_hears_of_it(
+    tmp_path: Path, stdin: bytes
+) -> None:
+    # No daemon at that path: a shell that got as far as connecting would say 69.
+    proc = _run(str(tmp_path / "absent.sock"), "-c", "batch", stdin=stdin)
+    assert proc.returncode == contract.EXIT_USAGE, proc.stderr
+    assert proc.stderr.startswith(b"hsmsh: batch: ")
+    assert proc.stdout == b""
 
 
 # -- the daemon's side of the secrets request ------------------------------------------------
