@@ -332,8 +332,8 @@ def run_parts(directory: Path, appliances: Sequence[str]) -> dict[str, Any]:
     transports: list[float] = []
     started_transports: list[paramiko.Transport] = []
 
-    def timed_serve(hosts: Any, sessions: Any = None) -> Any:
-        handle = serve(hosts, sessions)
+    def timed_serve(hosts: Any, sessions: Any = None, run: Any = None) -> Any:
+        handle = serve(hosts, sessions, run)
 
         def timed(request: Any) -> Any:
             t = time.thread_time()

@@ -400,7 +400,7 @@ def run_step(
 def serve_steps(
     hosts: Collection[str],
     sessions: SessionPool | None = None,
-    store: tuple[str, Store] | None = None,
+    run: ProviderContext | None = None,
 ) -> Callable[[Mapping[str, Any]], dict[str, Any]]:
     """The steps of one run as ``hsmctl provision`` serves them to the playbook's modules
     (:mod:`hsmctl.runner.stepserver`): what the module would run in its own process,
@@ -409,15 +409,21 @@ def serve_steps(
     step's ~13 ms of CPU to open its context), and the store migrated and synced with
     that inventory once; each step still opens a store of its own. With
     ``sessions`` (the caller closes it when the run ends), the steps of one appliance
-    share one management connection (:mod:`hsmctl.provider.sessions`). With ``store``
-    (a configuration file's path and the run's open store of that configuration, which
-    the caller closes when the run ends), the steps of that configuration use that
-    store's database, :meth:`~hsmctl.state.store.Store.borrowed`: one engine for the
-    run. A store (an engine) of its own for each step compiled every statement again
-    (SQLAlchemy caches them per engine): ~40% of a served step's CPU."""
+    share one management connection (:mod:`hsmctl.provider.sessions`). With ``run``
+    (the run's own context, its store open, migrated and synced; the caller closes it
+    when the run ends), the steps of its configuration file take its configuration and
+    inventory as they are and its store's database,
+    :meth:`~hsmctl.state.store.Store.borrowed`: one engine for the run. A store (an
+    engine) of its own for each step compiled every statement again (SQLAlchemy caches
+    them per engine): ~40% of a served step's CPU."""
     loaded: dict[str, tuple[Config, Inventory]] = {}
     lock = threading.Lock()
     readings = Readings()
+
+    own, shared = None, None
+    if run is not None:  # its store opened (migrated, synced) now if it was not yet
+        own, shared = str(run.config.source), run.store
+        loaded[own] = (run.config, run.inventory)
 
     def opener(path: str) -> ProviderContext:
         with lock:
@@ -435,8 +441,8 @@ def serve_steps(
         # Not migrated and synced with the inventory again: done once above, with this
         # same parsed inventory, moments before (on SQLite each was a write transaction
         # taking the database's write lock, ~7 ms of CPU, twice per step).
-        if store is not None and store[0] == path:
-            ctx.__dict__["store"] = store[1].borrowed()
+        if shared is not None and path == own:
+            ctx.__dict__["store"] = shared.borrowed()
         else:
             ctx.__dict__["store"] = Store(Database.open(database_target(config)))
         return ctx
@@ -527,9 +533,7 @@ def provision(
         # The steps of an appliance share one management connection for the run (the
         # device pays ~30-40 ms of CPU per connection); all closed when the run ends.
         with SessionPool() as sessions:
-            handle = serve_steps(
-                {a.appliance for a in allocations}, sessions, (str(ctx.config.source), ctx.store)
-            )
+            handle = serve_steps({a.appliance for a in allocations}, sessions, ctx)
             outcomes = adapter.run(spec, progress, serve=_reporting(handle, progress))
         provisioned: list[Provisioned] = []
         failures: dict[str, HsmctlError] = {}

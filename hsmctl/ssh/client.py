@@ -336,10 +336,10 @@ class DeviceConnection:
         out = bytearray()
         limit = batch.max_stdout(len(requests))
         status, err = self._execute(batch.COMMAND, (), out.extend, timeout, limit, data)
-        results = batch.replies(self.label, commands, status, bytes(out), err)
         older = status == DEVICE_EXIT_USAGE and not out and not err.startswith("hsmsh: batch:")
         if older:  # a shell without batch: the daemon refused "batch" as a command
             return [self.run(line, lines, timeout=timeout) for line, lines in requests]
+        results = batch.replies(self.label, commands, status, bytes(out), err)
         if not results[-1].ok:
             raise device_error(self.label, results[-1])
         return results
@@ -438,9 +438,7 @@ class DeviceConnection:
     ) -> tuple[int, str]:
         """One command on a new channel (:func:`hsmctl.ssh.channel.execute`): its status
         and the tail of its stderr. ``stdin``: given whole (a batch) instead of lines."""
-        payload = stdin_payload(command, stdin_lines)
-        if stdin is not None:
-            payload = stdin
+        payload = stdin if stdin is not None else stdin_payload(command, stdin_lines)
         transport = self._transport()
         return execute(
             transport, self.label, command, payload, on_stdout, self.timeouts, timeout, max_stdout

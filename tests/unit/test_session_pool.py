@@ -239,7 +239,7 @@ def test_served_steps_share_the_runs_store_and_leave_it_open(
 
     monkeypatch.setattr(provisioning, "run_step", fake_run_step)
     try:
-        handle = provisioning.serve_steps({"unit01"}, None, (str(env.config), run_store))
+        handle = provisioning.serve_steps({"unit01"}, None, run_ctx)
         request = {"config": str(env.config), "appliance": "unit01", "request_id": "r"}
         errors: list[BaseException] = []
 
