@@ -8,6 +8,14 @@ the refusal belongs to when it is unambiguous (else ``unknown``). A refused ``-R
 (``tcpip-forward``) is logged by sshd only at DEBUG level and so never reaches us.
 The :class:`Tailer` follows both interfaces' files from a persisted offset, so a daemon
 restart neither loses nor repeats a login.
+
+The offset is persisted (an fsynced atomic write) after a read that emitted an event, so
+a restart never emits it again, and otherwise only every :data:`PERSIST_SLACK` bytes and
+when the tailer stops. A read that emitted nothing need not be remembered: read again
+after a restart, its lines emit nothing again (they only rebuild :class:`Connections`, as
+they did the first time). A key-only login writes its lines in up to three bursts
+(``Connection from``, ``Accepted``, ``Connection closed``) and only the middle one is an
+event: one write per login instead of three.
 """
 
 from __future__ import annotations
@@ -267,14 +275,24 @@ class Changes:
             os.close(fd)
 
 
+PERSIST_SLACK = 64 << 10
+"""Bytes of sshd log read without an event before the offset is persisted anyway: what a
+restarted daemon reads a second time (and finds nothing in) is bounded by this."""
+
+
 class Tailer:
-    """Follows the sshd logs of both interfaces and hands each login to ``emit``."""
+    """Follows the sshd logs of both interfaces and hands each login to ``emit``.
+
+    ``offsets`` is how far each file has been read; ``persisted`` what the offsets file
+    says. Every line before ``persisted`` that is an event has been emitted; a line
+    between the two is not an event (see the module docstring)."""
 
     def __init__(self, emit: Callable[[str, LoginEvent], None], interval: float = 0.2) -> None:
         self.emit = emit
         self.interval = interval
         self.offsets_path = paths.STATE / "sshd-offsets.json"
         self.offsets: dict[str, int] = store.read_json(self.offsets_path, {})
+        self.persisted = dict(self.offsets)
         self._stop = threading.Event()
         self._changes: Changes | None = None
         self._lock = threading.Lock()
@@ -306,6 +324,7 @@ class Tailer:
         if end < 0:
             if len(data) == MAX_READ:  # no line is this long: skip it, do not stall
                 self.offsets[iface] = offset + len(data)
+                self._persist(force=False)
             return 0
         connections = self.connections.setdefault(iface, Connections())
         for raw in data[: end + 1].splitlines():
@@ -316,8 +335,26 @@ class Tailer:
                 self.emit(iface, connections.attribute(event))
                 count += 1
         self.offsets[iface] = offset + end + 1
-        store.write_json(self.offsets_path, self.offsets)
+        self._persist(force=count > 0)
         return count
+
+    def _persist(self, *, force: bool) -> None:
+        """Write the offsets if an event was emitted (``force``) or the unpersisted
+        distance of a file exceeds :data:`PERSIST_SLACK`."""
+        if self.offsets == self.persisted:
+            return
+        if not force and all(
+            0 <= n - self.persisted.get(iface, 0) <= PERSIST_SLACK
+            for iface, n in self.offsets.items()
+        ):
+            return
+        store.write_json(self.offsets_path, self.offsets)
+        self.persisted = dict(self.offsets)
+
+    def flush(self) -> None:
+        """Persist how far every file has been read (the tailer stops)."""
+        with self._lock:
+            self._persist(force=True)
 
     def run(self) -> None:
         changes = self._changes = Changes.watch(paths.SSHD_LOGS.values())
@@ -336,6 +373,10 @@ class Tailer:
             self._changes = None
             if changes is not None:
                 changes.close()
+            try:
+                self.flush()
+            except OSError as exc:  # what was read is read again after a restart
+                print(f"hsmd: sshd log tailer: {exc!r}", flush=True)
 
     def stop(self) -> None:
         self._stop.set()

@@ -60,20 +60,39 @@ def settle_logins(appliance: str, timeout: float = 20.0) -> None:
     (hsmctl.appliance.sshdlog.Tailer), so under load a login can reach the activity log
     after the client's command returned: a test
     that takes "the log's end" must take it after that, or the login shows up later as
-    if it were new activity."""
+    if it were new activity.
+
+    hsmd persists its read offsets after every read that logged something; lines after
+    the persisted offset were either not read yet or held no login. So: settled when
+    what follows the persisted offset is whole lines none of which is an event
+    (:func:`hsmctl.appliance.sshdlog.parse`, the daemon's own parser)."""
+    from hsmctl.appliance.sshdlog import parse
+
     probe = (
-        "for f in mgmt data; do stat -c %s /var/log/hsm/sshd-$f.log 2>/dev/null || echo 0;"
-        " done; cat /var/lib/hsm/state/sshd-offsets.json 2>/dev/null || echo '{}'"
+        "import json, pathlib\n"
+        "try: o = json.loads(pathlib.Path('/var/lib/hsm/state/sshd-offsets.json').read_text())\n"
+        "except FileNotFoundError: o = {}\n"
+        "out = {}\n"
+        "for f in ('mgmt', 'data'):\n"
+        "    p = pathlib.Path(f'/var/log/hsm/sshd-{f}.log')\n"
+        "    d = p.read_bytes() if p.exists() else b''\n"
+        "    n = o.get(f, 0)\n"
+        "    out[f] = (d[n:] if n <= len(d) else d).decode('utf-8', 'replace')\n"
+        "print(json.dumps(out))\n"
     )
     deadline = time.monotonic() + timeout
     while True:
-        out = console(appliance, "sh", "-c", probe).stdout.decode().split("\n", 2)
-        sizes = {"mgmt": int(out[0]), "data": int(out[1])}
-        offsets = json.loads(out[2] or "{}")
-        if all(offsets.get(iface, 0) >= size for iface, size in sizes.items()):
+        tails = json.loads(console(appliance, "python3", "-I", "-c", probe).stdout)
+        pending = {
+            iface: tail
+            for iface, tail in tails.items()
+            if (tail and not tail.endswith("\n"))
+            or any(parse(line) is not None for line in tail.splitlines())
+        }
+        if not pending:
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"{appliance}: sshd log not caught up: {sizes} {offsets}")
+            raise AssertionError(f"{appliance}: sshd log not caught up: {pending}")
         time.sleep(0.1)
 
 

@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from hsmctl.appliance import paths, sshdlog
+from hsmctl.appliance import paths, sshdlog, store
 from hsmctl.appliance.sshdlog import Connections, LoginEvent, Tailer, parse
 
 pytestmark = pytest.mark.unit
@@ -260,6 +262,135 @@ def test_tailer_reads_a_flood_in_bounded_turns(
     for _ in range(10):
         t.poll()
     assert len(seen) == 1
+
+
+def test_only_a_read_that_logged_something_is_persisted(
+    logs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key-only login comes in three bursts; only the one with the login is an fsynced
+    offsets write. What was read without an event is read again after a restart and
+    emits nothing; stopping persists everything read."""
+    writes: list[dict[str, int]] = []
+    real = store.write_json
+
+    def counting(path: Path, data: dict[str, int], mode: int = 0o600) -> None:
+        writes.append(dict(data))
+        real(path, data, mode)
+
+    monkeypatch.setattr(store, "write_json", counting)
+    seen: list[tuple[str, LoginEvent]] = []
+    t = tailer(seen)
+    connect = 'Connection from 198.18.0.1 port 40000 on 198.18.0.31 port 22 rdomain ""\n'
+    with logs["mgmt"].open("a") as fh:
+        fh.write(connect)
+    assert t.poll() == 0 and writes == []
+    with logs["mgmt"].open("a") as fh:
+        fh.write(LOGINS[3][0] + "\n")
+    assert t.poll() == 1 and writes == [{"mgmt": logs["mgmt"].stat().st_size}]
+    with logs["mgmt"].open("a") as fh:
+        fh.write("Connection closed by 198.18.0.1 port 40000\n")
+    assert t.poll() == 0 and len(writes) == 1
+    # A restart now reads the closing line again, and finds nothing in it.
+    again: list[tuple[str, LoginEvent]] = []
+    assert tailer(again).poll() == 0 and again == []
+    t.flush()
+    assert writes[-1] == {"mgmt": logs["mgmt"].stat().st_size}
+    t.flush()
+    assert len(writes) == 2  # nothing new: no write
+
+
+def test_a_long_run_without_events_is_persisted_every_slack(
+    logs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a restart reads twice is bounded."""
+    monkeypatch.setattr(sshdlog, "PERSIST_SLACK", 1000)
+    t = tailer([])
+    line = "Connection closed by 198.18.0.1 port 40000\n"
+    for _ in range(100):
+        with logs["mgmt"].open("a") as fh:
+            fh.write(line)
+        t.poll()
+        on_disk = store.read_json(paths.STATE / "sshd-offsets.json", {}).get("mgmt", 0)
+        assert logs["mgmt"].stat().st_size - on_disk <= 1000
+
+
+_LINES = [line for line, _ in LOGINS] + [line for line in NOT_EVENTS if line]
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    script=st.lists(
+        st.tuples(
+            st.sampled_from(["mgmt", "data"]),
+            st.lists(st.sampled_from(_LINES), max_size=6),
+            st.integers(min_value=0, max_value=40),  # of the next line, written early
+            st.booleans(),  # the daemon restarts after this read
+            st.booleans(),  # ... and stopped cleanly (flush) before it did
+        ),
+        max_size=25,
+    ),
+    slack=st.sampled_from([0, 64, 1 << 16]),
+)
+def test_restarts_at_any_point_neither_lose_nor_repeat_an_event(
+    logs: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    script: list[tuple[str, list[str], int, bool, bool]],
+    slack: int,
+) -> None:
+    """Whatever is written when, half lines included, and wherever the daemon restarts
+    (cleanly or killed), every event line is emitted exactly once, in order."""
+    monkeypatch.setattr(sshdlog, "PERSIST_SLACK", slack)
+    for f in [*logs.values(), paths.STATE / "sshd-offsets.json"]:
+        f.unlink(missing_ok=True)
+    seen: list[tuple[str, LoginEvent]] = []
+    t = tailer(seen)
+    pending = {"mgmt": "", "data": ""}  # the line sshd is half way through writing
+    written = {"mgmt": 0, "data": 0}  # ... and how much of it is in the file
+    expected: list[tuple[str, str]] = []
+
+    def write(iface: str, text: str) -> None:
+        with logs[iface].open("a") as fh:
+            fh.write(text)
+
+    def finish(iface: str) -> None:
+        line = pending[iface]
+        if line:
+            write(iface, (line + "\n")[written[iface] :])
+            if parse(line) is not None:
+                expected.append((iface, line))
+        pending[iface], written[iface] = "", 0
+
+    for iface, lines, early, restart, clean in script:
+        finish(iface)
+        write(iface, "".join(line + "\n" for line in lines))
+        expected += [(iface, line) for line in lines if parse(line) is not None]
+        nxt = _LINES[early % len(_LINES)]
+        pending[iface], written[iface] = nxt, early % (len(nxt) + 1)
+        write(iface, nxt[: written[iface]])
+        t.poll()
+        if restart:
+            if clean:
+                t.flush()
+            t = tailer(seen)
+    finish("mgmt")
+    finish("data")
+    t.poll()
+
+    # Compared without user and source: a restart forgets which connections were open,
+    # and with them whom a refused forward belongs to (Connections.attribute).
+    def key(iface: str, e: LoginEvent) -> tuple[str, str, str, str, str | None]:
+        return (iface, e.event, e.outcome, e.reason, e.method)
+
+    want = []
+    for iface, line in expected:
+        event = parse(line)
+        assert event is not None
+        want.append(key(iface, event))
+    assert [key(i, e) for i, e in seen if i == "mgmt"] == [w for w in want if w[0] == "mgmt"]
+    assert [key(i, e) for i, e in seen if i == "data"] == [w for w in want if w[0] == "data"]
 
 
 # --- woken by the kernel, not by a clock ----------------------------------------------------
