@@ -11,7 +11,10 @@ instead of afterwards.
 
 Trust is unchanged: an opened-ahead socket is the TCP connection the login would have made
 a moment later; the key exchange, the host-key check against the pins and the
-authentication all happen on it at login, as on any other connection. A socket the device
+authentication all happen on it at login, as on any other connection. The connections
+open in poll order, :data:`WINDOW` at a time (each device's accept, fork and re-execution
+done before the next starts); one whose login comes before the thread has opened it is
+not opened ahead at all. A socket the device
 has closed meanwhile (peeked just before use) gives way to a fresh connection; a
 connection that failed ahead is reported as a direct connect would report it (the
 appliance is unreachable; no second wait). Only an appliance's first login gets it.
@@ -21,6 +24,7 @@ Standard library only, so it can start before the heavier modules are imported.
 
 from __future__ import annotations
 
+import collections
 import errno
 import ipaddress
 import os
@@ -37,6 +41,18 @@ MAX_AHEAD = 128
 """Connections opened ahead at most (the first appliances in poll order): bounds the file
 descriptors, and the devices' idle pre-authentication connections, of a large fleet."""
 
+WINDOW = 2
+"""Connections the devices work on at once: the next opens when one has the device's
+banner. Opening all at once made ~100 sshd runnable beside this host's single-threaded
+imports, which got a hundredth of the CPU and finished ~0.3 s later, after the devices
+had run out of work (one core idle): measured in docs/performance.md ("Stop 19"). Two keep
+one core busy with the devices while this host imports on the other."""
+
+BANNER_WAIT = 0.05
+"""Seconds a connection holds its place in :data:`WINDOW` while its device has not sent
+its banner: a slow device delays the next connection by this much at most (its login
+waits for the banner itself, with the SSH banner timeout)."""
+
 MAX_AGE = 20.0
 """Seconds an opened-ahead connection is used for at most: well inside the time a device's
 sshd waits for a login before it hangs up (``LoginGraceTime``: 30 s on the appliances), so
@@ -46,10 +62,11 @@ that the device cannot close it between the check before use and the key exchang
 class _Entry:
     """One appliance's connection: pending, then a socket or an error."""
 
-    __slots__ = ("abandoned", "done", "error", "since", "sock", "taken")
+    __slots__ = ("abandoned", "done", "error", "since", "sock", "started", "taken")
 
     def __init__(self) -> None:
         self.since = 0.0  # when it connected (time.monotonic())
+        self.started = False
         self.done = False
         self.taken = False
         self.abandoned = False
@@ -99,10 +116,10 @@ class OpenAhead:
 
     def take(self, appliance: str, host: str, port: int, timeout: float) -> socket.socket | None:
         """The appliance's socket, connected and blocking with ``timeout``, the first time
-        it is asked for at its own address; None if there is none, or none younger than
-        :data:`MAX_AGE` that the device still holds (connect afresh). Waits at most
-        ``timeout`` for a pending connection. Raises the OSError its connection failed
-        with."""
+        it is asked for at its own address; None if there is none (not opened yet: it
+        never will be), or none younger than :data:`MAX_AGE` that the device still holds
+        (connect afresh). Waits at most ``timeout`` for a connection being opened. Raises
+        the OSError its connection failed with."""
         with self._cond:
             entry = self._entries.get(appliance)
             if (
@@ -112,13 +129,16 @@ class OpenAhead:
             ):
                 return None
             entry.taken = True
+            if not entry.started:
+                return None  # not opened yet: the login connects by itself
             if not self._cond.wait_for(lambda: entry.done, timeout=timeout):
                 entry.abandoned = True  # the thread closes it when it connects
                 return None
             sock, entry.sock = entry.sock, None
             if entry.error is not None:
                 raise entry.error
-        assert sock is not None
+        if sock is None:
+            return None
         if time.monotonic() - entry.since > MAX_AGE or not _alive(sock):
             sock.close()
             return None
@@ -155,43 +175,89 @@ class OpenAhead:
     # -- the background thread -----------------------------------------------------------
 
     def _connect_all(self, todo: list[tuple[str, str]]) -> None:
-        """Non-blocking connects to all of ``todo`` at once, bounded by the timeout."""
+        """Connect to ``todo`` in order, :data:`WINDOW` at a time; the whole bounded by
+        the timeout. A connection is handed over (:meth:`_finish`) when the device's
+        banner (or its close) is there, or after :data:`BANNER_WAIT`."""
         deadline = time.monotonic() + self._timeout
+        queue = collections.deque(todo)
         with selectors.DefaultSelector() as sel:
-            for appliance, host in todo:
-                try:
-                    sock = socket.socket(_family(host), socket.SOCK_STREAM)
-                except OSError as exc:
-                    self._finish(appliance, None, exc)
-                    continue
-                sock.setblocking(False)
-                rc = sock.connect_ex((host, self.port))
-                if rc in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
-                    sel.register(sock, selectors.EVENT_WRITE, (appliance, sock))
+            while not self._is_closed():
+                while queue and len(sel.get_map()) < WINDOW:
+                    self._open(sel, *queue.popleft())
+                now = time.monotonic()
+                if not sel.get_map() or now >= deadline:
+                    break
+                greeting = [k.data[2] for k in sel.get_map().values() if k.data[2] is not None]
+                wait = min([deadline - now, 0.1, *(t + BANNER_WAIT - now for t in greeting)])
+                for key, _ in sel.select(max(0.0, wait)):
+                    self._progress(sel, key.data, time.monotonic())
+                now = time.monotonic()
+                for key in list(sel.get_map().values()):
+                    appliance, sock, since = key.data
+                    if since is not None and now - since >= BANNER_WAIT:
+                        sel.unregister(sock)  # slow to greet: its login waits for it
+                        self._finish(appliance, sock, None)
+            for key in list(sel.get_map().values()):  # out of time, or closed meanwhile
+                appliance, sock, since = key.data
+                sel.unregister(sock)
+                if since is not None:  # connected: the login waits for the banner
+                    self._finish(appliance, sock, None)
                 else:
                     sock.close()
-                    self._finish(appliance, None, OSError(rc, os.strerror(rc)))
-            while sel.get_map():
-                with self._cond:
-                    if self._closed:
-                        break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                for key, _ in sel.select(min(left, 0.1)):
-                    appliance, sock = key.data
-                    sel.unregister(sock)
-                    rc = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if rc:
-                        sock.close()
-                        self._finish(appliance, None, OSError(rc, os.strerror(rc)))
-                    else:
-                        self._finish(appliance, sock, None)
-            for key in list(sel.get_map().values()):  # timed out, or closed meanwhile
-                appliance, sock = key.data
-                sel.unregister(sock)
-                sock.close()
-                self._finish(appliance, None, TimeoutError(errno.ETIMEDOUT, "timed out"))
+                    self._finish(appliance, None, TimeoutError(errno.ETIMEDOUT, "timed out"))
+        for appliance, _ in queue:  # never opened: their logins connect by themselves
+            self._finish(appliance, None, None)
+
+    def _open(self, sel: selectors.BaseSelector, appliance: str, host: str) -> None:
+        """Start a non-blocking connect (unless the appliance's login came first)."""
+        if not self._begin(appliance):
+            return
+        try:
+            sock = socket.socket(_family(host), socket.SOCK_STREAM)
+        except OSError as exc:
+            self._finish(appliance, None, exc)
+            return
+        sock.setblocking(False)
+        rc = sock.connect_ex((host, self.port))
+        if rc in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+            sel.register(sock, selectors.EVENT_WRITE, (appliance, sock, None))
+        else:
+            sock.close()
+            self._finish(appliance, None, OSError(rc, os.strerror(rc)))
+
+    def _progress(
+        self,
+        sel: selectors.BaseSelector,
+        data: tuple[str, socket.socket, float | None],
+        now: float,
+    ) -> None:
+        """A connect completed (then wait for the banner), or the banner is there."""
+        appliance, sock, since = data
+        if since is not None:
+            sel.unregister(sock)
+            self._finish(appliance, sock, None)
+            return
+        rc = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if rc:
+            sel.unregister(sock)
+            sock.close()
+            self._finish(appliance, None, OSError(rc, os.strerror(rc)))
+        else:
+            sel.modify(sock, selectors.EVENT_READ, (appliance, sock, now))
+
+    def _is_closed(self) -> bool:
+        with self._cond:
+            return self._closed
+
+    def _begin(self, appliance: str) -> bool:
+        """Mark the appliance's connection as started, unless its login took it first."""
+        with self._cond:
+            entry = self._entries[appliance]
+            if entry.taken:
+                entry.done = True
+                return False
+            entry.started = True
+            return True
 
     def _finish(self, appliance: str, sock: socket.socket | None, error: OSError | None) -> None:
         with self._cond:

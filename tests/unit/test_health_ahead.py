@@ -47,14 +47,24 @@ def port_of(sock: socket.socket) -> int:
     return port
 
 
+def settle(ahead: OpenAhead) -> None:
+    """Until every connection ahead is open or failed (a login that comes before its
+    connection was opened connects by itself)."""
+    with ahead._cond:
+        assert ahead._cond.wait_for(
+            lambda: all(e.done for e in ahead._entries.values()), timeout=30
+        )
+
+
 def test_each_appliance_gets_its_socket_once_and_close_closes_the_rest(
     listener: socket.socket,
 ) -> None:
     port = port_of(listener)
     ahead = OpenAhead({"a1": "127.0.0.1", "a2": "127.0.0.1", "a3": "127.0.0.1"}, port=port)
     ahead.start(["a1", "a2", "a3"])
-    accepted = [listener.accept()[0] for _ in range(3)]  # all three connect at once
+    accepted = [listener.accept()[0] for _ in range(3)]  # no banner: one by BANNER_WAIT
     try:
+        settle(ahead)
         sock = ahead.take("a1", "127.0.0.1", port, 10.0)
         assert sock is not None and sock.gettimeout() == 10.0
         peer = {s.getpeername()[1]: s for s in accepted}
@@ -98,6 +108,7 @@ def test_an_old_connection_gives_way_to_a_fresh_one(
     with OpenAhead({"a1": "127.0.0.1", "a2": "127.0.0.1"}, port=port) as ahead:
         ahead.start(["a1", "a2"])
         accepted = [listener.accept()[0] for _ in range(2)]
+        settle(ahead)
         first = ahead.take("a1", "127.0.0.1", port, 10.0)
         assert first is not None
         first.close()
@@ -115,6 +126,7 @@ def test_a_refused_connection_is_reported_as_a_direct_connect_would(
     listener.close()  # nothing listens there now: refused
     with OpenAhead({"a1": "127.0.0.1"}, port=port) as ahead:
         ahead.start(["a1"])
+        settle(ahead)
         with pytest.raises(OSError) as caught:
             ahead.take("a1", "127.0.0.1", port, 10.0)
         assert caught.value.errno == errno.ECONNREFUSED
@@ -140,6 +152,42 @@ def test_names_are_left_to_the_login_and_the_count_is_bounded(
             listener.accept()[0].close()
 
 
+def test_connections_open_a_window_at_a_time_and_a_login_that_comes_first_skips_its_own(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The devices get WINDOW connections at a time: the next opens when one of them has
+    its banner. A login that asks before its connection was opened gets None at once,
+    and that connection is never opened."""
+    monkeypatch.setattr(ah, "WINDOW", 2)
+    monkeypatch.setattr(ah, "BANNER_WAIT", 60.0)  # only a banner frees a place
+    port = port_of(listener)
+    names = ["a1", "a2", "a3", "a4"]
+    with OpenAhead(dict.fromkeys(names, "127.0.0.1"), port=port) as ahead:
+        ahead.start(names)
+        first = [listener.accept()[0] for _ in range(2)]
+        listener.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # a3 waits for a place
+        assert ahead.take("a4", "127.0.0.1", port, 10.0) is None  # its login came first
+        first[0].sendall(b"SSH-2.0-device\r\n")  # a1's device greets: a3 opens
+        listener.settimeout(30)
+        third = listener.accept()[0]
+        third.sendall(b"SSH-2.0-device\r\n")
+        first[1].sendall(b"SSH-2.0-device\r\n")
+        settle(ahead)
+        listener.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # a4 was never opened
+        opened = {e for e, entry in ahead._entries.items() if entry.sock is not None}
+        assert opened == {"a1", "a2", "a3"}
+        for a in ("a1", "a2", "a3"):
+            sock = ahead.take(a, "127.0.0.1", port, 10.0)
+            assert sock is not None and sock.recv(64) == b"SSH-2.0-device\r\n"
+            sock.close()
+        for s in [*first, third]:
+            s.close()
+
+
 def test_the_connect_timeout_is_the_ssh_one() -> None:
     assert OpenAhead({})._timeout == Timeouts().connect
 
@@ -160,6 +208,7 @@ def test_logins_run_on_the_opened_ahead_sockets_pinned_as_ever(sshd: Sshd) -> No
     key = load_key(sshd.key)
     with OpenAhead(addresses, port=sshd.port) as ahead:
         ahead.start(names)
+        settle(ahead)
         logins = PollLogins(addresses, {USER: key}, ahead, port=sshd.port)
         pinned = PinnedHostKeys.of(sshd.host_key)
         ports = []
@@ -177,6 +226,7 @@ def test_logins_run_on_the_opened_ahead_sockets_pinned_as_ever(sshd: Sshd) -> No
     # The pins are checked on an opened-ahead socket as on any other.
     with OpenAhead(addresses, port=sshd.port) as ahead:
         ahead.start(["a1"])
+        settle(ahead)
         logins = PollLogins(addresses, {USER: key}, ahead, port=sshd.port)
         with pytest.raises(HostKeyMismatch):
             logins.connection("a1", USER, PinnedHostKeys.of(OTHER_HOST_KEY)).connect()
