@@ -74,6 +74,24 @@ class _Entry:
         self.error: OSError | None = None
 
 
+class _Pending:
+    """A connection the background thread is opening: connecting until ``greeting`` is
+    set, then waiting for the device's banner."""
+
+    __slots__ = ("appliance", "deadline", "greeting", "sock")
+
+    def __init__(self, appliance: str, sock: socket.socket, deadline: float) -> None:
+        self.appliance = appliance
+        self.sock = sock
+        self.deadline = deadline  # of the connect
+        self.greeting: float | None = None  # when it connected
+
+
+def _due(p: _Pending) -> float:
+    """When the thread stops waiting for it."""
+    return p.deadline if p.greeting is None else p.greeting + BANNER_WAIT
+
+
 class OpenAhead:
     """Lifecycle: create (no I/O) → :meth:`start` (returns at once; a background thread
     connects) → :meth:`take` from any thread, once per appliance (its socket, now owned by
@@ -175,36 +193,31 @@ class OpenAhead:
     # -- the background thread -----------------------------------------------------------
 
     def _connect_all(self, todo: list[tuple[str, str]]) -> None:
-        """Connect to ``todo`` in order, :data:`WINDOW` at a time; the whole bounded by
-        the timeout. A connection is handed over (:meth:`_finish`) when the device's
-        banner (or its close) is there, or after :data:`BANNER_WAIT`."""
-        deadline = time.monotonic() + self._timeout
+        """Connect to ``todo`` in order, :data:`WINDOW` at a time. A connection is handed
+        over (:meth:`_finish`) when the device's banner (or its close) is there, or after
+        :data:`BANNER_WAIT`; a connect gets the whole timeout from when it started, as a
+        direct one would. No new connection starts once the timeout has passed since the
+        first (the poll's logins are under way and connect by themselves)."""
+        stop_opening = time.monotonic() + self._timeout
         queue = collections.deque(todo)
         with selectors.DefaultSelector() as sel:
             while not self._is_closed():
-                while queue and len(sel.get_map()) < WINDOW:
+                while queue and len(sel.get_map()) < WINDOW and time.monotonic() < stop_opening:
                     self._open(sel, *queue.popleft())
-                now = time.monotonic()
-                if not sel.get_map() or now >= deadline:
+                if not sel.get_map():
                     break
-                greeting = [k.data[2] for k in sel.get_map().values() if k.data[2] is not None]
-                wait = min([deadline - now, 0.1, *(t + BANNER_WAIT - now for t in greeting)])
+                now = time.monotonic()
+                wait = min(0.1, *(_due(k.data) - now for k in sel.get_map().values()))
                 for key, _ in sel.select(max(0.0, wait)):
                     self._progress(sel, key.data, time.monotonic())
                 now = time.monotonic()
                 for key in list(sel.get_map().values()):
-                    appliance, sock, since = key.data
-                    if since is not None and now - since >= BANNER_WAIT:
-                        sel.unregister(sock)  # slow to greet: its login waits for it
-                        self._finish(appliance, sock, None)
-            for key in list(sel.get_map().values()):  # out of time, or closed meanwhile
-                appliance, sock, since = key.data
-                sel.unregister(sock)
-                if since is not None:  # connected: the login waits for the banner
-                    self._finish(appliance, sock, None)
-                else:
-                    sock.close()
-                    self._finish(appliance, None, TimeoutError(errno.ETIMEDOUT, "timed out"))
+                    if _due(key.data) <= now:
+                        sel.unregister(key.fileobj)
+                        self._expire(key.data)
+            for key in list(sel.get_map().values()):  # closed meanwhile
+                sel.unregister(key.fileobj)
+                self._expire(key.data)
         for appliance, _ in queue:  # never opened: their logins connect by themselves
             self._finish(appliance, None, None)
 
@@ -220,30 +233,35 @@ class OpenAhead:
         sock.setblocking(False)
         rc = sock.connect_ex((host, self.port))
         if rc in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
-            sel.register(sock, selectors.EVENT_WRITE, (appliance, sock, None))
+            deadline = time.monotonic() + self._timeout
+            sel.register(sock, selectors.EVENT_WRITE, _Pending(appliance, sock, deadline))
         else:
             sock.close()
             self._finish(appliance, None, OSError(rc, os.strerror(rc)))
 
-    def _progress(
-        self,
-        sel: selectors.BaseSelector,
-        data: tuple[str, socket.socket, float | None],
-        now: float,
-    ) -> None:
+    def _progress(self, sel: selectors.BaseSelector, p: _Pending, now: float) -> None:
         """A connect completed (then wait for the banner), or the banner is there."""
-        appliance, sock, since = data
-        if since is not None:
-            sel.unregister(sock)
-            self._finish(appliance, sock, None)
+        if p.greeting is not None:
+            sel.unregister(p.sock)
+            self._finish(p.appliance, p.sock, None)
             return
-        rc = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        rc = p.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if rc:
-            sel.unregister(sock)
-            sock.close()
-            self._finish(appliance, None, OSError(rc, os.strerror(rc)))
+            sel.unregister(p.sock)
+            p.sock.close()
+            self._finish(p.appliance, None, OSError(rc, os.strerror(rc)))
         else:
-            sel.modify(sock, selectors.EVENT_READ, (appliance, sock, now))
+            p.greeting = now
+            sel.modify(p.sock, selectors.EVENT_READ, p)
+
+    def _expire(self, p: _Pending) -> None:
+        """Out of time: a connect fails as a direct one would; a connection still waiting
+        for its banner is handed over all the same (its login waits for the banner)."""
+        if p.greeting is not None:
+            self._finish(p.appliance, p.sock, None)
+        else:
+            p.sock.close()
+            self._finish(p.appliance, None, TimeoutError(errno.ETIMEDOUT, "timed out"))
 
     def _is_closed(self) -> bool:
         with self._cond:

@@ -188,6 +188,35 @@ def test_connections_open_a_window_at_a_time_and_a_login_that_comes_first_skips_
             s.close()
 
 
+def test_a_connection_opened_late_still_gets_the_whole_connect_timeout(
+    listener: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device that does not answer the connect (its accept queue full: the SYN is
+    dropped) is given the whole timeout from when its connection started, not from when
+    the first one did; then it is reported as a direct connect would report it."""
+    monkeypatch.setattr(ah, "WINDOW", 1)
+    monkeypatch.setattr(ah, "BANNER_WAIT", 1.5)  # a1 holds the only place this long
+    port = port_of(listener)
+    full = socket.socket()  # a2's device, at the same port on another loopback address
+    full.bind(("127.0.0.2", port))
+    full.listen(0)
+    filler = socket.create_connection(("127.0.0.2", port), timeout=5)  # the queue is full
+    try:
+        with OpenAhead({"a1": "127.0.0.1", "a2": "127.0.0.2"}, port=port, timeout=2.0) as ahead:
+            ahead.start(["a1", "a2"])
+            device = listener.accept()[0]  # accepted, silent: a1 keeps its place 1.5 s
+            settle(ahead)
+            device.close()
+            a1, a2 = ahead._entries["a1"], ahead._entries["a2"]
+            assert isinstance(a2.error, TimeoutError)
+            assert a2.since - a1.since >= 2.0 - 0.05  # opened after a1, then 2 s of its own
+            with pytest.raises(TimeoutError):
+                ahead.take("a2", "127.0.0.2", port, 10.0)
+    finally:
+        filler.close()
+        full.close()
+
+
 def test_the_connect_timeout_is_the_ssh_one() -> None:
     assert OpenAhead({})._timeout == Timeouts().connect
 
