@@ -8,13 +8,14 @@ monitoring account's ``hsm show``, a provider-key login without a session, the
 out-of-band sensor registers); the devices log those logins, as they log every login.
 The stores' first run (migration, inventory sync) is not timed.
 
-Reported per scenario: the median wall time of ``--runs`` runs, and the machine's busy
-CPU seconds over the same runs (from /proc/stat: the devices' sshd and shells count
-too); then where the CPU went, per run: this host's ``hsmctl`` process (its rusage), the
-devices' management sshd (each listener with the connections it forked and reaped:
-accept, re-exec, key exchange, authentication, PAM) and device daemons (``hsmd``: it logs
-every login), read from /proc over all the lab's appliances before and after the runs;
-then the ratio all/one, whose target is <= 3.
+The two scenarios run interleaved (one run of each per round), so load that drifts on a
+shared machine falls on both alike. Reported per scenario: the median wall time of
+``--runs`` runs, and the machine's busy CPU seconds over the same runs (from /proc/stat:
+the devices' sshd and shells count too); then where the CPU went, per run: this host's
+``hsmctl`` process (its rusage), the devices' management sshd (each listener with the
+connections it forked and reaped: accept, re-exec, key exchange, authentication, PAM) and
+device daemons (``hsmd``: it logs every login), read from /proc over all the lab's
+appliances before and after each run; then the ratio all/one, whose target is <= 3.
 
 Usage (root, lab up): ``python -m bench health [--runs N] [--one hsm31]``.
 """
@@ -107,26 +108,35 @@ def main(argv: list[str]) -> int:
         _run(one, [args.one])  # migrate + sync, not timed
         _run(fleet, ["--all"])
         launchers = _launchers()
+        scenarios = {"one": (one, [args.one]), "all": (fleet, ["--all"])}
+        walls: dict[str, list[float]] = {k: [] for k in scenarios}
+        cpus: dict[str, list[float]] = {k: [] for k in scenarios}
+        host: dict[str, float] = dict.fromkeys(scenarios, 0.0)
+        dev: dict[str, dict[str, float]] = {k: {"sshd-mgmt": 0.0, "hsmd": 0.0} for k in scenarios}
+        counts: dict[str, int] = {}
+        # Interleaved, one run of each per round: load that drifts (a shared machine)
+        # falls on both scenarios alike instead of on whichever ran second.
+        for _ in range(args.runs):
+            for name, (conf, target) in scenarios.items():
+                host0, dev0 = _host_children(), _device_cpu(launchers)
+                wall, used, counts[name] = _run(conf, target)
+                walls[name].append(wall)
+                cpus[name].append(used)
+                time.sleep(0.5)  # the devices' sshd reap their last connections
+                host[name] += _host_children() - host0
+                dev1 = _device_cpu(launchers)
+                for k in dev0:
+                    dev[name][k] += dev1[k] - dev0[k]
         results = {}
-        for name, conf, target in (
-            ("one", one, [args.one]),
-            ("all", fleet, ["--all"]),
-        ):
-            walls, cpus = [], []
-            host0, dev0 = _host_children(), _device_cpu(launchers)
-            for _ in range(args.runs):
-                wall, used, n = _run(conf, target)
-                walls.append(wall)
-                cpus.append(used)
-            time.sleep(0.5)  # the devices' sshd reap their last connections
-            host, dev1 = (_host_children() - host0) / args.runs, _device_cpu(launchers)
-            dev = {k: (dev1[k] - dev0[k]) / args.runs for k in dev0}
-            results[name] = (statistics.median(walls), statistics.median(cpus), n)
-            runs = ", ".join(f"{w:.2f}" for w in walls)
+        for name in scenarios:
+            results[name] = (statistics.median(walls[name]), statistics.median(cpus[name]))
+            runs = ", ".join(f"{w:.2f}" for w in walls[name])
+            per = {k: v / args.runs for k, v in dev[name].items()}
             print(
-                f"health {name:>3} ({n:3d} appliances): median {results[name][0]:6.2f} s wall, "
-                f"{results[name][1]:6.2f} CPU-s busy (runs: {runs}); per run: hsmctl "
-                f"{host:.2f} CPU-s, devices' sshd {dev['sshd-mgmt']:.2f}, hsmd {dev['hsmd']:.2f}",
+                f"health {name:>3} ({counts[name]:3d} appliances): median "
+                f"{results[name][0]:6.2f} s wall, {results[name][1]:6.2f} CPU-s busy "
+                f"(runs: {runs}); per run: hsmctl {host[name] / args.runs:.2f} CPU-s, "
+                f"devices' sshd {per['sshd-mgmt']:.2f}, hsmd {per['hsmd']:.2f}",
                 flush=True,
             )
     ratio = results["all"][0] / results["one"][0]
