@@ -33,7 +33,8 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last silently)."""
 
 
-def _mapping(loader: yaml.SafeLoader | Any, node: yaml.MappingNode) -> dict[Any, Any]:
+def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    # Also the libyaml loader's: CSafeLoader has the same constructor methods.
     loader.flatten_mapping(node)
     seen: set[object] = set()
     for key_node, _ in node.value:
@@ -56,12 +57,13 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _m
 
 _StrictCLoader: type[Any] | None = None
 if getattr(yaml, "__with_libyaml__", False):
+    _StrictCLoader = type("_StrictCLoader", (yaml.CSafeLoader,), {})
+    _StrictCLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
-    class _CLoader(yaml.CSafeLoader):
-        """The same rules on libyaml's parser."""
-
-    _CLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
-    _StrictCLoader = _CLoader
+_CONSTRUCTOR_ERRORS = (RecursionError, ValueError, TypeError, OverflowError, LookupError)
+"""Besides ``yaml.YAMLError``, what reading a hostile document raises (nesting too deep,
+``!!int ''``, a bad date): either loader's, so the fast one's fall back and the slow
+one's are exit 2."""
 
 
 def _load(loader_class: type[Any], text: str) -> object:
@@ -86,7 +88,7 @@ def parse_yaml(file: Path, text: str) -> object:
     if _StrictCLoader is not None and _FAST_TEXT.fullmatch(text) and not _SLOW_ONLY.search(text):
         try:
             return _load(_StrictCLoader, text)
-        except (yaml.YAMLError, RecursionError, ValueError):
+        except (yaml.YAMLError, *_CONSTRUCTOR_ERRORS):
             pass  # the pure-Python loader decides, and says why
     return parse_yaml_slowly(file, text)
 
@@ -102,7 +104,7 @@ def parse_yaml_slowly(file: Path, text: str) -> object:
         raise InventoryError(f"{file}: not valid YAML: {exc}") from exc
     except RecursionError as exc:
         raise InventoryError(f"{file}: not valid YAML: nested too deeply") from exc
-    except (ValueError, TypeError, OverflowError, LookupError) as exc:  # ``!!int ''``
+    except _CONSTRUCTOR_ERRORS as exc:
         raise InventoryError(f"{file}: not valid YAML: {type(exc).__name__}: {exc}") from exc
     finally:
         if loader is not None:

@@ -92,9 +92,8 @@ def test_a_connection_the_device_closed_meanwhile_gives_way_to_a_fresh_one(
         ahead.start(["a1"])
         conn, _ = listener.accept()
         conn.close()  # sshd gave up on it (LoginGraceTime, MaxStartups)
+        settle(ahead)
         entry = ahead._entries["a1"]
-        with ahead._cond:
-            assert ahead._cond.wait_for(lambda: entry.done, timeout=30)
         assert entry.sock is not None
         assert select.select([entry.sock], [], [], 30)[0]  # the device's FIN has arrived
         assert ahead.take("a1", "127.0.0.1", port, 10.0) is None
