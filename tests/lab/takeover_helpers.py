@@ -74,10 +74,12 @@ def settle_logins(appliance: str, timeout: float = 20.0) -> None:
         "except FileNotFoundError: o = {}\n"
         "out = {}\n"
         "for f in ('mgmt', 'data'):\n"
-        "    p = pathlib.Path(f'/var/log/hsm/sshd-{f}.log')\n"
-        "    d = p.read_bytes() if p.exists() else b''\n"
-        "    n = o.get(f, 0)\n"
-        "    out[f] = (d[n:] if n <= len(d) else d).decode('utf-8', 'replace')\n"
+        "    try: fh = open(f'/var/log/hsm/sshd-{f}.log', 'rb')\n"
+        "    except FileNotFoundError: out[f] = ''; continue\n"
+        "    with fh:\n"
+        "        n = o.get(f, 0)\n"
+        "        fh.seek(n if n <= fh.seek(0, 2) else 0)\n"
+        "        out[f] = fh.read().decode('utf-8', 'replace')\n"
         "print(json.dumps(out))\n"
     )
     deadline = time.monotonic() + timeout
